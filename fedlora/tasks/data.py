@@ -1,0 +1,225 @@
+"""Image data loading (offline first) and flwr-datasets partitioning.
+
+Formats understood by :func:`load_images`:
+
+* ``fashion-mnist``: the four IDX files (``*-idx?-ubyte[.gz]``) in ``data-dir``, by default
+  ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
+* ``cifar10``: ``data-dir`` holding the python-pickle layout (``cifar-10-batches-py/`` or its
+  content), or ``train.npz``/``test.npz`` (keys ``x`` uint8 NHWC and ``y``), or Hugging Face
+  parquet files (``train-*.parquet``/``test-*.parquet``, columns ``img``/``label``); with no
+  ``data-dir`` it is loaded from the Hugging Face hub (``uoft-cs/cifar10``) when online.
+* ``npz``: any image dataset as ``train.npz``/``test.npz`` with ``x`` (N,H,W[,C]) uint8 and ``y``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found or read; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    x: np.ndarray  # uint8 (N, H, W, C)
+    y: np.ndarray  # int64 (N,)
+    num_classes: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[-1])
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean/std in [0, 1] (computed on a fixed subsample for speed)."""
+        sub = self.x[:: max(1, len(self.x) // 10000)].astype(np.float32) / 255.0
+        return sub.mean(axis=(0, 1, 2)), sub.std(axis=(0, 1, 2)) + 1e-6
+
+
+def _as_nhwc(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise DataError(f"images must be uint8 (N,H,W[,C]); got {x.dtype} {x.shape}")
+    return x
+
+
+def _split(x: np.ndarray, y: np.ndarray) -> ImageSplit:
+    x, y = _as_nhwc(x), np.asarray(y).astype(np.int64).reshape(-1)
+    if len(x) != len(y):
+        raise DataError(f"{len(x)} images but {len(y)} labels")
+    return ImageSplit(x, y, int(y.max()) + 1 if len(y) else 0)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims}, file has {arr.size} values")
+    return arr.reshape(dims)
+
+
+def _find(d: Path, stem: str) -> Path:
+    for cand in (d / stem, d / f"{stem}.gz"):
+        if cand.exists():
+            return cand
+    raise DataError(f"missing {stem}[.gz] in {d}")
+
+
+def load_fashion_mnist(d: Path, split: str) -> ImageSplit:
+    prefix = "train" if split == "train" else "t10k"
+    x = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))
+    y = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))
+    return _split(x, y)
+
+
+def load_npz(d: Path, split: str) -> ImageSplit:
+    p = d / f"{split}.npz"
+    if not p.exists():
+        raise DataError(f"missing {p}")
+    with np.load(p, allow_pickle=False) as z:
+        if "x" not in z or "y" not in z:
+            raise DataError(f"{p} must hold arrays 'x' and 'y', has {list(z.keys())}")
+        return _split(z["x"], z["y"])
+
+
+def load_cifar_pickles(d: Path, split: str) -> ImageSplit:
+    if (d / "cifar-10-batches-py").is_dir():
+        d = d / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        with open(_find(d, name), "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(batch[b"labels"]))
+    return _split(np.concatenate(xs), np.concatenate(ys))
+
+
+def _decode_images(values) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for v in values:
+        raw = v["bytes"] if isinstance(v, dict) else v
+        out.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+    return np.stack(out)
+
+
+def load_parquet(d: Path, split: str) -> ImageSplit:
+    files = sorted(d.glob(f"**/{split}-*.parquet")) or sorted(d.glob(f"**/{split}.parquet"))
+    if not files:
+        raise DataError(f"no {split}-*.parquet under {d}")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(files).to_pydict()
+    img_col = next((c for c in ("img", "image") if c in table), None)
+    lab_col = next((c for c in ("label", "labels", "fine_label") if c in table), None)
+    if img_col is None or lab_col is None:
+        raise DataError(f"{files[0]}: need an img/image and a label column, has {list(table)}")
+    return _split(_decode_images(table[img_col]), np.asarray(table[lab_col]))
+
+
+def load_hub(repo: str, split: str) -> ImageSplit:
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"no local data-dir given for {repo!r} and the hub is switched off "
+                        "(HF_*_OFFLINE=1); set run-config data-dir to a local copy")
+    from datasets import load_dataset
+
+    ds = load_dataset(repo, split=split)
+    img_col = "img" if "img" in ds.column_names else "image"
+    return _split(np.stack([np.asarray(im.convert("RGB")) for im in ds[img_col]]),
+                  np.asarray(ds["label"]))
+
+
+def _detect_dir_format(d: Path) -> str:
+    if (d / "cifar-10-batches-py").is_dir() or (d / "data_batch_1").exists():
+        return "pickle"
+    if (d / "train.npz").exists():
+        return "npz"
+    if list(d.glob("**/*.parquet")):
+        return "parquet"
+    if list(d.glob("train-images-idx3-ubyte*")):
+        return "idx"
+    raise DataError(f"{d} holds no dataset I can read (cifar-10-batches-py, train.npz, "
+                    "*.parquet or IDX files)")
+
+
+@functools.lru_cache(maxsize=4)
+def load_images(dataset: str, data_dir: str, split: str) -> ImageSplit:
+    """Load one split (``train``/``test``) of an image dataset; cached per process."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    if dataset == "fashion-mnist" and not data_dir:
+        data_dir = FASHION_MNIST_DIR
+    if not data_dir:
+        hub = {"cifar10": "uoft-cs/cifar10"}.get(dataset)
+        if hub is None:
+            raise DataError(f"dataset {dataset!r} needs run-config data-dir (a local folder)")
+        return load_hub(hub, split)
+    d = Path(data_dir).expanduser()
+    if not d.is_dir():
+        hint = " (install it: apt-get install dataset-fashion-mnist)" if dataset == "fashion-mnist" else ""
+        raise DataError(f"data-dir {str(d)!r} for dataset {dataset!r} does not exist{hint}")
+    loader = {"pickle": load_cifar_pickles, "npz": load_npz, "parquet": load_parquet,
+              "idx": load_fashion_mnist}[_detect_dir_format(d)]
+    return loader(d, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# partitioning with flwr-datasets
+
+
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, partition_id: int, scheme: str = "dirichlet",
+    alpha: float = 0.5, seed: int = 42, classes_per_partition: int = 2,
+) -> np.ndarray:
+    """Indices of ``partition_id``'s share, using flwr-datasets partitioners on a local
+    ``datasets.Dataset``; deterministic in ``seed``."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
+    return _partitions(tuple(int(v) for v in labels), num_partitions, scheme, float(alpha),
+                       seed, classes_per_partition)[partition_id]
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float, seed: int,
+                classes_per_partition: int) -> list[np.ndarray]:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner, IidPartitioner, PathologicalPartitioner,
+    )
+
+    ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
+    if scheme == "iid":
+        part = IidPartitioner(num_partitions)
+    elif scheme == "dirichlet":
+        part = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0,
+                                    self_balancing=False, seed=seed)
+    elif scheme == "pathological":
+        part = PathologicalPartitioner(num_partitions, "label", classes_per_partition,
+                                       class_assignment_mode="deterministic", seed=seed)
+    else:
+        raise ValueError(f"partitioner must be iid, dirichlet or pathological, got {scheme!r}")
+    if scheme == "iid":
+        ds = ds.shuffle(seed=seed)
+    part.dataset = ds
+    return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64)
+            for i in range(num_partitions)]

@@ -1,0 +1,223 @@
+"""The vision task (FLoCoRA's setting): CIFAR-style ResNet-8/18, LoRA on every conv, image data.
+
+Everything torch lives here (and in ``text.py``); strategies call into these functions and never
+run a training loop themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# (blocks, stride, width multiplier) per stage, as in FLoCoRA's models/resnets.py
+ARCHS: dict[str, list[tuple[int, int, int]]] = {
+    "resnet8": [(1, 1, 1), (1, 2, 2), (1, 2, 4)],
+    "resnet18": [(2, 1, 1), (2, 2, 2), (2, 2, 4), (2, 2, 8)],
+}
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(2, channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"norm must be 'group' or 'batch', got {kind!r}")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = make_norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = make_norm(norm, cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), make_norm(norm, cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(
+        self, arch: str, num_classes: int = 10, in_channels: int = 3,
+        feature_maps: int = 64, norm: str = "group",
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"model must be one of {sorted(ARCHS)}, got {arch!r}")
+        self.conv1 = nn.Conv2d(in_channels, feature_maps, 3, 1, 1, bias=False)
+        self.bn1 = make_norm(norm, feature_maps)
+        layers, cin = [], feature_maps
+        for blocks, stride, mult in ARCHS[arch]:
+            cout = feature_maps * mult
+            stage = []
+            for b in range(blocks):
+                stage.append(BasicBlock(cin, cout, stride if b == 0 else 1, norm))
+                cin = cout
+            layers.append(nn.Sequential(*stage))
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+@dataclass(frozen=True)
+class VisionModelConfig:
+    arch: str = "resnet8"
+    num_classes: int = 10
+    in_channels: int = 3
+    feature_maps: int = 64
+    norm: str = "group"
+    lora_rank: int = 32
+    lora_alpha: float = 0.0  # 0 = 16 * rank (FLoCoRA's scaling alpha/r = 16)
+    seed: int = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha > 0 else 16.0 * self.lora_rank
+
+
+def build_base(cfg: VisionModelConfig) -> nn.Module:
+    """The frozen random base, identical on every node: built under ``cfg.seed`` only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return ResNet(cfg.arch, cfg.num_classes, cfg.in_channels, cfg.feature_maps, cfg.norm)
+
+
+def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(every Conv2d name, every norm + fc name): FLoCoRA's mode 2."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    full = [n for n, m in model.named_modules()
+            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))] + ["fc"]
+    return convs, full
+
+
+def build_model(cfg: VisionModelConfig, adapter: bool) -> nn.Module:
+    """The seeded base, wrapped with peft LoRA (mode 2) when ``adapter``; fully trainable otherwise."""
+    model = build_base(cfg)
+    if not adapter:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    convs, full = lora_targets(model)
+    lcfg = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
+        target_modules=convs, modules_to_save=full,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        return get_peft_model(model, lcfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# data → tensors, augmentation, train / evaluate loops
+
+
+def to_tensor(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """uint8 (N,H,W,C) → normalized float (N,C,H,W)."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (t - m) / s
+
+
+def augment(batch: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) + horizontal flip, per sample."""
+    n, _, h, w = batch.shape
+    padded = F.pad(batch, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(batch)
+    for i in range(n):
+        crop = padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    augment: bool = True
+    seed: int = 0
+
+
+def sgd_train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: TrainSettings,
+    grad_hook=None, step_hook=None, param_groups=None, optimizer: str = "sgd",
+) -> dict[str, float]:
+    """Local training loop. ``grad_hook()`` runs after backward (e.g. masks), ``step_hook()``
+    after each optimizer step (e.g. restore frozen entries). Returns mean loss and steps."""
+    params = param_groups or [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=st.lr, momentum=st.momentum,
+                              nesterov=st.nesterov and st.momentum > 0,
+                              weight_decay=st.weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    gen = torch.Generator().manual_seed(st.seed)
+    model.train()
+    total, steps = 0.0, 0
+    n = len(y)
+    for _ in range(st.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, st.batch_size):
+            idx = perm[start: start + st.batch_size]
+            xb, yb = x[idx], y[idx]
+            if st.augment:
+                xb = augment(xb, gen)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            if grad_hook is not None:
+                grad_hook()
+            opt.step()
+            if step_hook is not None:
+                step_hook()
+            total += float(loss.detach())
+            steps += 1
+    if steps and not math.isfinite(total):
+        raise FloatingPointError("local training diverged (non-finite loss)")
+    return {"train-loss": total / max(steps, 1), "train-steps": float(steps)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+             ) -> dict[str, float]:
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start: start + batch_size], y[start: start + batch_size]
+        logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(len(y), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
