@@ -221,3 +221,82 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         correct += int((logits.argmax(1) == yb).sum())
     n = max(len(y), 1)
     return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+class VisionTask:
+    """Model + data + loops for one run config (built once per process and cached)."""
+
+    kind = "vision"
+
+    def __init__(self, cfg) -> None:
+        from .data import load_images
+
+        self.cfg = cfg
+        self._train = None
+        test = load_images(cfg.dataset, cfg.data_dir, "test")
+        self.num_classes = test.num_classes
+        self.channels = test.channels
+        self.model_cfg = VisionModelConfig(
+            arch=cfg.model, num_classes=self.num_classes, in_channels=self.channels,
+            feature_maps=cfg.feature_maps, norm=cfg.norm, lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha, seed=cfg.model_seed)
+        self._test = test
+
+    # --- model -----------------------------------------------------------------------------
+    def new_model(self, adapter: bool) -> nn.Module:
+        return build_model(self.model_cfg, adapter)
+
+    def base(self) -> nn.Module:
+        return build_base(self.model_cfg)
+
+    # --- data ------------------------------------------------------------------------------
+    def _norm_stats(self):
+        """Standard per-channel constants for known datasets, else the test split's stats."""
+        known = {"fashion-mnist": ([0.2860], [0.3530]),
+                 "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
+        if self.cfg.dataset in known:
+            return tuple(np.asarray(v, np.float32) for v in known[self.cfg.dataset])
+        return self._test.stats()
+
+    def client_data(self, partition_id: int, num_partitions: int, data_dir: str = ""
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .data import load_images, partition_indices
+
+        train = load_images(self.cfg.dataset, data_dir or self.cfg.data_dir, "train")
+        idx = partition_indices(train.y, num_partitions, partition_id, self.cfg.partitioner,
+                                self.cfg.dirichlet_alpha, self.cfg.seed,
+                                self.cfg.classes_per_partition)
+        cap = self.cfg.max_examples_per_client
+        if cap and len(idx) > cap:
+            rng = np.random.default_rng([self.cfg.seed, partition_id])
+            idx = np.sort(rng.choice(idx, cap, replace=False))
+        mean, std = self._norm_stats()
+        return to_tensor(train.x[idx], mean, std), torch.from_numpy(train.y[idx])
+
+    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._test
+        n = self.cfg.eval_max_examples or len(t.y)
+        mean, std = self._norm_stats()
+        return to_tensor(t.x[:n], mean, std), torch.from_numpy(t.y[:n])
+
+    # --- loops -----------------------------------------------------------------------------
+    def train_settings(self, seed: int) -> TrainSettings:
+        c = self.cfg
+        return TrainSettings(epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
+                             momentum=c.momentum, nesterov=c.nesterov,
+                             weight_decay=c.weight_decay, augment=c.augment, seed=seed)
+
+    def train(self, model: nn.Module, data, seed: int, **hooks) -> dict[str, float]:
+        x, y = data
+        return sgd_train(model, x, y, self.train_settings(seed), **hooks)
+
+    def evaluate(self, model: nn.Module, data) -> dict[str, float]:
+        return evaluate(model, *data)
+
+    def fingerprint(self) -> str:
+        """Fingerprint of the frozen, seeded base (computed once per process)."""
+        if not hasattr(self, "_fingerprint"):
+            from ..adapters import fingerprint
+
+            self._fingerprint = fingerprint(self.base())
+        return self._fingerprint

@@ -1,0 +1,104 @@
+"""Run configuration: enters once (Flower run config + node config), passed down as plain values.
+
+The defaults here are the defaults of ``[tool.flwr.app.config]`` in ``pyproject.toml``; a test
+keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- federation and method ---
+    method: str = "flocora"
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    seed: int = 42
+    # --- model ---
+    task: str = "vision"
+    model: str = "resnet8"
+    feature_maps: int = 64
+    norm: str = "group"
+    lora_rank: int = 32
+    lora_alpha: float = 0.0
+    model_seed: int = 0
+    # --- data ---
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    classes_per_partition: int = 2
+    max_examples_per_client: int = 1000
+    eval_max_examples: int = 0
+    # --- local training ---
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    augment: bool = True
+    client_threads: int = 1
+    # --- communication ---
+    codec_down: str = "fp32"
+    codec_up: str = "fp32"
+    error_feedback: bool = False
+    # --- output ---
+    run_dir: str = "runs"
+    run_name: str = ""
+
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def keys(cls) -> dict[str, Any]:
+        """``{run-config key: default}`` for every knob."""
+        return {_key(f.name): f.default for f in dataclasses.fields(cls) if f.name != "extra"}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's ``context.run_config``; unknown keys land in ``extra``, wrong
+        types raise a ValueError naming the key."""
+        kwargs: dict[str, Any] = {}
+        known = {_key(f.name): f for f in dataclasses.fields(cls) if f.name != "extra"}
+        for key, value in run_config.items():
+            f = known.get(key)
+            if f is None:
+                continue
+            kwargs[f.name] = _coerce(key, value, type(f.default))
+        extra = {k: v for k, v in run_config.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"run-config {key!r} must be true/false, got {value!r}")
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if typ is str and isinstance(value, str):
+        return value
+    raise ValueError(f"run-config {key!r} must be {typ.__name__}, got {value!r}")

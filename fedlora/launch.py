@@ -1,0 +1,214 @@
+"""Start and stop real Flower processes for a run, by PID, even on failure.
+
+Used by ``./run``, the tests and the benchmarks. A simulation run here is the same code path as
+``flwr run .``: a ``flower-superlink --simulation`` (started by us, so we know its PID instead of
+leaving Flower's detached managed SuperLink behind), a connection in ``$FLWR_HOME/config.toml``,
+and ``flwr run <app> <connection> --stream``.
+
+    python -m fedlora.launch sim --nodes 4 -- num-server-rounds=3 method="flocora"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import httpx
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+        "HF_DATASETS_OFFLINE": env.get("HF_DATASETS_OFFLINE", "1"),
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    bindir = str(Path(sys.executable).parent)
+    if not env.get("PATH", "").startswith(bindir):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def config_string(values: Mapping[str, Any]) -> str:
+    """``{"a": 1, "b": "x"}`` → ``a=1 b="x"`` (Flower's --run-config / --node-config syntax)."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = True,
+                     root_certificates: str | None = None) -> None:
+    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    text = path.read_text() if path.exists() else ""
+    lines = [f"\n[superlink.{name}]", f'address = "{address}"']
+    if insecure:
+        lines.append("insecure = true")
+    if root_certificates:
+        lines.append(f'root-certificates = "{root_certificates}"')
+    path.write_text(text + "\n".join(lines) + "\n")
+
+
+class Processes(contextlib.AbstractContextManager):
+    """Every process started through here is stopped (its whole process group, by PID) on
+    exit, whatever happened."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, cmd: list[str], env: Mapping[str, str], cwd: Path | None = None
+              ) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # the group may outlive its leader (children of the daemon): finish it off
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+    def __exit__(self, *exc) -> None:
+        for _, proc in reversed(self.procs):
+            self.stop(proc)
+        self.procs.clear()
+
+    def log(self, name: str) -> str:
+        p = self.log_dir / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+              verify: Any = True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2.0, verify=verify).is_success:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not up after {timeout:.0f}s")
+
+
+def start_sim_superlink(procs: Processes, flwr_home: Path, port: int | None = None,
+                        name: str = "sim") -> str:
+    """A simulation SuperLink on 127.0.0.1 and a connection ``name`` to it."""
+    port = port or free_port()
+    env = flower_env(flwr_home)
+    proc = procs.start("superlink", [
+        "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+        "--port", str(port), "--database", str(flwr_home / "state.db"),
+        "--disable-runtime-dependency-installation"], env, cwd=flwr_home)
+    wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+    write_connection(flwr_home, name, f"127.0.0.1:{port}")
+    return name
+
+
+def flwr_run(app: Path, connection: str, flwr_home: Path, run_config: Mapping[str, Any],
+             federation_config: Mapping[str, Any] | None = None, timeout: float = 1800,
+             log_file: Path | None = None, stream: bool = False) -> subprocess.CompletedProcess:
+    """``flwr run <app> <connection> --stream`` with the given overrides; returns when the run
+    has finished (or raises TimeoutExpired). Output is captured, written to ``log_file``, or
+    (``stream``) left on this process's terminal."""
+    cmd = ["flwr", "run", str(app), connection, "--stream"]
+    if run_config:
+        cmd += ["--run-config", config_string(run_config)]
+    if federation_config:
+        cmd += ["--federation-config", config_string(federation_config)]
+    out = open(log_file, "w") if log_file else (None if stream else subprocess.PIPE)
+    try:
+        return subprocess.run(cmd, env=flower_env(flwr_home), cwd=app, stdout=out,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    finally:
+        if log_file:
+            out.close()
+
+
+def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path | None = None,
+                   cpus_per_node: float = 1, timeout: float = 1800, stream: bool = False
+                   ) -> tuple[subprocess.CompletedProcess, Path]:
+    """One simulated run end to end; returns (flwr run result, run directory)."""
+    work_dir = Path(work_dir or PROJECT / "runs" / ".flwr").resolve()
+    flwr_home = work_dir / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    rc = dict(run_config)
+    rc.setdefault("run-dir", str((work_dir / "runs").resolve()))
+    rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
+    with Processes(work_dir / "logs") as procs:
+        conn = start_sim_superlink(procs, flwr_home)
+        res = flwr_run(PROJECT, conn, flwr_home, rc,
+                       {"num-supernodes": nodes, "client-resources-num-cpus": cpus_per_node},
+                       timeout=timeout, stream=stream)
+    return res, Path(rc["run-dir"]) / rc["run-name"]
+
+
+def _parse_kv(items: list[str]) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads("\n".join(items)) if items else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fedlora.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sim = sub.add_parser("sim", help="run a simulation on a SuperLink started (and stopped) here")
+    sim.add_argument("--nodes", type=int, default=2)
+    sim.add_argument("--cpus-per-node", type=float, default=1)
+    sim.add_argument("--work-dir", default=str(PROJECT / "runs" / ".flwr"))
+    sim.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
+    args = ap.parse_args(argv)
+    rc = _parse_kv(args.overrides)
+    rc.setdefault("run-dir", str(PROJECT / "runs"))
+    res, run_dir = run_simulation(rc, args.nodes, Path(args.work_dir), args.cpus_per_node,
+                                  stream=True)
+    print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")
+    return res.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

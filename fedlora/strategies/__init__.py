@@ -1,0 +1,18 @@
+"""One file per method: its Strategy (server half) and its ``client_train`` (client half)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+METHODS = {
+    "fedavg": "fedavg",
+    "flocora": "flocora",
+}
+
+
+def get_method(name: str) -> ModuleType:
+    """The module implementing ``name`` (exposes ``Strategy`` and ``client_train``)."""
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{METHODS[name]}")

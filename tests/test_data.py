@@ -1,0 +1,93 @@
+"""Offline loaders for every supported layout, and flwr-datasets partitioning."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlora.tasks.data import DataError, load_images, partition_indices
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _sample(sample_dir):
+    with np.load(Path(sample_dir) / "train.npz") as z:
+        return z["x"], z["y"]
+
+
+def test_npz_sample_is_real_fashion_mnist(sample_dir):
+    tr = load_images("npz", sample_dir, "train")
+    te = load_images("npz", sample_dir, "test")
+    assert tr.x.shape == (800, 28, 28, 1) and te.x.shape == (400, 28, 28, 1)
+    assert np.bincount(tr.y).tolist() == [80] * 10 and tr.num_classes == 10
+    assert 60 < tr.x.mean() < 90  # Fashion-MNIST's mean pixel is ~73
+
+
+def test_idx_layout(tmp_path, sample_dir):
+    x, y = _sample(sample_dir)
+    for prefix, (xs, ys) in {"train": (x, y), "t10k": (x[:50], y[:50])}.items():
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in xs.shape)
+                    + xs.tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + len(ys).to_bytes(4, "big") + ys.astype(np.uint8).tobytes())
+    tr = load_images("fashion-mnist", str(tmp_path), "train")
+    te = load_images("fashion-mnist", str(tmp_path), "test")
+    assert (tr.x[..., 0] == x).all() and (tr.y == y).all() and len(te.y) == 50
+
+
+def test_cifar_pickle_layout(tmp_path, sample_dir):
+    x, y = _sample(sample_dir)
+    rgb = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)  # 32x32x3
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        part = slice(i * 100, i * 100 + 100)
+        data = rgb[part].transpose(0, 3, 1, 2).reshape(100, -1)
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": y[part].tolist()}, f)
+    tr = load_images("cifar10", str(tmp_path), "train")
+    assert tr.x.shape == (500, 32, 32, 3) and (tr.x == rgb[:500]).all() and (tr.y == y[:500]).all()
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10" / "test.npz").exists(), reason="no shared CIFAR-10")
+def test_shared_cifar10_npz():
+    te = load_images("cifar10", str(SHARED / "cifar10"), "test")
+    assert te.x.shape == (10000, 32, 32, 3) and te.num_classes == 10
+
+
+def test_missing_dir_names_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_images("cifar10", str(tmp_path / "nope"), "train")
+    with pytest.raises(DataError, match="holds no dataset"):
+        load_images("cifar10", str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+def test_partitions_disjoint_cover_and_deterministic(sample_dir, scheme):
+    _, y = _sample(sample_dir)
+    parts = [partition_indices(y, 5, i, scheme, alpha=0.5, seed=7) for i in range(5)]
+    flat = np.concatenate(parts)
+    assert len(np.unique(flat)) == len(flat)                  # disjoint
+    if scheme != "pathological":
+        assert len(flat) == len(y)                            # cover everything
+    again = partition_indices(y, 5, 2, scheme, alpha=0.5, seed=7)
+    assert (again == parts[2]).all()
+    if scheme == "pathological":
+        assert all(len(np.unique(y[p])) <= 2 for p in parts)
+
+
+def test_dirichlet_is_skewed_and_seeded(sample_dir):
+    _, y = _sample(sample_dir)
+    a = [partition_indices(y, 4, i, "dirichlet", alpha=0.05, seed=1) for i in range(4)]
+    b = [partition_indices(y, 4, i, "dirichlet", alpha=0.05, seed=2) for i in range(4)]
+    # strong skew: some partition is dominated by few classes
+    top_share = max(np.bincount(y[p], minlength=10).max() / max(len(p), 1) for p in a if len(p))
+    assert top_share > 0.5
+    assert any(len(p) != len(q) or (p != q).any() for p, q in zip(a, b))
+    with pytest.raises(ValueError, match="partition-id"):
+        partition_indices(y, 4, 4)
