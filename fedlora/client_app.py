@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .adapters import check_fingerprint, shapes, state_to_numpy, travelling_state
 from .compression import ErrorFeedback
 from .config import RunConfig
 from .strategies import get_method
-from .strategies.base import ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound
+from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
+                              arrays_to_state, state_to_arrays)
 from .tasks import make_task
 from .wire import decode_record, encode_record, payload_bytes
 
@@ -32,13 +32,11 @@ def _expected_shapes(task, adapter: bool) -> dict[str, tuple[int, ...]]:
 def _error_feedback(context: Context, upload, spec: str):
     """Add the stored residual, encode, keep the new residual in the node's state."""
     stored = context.state.array_records.get(EF_KEY)
-    ef = ErrorFeedback.from_state_dict(
-        OrderedDict((k, stored[k].numpy()) for k in stored.keys()) if stored else {})
+    ef = ErrorFeedback.from_state_dict(arrays_to_state(stored) if stored else {})
     compensated = ef.compensate(upload)
     record = encode_record(compensated, spec)
     ef.update(compensated, decode_record(record))
-    context.state[EF_KEY] = ArrayRecord(OrderedDict(
-        (k, np.ascontiguousarray(v, dtype=np.float32)) for k, v in ef.state_dict().items()))
+    context.state[EF_KEY] = state_to_arrays(ef.state_dict())
     return record
 
 

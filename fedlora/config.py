@@ -20,7 +20,7 @@ class RunConfig:
     # --- federation and method ---
     method: str = "flocora"
     num_server_rounds: int = 5
-    fraction_train: float = 1.0
+    fraction_train: float = 0.5
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 3600.0

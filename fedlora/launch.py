@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -186,6 +187,123 @@ def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path
     return res, Path(rc["run-dir"]) / rc["run-name"]
 
 
+# ---------------------------------------------------------------------------------- deployment
+
+
+class Deployment:
+    """A real SuperLink and N SuperNodes on this machine (one ``FLWR_HOME`` each, as if on
+    separate hosts), started through a :class:`Processes` that stops them all."""
+
+    def __init__(self, procs: Processes, work_dir: Path, nodes: int = 2, tls: bool = False,
+                 auth: bool = False, host: str = "127.0.0.1",
+                 node_configs: list[Mapping[str, Any]] | None = None,
+                 connection: str = "deployment") -> None:
+        self.procs, self.work_dir, self.tls, self.auth = procs, Path(work_dir), tls, auth
+        self.host, self.connection = host, connection
+        self.port = free_port()
+        self.cli_home = self.work_dir / "cli"
+        self.certs = self.work_dir / "certs"
+        self.node_configs = list(node_configs or [
+            {"partition-id": i, "num-partitions": nodes} for i in range(nodes)])
+        self.supernodes: list[subprocess.Popen] = []
+        self.keys: list[Path] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _tls_args(self) -> list[str]:
+        return ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
+
+    def start_superlink(self) -> subprocess.Popen:
+        home = self.work_dir / "superlink"
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = ["flower-superlink", "--host", self.host, "--port", str(self.port),
+               "--database", str(home / "state.db"),
+               "--disable-runtime-dependency-installation"]
+        if self.tls:
+            subprocess.run(["bash", str(PROJECT / "scripts" / "make-certs.sh"), str(self.certs),
+                            "localhost", self.host], check=True, capture_output=True)
+            cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                    "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key")]
+        else:
+            cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
+        proc = self.procs.start("superlink", cmd, flower_env(home), cwd=home)
+        scheme = "https" if self.tls else "http"
+        wait_http(f"{scheme}://{self.address}/health", proc=proc,
+                  verify=str(self.certs / "ca.crt") if self.tls else True)
+        write_connection(self.cli_home, self.connection, self.address, insecure=not self.tls,
+                         root_certificates=str(self.certs / "ca.crt") if self.tls else None)
+        return proc
+
+    def make_key(self, name: str) -> Path:
+        key = self.work_dir / "keys" / name
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
+                        str(key)], check=True)
+        return key
+
+    def register(self, key: Path) -> subprocess.CompletedProcess:
+        return self.cli(["supernode", "register", str(key) + ".pub", self.connection])
+
+    def cli(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=flower_env(self.cli_home), cwd=PROJECT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start_supernode(self, index: int, node_config: Mapping[str, Any],
+                        key: Path | None = None, name: str | None = None) -> subprocess.Popen:
+        home = self.work_dir / f"supernode-{index}"
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = ["flower-supernode", *self._tls_args(), "--superlink", self.address,
+               "--host", "127.0.0.1", "--port", str(free_port()),
+               "--node-config", config_string(node_config)]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
+        proc = self.procs.start(name or f"supernode-{index}", cmd, flower_env(home), cwd=home)
+        self.supernodes.append(proc)
+        return proc
+
+    def online_nodes(self) -> int:
+        res = self.cli(["supernode", "list", self.connection, "--format", "json"])
+        if res.returncode != 0:
+            return 0
+        try:
+            data = json.loads(res.stdout)
+        except ValueError:
+            return 0
+        nodes = data.get("nodes", data) if isinstance(data, dict) else data
+        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.online_nodes() >= n:
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout:.0f}s")
+
+    def start(self) -> "Deployment":
+        self.start_superlink()
+        for i, nc in enumerate(self.node_configs):
+            key = None
+            if self.auth:
+                key = self.make_key(f"supernode-{i}")
+                reg = self.register(key)
+                if reg.returncode != 0:
+                    raise RuntimeError(f"flwr supernode register failed: {reg.stdout}{reg.stderr}")
+            self.start_supernode(i, nc, key)
+        self.wait_nodes(len(self.node_configs))
+        return self
+
+    def run(self, run_config: Mapping[str, Any], timeout: float = 1800,
+            log_file: Path | None = None, stream: bool = False) -> subprocess.CompletedProcess:
+        return flwr_run(PROJECT, self.connection, self.cli_home, run_config, timeout=timeout,
+                        log_file=log_file, stream=stream)
+
+
 def _parse_kv(items: list[str]) -> dict[str, Any]:
     import tomllib
 
@@ -201,9 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--cpus-per-node", type=float, default=1)
     sim.add_argument("--work-dir", default=str(PROJECT / "runs" / ".flwr"))
     sim.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
+    dep = sub.add_parser("deploy", help="a real SuperLink + N SuperNodes on 127.0.0.1, run, stop")
+    dep.add_argument("--nodes", type=int, default=2)
+    dep.add_argument("--tls", action="store_true", help="HTTPS with a fresh CA (scripts/make-certs.sh)")
+    dep.add_argument("--auth", action="store_true", help="SuperNode authentication (registered keys)")
+    dep.add_argument("--work-dir", default=str(PROJECT / "runs" / ".deploy"))
+    dep.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
     args = ap.parse_args(argv)
     rc = _parse_kv(args.overrides)
     rc.setdefault("run-dir", str(PROJECT / "runs"))
+    rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
+    if args.cmd == "deploy":
+        work = Path(args.work_dir).resolve()
+        with Processes(work / "logs") as procs:
+            d = Deployment(procs, work, args.nodes, tls=args.tls, auth=args.auth).start()
+            res = d.run(rc, stream=True)
+        print(f"records: {rc['run-dir']}/{rc['run-name']}/rounds.jsonl  rounds.csv  summary.json")
+        return res.returncode
     res, run_dir = run_simulation(rc, args.nodes, Path(args.work_dir), args.cpus_per_node,
                                   stream=True)
     print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -44,7 +44,7 @@ def arrays_to_state(arrays: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
 
 
 def state_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, np.ascontiguousarray(v, dtype=np.float32))
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v, dtype=np.float32)))
                                    for k, v in state.items()))
 
 

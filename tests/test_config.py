@@ -1,0 +1,31 @@
+"""pyproject's run config, fedlora.config and the README table agree."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pyproject_defaults_match_runconfig():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert cfg == RunConfig.keys()
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in RunConfig.keys() if f"`{k}`" not in readme]
+    assert not missing, f"README table lacks {missing}"
+
+
+def test_coercion_and_errors():
+    cfg = RunConfig.from_run_config({"lora-rank": 8, "lr": 1, "nesterov": False, "x-unknown": 1})
+    assert cfg.lora_rank == 8 and cfg.lr == 1.0 and cfg.nesterov is False
+    assert cfg.extra == {"x-unknown": 1}
+    with pytest.raises(ValueError, match="lora-rank"):
+        RunConfig.from_run_config({"lora-rank": "eight"})

@@ -1,0 +1,113 @@
+"""Server halves on toy data: exact aggregation, and corrupt replies dropped, not fatal."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageType,
+                      MetricRecord, RecordDict)
+
+from fedlora.config import RunConfig
+from fedlora.strategies import get_method
+from fedlora.strategies.base import (ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays)
+from fedlora.wire import encode_record
+
+SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (4, 2), "fc.bias": (4,)}
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def toy(seed):
+    rng = np.random.default_rng(seed)
+    return OrderedDict((k, rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items())
+
+
+def make_strategy(method="flocora", **cfg):
+    cfg = RunConfig(method=method, min_train_nodes=1, min_available_nodes=1, fraction_train=1.0,
+                    **cfg)
+    return get_method(method).Strategy(cfg, SHAPES)
+
+
+def reply_to(msg, tensors=None, n=10, record=None, spec="fp32"):
+    content = RecordDict({
+        ADAPTER_KEY: record if record is not None else encode_record(tensors, spec),
+        METRICS_KEY: MetricRecord({"num-examples": n, "train-loss": 1.0}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def sent(strategy, rnd=1, nodes=(11, 12, 13)):
+    state = toy(0)
+    msgs = list(strategy.configure_train(rnd, state_to_arrays(state), ConfigRecord(),
+                                         FakeGrid(nodes)))
+    return state, msgs
+
+
+def test_flocora_aggregate_equals_hand_weighted_mean(task_identity):
+    strategy = make_strategy()
+    _, msgs = sent(strategy)
+    ups, ns = [toy(s) for s in (1, 2, 3)], [10, 30, 60]
+    replies = [reply_to(m, u, n) for m, u, n in zip(msgs, ups, ns)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    out = arrays_to_state(arrays)
+    for k in SHAPES:
+        expect = (10 * ups[0][k] + 30 * ups[1][k] + 60 * ups[2][k]) / 100
+        np.testing.assert_allclose(out[k], expect, rtol=1e-6, atol=1e-6)
+    assert metrics["num-examples"] == 100
+    rec = strategy.round_record(1)
+    assert rec["clients"] == 3 and rec["bytes_up"] > 0 and rec["bytes_down"] > 0
+
+
+def test_corrupt_reply_dropped_round_survives(task_identity):
+    strategy = make_strategy()
+    _, msgs = sent(strategy)
+    good = toy(5)
+    bad_payload = ArrayRecord({"payload": Array(dtype="uint8", shape=(7,),
+                                                stype="fedlora/v1;fp32", data=b"garbage")})
+    replies = [
+        reply_to(msgs[0], good, 10),
+        reply_to(msgs[1], record=bad_payload),                       # does not decode
+        reply_to(msgs[2], OrderedDict(list(good.items())[:2]), 10),  # wrong tensor set
+        Message(Error(code=0, reason="boom"), reply_to=msgs[0]),     # client raised
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    out = arrays_to_state(arrays)
+    for k in SHAPES:
+        np.testing.assert_allclose(out[k], good[k], rtol=1e-6)
+    rec = strategy.round_record(1)
+    assert rec["dropped"] == 2 and rec["failures"] == 1 and rec["clients"] == 1
+    assert "CodecError" in rec["dropped_reasons"][0]["reason"]
+
+
+def test_nan_upload_and_bad_num_examples_dropped(task_identity):
+    strategy = make_strategy()
+    _, msgs = sent(strategy)
+    nan = toy(1)
+    nan["fc.bias"][0] = np.nan
+    arrays, _ = strategy.aggregate_train(1, [reply_to(msgs[0], nan, 10),
+                                             reply_to(msgs[1], toy(2), 0)])
+    assert arrays is None                      # nothing valid: the global model is kept
+    assert strategy.round_record(1)["dropped"] == 2
+
+
+def test_download_carries_config_and_codec(task_identity):
+    strategy = make_strategy(codec_down="fp16", codec_up="affine:8")
+    _, msgs = sent(strategy, nodes=(5, 6))
+    cfg = msgs[0].content["config"]
+    assert cfg["codec-down"] == "fp16" and cfg["codec-up"] == "affine:8"
+    assert cfg["method"] == "flocora" and cfg["server-round"] == 1
+    assert {m.metadata.dst_node_id for m in msgs} == {5, 6}
+    assert msgs[0].metadata.message_type == MessageType.TRAIN
+
+
+def test_bad_codec_spec_fails_at_start():
+    with pytest.raises(ValueError):
+        make_strategy(codec_up="affine:99")
