@@ -99,16 +99,18 @@ class Processes(contextlib.AbstractContextManager):
         return proc
 
     def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        # the group may outlive its leader (children of the daemon): finish it off
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        """SIGTERM the process, its group and every descendant (Flower's SuperExec starts its
+        own session, and Ray's daemons live in that one); SIGKILL whatever is left."""
+        family = [proc.pid, *descendants(proc.pid)]
+        for pid in family:
+            _signal_group_and_pid(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0)
+        for pid in family:
+            _signal_group_and_pid(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
 
@@ -120,6 +122,54 @@ class Processes(contextlib.AbstractContextManager):
     def log(self, name: str) -> str:
         p = self.log_dir / f"{name}.log"
         return p.read_text(errors="replace") if p.exists() else ""
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def pids_with_env(marker: str) -> set[int]:
+    """Live processes whose command line or environment mentions ``marker`` (e.g. a run's work
+    dir, which is in the FLWR_HOME every process of that run inherits, Ray's daemons too)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+            if marker.encode() in blob and _alive(int(entry.name)):
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _signal_group_and_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
@@ -326,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     dep.add_argument("--work-dir", default=str(PROJECT / "runs" / ".deploy"))
     dep.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
     args = ap.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     rc = _parse_kv(args.overrides)
     rc.setdefault("run-dir", str(PROJECT / "runs"))
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))

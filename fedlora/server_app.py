@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
 
 
 def run(grid: Grid, cfg: RunConfig) -> dict:
+    # The server only evaluates while clients are idle: give it every core.
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     random.seed(cfg.seed)  # Flower's node sampling uses `random`
     np.random.seed(cfg.seed)
     task = make_task(cfg)

@@ -6,11 +6,10 @@ parameter ratio, and nothing is left running."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from fedlora.launch import run_simulation
+from fedlora.launch import pids_with_env, run_simulation
 from fedlora.results import read_rounds
 
 pytestmark = pytest.mark.slow
@@ -22,27 +21,37 @@ BASE = {
 }
 
 
-def _flower_pids(marker: str) -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines() if marker in line}
+
+
+RUNS = {
+    "flocora": {"method": "flocora"},
+    "fedavg": {"method": "fedavg"},
+    # the paper's ResNet-8 geometry (64 feature maps, r = 32) with an 8-bit affine upload
+    "flocora-affine8": {"method": "flocora", "feature-maps": 64, "lora-rank": 32,
+                        "codec-up": "affine:8", "num-server-rounds": 1,
+                        "max-examples-per-client": 32, "eval-max-examples": 64},
+}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sample_dir):
     out = {}
-    for method in ("flocora", "fedavg"):
-        work = tmp_path_factory.mktemp(f"sim-{method}")
-        res, run_dir = run_simulation({**BASE, "method": method, "data-dir": sample_dir},
+    for name, overrides in RUNS.items():
+        work = tmp_path_factory.mktemp(f"sim-{name}")
+        res, run_dir = run_simulation({**BASE, **overrides, "data-dir": sample_dir},
                                       nodes=2, work_dir=work, timeout=600)
         assert res.returncode == 0, res.stdout[-4000:]
-        assert not _flower_pids(str(work)), "a Flower process of this run is still alive"
-        out[method] = (read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()),
-                       run_dir, res.stdout)
+        # every process of the run (SuperLink, SuperExec, simulation, Ray daemons and workers)
+        # inherited FLWR_HOME=<work>/flwr-home: none may survive the run
+        assert not pids_with_env(str(work)), "a process of this run is still alive"
+        out[name] = (read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()),
+                     run_dir, res.stdout)
     return out
 
 
 def test_records_have_every_round_with_accuracy(runs):
-    for method, (rounds, _, run_dir, _) in runs.items():
+    for method in ("flocora", "fedavg"):
+        rounds, _, run_dir, _ = runs[method]
         assert [r["round"] for r in rounds] == [0, 1, 2], method
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
         assert all(r["clients"] == 2 and r["failures"] == 0 for r in rounds[1:])
@@ -65,3 +74,33 @@ def test_measured_upload_ratio_matches_parameter_ratio(runs):
 
 def test_log_has_compact_round_lines(runs):
     assert "[fedlora] round   2" in runs["flocora"][3]
+
+
+def analytic_flocora_bytes(shapes: dict, bits: int) -> float:
+    """FLoCoRA's message size (methods notes §1.6), written out independently of the code:
+    tensors with dim > 1 cost numel·b bits + 64 bits per dim-0 slice (fp32 scale + zero),
+    1-D tensors numel·32 bits."""
+    total = 0
+    for shape in shapes.values():
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel * bits + 64 * shape[0] if len(shape) > 1 else 32 * numel
+    return total / 8
+
+
+def test_affine8_upload_measured_no_larger_than_flocora_analytic(runs):
+    from fedlora.adapters import shapes, state_to_numpy, travelling_state
+    from fedlora.tasks.vision import VisionModelConfig, build_model
+
+    rounds, meta, *_ = runs["flocora-affine8"]
+    model = build_model(VisionModelConfig(in_channels=1, feature_maps=64, lora_rank=32), True)
+    shp = shapes(state_to_numpy(travelling_state(model)))
+    assert meta["params_travelling"] == 258_026 - 2 * 9 * 32  # 1 input channel, not 3
+    analytic = analytic_flocora_bytes(shp, 8)
+    fedavg_fp32 = 4 * meta["params_full_model"]
+    assert fedavg_fp32 / analytic == pytest.approx(17.6, abs=0.4)   # the paper-scale ratio
+    per_client = [v for v in rounds[1]["bytes_up_per_node"].values()]
+    assert len(per_client) == 2
+    assert all(b <= analytic for b in per_client), (per_client, analytic)
+    assert all(b >= 0.9 * analytic for b in per_client)             # really 8 bits a value

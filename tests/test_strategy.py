@@ -90,9 +90,14 @@ def test_corrupt_reply_dropped_round_survives(task_identity):
 def test_nan_upload_and_bad_num_examples_dropped(task_identity):
     strategy = make_strategy()
     _, msgs = sent(strategy)
-    nan = toy(1)
-    nan["fc.bias"][0] = np.nan
-    arrays, _ = strategy.aggregate_train(1, [reply_to(msgs[0], nan, 10),
+    marked = toy(1)
+    marked["fc.bias"][0] = 1234.5
+    record = encode_record(marked, "fp32")      # the encoder refuses NaN, so forge one
+    arr = record["payload"]
+    data = bytes(arr.data).replace(np.float32(1234.5).tobytes(), np.float32(np.nan).tobytes())
+    forged = ArrayRecord({"payload": Array(dtype="uint8", shape=(len(data),), stype=arr.stype,
+                                           data=data)})
+    arrays, _ = strategy.aggregate_train(1, [reply_to(msgs[0], record=forged),
                                              reply_to(msgs[1], toy(2), 0)])
     assert arrays is None                      # nothing valid: the global model is kept
     assert strategy.round_record(1)["dropped"] == 2

@@ -6,6 +6,7 @@ run a training loop themselves.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -136,7 +137,7 @@ def build_model(cfg: VisionModelConfig, adapter: bool) -> nn.Module:
 
 def to_tensor(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """uint8 (N,H,W,C) → normalized float (N,C,H,W)."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+    t = torch.from_numpy(np.array(x, copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (t - m) / s
@@ -210,7 +211,7 @@ def sgd_train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64
              ) -> dict[str, float]:
     model.eval()
     correct, loss_sum = 0, 0.0
@@ -291,6 +292,10 @@ class VisionTask:
         return sgd_train(model, x, y, self.train_settings(seed), **hooks)
 
     def evaluate(self, model: nn.Module, data) -> dict[str, float]:
+        """Accuracy/loss; an adapter model is evaluated merged into a copy of its base
+        (numerically the same function, about 3x faster on CPU than the unmerged LoRA convs)."""
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
         return evaluate(model, *data)
 
     def fingerprint(self) -> str:
