@@ -42,6 +42,21 @@ def travelling_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((k, v.detach().float()) for k, v in items if v.is_floating_point())
 
 
+def short_param_name(name: str) -> str:
+    """peft parameter name → travelling-state name
+    (``base_model.model.x.lora_A.default.weight`` → ``x.lora_A.weight``,
+    ``base_model.model.bn1.modules_to_save.default.weight`` → ``bn1.weight``)."""
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+
+
+def trainable_params(model: nn.Module) -> "OrderedDict[str, nn.Parameter]":
+    """Travelling-state name → the live trainable Parameter (for gradient masks)."""
+    return OrderedDict((short_param_name(n), p) for n, p in model.named_parameters()
+                       if p.requires_grad)
+
+
 def state_to_numpy(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, v.detach().cpu().float().numpy().copy()) for k, v in state.items())
 

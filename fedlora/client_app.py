@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from .adapters import check_fingerprint, shapes, state_to_numpy, travelling_state
 from .compression import ErrorFeedback
-from .config import RunConfig
+from .config import RunConfig, node_tier
 from .strategies import get_method
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
                               arrays_to_state, state_to_arrays)
@@ -65,3 +65,13 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
                             "payload-up": payload_bytes(record)})
     return Message(RecordDict({ADAPTER_KEY: record, METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's tier (from node config / tier-map)."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    nc = context.node_config
+    return Message(RecordDict({METRICS_KEY: MetricRecord({
+        "tier": node_tier(cfg, nc), "partition-id": int(nc.get("partition-id", -1))})}),
+        reply_to=msg)

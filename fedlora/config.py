@@ -54,6 +54,20 @@ class RunConfig:
     codec_down: str = "fp32"
     codec_up: str = "fp32"
     error_feedback: bool = False
+    # --- FLASC ---
+    density_down: float = 1.0
+    density_up: float = 1.0
+    density_decay: float = 1.0
+    density_decay_rounds: int = 10
+    server_opt: str = "adamw"
+    server_lr: float = 0.001
+    server_weight_decay: float = 0.01
+    flasc_freeze: str = "none"
+    # --- per-client tiers (comma lists; empty = off) ---
+    tier_map: str = ""
+    tier_density: str = ""
+    tier_codec_up: str = ""
+    tier_codec_down: str = ""
     # --- output ---
     run_dir: str = "runs"
     run_name: str = ""
@@ -102,3 +116,27 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is str and isinstance(value, str):
         return value
     raise ValueError(f"run-config {key!r} must be {typ.__name__}, got {value!r}")
+
+
+def split_list(value: str) -> list[str]:
+    """``"a, b,c"`` → ``["a", "b", "c"]``; empty string → ``[]``."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def node_tier(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
+    """A node's tier: its node config ``tier`` if set (deployment), else ``tier-map`` indexed
+    by ``partition-id`` (cycled; simulation cannot set per-node config), else 0."""
+    if "tier" in node_config:
+        return int(node_config["tier"])
+    tiers = split_list(cfg.tier_map)
+    if not tiers:
+        return 0
+    return int(tiers[int(node_config.get("partition-id", 0)) % len(tiers)])
+
+
+def tier_value(values: str, tier: int, default: Any) -> Any:
+    """Entry ``tier`` of a comma list (the last entry for higher tiers), else ``default``."""
+    items = split_list(values)
+    if not items:
+        return default
+    return type(default)(items[min(tier, len(items) - 1)])

@@ -30,23 +30,40 @@ RUNS = {
     "flocora-affine8": {"method": "flocora", "feature-maps": 64, "lora-rank": 32,
                         "codec-up": "affine:8", "num-server-rounds": 1,
                         "max-examples-per-client": 32, "eval-max-examples": 64},
+    # FLASC at 1/4 density both ways, with tiers: partition 0 → tier 0 (1/16), 1 → tier 1 (dense)
+    "flasc-tiers": {"method": "flasc", "density-down": 0.25, "density-up": 0.25,
+                    "tier-map": "0,1", "tier-density": "0.0625,1", "server-lr": 0.01},
 }
+
+
+class _Runs(dict):
+    """Runs each configuration of RUNS on first use (so ``-k`` selects what runs)."""
+
+    def __init__(self, factory, sample_dir):
+        super().__init__()
+        self.factory, self.sample_dir = factory, sample_dir
+
+    def __missing__(self, name):
+        self[name] = _run(self.factory, self.sample_dir, name)
+        return self[name]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sample_dir):
-    out = {}
-    for name, overrides in RUNS.items():
-        work = tmp_path_factory.mktemp(f"sim-{name}")
-        res, run_dir = run_simulation({**BASE, **overrides, "data-dir": sample_dir},
-                                      nodes=2, work_dir=work, timeout=600)
-        assert res.returncode == 0, res.stdout[-4000:]
-        # every process of the run (SuperLink, SuperExec, simulation, Ray daemons and workers)
-        # inherited FLWR_HOME=<work>/flwr-home: none may survive the run
-        assert not pids_with_env(str(work)), "a process of this run is still alive"
-        out[name] = (read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()),
-                     run_dir, res.stdout)
-    return out
+    return _Runs(tmp_path_factory, sample_dir)
+
+
+def _run(tmp_path_factory, sample_dir, name):
+    overrides = RUNS[name]
+    work = tmp_path_factory.mktemp(f"sim-{name}")
+    res, run_dir = run_simulation({**BASE, **overrides, "data-dir": sample_dir},
+                                  nodes=2, work_dir=work, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:]
+    # every process of the run (SuperLink, SuperExec, simulation, Ray daemons and workers)
+    # inherited FLWR_HOME=<work>/flwr-home: none may survive the run
+    assert not pids_with_env(str(work)), "a process of this run is still alive"
+    return (read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()),
+            run_dir, res.stdout)
 
 
 def test_records_have_every_round_with_accuracy(runs):
@@ -104,3 +121,16 @@ def test_affine8_upload_measured_no_larger_than_flocora_analytic(runs):
     assert len(per_client) == 2
     assert all(b <= analytic for b in per_client), (per_client, analytic)
     assert all(b >= 0.9 * analytic for b in per_client)             # really 8 bits a value
+
+
+def test_flasc_two_rounds_with_tiers(runs):
+    rounds, meta, _, log = runs["flasc-tiers"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert r["clients"] == 2 and r["failures"] == 0 and r["dropped"] == 0
+        by_tier = {r["tiers"][n]: b for n, b in r["bytes_down_per_node"].items()}
+        up_by_tier = {r["tiers"][n]: b for n, b in r["bytes_up_per_node"].items()}
+        assert set(by_tier) == {0, 1}
+        # tier 0 gets 1/16 of the weights, tier 1 all of them: measured, both directions
+        assert by_tier[0] < 0.12 * by_tier[1] and up_by_tier[0] < 0.12 * up_by_tier[1]
+    assert rounds[2]["accuracy"] != rounds[0]["accuracy"]  # the server step moved the model

@@ -8,6 +8,7 @@ from types import ModuleType
 METHODS = {
     "fedavg": "fedavg",
     "flocora": "flocora",
+    "flasc": "flasc",
 }
 
 

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..compression import CodecError, parse_spec
-from ..config import RunConfig
+from ..config import RunConfig, split_list, tier_value
 from ..wire import decode_record, encode_record, message_bytes, payload_bytes
 
 log = logging.getLogger("flwr.fedlora")
@@ -69,6 +69,7 @@ class RoundStats:
     failures: list[dict[str, Any]] = field(default_factory=list)  # error replies
     dropped: list[dict[str, Any]] = field(default_factory=list)   # replies that did not decode
     train_metrics: dict[str, float] = field(default_factory=dict)
+    control_bytes: int = 0                                       # tier queries etc.
 
 
 class MalformedReply(ValueError):
@@ -101,6 +102,36 @@ class FedLoraStrategy(FedAvg):
         parse_spec(cfg.codec_down)
         self.stats: dict[int, RoundStats] = {}
         self._global: "OrderedDict[str, np.ndarray] | None" = None
+        self.tiers: dict[int, int] = {}  # node id → tier, learnt with a query message
+        for spec in split_list(cfg.tier_codec_up) + split_list(cfg.tier_codec_down):
+            parse_spec(spec)
+
+    # ---------------------------------------------------------------- tiers
+    @property
+    def uses_tiers(self) -> bool:
+        c = self.cfg
+        return bool(c.tier_density or c.tier_codec_up or c.tier_codec_down)
+
+    def tier_of(self, node_id: int | None) -> int:
+        return self.tiers.get(node_id, 0) if node_id is not None else 0
+
+    def learn_tiers(self, grid: Grid, node_ids: list[int], stats: "RoundStats") -> None:
+        """Ask nodes not seen before for their tier (a ``query`` message; the ClientApp answers
+        from its node config). Its bytes are counted as control traffic of the round."""
+        unknown = [n for n in node_ids if n not in self.tiers]
+        if not unknown or not self.uses_tiers:
+            return
+        queries = [Message(RecordDict({CONFIG_KEY: ConfigRecord({"ask": "tier"})}),
+                           message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        stats.control_bytes += sum(message_bytes(q) for q in queries)
+        for reply in grid.send_and_receive(queries, timeout=self.cfg.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+                log.warning("node %s did not report its tier; using tier 0", node)
+                continue
+            stats.control_bytes += message_bytes(reply)
+            self.tiers[node] = int(reply.content.metric_records[METRICS_KEY].get("tier", 0))
+        log.info("tiers: %s", {n: self.tier_of(n) for n in node_ids})
 
     # ---------------------------------------------------------------- hooks for methods
     def download_state(self, server_round: int, state: "OrderedDict[str, np.ndarray]"
@@ -108,11 +139,11 @@ class FedLoraStrategy(FedAvg):
         """What clients receive this round (before encoding)."""
         return state
 
-    def download_spec(self, server_round: int, node_id: int) -> str:
-        return self.cfg.codec_down
+    def download_spec(self, server_round: int, node_id: int | None) -> str:
+        return tier_value(self.cfg.tier_codec_down, self.tier_of(node_id), self.cfg.codec_down)
 
-    def upload_spec(self, server_round: int, node_id: int) -> str:
-        return self.cfg.codec_up
+    def upload_spec(self, server_round: int, node_id: int | None) -> str:
+        return tier_value(self.cfg.tier_codec_up, self.tier_of(node_id), self.cfg.codec_up)
 
     def node_config(self, server_round: int, node_id: int) -> dict[str, Any]:
         """Extra per-node entries for the train ConfigRecord."""
@@ -131,7 +162,8 @@ class FedLoraStrategy(FedAvg):
         """The model as clients receive it after ``server_round``: the next round's download
         through the (default) codec-down round trip."""
         down = self.download_state(server_round + 1, state)
-        return decode_record(encode_record(down, self.cfg.codec_down), expected=None)
+        return decode_record(encode_record(down, self.download_spec(server_round + 1, None)),
+                             expected=None)
 
     # ---------------------------------------------------------------- Flower Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -145,6 +177,7 @@ class FedLoraStrategy(FedAvg):
         node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
         log.info("configure_train: round %d, sampled %d of %d nodes", server_round,
                  len(node_ids), len(all_nodes))
+        self.learn_tiers(grid, node_ids, stats)
         download = self.download_state(server_round, self._global)
         encoded: dict[str, ArrayRecord] = {}
         messages = []
@@ -158,6 +191,7 @@ class FedLoraStrategy(FedAvg):
                 "method": self.name,
                 "codec-down": spec,
                 "codec-up": parse_spec(self.upload_spec(server_round, node_id)).spec,
+                "tier": self.tier_of(node_id),
                 **self.node_config(server_round, node_id),
             })
             msg = Message(content=RecordDict({ADAPTER_KEY: encoded[spec], CONFIG_KEY: cfg}),
@@ -244,6 +278,8 @@ class FedLoraStrategy(FedAvg):
             "payload_down": sum(s.payload_down.values()),
             "payload_up": sum(s.payload_up.values()),
             "params_up": sum(s.params_up.values()),
+            "control_bytes": s.control_bytes,
+            "tiers": {str(k): self.tier_of(k) for k in s.sent},
             "bytes_down_per_node": {str(k): v for k, v in s.sent.items()},
             "bytes_up_per_node": {str(k): v for k, v in s.received.items()},
             "failure_reasons": s.failures,

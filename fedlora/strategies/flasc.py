@@ -1,0 +1,140 @@
+"""FLASC (Kuo et al., arXiv 2406.05233; authors' code imkevinkuo/flasc): dense local LoRA,
+top-k sparse communication both ways, server AdamW.
+
+* Server: dense global trainable tensors (LoRA A, B and the head/norms) and a server optimizer
+  (``server-opt``: ``adamw`` (torch defaults + ``server-weight-decay`` 0.01, lr ``server-lr``),
+  ``sgd`` (lr ``server-lr``) or ``avg`` (plain averaging of deltas)).
+* Download: global top-k **by weight magnitude** across all trainable tensors at density
+  ``density-down`` (recomputed every round; sent sparse by the ``topk`` codec, values and coded
+  indices), then the ``codec-down`` value coder.
+* Client: starts from the masked global (pruned entries = 0), trains **all** entries densely,
+  uploads the global top-k **of its update** at ``density-up``. No client state across rounds
+  unless ``error-feedback`` is on.
+* Server step: pseudo-gradient = −(plain mean of the clients' sparse deltas) (uniform weights, as
+  the reference), one optimizer step on the dense tensors. Evaluation uses the masked model.
+* Density schedule d_t = d · ``density-decay`` ^ ⌊(t−1)/``density-decay-rounds``⌋.
+* Pruning baselines (``flasc-freeze``): ``client`` — clients only train the entries they received
+  (mask recomputed each round); ``server`` — the mask is computed once after one dense round and
+  kept fixed, clients train only inside it.
+* Tiers: ``tier-density`` gives each tier its own density both ways (FLASC's heterogeneity
+  setting: ``tier-density="0.0625,0.25,1"``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
+from ..compression import parse_spec, topk_mask
+from ..config import tier_value
+from .base import ClientResult, ClientRound, FedLoraStrategy
+
+FREEZE_MODES = ("none", "client", "server")
+SERVER_OPTS = ("adamw", "sgd", "avg")
+
+
+def with_topk(density: float, spec: str) -> str:
+    """``topk:d|<spec>`` (spec without a sparsifier of its own); ``spec`` alone when d = 1."""
+    return spec if density >= 1.0 else f"topk:{density:.6g}|{spec}"
+
+
+class FLASC(FedLoraStrategy):
+    name = "flasc"
+    adapter = True
+
+    def __init__(self, cfg, shapes) -> None:
+        super().__init__(cfg, shapes)
+        if cfg.flasc_freeze not in FREEZE_MODES:
+            raise ValueError(f"flasc-freeze must be one of {FREEZE_MODES}, got {cfg.flasc_freeze!r}")
+        if cfg.server_opt not in SERVER_OPTS:
+            raise ValueError(f"server-opt must be one of {SERVER_OPTS}, got {cfg.server_opt!r}")
+        for d in (cfg.density_down, cfg.density_up):
+            if not 0.0 < d <= 1.0:
+                raise ValueError(f"densities must be in (0, 1], got {d}")
+        for spec in (cfg.codec_down, cfg.codec_up):
+            if parse_spec(spec).sparsifier is not None:
+                raise ValueError(f"flasc adds its own top-k: codec spec {spec!r} must not sparsify")
+        self._params: OrderedDict[str, torch.Tensor] | None = None
+        self._opt: torch.optim.Optimizer | None = None
+        self._fixed_mask: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ densities and masks
+    def density(self, base: float, server_round: int, node_id: int | None) -> float:
+        d = tier_value(self.cfg.tier_density, self.tier_of(node_id), base)
+        steps = (max(server_round, 1) - 1) // max(self.cfg.density_decay_rounds, 1)
+        return float(min(1.0, d * self.cfg.density_decay ** steps))
+
+    def download_state(self, server_round, state):
+        if self.cfg.flasc_freeze != "server" or server_round <= 1:
+            return state
+        if self._fixed_mask is None:  # once, from the weights after the first (dense) round
+            self._fixed_mask = topk_mask(state, self.density(self.cfg.density_down, 1, None))
+        return OrderedDict((k, v * self._fixed_mask[k]) for k, v in state.items())
+
+    def download_spec(self, server_round, node_id):
+        d = self.density(self.cfg.density_down, server_round, node_id)
+        if self.cfg.flasc_freeze == "server" and server_round <= 1:
+            d = 1.0
+        return with_topk(d, super().download_spec(server_round, node_id))
+
+    def upload_spec(self, server_round, node_id):
+        d = self.density(self.cfg.density_up, server_round, node_id)
+        return with_topk(d, super().upload_spec(server_round, node_id))
+
+    def node_config(self, server_round, node_id):
+        return {"flasc-freeze": self.cfg.flasc_freeze}
+
+    # ------------------------------------------------------------------ server step
+    def _optimizer(self, state) -> None:
+        self._params = OrderedDict((k, torch.tensor(np.asarray(v), dtype=torch.float32))
+                                   for k, v in state.items())
+        params = list(self._params.values())
+        if self.cfg.server_opt == "adamw":
+            self._opt = torch.optim.AdamW(params, lr=self.cfg.server_lr,
+                                          weight_decay=self.cfg.server_weight_decay)
+        elif self.cfg.server_opt == "sgd":
+            self._opt = torch.optim.SGD(params, lr=self.cfg.server_lr)
+        else:
+            self._opt = torch.optim.SGD(params, lr=1.0)
+
+    def aggregate_updates(self, server_round, state, updates):
+        if self._params is None:
+            self._optimizer(state)
+        n = len(updates)
+        for k, p in self._params.items():
+            mean_delta = sum(u.tensors[k].astype(np.float64) for u in updates) / n
+            p.grad = torch.from_numpy(-mean_delta.astype(np.float32))
+        self._opt.step()
+        self._opt.zero_grad(set_to_none=True)
+        return OrderedDict((k, p.detach().numpy().copy()) for k, p in self._params.items())
+
+
+def client_train(cr: ClientRound) -> ClientResult:
+    """Dense local training from the masked global; upload the update (the codec takes its
+    top-k)."""
+    model = cr.task.new_model(adapter=True)
+    load_state(model, cr.received)
+    start = OrderedDict((k, np.asarray(v, np.float32)) for k, v in cr.received.items())
+    hooks = {}
+    if str(cr.config.get("flasc-freeze", "none")) != "none":
+        params = trainable_params(model)
+        masks = {k: torch.from_numpy(start[k] != 0) for k in params}
+
+        def grad_hook() -> None:
+            for k, p in params.items():
+                if p.grad is not None:
+                    p.grad.mul_(masks[k])
+
+        hooks["grad_hook"] = grad_hook
+    data = cr.data()
+    metrics = cr.task.train(model, data, seed=cr.seed, **hooks)
+    trained = state_to_numpy(travelling_state(model))
+    delta = OrderedDict((k, trained[k] - start[k]) for k in start)
+    metrics["params-up"] = float(sum(v.size for v in delta.values()))
+    return ClientResult(delta, len(data[1]), metrics)
+
+
+Strategy = FLASC
