@@ -123,3 +123,54 @@ def flocora_analytic_bits(state: Mapping[str, np.ndarray | torch.Tensor], bits: 
         else:
             total += bits * n + 64 * int(v.shape[0])
     return total
+
+
+# ------------------------------------------------------------------------------- LoRA pairs
+
+
+def lora_modules(names) -> "OrderedDict[str, tuple[str, str]]":
+    """Module prefix → (A key, B key) for every LoRA pair among travelling-state ``names``."""
+    out = OrderedDict()
+    for k in names:
+        if k.endswith(".lora_A.weight"):
+            prefix = k[: -len(".lora_A.weight")]
+            b = prefix + ".lora_B.weight"
+            if b in names:
+                out[prefix] = (k, b)
+    return out
+
+
+def is_lora_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def rank_axis(key: str) -> int:
+    """Axis of the rank index: rows of A ([r, in(, k, k)]), columns of B ([out, r(, 1, 1)])."""
+    return 0 if ".lora_A." in key else 1
+
+
+def as_matrices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A as [r, in·k·k], B as [out, r]) for Linear and Conv2d LoRA factors."""
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
+
+
+def rank_mask(key: str, shape: tuple[int, ...], ranks) -> np.ndarray:
+    """Boolean mask selecting rank slices ``ranks`` of factor ``key``."""
+    m = np.zeros(shape, dtype=bool)
+    idx = [slice(None)] * len(shape)
+    idx[rank_axis(key)] = list(ranks)
+    m[tuple(idx)] = True
+    return m
+
+
+def truncate_ranks(state: Mapping[str, np.ndarray], rank: int) -> "OrderedDict[str, np.ndarray]":
+    """Zero every LoRA rank slice with index ≥ ``rank`` (HetLoRA/FlexLoRA per-client ranks)."""
+    out = OrderedDict()
+    for k, v in state.items():
+        v = np.array(v, dtype=np.float32, copy=True)
+        if is_lora_key(k):
+            idx = [slice(None)] * v.ndim
+            idx[rank_axis(k)] = slice(rank, None)
+            v[tuple(idx)] = 0.0
+        out[k] = v
+    return out

@@ -63,11 +63,17 @@ class RunConfig:
     server_lr: float = 0.001
     server_weight_decay: float = 0.01
     flasc_freeze: str = "none"
+    # --- LoRA-A2 / rank-heterogeneous baselines ---
+    rank_budget: int = 1
+    lr_b_ratio: float = 5.0
+    score_epochs: int = 1
+    hetlora_gamma: float = 0.99
     # --- per-client tiers (comma lists; empty = off) ---
     tier_map: str = ""
     tier_density: str = ""
     tier_codec_up: str = ""
     tier_codec_down: str = ""
+    tier_rank: str = ""
     # --- output ---
     run_dir: str = "runs"
     run_name: str = ""

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -68,10 +69,29 @@ def config_string(values: Mapping[str, Any]) -> str:
 
 def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = True,
                      root_certificates: str | None = None) -> None:
-    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml``."""
+    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml``, replacing a table of that name
+    left by an earlier run in the same ``FLWR_HOME`` (TOML forbids declaring it twice, and the
+    flwr CLI then refuses the whole file)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
     text = path.read_text() if path.exists() else ""
+    header = re.compile(r"^\s*\[")
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if header.match(line):
+            skipping = line.strip() in (f"[superlink.{name}]", f'[superlink."{name}"]')
+        if not skipping:
+            kept.append(line)
+    text = "".join(kept).rstrip("\n")
+    # drop an earlier table of the same name (a reused FLWR_HOME): TOML forbids duplicates
+    kept, skipping = [], False
+    for line in text.splitlines():
+        header = line.strip().startswith("[")
+        if header:
+            skipping = line.strip() == f"[superlink.{name}]"
+        if not skipping:
+            kept.append(line)
+    text = "\n".join(kept).rstrip() + "\n" if kept else ""
     lines = [f"\n[superlink.{name}]", f'address = "{address}"']
     if insecure:
         lines.append("insecure = true")
@@ -257,6 +277,7 @@ class Deployment:
             {"partition-id": i, "num-partitions": nodes} for i in range(nodes)])
         self.supernodes: list[subprocess.Popen] = []
         self.keys: list[Path] = []
+        self.registered: list[int] = []  # node ids fixed by `flwr supernode register`
 
     @property
     def address(self) -> str:
@@ -290,14 +311,25 @@ class Deployment:
         return proc
 
     def make_key(self, name: str) -> Path:
+        """A fresh ECDSA P-384 key pair ``keys/<name>`` + ``.pub`` (an old pair is replaced;
+        ssh-keygen would otherwise stop and ask whether to overwrite it)."""
         key = self.work_dir / "keys" / name
         key.parent.mkdir(parents=True, exist_ok=True)
+        for old in (key, key.with_name(key.name + ".pub")):
+            old.unlink(missing_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
-                        str(key)], check=True)
+                        str(key)], check=True, stdin=subprocess.DEVNULL)
+        self.keys.append(key)
         return key
 
     def register(self, key: Path) -> subprocess.CompletedProcess:
-        return self.cli(["supernode", "register", str(key) + ".pub", self.connection])
+        """``flwr supernode register <key>.pub <connection>``; on success the node id fixed at
+        registration ("SuperNode <id> registered successfully.") is added to ``registered``."""
+        res = self.cli(["supernode", "register", str(key) + ".pub", self.connection])
+        m = re.search(r"SuperNode (\d+) registered", res.stdout)
+        if res.returncode == 0 and m:
+            self.registered.append(int(m.group(1)))
+        return res
 
     def cli(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=flower_env(self.cli_home), cwd=PROJECT,
@@ -316,16 +348,32 @@ class Deployment:
         self.supernodes.append(proc)
         return proc
 
-    def online_nodes(self) -> int:
+    def node_list(self) -> list[dict[str, Any]]:
+        """``flwr supernode list <connection> --format json`` → its ``nodes`` (``node-id``,
+        ``status`` = registered/online/offline/...); [] when the CLI fails."""
         res = self.cli(["supernode", "list", self.connection, "--format", "json"])
         if res.returncode != 0:
-            return 0
+            return []
         try:
             data = json.loads(res.stdout)
         except ValueError:
-            return 0
-        nodes = data.get("nodes", data) if isinstance(data, dict) else data
-        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+            return []
+        nodes = data.get("nodes", []) if isinstance(data, dict) else data
+        return [n for n in nodes if isinstance(n, dict)]
+
+    def online_node_ids(self) -> set[int]:
+        return {int(n["node-id"]) for n in self.node_list()
+                if str(n.get("status", "")).lower() == "online" and "node-id" in n}
+
+    def online_nodes(self) -> int:
+        return len(self.online_node_ids())
+
+    def runs(self) -> list[dict[str, Any]]:
+        """``flwr ls <connection> --format json`` → its ``runs`` (status, network-traffic...)."""
+        res = self.cli(["ls", self.connection, "--format", "json"])
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr ls failed: {res.stdout}{res.stderr}")
+        return json.loads(res.stdout)["runs"]
 
     def wait_nodes(self, n: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -382,15 +430,20 @@ def main(argv: list[str] | None = None) -> int:
     rc.setdefault("run-dir", str(PROJECT / "runs"))
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
     if args.cmd == "deploy":
-        work = Path(args.work_dir).resolve()
+        # one fresh directory per run: SuperLink state, node homes, keys, certs, logs
+        work = Path(args.work_dir).resolve() / str(rc["run-name"])
         with Processes(work / "logs") as procs:
             d = Deployment(procs, work, args.nodes, tls=args.tls, auth=args.auth).start()
+            print(f"SuperLink {d.address} ({'TLS' if args.tls else 'insecure'}"
+                  f"{', SuperNode auth' if args.auth else ''}), {args.nodes} SuperNodes online; "
+                  f"logs in {work / 'logs'}", flush=True)
             res = d.run(rc, stream=True)
         print(f"records: {rc['run-dir']}/{rc['run-name']}/rounds.jsonl  rounds.csv  summary.json")
         return res.returncode
     res, run_dir = run_simulation(rc, args.nodes, Path(args.work_dir), args.cpus_per_node,
                                   stream=True)
-    print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")
+    if res.returncode == 0:
+        print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")
     return res.returncode
 
 

@@ -9,6 +9,11 @@ METHODS = {
     "fedavg": "fedavg",
     "flocora": "flocora",
     "flasc": "flasc",
+    "lora-a2": "lora_a2",
+    "fl-lora": "fl_lora",
+    "ffa-lora": "ffa_lora",
+    "flexlora": "flexlora",
+    "hetlora": "hetlora",
 }
 
 

@@ -110,7 +110,7 @@ class FedLoraStrategy(FedAvg):
     @property
     def uses_tiers(self) -> bool:
         c = self.cfg
-        return bool(c.tier_density or c.tier_codec_up or c.tier_codec_down)
+        return bool(c.tier_density or c.tier_codec_up or c.tier_codec_down or c.tier_rank)
 
     def tier_of(self, node_id: int | None) -> int:
         return self.tiers.get(node_id, 0) if node_id is not None else 0
@@ -144,6 +144,15 @@ class FedLoraStrategy(FedAvg):
 
     def upload_spec(self, server_round: int, node_id: int | None) -> str:
         return tier_value(self.cfg.tier_codec_up, self.tier_of(node_id), self.cfg.codec_up)
+
+    def download_variant(self, server_round: int, node_id: int | None) -> Any:
+        """A hashable key when a node needs its own version of the download (e.g. its rank),
+        else None; :meth:`apply_variant` builds it."""
+        return None
+
+    def apply_variant(self, download: "OrderedDict[str, np.ndarray]", variant: Any
+                      ) -> "OrderedDict[str, np.ndarray]":
+        return download
 
     def node_config(self, server_round: int, node_id: int) -> dict[str, Any]:
         """Extra per-node entries for the train ConfigRecord."""
@@ -179,12 +188,15 @@ class FedLoraStrategy(FedAvg):
                  len(node_ids), len(all_nodes))
         self.learn_tiers(grid, node_ids, stats)
         download = self.download_state(server_round, self._global)
-        encoded: dict[str, ArrayRecord] = {}
+        encoded: dict[tuple, ArrayRecord] = {}
         messages = []
         for node_id in node_ids:
             spec = parse_spec(self.download_spec(server_round, node_id)).spec
-            if spec not in encoded:
-                encoded[spec] = encode_record(download, spec)
+            variant = self.download_variant(server_round, node_id)
+            key = (spec, variant)
+            if key not in encoded:
+                mine = download if variant is None else self.apply_variant(download, variant)
+                encoded[key] = encode_record(mine, spec)
             cfg = ConfigRecord({
                 **{k: config[k] for k in config.keys()},
                 "server-round": server_round,
@@ -194,10 +206,10 @@ class FedLoraStrategy(FedAvg):
                 "tier": self.tier_of(node_id),
                 **self.node_config(server_round, node_id),
             })
-            msg = Message(content=RecordDict({ADAPTER_KEY: encoded[spec], CONFIG_KEY: cfg}),
+            msg = Message(content=RecordDict({ADAPTER_KEY: encoded[key], CONFIG_KEY: cfg}),
                           message_type=MessageType.TRAIN, dst_node_id=node_id)
             stats.sent[node_id] = message_bytes(msg)
-            stats.payload_down[node_id] = payload_bytes(encoded[spec])
+            stats.payload_down[node_id] = payload_bytes(encoded[key])
             messages.append(msg)
         return messages
 

@@ -287,9 +287,13 @@ class VisionTask:
                              momentum=c.momentum, nesterov=c.nesterov,
                              weight_decay=c.weight_decay, augment=c.augment, seed=seed)
 
-    def train(self, model: nn.Module, data, seed: int, **hooks) -> dict[str, float]:
+    def train(self, model: nn.Module, data, seed: int, epochs: int | None = None,
+              **hooks) -> dict[str, float]:
         x, y = data
-        return sgd_train(model, x, y, self.train_settings(seed), **hooks)
+        st = self.train_settings(seed)
+        if epochs is not None:
+            st.epochs = epochs
+        return sgd_train(model, x, y, st, **hooks)
 
     def evaluate(self, model: nn.Module, data) -> dict[str, float]:
         """Accuracy/loss; an adapter model is evaluated merged into a copy of its base

@@ -1,0 +1,44 @@
+"""FFA-LoRA baseline (Sun et al. 2024): A stays frozen at its random init for the whole run;
+clients train and upload only B (and non-LoRA trainables), half of FL+LoRA's upload; the server
+averages B weighted by |D_k|."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
+from .base import ClientResult, ClientRound, FedLoraStrategy, weighted_mean
+
+
+def sent_keys(names) -> list[str]:
+    return [k for k in names if ".lora_A." not in k]
+
+
+class FFALoRA(FedLoraStrategy):
+    name = "ffa-lora"
+    adapter = True
+
+    def upload_shapes(self, server_round):
+        return {k: self.shapes[k] for k in sent_keys(self.shapes)}
+
+    def aggregate_updates(self, server_round, state, updates):
+        out = OrderedDict((k, v.copy()) for k, v in state.items())
+        out.update(weighted_mean(updates))
+        return out
+
+
+def client_train(cr: ClientRound) -> ClientResult:
+    model = cr.task.new_model(adapter=True)
+    load_state(model, cr.received)
+    for k, p in trainable_params(model).items():
+        if ".lora_A." in k:
+            p.requires_grad_(False)
+    data = cr.data()
+    metrics = cr.task.train(model, data, seed=cr.seed)
+    state = state_to_numpy(travelling_state(model))
+    upload = OrderedDict((k, state[k]) for k in sent_keys(state))
+    metrics["params-up"] = float(sum(v.size for v in upload.values()))
+    return ClientResult(upload, len(data[1]), metrics)
+
+
+Strategy = FFALoRA

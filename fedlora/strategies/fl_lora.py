@@ -1,0 +1,20 @@
+"""FL + LoRA baseline: clients train A and B, upload both; the server averages A and B
+separately, weighted by |D_k| (the product of averages is not the average of products: the
+"discordance" LoRA-A2 avoids)."""
+
+from __future__ import annotations
+
+from . import flocora
+from .base import FedLoraStrategy, weighted_mean
+
+
+class FLLoRA(FedLoraStrategy):
+    name = "fl-lora"
+    adapter = True
+
+    def aggregate_updates(self, server_round, state, updates):
+        return weighted_mean(updates)
+
+
+client_train = flocora.client_train
+Strategy = FLLoRA

@@ -1,0 +1,100 @@
+"""FlexLoRA baseline (Bai et al. 2024): clients (each with its own rank r_k ≤ r_G, from
+``rank-budget``/``tier-rank``) train A and B and upload both; the server forms
+ΔW_m = Σ_k w_k B_k A_k per module, takes its SVD and keeps the top r_G components as the global
+adapter, B = U_r·√S_r, A = √S_r·V_rᵀ (the split of Σ is not specified by the LoRA-A2 paper; the
+symmetric split keeps both factors on the same scale). Each client receives the global truncated
+to its rank (its slices ≥ r_k are zero, stay zero while training, and the ``ranks`` codec does not
+send them). An ill-conditioned or failing SVD (non-finite ΔW, LinAlgError) keeps that module's
+previous factors and is logged instead of crashing the round."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import numpy as np
+
+from ..adapters import as_matrices, is_lora_key, lora_modules, truncate_ranks
+from ..compression import parse_spec
+from ..config import tier_value
+from . import flocora
+from .base import FedLoraStrategy
+
+log = logging.getLogger("flwr.fedlora")
+
+
+def svd_factors(delta_w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(B [out, r], A [r, in]) with B·A the best rank-r approximation of ``delta_w``; None when
+    the SVD cannot be trusted."""
+    if not np.all(np.isfinite(delta_w)):
+        return None
+    try:
+        u, s, vt = np.linalg.svd(delta_w.astype(np.float64), full_matrices=False)
+    except np.linalg.LinAlgError:
+        return None
+    r = min(rank, len(s))
+    root = np.sqrt(s[:r])
+    b = np.zeros((delta_w.shape[0], rank))
+    a = np.zeros((rank, delta_w.shape[1]))
+    b[:, :r] = u[:, :r] * root
+    a[:r] = root[:, None] * vt[:r]
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return None
+    return b, a
+
+
+class FlexLoRA(FedLoraStrategy):
+    name = "flexlora"
+    adapter = True
+
+    def __init__(self, cfg, shapes) -> None:
+        super().__init__(cfg, shapes)
+        if parse_spec(cfg.codec_up).sparsifier is not None:
+            raise ValueError(f"{self.name} uploads through 'ranks|<codec-up>'; "
+                             f"codec-up {cfg.codec_up!r} must not sparsify")
+        self.svd_failures = 0
+
+    def client_rank(self, node_id) -> int:
+        full = max(s[0] for k, s in self.shapes.items() if ".lora_A." in k)
+        return min(full, int(tier_value(self.cfg.tier_rank, self.tier_of(node_id),
+                                        self.cfg.rank_budget)))
+
+    def download_variant(self, server_round, node_id):
+        return self.client_rank(node_id)
+
+    def apply_variant(self, download, variant):
+        return truncate_ranks(download, variant)
+
+    def upload_spec(self, server_round, node_id):
+        return "ranks|" + super().upload_spec(server_round, node_id)
+
+    def node_config(self, server_round, node_id):
+        return {"rank-budget": self.client_rank(node_id)}
+
+    def aggregate_updates(self, server_round, state, updates):
+        total = float(sum(u.num_examples for u in updates))
+        out = OrderedDict((k, v.copy()) for k, v in state.items())
+        for k in state:
+            if not is_lora_key(k):
+                out[k] = sum((u.num_examples / total) * u.tensors[k].astype(np.float64)
+                             for u in updates).astype(np.float32)
+        for mod, (ka, kb) in lora_modules(list(state)).items():
+            rank = state[ka].shape[0]
+            delta_w = 0.0
+            for u in updates:
+                a, b = as_matrices(u.tensors[ka], u.tensors[kb])
+                delta_w = delta_w + (u.num_examples / total) * (b.astype(np.float64) @ a)
+            factors = svd_factors(delta_w, rank)
+            if factors is None:
+                self.svd_failures += 1
+                log.warning("round %d: SVD of %s failed or is ill-conditioned; keeping its "
+                            "previous factors", server_round, mod)
+                continue
+            b, a = factors
+            out[kb] = b.reshape(state[kb].shape).astype(np.float32)
+            out[ka] = a.reshape(state[ka].shape).astype(np.float32)
+        return out
+
+
+client_train = flocora.client_train
+Strategy = FlexLoRA

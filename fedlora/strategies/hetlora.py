@@ -1,0 +1,77 @@
+"""HetLoRA baseline (Cho et al. 2024) as compared in LoRA-A2: heterogeneous client ranks,
+zero-padding aggregation and rank self-pruning with decay γ = ``hetlora-gamma`` (0.99).
+
+* Node k trains at rank r_k (from ``rank-budget``/``tier-rank``; then its own pruned rank): it
+  receives the global adapter truncated to r_k (slices ≥ r_k zero) and uploads A and B; the
+  ``ranks`` codec drops the zero slices, so bytes scale with r_k.
+* Server: zero-padding aggregation — every upload is the full-rank tensor with zeros beyond r_k;
+  A and B are averaged weighted by |D_k| (HetLoRA's optional norm-based weighting is not used).
+* Self-pruning (client side): with r' = ⌊γ·r_k⌋ (at least one rank fewer), if local training
+  shrank the contribution ‖B[:, r':r_k]·A[r':r_k, :]‖_F of the tail ranks compared to what the
+  client received, the client prunes to r' and reports it (metric ``rank``); the server uses it
+  from then on. HetLoRA's extra regulariser on the tail ranks is not applied.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ..adapters import as_matrices, lora_modules
+from . import flexlora, flocora
+from .base import ClientResult, ClientRound, weighted_mean
+
+
+class HetLoRA(flexlora.FlexLoRA):
+    name = "hetlora"
+
+    def __init__(self, cfg, shapes) -> None:
+        super().__init__(cfg, shapes)
+        self.pruned: dict[int, int] = {}   # node id → rank after self-pruning
+
+    def client_rank(self, node_id) -> int:
+        r = super().client_rank(node_id)
+        return min(r, self.pruned.get(node_id, r))
+
+    def node_config(self, server_round, node_id):
+        return {"rank-budget": self.client_rank(node_id),
+                "hetlora-gamma": self.cfg.hetlora_gamma}
+
+    def aggregate_updates(self, server_round, state, updates):
+        for u in updates:
+            if "rank" in u.metrics:
+                self.pruned[u.node_id] = min(self.client_rank(u.node_id), int(u.metrics["rank"]))
+        return weighted_mean(updates)
+
+
+def tail_norm(state, lo: int, hi: int) -> float:
+    """Σ over modules of ‖B[:, lo:hi]·A[lo:hi, :]‖_F."""
+    total = 0.0
+    for ka, kb in lora_modules(list(state)).values():
+        a, b = as_matrices(state[ka], state[kb])
+        total += float(np.linalg.norm(b[:, lo:hi].astype(np.float64) @ a[lo:hi]))
+    return total
+
+
+def client_train(cr: ClientRound) -> ClientResult:
+    rank = int(cr.config.get("rank-budget", cr.cfg.rank_budget))
+    gamma = float(cr.config.get("hetlora-gamma", cr.cfg.hetlora_gamma))
+    res = flocora.client_train(cr)
+    new_rank = rank
+    lo = min(int(np.floor(gamma * rank)), rank - 1)
+    if lo >= 1:
+        before = tail_norm(cr.received, lo, rank)
+        after = tail_norm(res.upload, lo, rank)
+        if before > 0 and after < before:
+            new_rank = lo
+            for k in list(res.upload):   # the pruned slices are not sent any more
+                if ".lora_A." in k:
+                    res.upload[k][lo:] = 0.0
+                elif ".lora_B." in k:
+                    res.upload[k][:, lo:] = 0.0
+    res.metrics["rank"] = float(new_rank)
+    return ClientResult(OrderedDict(res.upload), res.num_examples, res.metrics)
+
+
+Strategy = HetLoRA

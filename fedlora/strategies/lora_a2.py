@@ -1,0 +1,178 @@
+"""LoRA-A2 (Koo et al., arXiv 2410.22815, ACL 2025): alternating freeze + adaptive rank selection.
+
+Rounds are 1-indexed. Odd rounds train and send B with A frozen, even rounds A with B frozen
+(round 1 trains B: B starts at zero, so A's gradient would be zero). Each round each client:
+
+1. a ``score-epochs`` (1) scoring pass from the global adapter, its update discarded;
+2. scores every rank i of every LoRA module m by ‖ΔB[:,i]·A[i,:]‖_F (odd) or ‖B[:,i]·ΔA[i,:]‖_F
+   (even) — computed as ‖ΔB[:,i]‖·‖A[i,:]‖ since the product is rank one;
+3. keeps the top r_i·N (m, i) pairs over the whole model (N = number of LoRA modules, r_i the
+   client's ``rank-budget`` or its tier's ``tier-rank``): a global budget, a module may get none;
+4. trains ``local-epochs`` from the global adapter with updates confined to the selected
+   columns of B / rows of A: gradients are masked **and** unselected entries are restored after
+   every optimizer step (AdamW's weight decay would move them); B's learning rate is
+   ``lr-b-ratio`` (5) × A's (the paper: 5e-4 / 2.5e-3);
+5. uploads the masked delta of the trained factor; the ``ranks`` codec carries only the selected
+   slices and their indices.
+
+Server: factor += Σ_k w_k · ΔF_k ⊙ M_k with w_k = |D_k| / Σ|D| over all participating clients
+(unselected ranks zero-filled, not re-normalised). The download is the dense global adapter.
+Non-LoRA trainable tensors (a trained head, FLoCoRA's norms) are sent as dense deltas every round.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ..adapters import (as_matrices, is_lora_key, load_state, lora_modules, rank_mask,
+                        state_to_numpy, trainable_params, travelling_state)
+from ..compression import parse_spec
+from ..config import tier_value
+from .base import ClientResult, ClientRound, FedLoraStrategy
+
+
+def trains_b(server_round: int) -> bool:
+    """Alg. 1 of the paper with 1-indexed rounds: odd rounds train B."""
+    return server_round % 2 == 1
+
+
+def factor_keys(names, server_round: int) -> list[str]:
+    """Keys uploaded this round: the trained factor of every module + non-LoRA trainables."""
+    tag = ".lora_B." if trains_b(server_round) else ".lora_A."
+    return [k for k in names if tag in k or not is_lora_key(k)]
+
+
+class LoRAA2(FedLoraStrategy):
+    name = "lora-a2"
+    adapter = True
+
+    def __init__(self, cfg, shapes) -> None:
+        super().__init__(cfg, shapes)
+        if parse_spec(cfg.codec_up).sparsifier is not None:
+            raise ValueError(f"lora-a2 uploads through 'ranks|<codec-up>': codec-up "
+                             f"{cfg.codec_up!r} must not sparsify")
+        if not lora_modules(list(shapes)):
+            raise ValueError("lora-a2 needs LoRA A/B pairs in the adapter")
+
+    def budget(self, node_id: int | None) -> int:
+        return int(tier_value(self.cfg.tier_rank, self.tier_of(node_id), self.cfg.rank_budget))
+
+    def upload_spec(self, server_round, node_id):
+        return "ranks|" + super().upload_spec(server_round, node_id)
+
+    def upload_shapes(self, server_round):
+        return {k: self.shapes[k] for k in factor_keys(self.shapes, server_round)}
+
+    def node_config(self, server_round, node_id):
+        return {"rank-budget": self.budget(node_id)}
+
+    def aggregate_updates(self, server_round, state, updates):
+        total = float(sum(u.num_examples for u in updates))
+        out = OrderedDict((k, v.copy()) for k, v in state.items())
+        for k in factor_keys(state, server_round):
+            acc = np.zeros(state[k].shape, dtype=np.float64)
+            for u in updates:
+                acc += (u.num_examples / total) * u.tensors[k]
+            out[k] = (state[k] + acc).astype(np.float32)
+        return out
+
+
+def rank_scores(start, delta, server_round: int) -> "OrderedDict[tuple[str, int], float]":
+    """S[(module, i)] = ‖ΔB[:,i]‖·‖A[i,:]‖ (odd rounds) or ‖B[:,i]‖·‖ΔA[i,:]‖ (even)."""
+    scores = OrderedDict()
+    for mod, (ka, kb) in lora_modules(list(start)).items():
+        if trains_b(server_round):
+            a, db = as_matrices(start[ka], delta[kb])
+            s = np.linalg.norm(db, axis=0) * np.linalg.norm(a, axis=1)
+        else:
+            da, b = as_matrices(delta[ka], start[kb])
+            s = np.linalg.norm(b, axis=0) * np.linalg.norm(da, axis=1)
+        for i, v in enumerate(s):
+            scores[(mod, i)] = float(v)
+    return scores
+
+
+def select_ranks(scores, budget: int, num_modules: int) -> dict[str, list[int]]:
+    """Top ``budget · num_modules`` (module, rank) pairs over the whole model (ties: first)."""
+    k = min(budget * num_modules, len(scores))
+    keys = list(scores)
+    vals = np.array([scores[key] for key in keys])
+    order = np.argsort(-vals, kind="stable")[:k]
+    chosen: dict[str, list[int]] = {}
+    for j in sorted(order):
+        mod, i = keys[j]
+        chosen.setdefault(mod, []).append(i)
+    return chosen
+
+
+def _freeze_other_factor(params, server_round: int) -> list[str]:
+    """requires_grad off for the factor not trained this round; returns the trained keys."""
+    keys = factor_keys(params, server_round)
+    for k, p in params.items():
+        p.requires_grad_(k in keys)
+    return keys
+
+
+def _groups(params, keys, cfg, config) -> list[dict]:
+    ratio = float(config.get("lr-b-ratio", cfg.lr_b_ratio))
+    lr_b = cfg.lr * ratio
+    return [{"params": [params[k]], "lr": lr_b if ".lora_B." in k else cfg.lr} for k in keys]
+
+
+def client_train(cr: ClientRound) -> ClientResult:
+    cfg, rnd = cr.cfg, cr.server_round
+    budget = int(cr.config.get("rank-budget", cfg.rank_budget))
+    data = cr.data()
+    start = OrderedDict((k, np.asarray(v, np.float32)) for k, v in cr.received.items())
+
+    # 1-2. scoring pass from the global adapter (its update is discarded)
+    scout = cr.task.new_model(adapter=True)
+    load_state(scout, start)
+    params = trainable_params(scout)
+    keys = _freeze_other_factor(params, rnd)
+    cr.task.train(scout, data, seed=cr.seed + 1, epochs=cfg.score_epochs,
+                  param_groups=_groups(params, keys, cfg, cr.config))
+    after = state_to_numpy(travelling_state(scout))
+    scores = rank_scores(start, {k: after[k] - start[k] for k in start}, rnd)
+    mods = lora_modules(list(start))
+    chosen = select_ranks(scores, budget, len(mods))
+
+    # 3-4. masked local training from the global adapter
+    model = cr.task.new_model(adapter=True)
+    load_state(model, start)
+    params = trainable_params(model)
+    keys = _freeze_other_factor(params, rnd)
+    masks = {}
+    for k in keys:
+        if is_lora_key(k):
+            mod = k.rsplit(".lora_", 1)[0]
+            masks[k] = torch.from_numpy(rank_mask(k, start[k].shape, chosen.get(mod, [])))
+    frozen = {k: torch.from_numpy(start[k].copy()) for k in masks}
+
+    def grad_hook() -> None:
+        for k, m in masks.items():
+            if params[k].grad is not None:
+                params[k].grad.mul_(m)
+
+    @torch.no_grad()
+    def step_hook() -> None:
+        for k, m in masks.items():
+            params[k].copy_(torch.where(m, params[k], frozen[k]))
+
+    metrics = cr.task.train(model, data, seed=cr.seed, grad_hook=grad_hook,
+                            step_hook=step_hook, param_groups=_groups(params, keys, cfg, cr.config))
+    trained = state_to_numpy(travelling_state(model))
+    upload = OrderedDict()
+    for k in keys:
+        d = trained[k] - start[k]
+        upload[k] = np.where(masks[k].numpy(), d, 0.0).astype(np.float32) if k in masks else d
+    metrics["ranks-selected"] = float(sum(len(v) for v in chosen.values()))
+    metrics["params-up"] = float(sum(int(np.count_nonzero(masks[k].numpy())) if k in masks
+                                     else upload[k].size for k in upload))
+    return ClientResult(upload, len(data[1]), metrics)
+
+
+Strategy = LoRAA2
