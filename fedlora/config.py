@@ -33,6 +33,11 @@ class RunConfig:
     lora_rank: int = 32
     lora_alpha: float = 0.0
     model_seed: int = 0
+    # --- text task ---
+    max_length: int = 64
+    train_head: bool = False
+    lora_targets: str = ""
+    autocast_bf16: bool = False
     # --- data ---
     dataset: str = "fashion-mnist"
     data_dir: str = ""

