@@ -124,6 +124,10 @@ class Processes(contextlib.AbstractContextManager):
         family = [proc.pid, *descendants(proc.pid)]
         for pid in family:
             _signal_group_and_pid(pid, signal.SIGTERM)
+        # the process's own group (start_new_session: pgid == pid) also when the process has
+        # already exited: what it started in its group (a SuperNode's SuperExec, a script's
+        # background daemons) lives on, reparented, and is no longer among its descendants
+        _signal_own_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(_alive(p) for p in family):
             time.sleep(0.2)
@@ -131,6 +135,7 @@ class Processes(contextlib.AbstractContextManager):
                 proc.wait(0)
         for pid in family:
             _signal_group_and_pid(pid, signal.SIGKILL)
+        _signal_own_group(proc, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
 
@@ -182,6 +187,17 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[-1][:1] not in ("Z", "X")
     except OSError:
         return False
+
+
+def _signal_own_group(proc: subprocess.Popen, sig: int) -> None:
+    """killpg the group ``proc`` leads (started with start_new_session), also after ``proc``
+    exited. Safe: while the group has members its id cannot be given to a new process; once it
+    is empty the id can, so nothing is sent when a live process has that PID and ``proc`` (already
+    reaped by Popen) is not it."""
+    if proc.poll() is not None and Path(f"/proc/{proc.pid}").exists():
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def _signal_group_and_pid(pid: int, sig: int) -> None:
