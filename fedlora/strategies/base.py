@@ -240,9 +240,10 @@ class FedLoraStrategy(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 reason = msg.error.reason
-                stats.failures.append({"node": node, "reason": str(reason)[:500]})
+                # the exception itself is at the end of a traceback: keep the tail
+                stats.failures.append({"node": node, "reason": str(reason)[-800:]})
                 log.warning("round %d: node %s failed: %s", server_round, node,
-                            str(reason)[:300])
+                            str(reason)[-400:])
                 continue
             try:
                 stats.received[node] = message_bytes(msg)

@@ -465,9 +465,13 @@ class TextTask:
                                  nesterov=c.nesterov, autocast=self.autocast, seed=seed)
 
     def train(self, model: nn.Module, data, seed: int, grad_hook=None, step_hook=None,
-              param_groups=None, optimizer: str = "adamw") -> dict[str, float]:
+              param_groups=None, optimizer: str = "adamw", epochs: int | None = None
+              ) -> dict[str, float]:
         feats, y = data
-        return train_loop(model, feats, y, self.train_settings(seed), grad_hook=grad_hook,
+        st = self.train_settings(seed)
+        if epochs is not None:
+            st.epochs = epochs
+        return train_loop(model, feats, y, st, grad_hook=grad_hook,
                           step_hook=step_hook, param_groups=param_groups, optimizer=optimizer)
 
     def evaluate(self, model: nn.Module, data) -> dict[str, float]:
