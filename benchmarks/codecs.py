@@ -1,0 +1,111 @@
+"""Codec throughput vs a plain memory copy, on 10M float32 values.
+
+    python benchmarks/codecs.py [--layout matrix|lora] [--repeats 9]
+
+``matrix`` (default): one ``[10000, 1000]`` tensor (10000 affine slices of 1000 values).
+``lora``: 4 layers of LoRA factors ``lora_A [40, 31250]`` and ``lora_B [31250, 40]`` (8 x 1.25M =
+10M values; a quarter of each layer's ranks zero, as LoRA-A2 sends them).
+
+Every time is the best of ``--repeats`` runs after a warm-up; the copy baseline is ``np.copyto`` of
+the same 40 MB buffer into a preallocated one, measured in the same run. Ratios are ``copy_time /
+codec_time`` (higher is faster; 1.0 = memcpy speed), combined = ``copy_time / (encode + decode)``;
+size is the payload size relative to ``fp32``. Targets: ``affine:8`` combined >= 0.25; ``topk``
+(index coding included) combined >= 0.10. Exit status 1 when a target fails. The load average is
+printed: other processes competing for the cores make every number worse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fedlora.compression import decode_payload, parse_spec  # noqa: E402
+
+N = 10_000_000
+SPECS = ["fp32", "fp16", "bf16", "affine:8", "affine:4", "affine:2", "topk:0.1", "topk:0.01",
+         "topk:0.1|affine:4", "ranks", "zstd"]
+TARGETS = {"affine:8": 0.25, "topk:0.1": 0.10, "topk:0.01": 0.10, "topk:0.1|affine:4": 0.10}
+
+
+def make_tensors(layout: str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    buf = rng.standard_normal(N, dtype=np.float32)
+    if layout == "matrix":
+        return buf, {"weight": buf.reshape(10000, 1000)}
+    tensors, off = {}, 0
+    r, d = 40, 31250
+    for i in range(4):
+        a = buf[off:off + r * d].reshape(r, d)
+        off += r * d
+        b = buf[off:off + r * d].reshape(d, r)
+        off += r * d
+        b *= 0.01
+        a[30:] = 0.0  # LoRA-A2 style: unselected ranks are zero in the delta
+        b[:, 30:] = 0.0
+        tensors[f"model.layers.{i}.lora_A.weight"] = a
+        tensors[f"model.layers.{i}.lora_B.weight"] = b
+    return buf, tensors
+
+
+def best(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layout", choices=["lora", "matrix"], default="matrix")
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args(argv)
+    buf, tensors = make_tensors(args.layout)
+    dst = np.empty_like(buf)
+    t_copy = best(lambda: np.copyto(dst, buf), args.repeats)
+    shapes = {k: v.shape for k, v in tensors.items()}
+    try:
+        import torch
+        accel = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:
+        accel = "numpy only"
+    print(f"layout={args.layout} ({len(tensors)} tensors, {N:,} float32 = "
+          f"{buf.nbytes / 1e6:.0f} MB)"
+          f"; {accel}; {os.cpu_count()} CPUs")
+    print(f"load average before the run: {os.getloadavg()[0]:.2f}")
+    print(f"copy baseline (np.copyto): {t_copy * 1e3:.2f} ms = "
+          f"{buf.nbytes / t_copy / 1e9:.1f} GB/s")
+    print(f"{'codec':20s} {'enc ms':>8s} {'dec ms':>8s} {'enc x':>7s} {'dec x':>7s} "
+          f"{'comb x':>7s} {'size':>7s}  target")
+    fp32_size = None
+    failed = False
+    for spec in SPECS:
+        pipe = parse_spec(spec)
+        payload = pipe.encode(tensors)
+        out = decode_payload(payload, expected=shapes)
+        assert list(out) == list(tensors)
+        if fp32_size is None:
+            fp32_size = len(payload)
+        t_enc = best(lambda: pipe.encode(tensors), args.repeats)
+        t_dec = best(lambda: decode_payload(payload, expected=shapes), args.repeats)
+        comb = t_copy / (t_enc + t_dec)
+        verdict = ""
+        if spec in TARGETS:
+            ok = comb >= TARGETS[spec]
+            failed |= not ok
+            verdict = f"{'PASS' if ok else 'FAIL'} (>= {TARGETS[spec]:.2f})"
+        print(f"{pipe.spec:20s} {t_enc * 1e3:8.2f} {t_dec * 1e3:8.2f} {t_copy / t_enc:7.3f} "
+              f"{t_copy / t_dec:7.3f} {comb:7.3f} {len(payload) / fp32_size:7.4f}  {verdict}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

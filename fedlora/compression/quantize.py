@@ -1,0 +1,451 @@
+"""``affine:b`` — FLoCoRA's per-slice affine quantization, bit-packed, ``b`` in 1..8.
+
+Grouping (the ``groups`` hint from the sparsifier): a dense tensor with ndim >= 2 gets one (scale,
+zero-point) per dim-0 slice (``r`` for conv lora_A ``[r,Cin,k,k]``, ``C_out`` for lora_B
+``[C_out,r,1,1]``, one per output row of a Linear ``[out,in]``); tensors with ndim <= 1 (norms,
+biases) travel as raw float32. After ``topk`` the kept values of a tensor (ndim >= 2) form ONE group
+(one scale/zero-point per tensor: the kept values are the large ones, so their range is what
+matters); after ``ranks`` the kept sub-tensor is grouped per dim-0 slice like a dense tensor.
+
+Scheme, per slice with minimum ``mn`` and maximum ``mx`` (signed range ``qmin = -2^(b-1)``,
+``qmax = 2^(b-1)-1``, ``L = qmax - qmin = 2^b - 1``)::
+
+    s  = (mx - mn) / L            rounded UP to float32, floored at max|x|*2^-30 and at FLT_MIN
+    z  = round(qmin - mn / s)     an integer (float64 arithmetic, ties to even)
+    q  = clamp(round(x * (1/s) + z), qmin, qmax)     (x * (1/s) in float32, then the exact
+                                                      sum rounded to nearest, ties to even)
+    x' = s * (q - z)              computed as fl(fl(u - (z - qmin)) * s), u = q - qmin
+
+Why ``|x' - x| <= s/2`` holds at every element, the range ends included: ``t = x/s + z`` is affine
+in ``x`` with slope 1/s; at ``x = mn`` it equals ``qmin + e`` with ``|e| <= 1/2`` (that is exactly
+what rounding ``z`` to the nearest integer gives), and at ``x = mx`` it equals ``qmin + e +
+(mx-mn)/s <= qmax + e`` because ``s >= (mx-mn)/L``. So every ``t`` lies in ``[qmin - 1/2, qmax +
+1/2]``: rounding moves it by at most 1/2, and clamping only ever pulls a ``t`` that is within 1/2
+outside the range back to the boundary, again at most 1/2. In units of ``x`` that is ``s/2``;
+float32 arithmetic adds a few ulps of ``max|x|`` (the tests allow ``s/2 + 2e-6 * max|x|``). The
+floor ``s >= max|x|*2^-30`` keeps ``|z| <= 2^30 + 128`` (fits int32) and ``x/s`` finite; it only
+bites when the slice's spread is below float32 resolution anyway. Rounding ``s`` up (never down)
+keeps the clamp argument exact.
+
+Constant slice (``mx == mn == c``, e.g. B = 0 at init): ``s = |c| / K`` with ``K = 2^(b-1)`` (``K =
+1`` when ``|c|/K`` would be subnormal; ``s = 1`` when ``c == 0``) and ``z = qmax - K`` (``c > 0``),
+``qmin + K`` (``c < 0``) or ``qmin`` (``c == 0``): every element gets ``q = qmax`` / ``qmin`` /
+``qmin`` (set directly, no division) and decodes to ``s * (+-K) = c`` exactly (power-of-two
+scaling); no NaN/Inf, ``z`` fits int8, and every grid value stays within ``|c|`` so even ``c`` near
+FLT_MAX cannot overflow. (Encoding a non-constant slice whose grid would reach beyond float32,
+values within ~1% of FLT_MAX, raises CodecError.)
+
+Value section for ``n`` values in ``g > 0`` groups::
+
+    zw      1 byte   zero-point width in bytes: 1, 2 or 4 (the smallest that holds every z)
+    scales  g x float32 (finite, > 0)
+    zeros   g x signed int of zw bytes (int8 whenever the slice straddles 0, the usual case)
+    packed  ceil(n*b/8) bytes: u = q - qmin in b bits per value, LSB-first, row-major, no per-slice
+            padding (four 2-bit values per byte, eight 1-bit ...); unused high bits of the last byte
+            are zero
+
+With ``g == 0`` the section is ``n`` raw float32. The decoder rejects non-finite or non-positive
+scales, bad widths, non-zero padding bits, and parameters whose decoded range would overflow
+float32, so decoded values are always finite.
+
+Implementation: per-slice min/max and the element-wise passes run numpy on cache-sized blocks over a
+small thread pool; torch (when installed) computes min/max of short slices (< 256 values, e.g.
+lora_B rows), where numpy pays a per-row overhead, and ``ENGINE = "torch"`` (or
+``FEDLORA_CODEC_ENGINE=torch``) moves the element-wise passes to torch's OpenMP kernels. All paths
+compute the same IEEE operations, so the payload bytes do not depend on which ran. Rounding uses the
+float32 "magic number" trick: adding ``1.5*2^23 + (z - qmin)`` rounds to an integer (ties to even)
+and leaves ``u`` in the low mantissa byte; since both float32 steps are monotonic in ``x``, only
+slices whose own min or max lands outside the range need the clamp, so quantization is 2 passes
+(mul, add) plus a byte extraction; decoding is 3 (widen, subtract, multiply).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+
+import numpy as np
+
+from .base import (FLT_MAX, CodecError, Reader, SpecError, ValueCoder, _torch, as_bytes,
+                   check_finite, register, run_parallel)
+
+__all__ = ["Affine", "affine_params", "pack_bits", "unpack_bits"]
+
+_MAG = 12582912.0  # 1.5 * 2**23: float32 x + _MAG rounds x to an integer in the low mantissa bits
+_TINY = float(np.finfo(np.float32).tiny)
+_OVERFLOW_LIMIT = FLT_MAX * (1.0 - 2.0 ** -20)
+_CHUNK = 1 << 20       # elements per element-wise block (torch path)
+_NP_CHUNK = 1 << 16    # elements per block (numpy path, stays in L2)
+_TORCH_MIN = 1 << 15
+# element-wise engine for big tensors: "numpy" (default) = numpy ufuncs on cache-sized blocks over
+# a small thread pool; "torch" = torch's OpenMP kernels on 1M-element blocks. Identical IEEE
+# operations, identical bytes. torch is faster on an idle machine but its OpenMP barriers stall
+# badly when other processes compete for the cores (a federated simulation), numpy degrades
+# gracefully. FEDLORA_CODEC_ENGINE=torch selects torch.
+ENGINE = os.environ.get("FEDLORA_CODEC_ENGINE", "numpy")
+
+
+def affine_params(mn: np.ndarray, mx: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice ``(scale float32, zero-point int64)`` from slice minima/maxima (finite)."""
+    with np.errstate(over="ignore", under="ignore"):  # an overflowing scale is rejected later
+        return _affine_params(np.asarray(mn, dtype=np.float64), np.asarray(mx, dtype=np.float64),
+                              bits)
+
+
+def _affine_params(mn: np.ndarray, mx: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    qmin = -(1 << (bits - 1))
+    levels = (1 << bits) - 1
+    s64 = (mx - mn) / levels
+    s = s64.astype(np.float32)
+    low = s.astype(np.float64) < s64
+    if low.any():
+        s[low] = np.nextafter(s[low], np.float32(np.inf))
+    amax = np.maximum(np.abs(mn), np.abs(mx))
+    s = np.maximum(s, (amax * 2.0 ** -30).astype(np.float32))
+    s = np.maximum(s, np.float32(_TINY))
+    const = mn == mx
+    if const.any():
+        c = mn[const]
+        # K = 2^(b-1) keeps the grid within |c| (no overflow near FLT_MAX) and z in int8, while c/K
+        # stays an exact float32; K = 1 when c/K would be subnormal
+        kk = float(1 << (bits - 1))
+        kk = np.where(np.abs(c) / kk >= _TINY, kk, 1.0)
+        s[const] = np.where(c != 0, np.abs(c) / kk, 1.0).astype(np.float32)
+    z = np.rint(qmin - mn / s.astype(np.float64))
+    if const.any():
+        qmax = qmin + levels
+        z[const] = np.where(c > 0, qmax - kk, np.where(c < 0, qmin + kk, qmin))
+    return s, z.astype(np.int64)
+
+
+def _overflow_bound(s: np.ndarray, z: np.ndarray, bits: int) -> float:
+    qmin = -(1 << (bits - 1))
+    qmax = (1 << (bits - 1)) - 1
+    far = np.maximum(np.abs(qmin - z), np.abs(qmax - z)).astype(np.float64)
+    return float((far * s.astype(np.float64)).max(initial=0.0))
+
+
+# ------------------------------------------------------------------------------------------
+# bit packing: value i occupies bits [i*b, (i+1)*b) of the little-endian bit stream
+
+
+def packed_len(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``uint8`` values ``< 2**bits`` into ``ceil(n*bits/8)`` bytes (LSB-first)."""
+    u = np.ascontiguousarray(u, dtype=np.uint8).reshape(-1)
+    n = u.size
+    nb = packed_len(n, bits)
+    if bits == 8:
+        return u
+    if bits == 1:
+        return np.packbits(u, bitorder="little")
+    per = {4: 2, 2: 4}.get(bits, 8)
+    if n % per:
+        u = np.concatenate([u, np.zeros(per - n % per, np.uint8)])
+    if bits == 4:
+        v = u.view("<u2")
+        w = v | (v >> 4)
+        return w.astype(np.uint8)[:nb]
+    if bits == 2:
+        v = u.view("<u4")
+        w = v | (v >> 6)
+        w |= v >> 12
+        w |= v >> 18
+        return w.astype(np.uint8)[:nb]
+    v = u.view("<u8")
+    w = v & np.uint64(0xFF)
+    for j in range(1, 8):
+        w |= ((v >> np.uint64(8 * j)) & np.uint64(0xFF)) << np.uint64(bits * j)
+    return w.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)[:nb]
+
+
+def unpack_bits(p: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits` (``p`` holds exactly ``ceil(n*bits/8)`` bytes)."""
+    p = np.asarray(p, dtype=np.uint8).reshape(-1)
+    if bits == 8:
+        return p[:n]
+    if bits == 1:
+        return np.unpackbits(p, count=n, bitorder="little")
+    if bits == 4:
+        v = p.astype("<u2")
+        w = (v & 0x0F) | ((v & 0xF0) << 4)
+        return w.view(np.uint8)[:n]
+    if bits == 2:
+        v = p.astype("<u4")
+        w = (v & 0x03) | ((v & 0x0C) << 6)
+        w |= (v & 0x30) << 12
+        w |= (v & 0xC0) << 18
+        return w.view(np.uint8)[:n]
+    rows = -(-p.size // bits)
+    buf = np.zeros((rows, 8), np.uint8)
+    flat = np.zeros(rows * bits, np.uint8)
+    flat[: p.size] = p
+    buf[:, :bits] = flat.reshape(rows, bits)
+    v = buf.view("<u8").reshape(-1)
+    out = np.empty((rows, 8), np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for j in range(8):
+        out[:, j] = (v >> np.uint64(bits * j)) & mask
+    return out.reshape(-1)[:n]
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+
+
+def _blocks(g: int, m: int, chunk: int):
+    """Yield (r0, r1, c0, c1) blocks of a (g, m) array, about ``chunk`` elements each."""
+    if m >= chunk:
+        for r in range(g):
+            for c0 in range(0, m, chunk):
+                yield r, r + 1, c0, min(m, c0 + chunk)
+    else:
+        rows = max(1, chunk // max(m, 1))
+        for r0 in range(0, g, rows):
+            yield r0, min(g, r0 + rows), 0, m
+
+
+def _row_minmax(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row min and max (NaN propagates)."""
+    g, m = x2.shape
+    if m < 256 and g > 1 and _torch is not None and x2.size >= _TORCH_MIN:
+        # torch's reductions vectorize across short rows (lora_B slices of r values) where numpy
+        # pays a per-row overhead
+        t = _torch.from_numpy(x2)
+        return _torch.amin(t, dim=1).numpy(), _torch.amax(t, dim=1).numpy()
+    if g == 1:
+        parts = run_parallel(lambda a, b: (x2[0, a:b].min(), x2[0, a:b].max()), m,
+                             min_per_part=1 << 19)
+        mins = np.array([p[0] for p in parts], np.float32)
+        maxs = np.array([p[1] for p in parts], np.float32)
+        return mins.min(keepdims=True), maxs.max(keepdims=True)  # NaN propagates
+    parts = run_parallel(lambda a, b: (x2[a:b].min(axis=1), x2[a:b].max(axis=1)), g,
+                         min_per_part=max(1, (1 << 19) // m))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _for_blocks(g: int, m: int, chunk: int, fn) -> None:
+    """Run ``fn(r0, r1, c0, c1, tmp)`` over cache-sized blocks of a (g, m) array, split across the
+    worker pool; ``tmp`` is a per-worker float32 scratch buffer of ``chunk`` elements."""
+    blocks = list(_blocks(g, m, chunk))
+
+    def part(lo, hi):
+        tmp = np.empty(min(chunk, g * m), np.float32)
+        for i in range(lo, hi):
+            fn(*blocks[i], tmp)
+
+    run_parallel(part, len(blocks), min_per_part=2)
+
+
+def _quantize(x2: np.ndarray, inv: np.ndarray, zu: np.ndarray, bits: int,
+              mn: np.ndarray, mx: np.ndarray) -> np.ndarray:
+    """u = clamp(rint(fl(x*inv) + zu), 0, 2^b-1) as uint8 (flat; length padded to a multiple of 8).
+
+    The add of ``1.5*2^23 + zu`` rounds to an integer (ties to even) exactly when |zu| < 2^22;
+    clamping to [MAG, MAG + L] then leaves u in the low byte of the float32 bit pattern. Both
+    float32 steps are monotonic in x, so a slice needs the clamp only if its own min or max lands
+    outside the range (a rounding tie at a range end): the clamp pass runs on those slices only."""
+    g, m = x2.shape
+    n = g * m
+    levels = (1 << bits) - 1
+    u = np.zeros(n + (-n) % 8, np.uint8)
+    u2 = u[:n].reshape(g, m)
+    big = np.abs(zu) >= (1 << 22)
+    madd = (np.where(big, 0, zu) + _MAG).astype(np.float32)
+    lo, hi = np.float32(_MAG), np.float32(_MAG + levels)
+    t_lo = np.multiply(np.asarray(mn, np.float32), inv) + madd
+    t_hi = np.multiply(np.asarray(mx, np.float32), inv) + madd
+    clamp = (t_lo < lo) | (t_hi > hi)
+    if _torch is not None and n >= _TORCH_MIN and ENGINE == "torch":
+        tx = _torch.from_numpy(x2)
+        ti = _torch.from_numpy(inv).reshape(g, 1)
+        tm = _torch.from_numpy(madd).reshape(g, 1)
+        tu = _torch.from_numpy(u2)
+        tmp = _torch.from_numpy(np.empty(min(n, _CHUNK), np.float32))
+        for r0, r1, c0, c1 in _blocks(g, m, _CHUNK):
+            t = tmp[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            _torch.mul(tx[r0:r1, c0:c1], ti[r0:r1], out=t)
+            t.add_(tm[r0:r1])
+            t.clamp_(float(lo), float(hi))
+            tu[r0:r1, c0:c1].copy_(t.view(_torch.int32))
+    else:
+        def kernel(r0, r1, c0, c1, tmp):
+            t = tmp[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+            np.multiply(x2[r0:r1, c0:c1], inv[r0:r1, None], out=t)
+            np.add(t, madd[r0:r1, None], out=t)
+            rows = np.flatnonzero(clamp[r0:r1])
+            if rows.size:
+                t[rows] = np.clip(t[rows], lo, hi)
+            np.copyto(u2[r0:r1, c0:c1], t.view(np.uint32), casting="unsafe")
+
+        _for_blocks(g, m, _NP_CHUNK, kernel)
+    if big.any():  # rare: slices far from zero relative to their spread; exact float64 path
+        for r in np.flatnonzero(big):
+            p = (x2[r] * inv[r]).astype(np.float64)
+            u2[r] = np.clip(np.rint(p + float(zu[r])), 0, levels).astype(np.uint8)
+    return u
+
+
+def _dequantize(u: np.ndarray, s: np.ndarray, zu: np.ndarray, shape, g: int) -> np.ndarray:
+    """x' = fl(fl(u - zu) * s) per group (= s * (q - z)); ``u`` flat uint8 of n values.
+
+    One multiply by ``s`` last: the result is bounded by the overflow check on (s, z), so no
+    intermediate can overflow even for values near the float32 limit."""
+    n = math.prod(shape)
+    m = n // g
+    out = np.empty(shape, np.float32)
+    o2 = out.reshape(g, m)
+    u2 = u[:n].reshape(g, m)
+    if _torch is not None and n >= _TORCH_MIN and ENGINE == "torch":
+        to = _torch.from_numpy(o2)
+        with warnings.catch_warnings():  # u may be a read-only view of the payload; never written
+            warnings.simplefilter("ignore")
+            tu = _torch.from_numpy(u2)
+        ts = _torch.from_numpy(s).reshape(g, 1)
+        tz = _torch.from_numpy(zu).reshape(g, 1)
+        for r0, r1, c0, c1 in _blocks(g, m, _CHUNK):
+            o = to[r0:r1, c0:c1]
+            o.copy_(tu[r0:r1, c0:c1])
+            o.sub_(tz[r0:r1])
+            o.mul_(ts[r0:r1])
+    else:
+        def kernel(r0, r1, c0, c1, tmp):
+            o = o2[r0:r1, c0:c1]
+            np.copyto(o, u2[r0:r1, c0:c1])
+            np.subtract(o, zu[r0:r1, None], out=o)
+            np.multiply(o, s[r0:r1, None], out=o)
+
+        _for_blocks(g, m, _NP_CHUNK, kernel)
+    return out
+
+
+def _zero_width(z: np.ndarray) -> int:
+    lo, hi = (int(z.min()), int(z.max())) if z.size else (0, 0)
+    for w in (1, 2, 4):
+        if -(1 << (8 * w - 1)) <= lo and hi < (1 << (8 * w - 1)):
+            return w
+    raise CodecError("affine zero-point out of int32 range")  # pragma: no cover - bounded by design
+
+
+def quantize_groups(x2: np.ndarray, bits: int):
+    """Quantize a (g, m) float32 array: returns ``(scales f32[g], zeros i64[g], u uint8 flat)``."""
+    mn, mx = _row_minmax(x2)
+    if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
+        raise CodecError("input contains NaN or Inf")
+    s, z = affine_params(mn, mx, bits)
+    if _overflow_bound(s, z, bits) > _OVERFLOW_LIMIT:
+        raise CodecError("values too close to the float32 limit for affine quantization")
+    qmin = -(1 << (bits - 1))
+    const = mn == mx
+    s_kernel = np.where(const, np.float32(1.0), s)
+    inv = (np.float32(1.0) / s_kernel).astype(np.float32)
+    zu = z - qmin
+    u = _quantize(x2, inv, np.where(const, 0, zu), bits, mn, mx)
+    if const.any():  # constant slices: q = z + K*sign(c) (see module docstring), set directly
+        m = x2.shape[1]
+        u2 = u[: x2.size].reshape(-1, m)
+        c = mn[const]
+        u2[const] = np.where(c > 0, (1 << bits) - 1, 0).astype(np.uint8)[:, None]
+    return s, z, u
+
+
+@register
+class Affine(ValueCoder):
+    """Per-slice affine quantization to ``bits`` bits (see the module docstring)."""
+
+    codec_id = "affine"
+
+    def __init__(self, bits: int = 8):
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+            raise SpecError(f"affine bit width must be an integer in 1..8, got {bits!r}")
+        self.bits = int(bits)
+
+    @classmethod
+    def from_args(cls, args):
+        if len(args) != 1 or not re.fullmatch(r"[0-9]+", args[0]):
+            raise SpecError("affine takes one integer bit width in 1..8, e.g. affine:4")
+        return cls(int(args[0]))
+
+    def spec_part(self):
+        return f"affine:{self.bits}"
+
+    def get_config(self):
+        return {"id": self.codec_id, "bits": self.bits}
+
+    @classmethod
+    def from_config(cls, cfg):
+        extra = set(cfg) - {"id", "bits"}
+        if extra:
+            raise SpecError(f"affine: unknown config keys {sorted(extra)}")
+        return cls(cfg.get("bits", 8))
+
+    # -- sizes ------------------------------------------------------------------------------
+    def values_size(self, x, groups):
+        n = x.size
+        if groups == 0:
+            return 4 * n
+        x2 = x.reshape(groups, -1)
+        mn, mx = _row_minmax(x2)
+        if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
+            raise CodecError("input contains NaN or Inf")
+        _, z = affine_params(mn, mx, self.bits)
+        return 1 + groups * (4 + _zero_width(z)) + packed_len(n, self.bits)
+
+    def max_values_size(self, n, groups):
+        if groups == 0:
+            return 4 * n
+        return 1 + 8 * groups + packed_len(n, self.bits)
+
+    # -- encode -----------------------------------------------------------------------------
+    def encode_values(self, x, groups, out):
+        if groups == 0:
+            check_finite(x, "input")
+            out.append(as_bytes(np.ascontiguousarray(x, dtype="<f4")))
+            return
+        x2 = x.reshape(groups, -1)
+        s, z, u = quantize_groups(x2, self.bits)
+        zw = _zero_width(z)
+        out.append(bytes([zw]))
+        out.append(as_bytes(s.astype("<f4")))
+        out.append(as_bytes(z.astype(f"<i{zw}")))
+        out.append(as_bytes(pack_bits(u, self.bits)[: packed_len(x.size, self.bits)]))
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode_values(self, r: Reader, shape, groups, name):
+        n = math.prod(shape)
+        b = self.bits
+        if groups == 0:
+            raw = r.array("<f4", n, f"raw float32 values of {name!r}")
+            if n and not (math.isfinite(float(raw.min())) and math.isfinite(float(raw.max()))):
+                raise CodecError(f"tensor {name!r}: NaN or Inf in raw float32 values")
+            out = np.empty(shape, np.float32)
+            out.reshape(-1)[...] = raw
+            return out
+        if groups <= 0 or n % groups:
+            raise CodecError(f"tensor {name!r}: {n} values do not split into {groups} slices")
+        zw = r.u8(f"zero-point width of {name!r}")
+        if zw not in (1, 2, 4):
+            raise CodecError(f"tensor {name!r}: zero-point width {zw} is not 1, 2 or 4")
+        need = groups * (4 + zw) + packed_len(n, b)
+        if need > r.remaining:
+            raise CodecError(f"truncated payload: affine section of {name!r} needs {need} bytes, "
+                             f"{r.remaining} left")
+        s = r.array("<f4", groups, f"scales of {name!r}").astype(np.float32)
+        z = r.array(f"<i{zw}", groups, f"zero-points of {name!r}").astype(np.int64)
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            raise CodecError(f"tensor {name!r}: non-finite or non-positive affine scale")
+        if _overflow_bound(s, z, b) > _OVERFLOW_LIMIT:
+            raise CodecError(f"tensor {name!r}: affine parameters overflow float32")
+        nb = packed_len(n, b)
+        p = r.array("u1", nb, f"packed values of {name!r}")
+        used = n * b - 8 * (nb - 1)
+        if nb and used < 8 and int(p[-1]) >> used:
+            raise CodecError(f"tensor {name!r}: non-zero padding bits in packed values")
+        u = unpack_bits(p, n, b)
+        qmin = -(1 << (b - 1))
+        return _dequantize(u, s, (z - qmin).astype(np.float32), shape, groups)

@@ -1,0 +1,442 @@
+"""``topk:d`` / ``topk:d:tensor`` — FLASC's magnitude top-k, plus the compact index codings.
+
+Selection: ``k = floor(d * N)`` entries of largest ``|x|`` **globally across all tensors of the
+message** (``N`` = total elements; FLASC) or, with ``:tensor``, ``k_t = floor(d * N_t)`` per tensor
+(``floor`` of the float64 product). Order: larger ``|x|`` first, ties broken by lower position
+(tensor order in the message, then flat row-major index), so exactly ``k`` are kept,
+deterministically.
+
+Per-tensor sparsifier section (then the value coder's section for the ``k_t`` kept values in
+increasing index order; with ``affine`` they form one group when the tensor has ndim >= 2)::
+
+    k_t     varint: kept count (global: the counts must add up to k; per tensor: must equal k_t)
+    mode    1 byte, only when 0 < k_t < N_t: 0 = bitmap, 1 = gap varints
+    bitmap  ceil(N_t/8) bytes; bit i (LSB-first) set iff flat index i is kept; popcount = k_t;
+            unused bits of the last byte are zero
+    gaps    varint byte length, then k_t LEB128 varints: idx_0, then idx_i - idx_{i-1} - 1
+            (strictly increasing by construction; the last index must be < N_t)
+
+The encoder writes whichever of bitmap and gaps is smaller (ties -> bitmap); never raw int64.
+Decoding zero-fills the dropped entries.
+
+Speed: exact selection among candidates. A strided sample of ~64k |x| brackets the k-th largest
+value between two thresholds; one chunked pass keeps the candidates above the low threshold; the
+k-th value is found by partitioning only the candidates between the two thresholds. Any miss of the
+bracket falls back to an exact pass, so the result never depends on the sample.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from .base import (CodecError, Reader, SpecError, Sparsifier, as_bytes, register, run_parallel,
+                   uvarint, uvarint_len)
+
+__all__ = ["TopK", "topk_mask", "topk_indices", "topk_select", "leb128_encode", "leb128_decode",
+           "leb128_size"]
+
+_EXACT_MAX = 1 << 15   # below this many elements: one stable argsort
+_SAMPLE = 1 << 16
+_CHUNK = 1 << 18
+_FMAX = np.float32(np.finfo(np.float32).max)
+
+
+# ------------------------------------------------------------------------------------------
+# vectorized LEB128
+
+
+def _varint_nbytes(g: np.ndarray) -> np.ndarray:
+    nb = np.ones(g.size, np.int64)
+    if g.size == 0:
+        return nb
+    top = int(g.max())
+    level = 7
+    while top >> level:
+        nb += g >= (1 << level)
+        level += 7
+    return nb
+
+
+def leb128_size(g: np.ndarray) -> int:
+    """Total bytes of the LEB128 varints of the non-negative int64 array ``g``."""
+    g = np.asarray(g, dtype=np.int64)
+    if g.size == 0 or int(g.max()) < 128:
+        return int(g.size)
+    big = g[g >= 128]
+    return int(g.size + (_varint_nbytes(big) - 1).sum())
+
+
+def leb128_encode(g: np.ndarray) -> np.ndarray:
+    """LEB128 varints of the non-negative int64 array ``g``, concatenated (uint8 array).
+
+    Fast when most values are < 128 (dense top-k gaps): one byte per value in one pass, then the
+    few multi-byte values get their continuation bytes inserted."""
+    g = np.asarray(g, dtype=np.int64)
+    out = g.astype(np.uint8)
+    if g.size == 0 or int(g.max()) < 128:
+        return out
+    big = np.flatnonzero(g >= 128)
+    gb = g[big]
+    out[big] = (gb & 0x7F) | 0x80
+    nb = _varint_nbytes(gb)
+    rep = nb - 1
+    first = np.cumsum(rep) - rep
+    j = np.arange(int(rep.sum()), dtype=np.int64) - np.repeat(first, rep) + 1  # byte no. >= 1
+    gv = np.repeat(gb, rep)
+    last = j == np.repeat(nb, rep) - 1
+    extra = ((gv >> (7 * j)) & 0x7F) | np.where(last, 0, 0x80)
+    return np.insert(out, np.repeat(big + 1, rep), extra.astype(np.uint8))
+
+
+def leb128_decode(buf: np.ndarray, count: int, limit: int, what: str) -> np.ndarray:
+    """Decode exactly ``count`` canonical varints filling ``buf``; each must be ``<= limit``."""
+    b = np.asarray(buf, dtype=np.uint8)
+    if count == 0:
+        if b.size:
+            raise CodecError(f"{what}: {b.size} bytes for zero varints")
+        return np.zeros(0, np.int64)
+    if b.size < count or b.size > 9 * count:
+        raise CodecError(f"{what}: {b.size} bytes cannot hold {count} varints")
+    if b[-1] >= 0x80:
+        raise CodecError(f"{what}: truncated varint")
+    cont = np.flatnonzero(b >= 0x80)
+    if b.size - cont.size != count:
+        raise CodecError(f"{what}: {b.size - cont.size} varints, expected {count}")
+    if cont.size == 0:
+        vals = b.astype(np.int64)
+    else:
+        # runs of continuation bytes; each run plus the byte after it is one multi-byte varint
+        brk = np.flatnonzero(np.diff(cont) != 1)
+        rs = np.concatenate([[0], brk + 1])
+        re_ = np.concatenate([brk, [cont.size - 1]])
+        start = cont[rs]
+        term = cont[re_] + 1
+        lens = term - start + 1
+        if int(lens.max()) > 9:
+            raise CodecError(f"{what}: varint longer than 9 bytes")
+        if (b[term] == 0).any():
+            raise CodecError(f"{what}: non-canonical varint (redundant zero byte)")
+        run = np.repeat(np.arange(rs.size), re_ - rs + 1)
+        contrib = (b[cont] & 0x7F).astype(np.int64) << (7 * (cont - start[run]))
+        acc = np.add.reduceat(contrib, rs)
+        acc |= b[term].astype(np.int64) << (7 * (lens - 1))
+        keep = np.ones(b.size, np.bool_)
+        keep[cont] = False
+        vals = b[keep].astype(np.int64)
+        vals[term - (re_ + 1)] = acc
+    if int(vals.max()) > limit:
+        raise CodecError(f"{what}: value {int(vals.max())} out of range (max {limit})")
+    return vals
+
+
+# ------------------------------------------------------------------------------------------
+# index coding (shared with ranks)
+
+
+def pack_bitmap(idx: np.ndarray, n: int) -> np.ndarray:
+    mask = np.zeros(n, np.bool_)
+    mask[idx] = True
+    return np.packbits(mask, bitorder="little")
+
+
+def unpack_bitmap(p: np.ndarray, n: int, what: str) -> np.ndarray:
+    """Bitmap bytes -> sorted kept indices; rejects set padding bits."""
+    used = n - 8 * (p.size - 1)
+    if p.size and used < 8 and int(p[-1]) >> used:
+        raise CodecError(f"{what}: padding bits set in bitmap")
+    return np.flatnonzero(np.unpackbits(p, count=n, bitorder="little"))
+
+
+def gaps_of(idx: np.ndarray) -> np.ndarray:
+    g = np.empty(idx.size, np.int64)
+    if idx.size:
+        g[0] = idx[0]
+        np.subtract(idx[1:], idx[:-1], out=g[1:])
+        g[1:] -= 1
+    return g
+
+
+def _index_choice(idx: np.ndarray, n: int) -> tuple[int, int, np.ndarray | None]:
+    """(mode, section bytes after the mode byte, encoded gap varints or None)."""
+    bitmap = (n + 7) // 8
+    if idx.size >= bitmap:  # >= one varint byte per index: the bitmap cannot lose
+        return 0, bitmap, None
+    enc = leb128_encode(gaps_of(idx))
+    varint = uvarint_len(enc.size) + enc.size
+    if varint < bitmap:
+        return 1, varint, enc
+    return 0, bitmap, None
+
+
+# ------------------------------------------------------------------------------------------
+# selection
+
+
+def _density_k(d: float, n: int) -> int:
+    return min(n, int(math.floor(d * n)))
+
+
+def _check_all_finite(flats) -> None:
+    for f in flats:
+        if f.size and not (math.isfinite(float(f.min())) and math.isfinite(float(f.max()))):
+            raise CodecError("input contains NaN or Inf")
+
+
+def _exact(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    a = np.abs(np.concatenate(flats)) if flats else np.zeros(0, np.float32)
+    keep = np.sort(np.argsort(-a, kind="stable")[:k])
+    out, off = [], 0
+    for f in flats:
+        lo, hi = np.searchsorted(keep, [off, off + f.size])
+        idx = keep[lo:hi] - off
+        out.append((idx, f[idx]))
+        off += f.size
+    return out
+
+
+def _candidates(f: np.ndarray, t_lo: np.float32):
+    """Per cache-sized chunk of flat ``f`` (in order): indices, signed values and magnitudes of the
+    entries with ``|x| >= t_lo`` (three lists of arrays); rejects NaN/Inf. Split over the pool."""
+    def part(lo, hi):
+        tmp = np.empty(min(_CHUNK, hi - lo), np.float32)
+        out = ([], [], [])
+        for c0 in range(lo, hi, _CHUNK):
+            c1 = min(hi, c0 + _CHUNK)
+            src = f[c0:c1]
+            a = tmp[: c1 - c0]
+            np.abs(src, out=a)
+            if not a.max() <= _FMAX:
+                raise CodecError("input contains NaN or Inf")
+            i = np.flatnonzero(a >= t_lo)
+            out[1].append(src[i])
+            out[2].append(a[i])
+            i += c0
+            out[0].append(i)
+        return out
+
+    if f.size == 0:
+        return [], [], []
+    nchunks = -(-f.size // _CHUNK)
+    res = run_parallel(lambda a, b: part(a * _CHUNK, min(f.size, b * _CHUNK)), nchunks,
+                       min_per_part=4)
+    return tuple([x for r in res for x in r[j]] for j in range(3))
+
+
+def _kth_largest(v: np.ndarray, k: int) -> np.float32:
+    return np.partition(v, v.size - k)[v.size - k]
+
+
+def topk_select(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per flat array: (sorted kept indices, their values), the ``k`` largest ``|x|`` over all
+    arrays jointly (ties -> lower position). CodecError on NaN/Inf."""
+    n = sum(f.size for f in flats)
+    if k <= 0 or k >= n or n <= _EXACT_MAX:
+        _check_all_finite(flats)
+        if k <= 0 or n == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in flats]
+        if k >= n:
+            return [(np.arange(f.size, dtype=np.int64), f) for f in flats]
+        return _exact(flats, k)
+    # bracket the k-th largest |x| between two thresholds from a strided sample
+    step = max(1, n // _SAMPLE)
+    samp = np.abs(np.concatenate([f[step // 2:: step] for f in flats]))
+    s = samp.size
+    p = k / n
+    sig = math.sqrt(s * p * (1 - p)) + 1.0
+    r_lo = int(p * s + 6 * sig + 8)  # rank from the top: more elements -> lower threshold
+    r_hi = int(p * s - 6 * sig - 8)
+    kth = sorted({min(s - 1, max(0, s - r)) for r in (r_lo, r_hi)})
+    part = np.partition(samp, kth)
+    t_lo = np.float32(part[s - r_lo]) if r_lo <= s else np.float32(0.0)
+    t_hi = np.float32(part[s - r_hi]) if r_hi >= 1 else np.float32(np.inf)
+    cand = [_candidates(f, t_lo) for f in flats]
+    if sum(a.size for c in cand for a in c[0]) < k:  # the sample missed: take every element
+        cand = [_candidates(f, np.float32(0.0)) for f in flats]
+    mags = [m for c in cand for m in c[2]]
+    v = None
+    if np.isfinite(t_hi):
+        above = sum(int(np.count_nonzero(m > t_hi)) for m in mags)
+        if above < k:
+            band = np.concatenate([m[np.flatnonzero(m <= t_hi)] for m in mags])
+            v = _kth_largest(band, k - above)
+    if v is None:
+        v = _kth_largest(np.concatenate(mags), k)
+    out = []
+    for idxs, vals, ms in cand:
+        keep = [np.flatnonzero(m >= v) for m in ms]
+        out.append([_cat([i[j] for i, j in zip(idxs, keep)], np.int64),
+                    _cat([x[j] for x, j in zip(vals, keep)], np.float32)])
+    excess = sum(o[0].size for o in out) - k
+    for o in reversed(out):  # ties at the k-th value: drop the highest positions
+        if excess <= 0:
+            break
+        eq = np.flatnonzero(np.abs(o[1]) == v)[-excess:]
+        o[0], o[1] = np.delete(o[0], eq), np.delete(o[1], eq)
+        excess -= eq.size
+    return [(o[0], o[1]) for o in out]
+
+
+def _cat(parts, dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def topk_indices(flats: list[np.ndarray], k: int) -> list[np.ndarray]:
+    """Sorted kept flat indices per array: the ``k`` largest ``|x|`` over all arrays jointly."""
+    return [idx for idx, _ in topk_select(flats, k)]
+
+
+def _select(items, density: float, per_tensor: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    flats = [x.reshape(-1) for _, x in items]
+    if per_tensor:
+        return [topk_select([f], _density_k(density, f.size))[0] for f in flats]
+    return topk_select(flats, _density_k(density, sum(f.size for f in flats)))
+
+
+def topk_mask(tensors, density: float, per_tensor: bool = False) -> dict[str, np.ndarray]:
+    """Boolean keep-masks (same shapes) of the top-``density`` entries by ``|value|``, global across
+    all tensors (FLASC's download mask by weight magnitude) or per tensor."""
+    from .base import _to_float32
+
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    items = [(name, _to_float32(name, t)) for name, t in tensors.items()]
+    out = {}
+    for (name, x), (idx, _) in zip(items, _select(items, float(density), per_tensor)):
+        m = np.zeros(x.shape, np.bool_)
+        m.reshape(-1)[idx] = True
+        out[name] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the codec
+
+
+@register
+class TopK(Sparsifier):
+    """Magnitude top-k (global across the message, or per tensor)."""
+
+    codec_id = "topk"
+
+    def __init__(self, density: float, per_tensor: bool = False):
+        d = float(density)
+        if not (math.isfinite(d) and 0.0 < d <= 1.0):
+            raise SpecError(f"topk density must be in (0, 1], got {density!r}")
+        self.density = d
+        self.per_tensor = bool(per_tensor)
+
+    @classmethod
+    def from_args(cls, args):
+        if not 1 <= len(args) <= 2:
+            raise SpecError("topk takes a density and optionally 'tensor', e.g. topk:0.05")
+        if not re.fullmatch(r"[0-9]*\.?[0-9]*(e[-+]?[0-9]+)?", args[0].lower()) or \
+                not re.search(r"[0-9]", args[0]):
+            raise SpecError(f"topk density {args[0]!r} is not a number")
+        per = False
+        if len(args) == 2:
+            if args[1].lower() != "tensor":
+                raise SpecError(f"unknown topk option {args[1]!r} (only 'tensor')")
+            per = True
+        return cls(float(args[0]), per)
+
+    def spec_part(self):
+        return f"topk:{self.density!r}" + (":tensor" if self.per_tensor else "")
+
+    def get_config(self):
+        return {"id": self.codec_id, "density": self.density, "per_tensor": self.per_tensor}
+
+    @classmethod
+    def from_config(cls, cfg):
+        extra = set(cfg) - {"id", "density", "per_tensor"}
+        if extra or "density" not in cfg:
+            raise SpecError(f"topk config needs 'density' (and optional 'per_tensor'), got "
+                            f"{sorted(cfg)}")
+        return cls(cfg["density"], cfg.get("per_tensor", False))
+
+    # -- encode -----------------------------------------------------------------------------
+    def _sections(self, items, vc, out, sizing: bool) -> int:
+        size = 0
+        for (name, x), (idx, vals) in zip(items, _select(items, self.density, self.per_tensor)):
+            n, k = x.size, idx.size
+            size += uvarint_len(k)
+            head = [uvarint(k)]
+            if 0 < k < n:
+                mode, nbytes, enc = _index_choice(idx, n)
+                size += 1 + nbytes
+                head.append(bytes([mode]))
+                if mode == 1:
+                    head += [uvarint(enc.size), as_bytes(enc)]
+                elif not sizing:
+                    head.append(as_bytes(pack_bitmap(idx, n)))
+            groups = 1 if (x.ndim >= 2 and k > 0) else 0
+            if sizing:
+                size += vc.values_size(vals, groups)
+            else:
+                out += head
+                vc.encode_values(vals, groups, out)
+        return size
+
+    def encode_all(self, items, vc, out):
+        self._sections(items, vc, out, sizing=False)
+
+    def size_all(self, items, vc):
+        return self._sections(items, vc, None, sizing=True)
+
+    def max_size(self, name, shape, vc):
+        n = math.prod(shape)
+        groups = 1 if len(shape) >= 2 else 0
+        return 10 + 1 + (n + 7) // 8 + vc.max_values_size(n, groups)
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode_all(self, r: Reader, table, vc):
+        total_k = _density_k(self.density, sum(math.prod(s) for _, s in table))
+        got = 0
+        out = {}
+        for name, shape in table:
+            n = math.prod(shape)
+            k = r.uvarint(f"kept count of {name!r}", n)
+            if self.per_tensor:
+                want = _density_k(self.density, n)
+                if k != want:
+                    raise CodecError(f"tensor {name!r}: {k} kept values, topk:{self.density!r} "
+                                     f"keeps {want} of {n}")
+            else:
+                got += k
+                if got > total_k:
+                    raise CodecError(f"tensor {name!r}: kept counts exceed k={total_k}")
+            idx = None
+            if 0 < k < n:
+                mode = r.u8(f"index mode of {name!r}")
+                if mode == 0:
+                    p = r.array("u1", (n + 7) // 8, f"bitmap of {name!r}")
+                    idx = unpack_bitmap(p, n, f"tensor {name!r}")
+                    if idx.size != k:
+                        raise CodecError(f"tensor {name!r}: bitmap has {idx.size} bits set, "
+                                         f"header says {k}")
+                elif mode == 1:
+                    nb = r.uvarint(f"index length of {name!r}", r.remaining)
+                    buf = r.array("u1", nb, f"indices of {name!r}")
+                    idx = leb128_decode(buf, k, n - 1, f"indices of {name!r}")
+                    idx += 1
+                    np.cumsum(idx, out=idx)
+                    idx -= 1
+                    if int(idx[-1]) >= n:
+                        raise CodecError(f"tensor {name!r}: index {int(idx[-1])} out of range "
+                                         f"for {n} elements")
+                else:
+                    raise CodecError(f"tensor {name!r}: unknown index mode {mode}")
+            groups = 1 if (len(shape) >= 2 and k > 0) else 0
+            vals = vc.decode_values(r, (k,), groups, name)
+            if k == n:
+                out[name] = vals.reshape(shape)
+            else:
+                dense = np.zeros(shape, np.float32)
+                if k:
+                    dense.reshape(-1)[idx] = vals
+                out[name] = dense
+        if not self.per_tensor and got != total_k:
+            raise CodecError(f"kept counts add up to {got}, topk:{self.density!r} keeps {total_k}")
+        return out

@@ -1,0 +1,238 @@
+"""Fuzz the decoders: any byte string must decode to finite float32 arrays or raise CodecError.
+
+Thousands of cases, seeded and derandomized: truncations at every offset and single-byte mutations
+of valid payloads of many specs, random bytes, header-field corruption, hand-made hostile bodies and
+absurd declared sizes. A CodecError raised by the decoder's last-resort wrapper ("unexpected decoder
+failure") counts as a failure too: every rejection must come from an explicit check.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedlora.compression import CodecError, decode_payload, parse_spec
+from fedlora.compression.base import MAGIC, _encode_header, uvarint
+
+MAX_ELEMENTS = 1 << 20
+SPECS = ["fp32", "fp16", "bf16", "affine:8", "affine:3", "affine:1", "topk:0.1", "topk:0.6",
+         "topk:0.2:tensor|affine:4", "ranks", "ranks|affine:2", "topk:0.1|affine:4|zstd", "zstd",
+         "ranks|bf16|zstd:1"]
+
+
+def tensors(seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((4, 6)).astype(np.float32)
+    a[1] = 0.0
+    b = rng.standard_normal((5, 4, 1, 1)).astype(np.float32)
+    b[:, 1] = 0.0
+    return {"l.lora_A": a, "l.lora_B": b, "bias": rng.standard_normal(3).astype(np.float32),
+            "w": (rng.standard_normal((3, 40)) * 10).astype(np.float32)}
+
+
+VALID = {s: parse_spec(s).encode(tensors()) for s in SPECS}
+
+
+def check(payload, **kw) -> str:
+    """Decode; return "ok" or "error". Anything but CodecError propagates and fails the test."""
+    try:
+        out = decode_payload(payload, max_elements=kw.get("max_elements", MAX_ELEMENTS),
+                             expected=kw.get("expected"))
+    except CodecError as err:
+        assert not str(err).startswith("unexpected decoder failure"), str(err)
+        return "error"
+    for v in out.values():
+        assert isinstance(v, np.ndarray) and v.dtype == np.float32
+        assert np.isfinite(v).all()
+    return "ok"
+
+
+def test_valid_payloads_decode():
+    for spec, p in VALID.items():
+        assert check(p) == "ok", spec
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_truncation_is_rejected(spec):
+    p = VALID[spec]
+    for cut in range(len(p)):
+        assert check(p[:cut]) == "error", (spec, cut)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_single_byte_mutations(spec):
+    p = VALID[spec]
+    outcomes = {"ok": 0, "error": 0}
+    for pos in range(len(p)):
+        for new in {p[pos] ^ 0x01, p[pos] ^ 0x80, 0x00, 0xFF, (p[pos] + 1) & 0xFF}:
+            if new == p[pos]:
+                continue
+            outcomes[check(p[:pos] + bytes([new]) + p[pos + 1:])] += 1
+    assert outcomes["error"] > 0
+
+
+def test_trailing_garbage_and_appended_bytes():
+    for spec, p in VALID.items():
+        for extra in (b"\x00", b"\xff" * 7, p):
+            assert check(p + extra) == "error", spec
+
+
+def test_random_bytes():
+    rng = np.random.default_rng(1234)
+    prefixes = [b"", MAGIC, MAGIC + b"\x01"] + [p[:n] for p in VALID.values() for n in (8, 20)]
+    count = 0
+    for i in range(3000):
+        pre = prefixes[i % len(prefixes)]
+        body = rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes()
+        check(pre + body)
+        count += 1
+    assert count == 3000
+
+
+@settings(max_examples=400, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=st.sampled_from(SPECS), edits=st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    cut=st.integers(0, 10_000))
+def test_multi_byte_corruption(spec, edits, cut):
+    p = bytearray(VALID[spec])
+    for pos, val in edits:
+        p[pos % len(p)] = val
+    check(bytes(p))
+    check(bytes(p[: cut % (len(p) + 1)]))
+
+
+# ------------------------------------------------------------------------------------------
+# hand-made headers and bodies
+
+
+def payload(spec, table, body=b""):
+    return _encode_header(spec, table) + body
+
+
+def f32(*v):
+    return np.array(v, "<f4").tobytes()
+
+
+@pytest.mark.parametrize("bad,why", [
+    (b"XYZ\x01", "magic"), (MAGIC + b"\x02", "version"), (MAGIC + b"\x00", "version"),
+    (MAGIC + b"\x01" + uvarint(3) + b"lz4" + uvarint(0), "unknown codec"),
+    (MAGIC + b"\x01" + uvarint(8) + b"affine:9" + uvarint(0), "1..8"),
+    (MAGIC + b"\x01" + uvarint(8) + b"fp32|zst" + uvarint(0), "unknown codec"),
+    (MAGIC + b"\x01" + uvarint(9) + b"topk:5e-2" + uvarint(0), "canonical"),
+    (MAGIC + b"\x01" + uvarint(4) + b"\xff\xfe32" + uvarint(0), "(?i)utf-8"),
+    (MAGIC + b"\x01" + uvarint(10 ** 6) + b"fp32", "spec length"),
+    (MAGIC + b"\x01" + uvarint(4) + b"fp32" + b"\xff" * 12, "varint"),
+    (MAGIC + b"\x01" + uvarint(4) + b"fp32" + b"\x80\x00", "canonical"),
+    (MAGIC + b"\x01" + uvarint(4) + b"fp32" + uvarint(2 ** 40), "tensor count"),
+])
+def test_header_corruption(bad, why):
+    with pytest.raises(CodecError, match=why):
+        decode_payload(bad)
+
+
+def test_absurd_declared_sizes_rejected_before_allocating():
+    huge = [("x", (2 ** 40,)), ("x", (2 ** 20, 2 ** 20)), ("x", (2 ** 62, 0)),
+            ("x", (1,) * 33)]
+    for spec in ["fp32", "topk:0.5", "affine:8", "ranks", "zstd"]:
+        for entry in huge:
+            t0 = time.perf_counter()
+            with pytest.raises(CodecError):
+                decode_payload(payload(spec, [entry], b"\x00" * 64))
+            assert time.perf_counter() - t0 < 0.5
+    # within max_elements but the body is missing: rejected without allocating the dense output
+    with pytest.raises(CodecError, match="truncated"):
+        decode_payload(payload("fp32", [("x", (2 ** 26,))]), max_elements=2 ** 27)
+    # many tensors each under the cap, together over it
+    table = [(f"t{i}", (2 ** 19,)) for i in range(8)]
+    with pytest.raises(CodecError, match="max_elements"):
+        decode_payload(payload("fp32", table), max_elements=2 ** 21)
+    # duplicate names
+    with pytest.raises(CodecError, match="duplicate"):
+        decode_payload(payload("fp32", [("a", (1,)), ("a", (1,))], f32(1, 2)))
+
+
+@pytest.mark.parametrize("spec,table,body,why", [
+    ("fp32", [("x", (2,))], f32(1, np.nan), "NaN or Inf"),
+    ("fp32", [("x", (2,))], f32(1, np.inf), "NaN or Inf"),
+    ("fp16", [("x", (2,))], np.array([1, np.inf], "<f2").tobytes(), "NaN or Inf"),
+    ("bf16", [("x", (1,))], b"\xc0\x7f", "NaN or Inf"),
+    ("affine:8", [("x", (1, 2))], b"\x01" + f32(np.nan) + b"\x00" + b"\x00\x01", "scale"),
+    ("affine:8", [("x", (1, 2))], b"\x01" + f32(0.0) + b"\x00" + b"\x00\x01", "scale"),
+    ("affine:8", [("x", (1, 2))], b"\x01" + f32(-1.0) + b"\x00" + b"\x00\x01", "scale"),
+    ("affine:8", [("x", (1, 2))], b"\x01" + f32(np.inf) + b"\x00" + b"\x00\x01", "scale"),
+    ("affine:8", [("x", (1, 2))], b"\x01" + f32(3e38) + b"\x80" + b"\x00\x01", "overflow"),
+    ("affine:8", [("x", (1, 2))], b"\x03" + f32(1.0) + b"\x00" * 3 + b"\x00\x01", "width"),
+    ("affine:2", [("x", (1, 3))], b"\x01" + f32(1.0) + b"\x00" + b"\xff", "padding"),
+    ("affine:4", [("x", (1, 2))], b"\x01" + f32(1.0) + b"\x00", "truncated"),
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x01\x05" + f32(1, 2),
+     "out of range"),
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(3) + b"\x00\x00\x00" + f32(1, 2),
+     "varints"),
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(3) + b"\x80\x80\x00" + f32(1, 2),
+     "varints"),
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x00\x80" + f32(1, 2),
+     "varint"),
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x00" + b"\x07" + f32(1, 2), "bitmap"),
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x00" + b"\x13" + f32(1, 2), "padding"),
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x02" + b"\x03" + f32(1, 2), "index mode"),
+    ("topk:0.5", [("x", (4,))], uvarint(3) + b"\x00" + b"\x07" + f32(1, 2, 3), "k="),
+    ("topk:0.5", [("x", (4,))], uvarint(1) + b"\x00" + b"\x01" + f32(1), "keeps"),
+    ("topk:0.5:tensor", [("x", (4,))], uvarint(1) + b"\x00" + b"\x01" + f32(1), "keeps"),
+    ("topk:0.5", [("x", (4,))], uvarint(9) + b"\x00", "kept count"),
+    ("ranks", [("a.lora_A", (3, 2))], b"\x0d" + f32(1, 2, 3, 4), "padding"),
+    ("ranks", [("a.lora_B", (2, 3))], b"\x03" + f32(1, 2, 3), "truncated"),
+    ("fp32", [("x", (1,))], f32(1) + b"\x00", "trailing"),
+])
+def test_hostile_bodies(spec, table, body, why):
+    with pytest.raises(CodecError, match=why):
+        decode_payload(payload(spec, table, body))
+
+
+def test_zstd_layer_attacks():
+    import zstandard
+
+    table = [("x", (4,))]
+    raw = f32(1, 2, 3, 4)
+    frame = zstandard.ZstdCompressor().compress(raw)
+    assert check(payload("zstd", table, uvarint(16) + frame)) == "ok"
+    cases = {
+        "exceeds": uvarint(10 ** 9) + frame,                       # declared size over the bound
+        "declares": uvarint(15) + frame,                           # frame content size mismatch
+        "trailing": uvarint(16) + frame + b"junk",
+        "frame header": uvarint(16) + b"\x00\x01",
+        "truncated": uvarint(16) + frame[:-3],
+    }
+    for why, body in cases.items():
+        with pytest.raises(CodecError, match=why):
+            decode_payload(payload("zstd", table, body))
+    # a small frame that inflates far beyond the declared shapes (zip bomb) is refused up front
+    bomb = zstandard.ZstdCompressor().compress(b"\x00" * (64 << 20))
+    t0 = time.perf_counter()
+    with pytest.raises(CodecError):
+        decode_payload(payload("zstd", table, uvarint(64 << 20) + bomb))
+    # a frame without a content size
+    cobj = zstandard.ZstdCompressor(write_content_size=False)
+    with pytest.raises(CodecError):
+        decode_payload(payload("zstd", table, uvarint(16) + cobj.compress(raw)))
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_expected_shapes_on_fuzzed_input():
+    want = {k: v.shape for k, v in tensors().items()}
+    p = VALID["affine:8"]
+    assert check(p, expected=want) == "ok"
+    for pos in range(len(p)):
+        check(p[:pos] + bytes([p[pos] ^ 0x04]) + p[pos + 1:], expected=want)
+
+
+@pytest.mark.parametrize("bad", [None, "FLC\x01", 7, [1, 2], b"", bytearray(b"FLC")])
+def test_non_bytes_and_empty_inputs(bad):
+    with pytest.raises(CodecError):
+        decode_payload(bad)
+    with pytest.raises(CodecError):
+        parse_spec("fp32").decode(bad)

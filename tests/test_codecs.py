@@ -1,0 +1,575 @@
+"""Property tests of the codec library (fedlora.compression)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedlora.compression import (
+    CodecError,
+    ErrorFeedback,
+    Pipeline,
+    SpecError,
+    decode_payload,
+    parse_spec,
+    topk_mask,
+)
+from fedlora.compression import base, casts, quantize, sparsify
+from fedlora.compression.base import uvarint, uvarint_len
+from fedlora.compression.quantize import pack_bits, unpack_bits
+from fedlora.compression.sparsify import leb128_decode, leb128_encode, leb128_size
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+TINY = float(np.finfo(np.float32).tiny)
+F32 = st.floats(min_value=-2.0 ** 100, max_value=2.0 ** 100, allow_nan=False, allow_infinity=False,
+                width=32, allow_subnormal=True)
+
+
+def arrays(shape, elements=F32):
+    return hnp.arrays(np.float32, shape, elements=elements)
+
+
+def shapes(min_dims=2, max_dims=4, max_side=9):
+    return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=max_side)
+
+
+def roundtrip(spec, tensors):
+    pipe = parse_spec(spec)
+    payload = pipe.encode(tensors)
+    out = decode_payload(payload, expected={k: np.shape(v) for k, v in tensors.items()})
+    assert list(out) == list(tensors)
+    for k, v in out.items():
+        assert v.dtype == np.float32 and v.shape == np.shape(tensors[k])
+        assert np.isfinite(v).all()
+    return payload, out
+
+
+def header_len(spec, table):
+    return base._header_size(parse_spec(spec).spec, table)
+
+
+# ------------------------------------------------------------------------------------------
+# affine
+
+
+def affine_tol(x2: np.ndarray, bits: int) -> np.ndarray:
+    """Per-slice bound: (max-min)/(qmax-qmin)/2 plus float32 rounding (a few ulps of max|x|)."""
+    x64 = x2.astype(np.float64)
+    mn, mx = x64.min(axis=1), x64.max(axis=1)
+    scale = (mx - mn) / ((1 << bits) - 1)
+    amax = np.maximum(np.abs(mn), np.abs(mx))
+    return 0.5 * np.maximum(scale, TINY) + 2e-6 * amax + TINY
+
+
+@SETTINGS
+@given(x=shapes().flatmap(arrays), bits=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]))
+@example(x=np.array([[-1.0, -0.5, 0.0, 0.5, 1.0]], np.float32), bits=1)
+@example(x=np.array([[0.0, 0.1, 0.2, 0.3, 1.0], [2.0, 2.5, 3.0, 3.5, 4.0]], np.float32), bits=2)
+@example(x=np.array([[1000.0, 1000.5, 1001.0]], np.float32), bits=8)
+@example(x=np.array([[1.0, np.nextafter(np.float32(1), np.float32(2))]], np.float32), bits=8)
+@example(x=np.array([[-3e38, 3e38 / 2]], np.float32), bits=4)
+def test_affine_error_within_half_scale(x, bits):
+    _, out = roundtrip(f"affine:{bits}", {"w": x})
+    x2 = x.reshape(x.shape[0], -1)
+    err = np.abs(out["w"].reshape(x2.shape).astype(np.float64) - x2)
+    assert (err.max(axis=1) <= affine_tol(x2, bits)).all()
+    # it really quantizes: at most 2^b distinct values per slice
+    for row in out["w"].reshape(x2.shape):
+        assert np.unique(row).size <= 2 ** bits
+
+
+@SETTINGS
+@given(g=st.integers(1, 5), m=st.integers(2, 30), bits=st.sampled_from([1, 2, 4, 8]),
+       seed=st.integers(0, 2 ** 31))
+def test_affine_grid_ties_and_range_ends(g, m, bits, seed):
+    """Values exactly on grid midpoints and at both ends of the range (rounding ties, clamping)."""
+    rng = np.random.default_rng(seed)
+    levels = (1 << bits) - 1
+    lo = rng.uniform(-2, 1, g)[:, None]
+    s = rng.uniform(0.01, 1, g)[:, None]
+    k = rng.integers(0, levels + 1, (g, m)) + rng.choice([0.0, 0.5, -0.5], (g, m))
+    k = np.clip(k, 0, levels)
+    k[:, 0], k[:, -1] = 0, levels
+    x = (lo + s * k).astype(np.float32)
+    _, out = roundtrip(f"affine:{bits}", {"w": x})
+    err = np.abs(out["w"].astype(np.float64) - x).max(axis=1)
+    assert (err <= affine_tol(x, bits)).all()
+
+
+@SETTINGS
+@given(consts=st.lists(st.one_of(st.just(0.0), st.just(-0.0), F32), min_size=1, max_size=6),
+       m=st.integers(1, 20), bits=st.integers(1, 8), mixed=st.booleans())
+@example(consts=[0.0], m=16, bits=4, mixed=False)
+@example(consts=[1e-45, -1e-45, 3e38, -3e38], m=3, bits=8, mixed=True)
+def test_affine_constant_slices_exact(consts, m, bits, mixed):
+    x = np.repeat(np.array(consts, np.float32)[:, None], m, axis=1)
+    if mixed:  # non-constant neighbours must not disturb the constant slices
+        x = np.concatenate([x, np.linspace(-1, 1, m, dtype=np.float32)[None]], axis=0)
+    with np.errstate(invalid="raise", divide="raise", over="raise"):
+        _, out = roundtrip(f"affine:{bits}", {"lora_B": x})
+    np.testing.assert_array_equal(out["lora_B"][: len(consts)], x[: len(consts)])
+
+
+def test_affine_layout_per_slice_and_1d_raw():
+    """conv lora_A [r,Cin,k,k] -> r scale/zero pairs; 1-D tensors stay raw fp32; sizes exact."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(7).astype(np.float32)
+    t = {"conv.lora_A": a, "norm.bias": bias}
+    payload, out = roundtrip("affine:4", t)
+    n = a.size
+    body = (1 + 4 * (4 + 1) + math.ceil(n * 4 / 8)) + 4 * bias.size
+    table = [("conv.lora_A", a.shape), ("norm.bias", (7,))]
+    assert len(payload) == header_len("affine:4", table) + body
+    assert out["norm.bias"].tobytes() == bias.tobytes()
+
+
+@SETTINGS
+@given(x=shapes(2, 2, 40).flatmap(arrays), bits=st.integers(1, 8), offset=st.sampled_from(
+    [0.0, 1.0, 1e3, 1e7]), engine=st.sampled_from(["numpy", "torch"]))
+def test_quantizer_matches_reference_formula(x, bits, offset, engine):
+    """The fast kernels (magic-number rounding, clamp skipped on slices that cannot need it) give
+    exactly u = clamp(rint(fl32(x * fl32(1/s)) + z - qmin), 0, 2^b - 1) on non-constant slices."""
+    x = (x + np.float32(offset)).astype(np.float32)
+    old = quantize.ENGINE
+    quantize.ENGINE = engine
+    try:
+        s, z, u = quantize.quantize_groups(x, bits)
+    finally:
+        quantize.ENGINE = old
+    qmin = -(1 << (bits - 1))
+    inv = (np.float32(1) / s).astype(np.float32)
+    p = (x * inv[:, None]).astype(np.float64)
+    ref = np.clip(np.rint(p + (z - qmin)[:, None]), 0, 2 ** bits - 1)
+    const = x.min(axis=1) == x.max(axis=1)
+    got = u[: x.size].reshape(x.shape)
+    np.testing.assert_array_equal(got[~const], ref[~const])
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1001])
+def test_bit_packing_density(bits, n):
+    """b-bit values of one slice use ceil(n*b/8) body bytes after 1 + 4 + zw parameter bytes."""
+    x = np.linspace(-1, 1, n, dtype=np.float32).reshape(1, n)  # n == 1: a constant slice
+    spec = f"affine:{bits}"
+    payload = parse_spec(spec).encode({"w": x})
+    hdr = header_len(spec, [("w", (1, n))])
+    zw = payload[hdr]
+    assert zw == 1
+    assert len(payload) - hdr == 1 + 4 + zw + math.ceil(n * bits / 8)
+
+
+@SETTINGS
+@given(bits=st.integers(1, 8), data=st.data())
+def test_pack_unpack_roundtrip(bits, data):
+    u = data.draw(hnp.arrays(np.uint8, st.integers(0, 100), elements=st.integers(0, 2 ** bits - 1)))
+    p = pack_bits(u, bits)
+    assert p.size == math.ceil(u.size * bits / 8)
+    np.testing.assert_array_equal(unpack_bits(p, u.size, bits), u)
+
+
+def test_affine_zero_point_is_integer_and_compact():
+    x = np.array([[-1.0, 0.3, 2.0], [5.0, 6.0, 7.0]], np.float32)
+    s, z = quantize.affine_params(x.min(axis=1), x.max(axis=1), 8)
+    assert z.dtype == np.int64 and np.all(z == np.round(z))
+    np.testing.assert_allclose(s, (x.max(axis=1) - x.min(axis=1)) / 255, rtol=1e-6)
+    payload = parse_spec("affine:8").encode({"w": x[:1]})
+    assert payload[header_len("affine:8", [("w", (1, 3))])] == 1  # int8 zero-point
+
+
+# ------------------------------------------------------------------------------------------
+# top-k
+
+
+def reference_topk(flats, k):
+    """k largest |x| over the concatenation; ties -> lower global position."""
+    a = np.abs(np.concatenate(flats).astype(np.float64))
+    order = np.lexsort((np.arange(a.size), -a))[:k]
+    keep = np.zeros(a.size, bool)
+    keep[order] = True
+    out, off = [], 0
+    for f in flats:
+        out.append(keep[off:off + f.size])
+        off += f.size
+    return out
+
+
+tied = st.sampled_from([0.0, 1.0, -1.0, 2.0, -2.0, 0.5, 3.0])
+
+
+@SETTINGS
+@given(data=st.data(), d=st.floats(0.01, 1.0), per_tensor=st.booleans(),
+       ties=st.booleans())
+def test_topk_keeps_exactly_k_largest(data, d, per_tensor, ties):
+    elems = tied if ties else F32
+    n_t = data.draw(st.integers(1, 4))
+    tensors = {f"t{i}": data.draw(arrays(shapes(1, 3, 8), elems)) for i in range(n_t)}
+    spec = f"topk:{d!r}" + (":tensor" if per_tensor else "")
+    payload, out = roundtrip(spec, tensors)
+    flats = [v.reshape(-1) for v in tensors.values()]
+    if per_tensor:
+        masks = [reference_topk([f], int(math.floor(d * f.size)))[0] for f in flats]
+    else:
+        masks = reference_topk(flats, int(math.floor(d * sum(f.size for f in flats))))
+    got = topk_mask(tensors, d, per_tensor=per_tensor)
+    for (name, x), m in zip(tensors.items(), masks):
+        assert got[name].reshape(-1).tolist() == m.tolist()
+        dec = out[name].reshape(-1)
+        np.testing.assert_array_equal(dec[m], x.reshape(-1)[m])  # fp32 values are exact
+        assert not dec[~m].any()
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("d", [0.001, 0.05, 0.3])
+@pytest.mark.parametrize("kind", ["normal", "ties", "constant", "skewed"])
+def test_topk_large_threshold_path_is_exact(per_tensor, d, kind):
+    """Tensors above the exact-argsort size use sample thresholds; they must agree exactly."""
+    rng = np.random.default_rng(7)
+    sizes = [(300, 200), (50000,), (20, 1000)]
+    if kind == "normal":
+        xs = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+    elif kind == "ties":
+        xs = [rng.integers(-3, 4, s).astype(np.float32) for s in sizes]
+    elif kind == "constant":
+        xs = [np.full(s, 0.25, np.float32) for s in sizes]
+    else:  # a periodic pattern aligned with the sample stride, so the sample is misleading
+        xs = [np.zeros(s, np.float32) for s in sizes]
+        for x in xs:
+            x.reshape(-1)[::3] = 5.0
+    tensors = {f"t{i}": x for i, x in enumerate(xs)}
+    flats = [x.reshape(-1) for x in xs]
+    if per_tensor:
+        masks = [reference_topk([f], int(math.floor(d * f.size)))[0] for f in flats]
+    else:
+        masks = reference_topk(flats, int(math.floor(d * sum(f.size for f in flats))))
+    got = topk_mask(tensors, d, per_tensor=per_tensor)
+    for name, m in zip(tensors, masks):
+        np.testing.assert_array_equal(got[name].reshape(-1), m)
+
+
+def test_topk_index_coding_picks_smaller():
+    n = 4000
+    x = np.arange(1, n + 1, dtype=np.float32).reshape(40, 100)
+    for d, want_mode in [(0.5, 0), (0.01, 1), (0.2, 0), (0.05, 1)]:
+        spec = f"topk:{d}"
+        payload = parse_spec(spec).encode({"w": x})
+        hdr = header_len(spec, [("w", x.shape)])
+        k = int(math.floor(d * n))
+        assert payload[hdr:hdr + uvarint_len(k)] == uvarint(k)
+        mode = payload[hdr + uvarint_len(k)]
+        idx = np.sort(np.argsort(-x.reshape(-1), kind="stable")[:k])
+        gaps = np.diff(idx, prepend=-1) - 1
+        bitmap = math.ceil(n / 8)
+        varint = uvarint_len(leb128_size(gaps)) + leb128_size(gaps)
+        assert mode == (1 if varint < bitmap else 0) == want_mode
+        index_bytes = len(payload) - hdr - uvarint_len(k) - 1 - 4 * k
+        assert index_bytes == min(bitmap, varint)
+        assert index_bytes < 8 * k  # never raw int64
+
+
+@SETTINGS
+@given(hnp.arrays(np.int64, st.integers(0, 50), elements=st.integers(0, 2 ** 40)))
+def test_leb128_roundtrip(g):
+    enc = leb128_encode(g)
+    assert enc.size == leb128_size(g) == sum(uvarint_len(int(v)) for v in g)
+    assert enc.tobytes() == b"".join(uvarint(int(v)) for v in g)
+    np.testing.assert_array_equal(leb128_decode(enc, g.size, 2 ** 40, "t"), g)
+
+
+# ------------------------------------------------------------------------------------------
+# ranks, casts, lossless
+
+
+def lora_pair(rng, r=8, d_in=12, d_out=10, zero_ranks=(1, 4, 5)):
+    a = rng.standard_normal((r, d_in)).astype(np.float32)
+    b = rng.standard_normal((d_out, r, 1, 1)).astype(np.float32)
+    a[list(zero_ranks)] = 0.0
+    b[:, list(zero_ranks)] = 0.0
+    return a, b
+
+
+def test_ranks_lossless_and_compact():
+    rng = np.random.default_rng(3)
+    a, b = lora_pair(rng)
+    a[2, 3] = -0.0  # -0.0 and subnormals must survive bit-exactly
+    a[0, 0] = 1e-45
+    norm = rng.standard_normal(10).astype(np.float32)
+    t = {"m.lora_A.weight": a, "m.lora_B.weight": b, "m.norm.weight": norm}
+    payload, out = roundtrip("ranks", t)
+    for k in t:
+        assert out[k].tobytes() == t[k].tobytes()
+    kept = 8 - 3
+    body = 1 + 4 * kept * 12 + 1 + 4 * 10 * kept + 4 * 10
+    assert len(payload) == header_len("ranks", [(k, v.shape) for k, v in t.items()]) + body
+    # a slice holding a -0.0 is not "all zero": kept, so still bit-identical
+    a2 = a.copy()
+    a2[1, 0] = -0.0
+    _, out2 = roundtrip("ranks", {"x.lora_A": a2})
+    assert out2["x.lora_A"].tobytes() == a2.tobytes()
+
+
+def test_ranks_with_value_coders():
+    rng = np.random.default_rng(4)
+    a, b = lora_pair(rng, r=6, zero_ranks=(0, 5))
+    t = {"l.lora_A": a, "l.lora_B": b}
+    _, out = roundtrip("ranks|affine:8", t)
+    assert not out["l.lora_A"][[0, 5]].any() and not out["l.lora_B"][:, [0, 5]].any()
+    np.testing.assert_allclose(out["l.lora_A"], a, atol=0.02)
+    _, out = roundtrip("ranks|fp16", t)
+    np.testing.assert_allclose(out["l.lora_B"], b, rtol=1e-3, atol=1e-4)
+
+
+@SETTINGS
+@given(x=shapes(1, 3).flatmap(arrays), spec=st.sampled_from(["fp32", "zstd", "zstd:1",
+                                                                  "zstd:19", "fp32|zstd|zstd"]))
+def test_lossless_bit_identical(x, spec):
+    _, out = roundtrip(spec, {"x": x, "y": -x})
+    assert out["x"].tobytes() == x.tobytes() and out["y"].tobytes() == (-x).tobytes()
+
+
+def bf16_reference(x):
+    """Round-to-nearest-even of the float32 bit pattern to its top 16 bits, done in Python ints."""
+    out = []
+    for u in x.reshape(-1).view(np.uint32).tolist():
+        hi, lo = u >> 16, u & 0xFFFF
+        if lo > 0x8000 or (lo == 0x8000 and hi & 1):
+            hi += 1
+        if (hi & 0x7F80) == 0x7F80:
+            hi = (hi & 0x8000) | 0x7F7F
+        out.append(hi)
+    return np.array(out, np.uint32)
+
+
+@SETTINGS
+@given(x=arrays(st.integers(0, 300), st.floats(allow_nan=False, allow_infinity=False, width=32)))
+@example(x=np.array([1.00390625, 1.01171875, 3.3961776e38, -3.4e38], np.float32))
+def test_bf16_round_to_nearest_even_two_bytes(x):
+    payload, out = roundtrip("bf16", {"x": x})
+    assert len(payload) == header_len("bf16", [("x", x.shape)]) + 2 * x.size
+    np.testing.assert_array_equal(out["x"].view(np.uint32), bf16_reference(x) << 16)
+
+
+def test_fp16_saturates_and_bf16_large_uses_same_rounding():
+    x = np.array([1e6, -1e6, 65519.0, 1.0 / 3.0], np.float32)
+    _, out = roundtrip("fp16", {"x": x})
+    np.testing.assert_array_equal(out["x"][:3], [65504, -65504, 65504])
+    big = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 1e3
+    _, out = roundtrip("bf16", {"x": big})  # torch kernel path when torch is installed
+    want = casts.bf16_bits(big).astype(np.uint32) << 16
+    np.testing.assert_array_equal(out["x"].view(np.uint32), want)
+
+
+# ------------------------------------------------------------------------------------------
+# composition, sizes, specs, API
+
+
+COMPOSED = ["fp32", "fp16", "bf16", "affine:8", "affine:4", "affine:2", "affine:1", "topk:0.1",
+            "topk:0.1|affine:4|zstd", "ranks|fp16", "topk:0.05:tensor|bf16", "ranks|affine:2",
+            "topk:0.5|fp16|zstd:9", "ranks|zstd", "topk:1.0", "topk:0.3:tensor|affine:3"]
+
+
+def model_tensors(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    a, b = lora_pair(rng, r=8, d_in=27, d_out=16)
+    return {
+        "conv1.lora_A.weight": a.reshape(8, 3, 3, 3) * scale,
+        "conv1.lora_B.weight": b * scale,
+        "fc.weight": rng.standard_normal((10, 16)).astype(np.float32) * scale,
+        "fc.bias": rng.standard_normal(10).astype(np.float32) * scale,
+        "gn.weight": np.ones(16, np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
+@pytest.mark.parametrize("spec", COMPOSED)
+def test_composed_specs_roundtrip(spec):
+    t = model_tensors(0)
+    payload, out = roundtrip(spec, t)
+    pipe = parse_spec(spec)
+    assert pipe.spec == parse_spec(pipe.spec).spec
+    assert decode_payload(payload).keys() == t.keys()
+    assert pipe.decode(payload)["fc.weight"].tobytes() == out["fc.weight"].tobytes()
+    scale = max(float(np.abs(v).max()) for v in t.values() if v.size)
+    for k, x in t.items():
+        err = np.abs(out[k] - x)
+        if spec.startswith("topk"):
+            kept = out[k] != 0
+            err = err[kept]  # dropped entries are zero-filled
+        if err.size:
+            bound = {"fp32": 0, "fp16": 2e-3, "bf16": 1e-2}.get(spec.split("|")[-1], 1.0)
+            assert float(err.max()) <= bound * scale + 1e-6, (spec, k)
+    if pipe.lossless:
+        with pytest.raises(NotImplementedError):
+            pipe.predicted_size(t)
+    else:
+        assert len(payload) == pipe.predicted_size(t)
+
+
+@SETTINGS
+@given(spec=st.sampled_from([s for s in COMPOSED if "zstd" not in s] + ["topk:0.01", "ranks|bf16"]),
+       seed=st.integers(0, 1000), scale=st.sampled_from([1.0, 1e-20, 1e20, 0.0]))
+def test_predicted_size_is_exact(spec, seed, scale):
+    t = model_tensors(seed, scale)
+    pipe = parse_spec(spec)
+    assert len(pipe.encode(t)) == pipe.predicted_size(t)
+
+
+def test_torch_tensors_and_dtypes_accepted():
+    torch = pytest.importorskip("torch")
+    t = {"a": torch.randn(4, 5, dtype=torch.bfloat16), "b": torch.randn(3, dtype=torch.float64),
+         "c": torch.ones(2, 2, dtype=torch.float16, requires_grad=True)}
+    out = decode_payload(parse_spec("fp32").encode(t))
+    np.testing.assert_array_equal(out["a"], t["a"].float().numpy())
+    assert out["b"].dtype == np.float32
+    with pytest.raises(CodecError, match="not a float dtype"):
+        parse_spec("fp32").encode({"i": np.arange(3)})
+
+
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "bf16", "affine:4", "topk:0.5", "ranks"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_input_rejected(spec, bad):
+    x = np.ones((4, 5), np.float32)
+    x[2, 3] = bad
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        parse_spec(spec).encode({"w.lora_A": x})
+
+
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "bf16", "affine:4", "topk:0.1",
+                                  "topk:1.0|affine:4", "ranks|affine:8", "topk:0.01:tensor"])
+@pytest.mark.parametrize("shape", [(1, 1_200_000), (600, 1000), (40_000, 16)])
+def test_nonfinite_input_rejected_on_large_tensors(spec, shape):
+    """The chunked / multi-threaded / torch paths must see a NaN wherever it hides."""
+    x = np.zeros(shape, np.float32)
+    for flat_pos in (0, x.size // 2 + 1, x.size - 1):
+        y = x.copy()
+        y.reshape(-1)[flat_pos] = np.nan
+        with pytest.raises(CodecError, match="NaN or Inf"):
+            parse_spec(spec).encode({"a.lora_A": y})
+
+
+@pytest.mark.parametrize("spec,canonical", [
+    ("fp32", "fp32"), (" topk:5e-2 | affine:4 | zstd ", "topk:0.05|affine:4|zstd"),
+    ("fp32|zstd", "zstd"), ("topk:0.1|fp32", "topk:0.1"), ("zstd:3", "zstd"),
+    ("ZSTD:9", "zstd:9"), ("topk:1", "topk:1.0"), ("topk:.25:TENSOR|bf16", "topk:0.25:tensor|bf16"),
+    ("ranks", "ranks"), ("affine:08", "affine:8"), ("fp16|zstd|zstd:1", "fp16|zstd|zstd:1"),
+])
+def test_spec_canonical(spec, canonical):
+    pipe = parse_spec(spec)
+    assert pipe.spec == canonical
+    assert parse_spec(pipe.spec).spec == pipe.spec
+    assert Pipeline.from_config(pipe.get_config()) == pipe
+    assert Pipeline.from_config({"spec": spec}).spec == canonical
+
+
+@pytest.mark.parametrize("spec,part", [
+    ("", "empty"), ("topk:0", "topk:0"), ("topk:1.5", "topk:1.5"), ("topk:nan", "topk:nan"),
+    ("topk", "topk"), ("topk:0.1:layer", "layer"), ("affine:9", "affine:9"),
+    ("affine:0", "affine:0"),
+    ("affine", "affine"), ("affine:2.5", "affine:2.5"), ("lz4", "lz4"), ("fp32||zstd", "empty"),
+    ("affine:4|topk:0.1", "topk"), ("fp16|bf16", "bf16"), ("zstd|fp16", "fp16"),
+    ("topk:0.1|ranks", "ranks"), ("zstd:99", "zstd:99"), ("fp16:2", "fp16:2"),
+    ("ranks:1", "ranks:1"),
+])
+def test_spec_errors_name_the_bad_part(spec, part):
+    with pytest.raises(SpecError) as ei:
+        parse_spec(spec)
+    assert part in str(ei.value)
+    assert isinstance(ei.value, ValueError)
+
+
+def test_expected_and_limits():
+    t = {"a": np.ones((3, 4), np.float32), "b": np.zeros(5, np.float32)}
+    payload = parse_spec("affine:4").encode(t)
+    assert decode_payload(payload, expected={"b": (5,), "a": [3, 4]}).keys() == t.keys()
+    for expected, name in [({"a": (3, 4)}, "'b'"), ({"a": (3, 4), "b": (5,), "c": (1,)}, "'c'"),
+                           ({"a": (4, 3), "b": (5,)}, "'a'")]:
+        with pytest.raises(CodecError, match=name):
+            decode_payload(payload, expected=expected)
+    with pytest.raises(CodecError, match="max_elements"):
+        decode_payload(payload, max_elements=16)
+    assert decode_payload(payload, max_elements=17)
+    with pytest.raises(CodecError, match="encoded with"):
+        parse_spec("affine:8").decode(payload)
+    with pytest.raises(CodecError):
+        decode_payload(payload + b"\x00")
+
+
+def test_config_roundtrip_of_every_stage():
+    pipe = parse_spec("topk:0.05:tensor|affine:3|zstd:7")
+    cfg = pipe.get_config()
+    assert cfg["stages"][0] == {"id": "topk", "density": 0.05, "per_tensor": True}
+    assert Pipeline.from_config(cfg).spec == pipe.spec
+    with pytest.raises(SpecError):
+        Pipeline.from_config({"stages": [{"id": "affine", "bits": 12}]})
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_numpy_and_torch_paths_give_identical_payloads(monkeypatch, engine):
+    """Payload bytes and decoded values do not depend on torch being installed or on the engine."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(quantize, "ENGINE", engine)
+    rng = np.random.default_rng(11)
+    t = {"big.lora_A": rng.standard_normal((64, 1200)).astype(np.float32),
+         "big.lora_B": (rng.standard_normal((1200, 64)) * 1e-3 + 5).astype(np.float32),
+         "far": (rng.standard_normal((3, 50000)) * 1e-6 + 100).astype(np.float32),
+         "long": rng.standard_normal((2, 1 << 21)).astype(np.float32)}
+    t["far"][1] = 7.0  # a constant slice among big ones
+    specs = ["affine:8", "affine:3", "bf16", "fp16", "topk:0.1|affine:2"]
+    with_torch = {s: parse_spec(s).encode(t) for s in specs}
+    decoded = {s: decode_payload(p) for s, p in with_torch.items()}
+    for mod in (base, casts, quantize):
+        monkeypatch.setattr(mod, "_torch", None)
+    for s in specs:
+        assert parse_spec(s).encode(t) == with_torch[s], s
+        out = decode_payload(with_torch[s])
+        for k in t:
+            np.testing.assert_array_equal(out[k], decoded[s][k])
+
+
+# ------------------------------------------------------------------------------------------
+# error feedback
+
+
+def test_error_feedback_tracks_the_sum_of_updates():
+    rng = np.random.default_rng(5)
+    pipe = parse_spec("topk:0.05")
+    bias = rng.standard_normal((20, 30)).astype(np.float32) * 0.1  # a persistent direction
+    ef = ErrorFeedback()
+    true_sum = np.zeros((20, 30))
+    sent_ef = np.zeros((20, 30))
+    sent_plain = np.zeros((20, 30))
+    drift_plain, drift_ef = [], []
+    for rnd in range(60):
+        u = {"w": bias + rng.standard_normal((20, 30)).astype(np.float32) * 0.05}
+        true_sum += u["w"]
+        sent_plain += pipe.decode(pipe.encode(u))["w"]
+        comp = ef.compensate(u)
+        dec = pipe.decode(pipe.encode(comp))
+        ef.update(comp, dec)
+        sent_ef += dec["w"]
+        # the identity: what was sent + what is still owed == everything
+        np.testing.assert_allclose(sent_ef + ef.state_dict()["w"], true_sum, atol=1e-3)
+        ef = ErrorFeedback.from_state_dict(ef.state_dict())  # persisted between rounds
+        drift_plain.append(np.linalg.norm(true_sum - sent_plain))
+        drift_ef.append(np.linalg.norm(true_sum - sent_ef))
+    assert drift_plain[-1] > 2.5 * drift_plain[19]  # grows ~linearly without EF
+    assert max(drift_ef[20:]) < 1.5 * max(drift_ef[:20])  # bounded with EF
+    assert drift_ef[-1] < drift_plain[-1] / 5
+
+
+def test_error_feedback_state_and_shapes():
+    ef = ErrorFeedback.from_state_dict({})
+    x = {"a": np.ones((2, 2), np.float32)}
+    c = ef.compensate(x)
+    ef.update(c, {"a": np.zeros((2, 2), np.float32)})
+    assert ef.state_dict()["a"].sum() == 4
+    np.testing.assert_array_equal(ef.compensate(x)["a"], 2 * np.ones((2, 2)))
+    np.testing.assert_array_equal(ef.compensate({"a": np.ones(3, np.float32)})["a"], np.ones(3))
+    ef.update({"a": np.ones(3, np.float32)}, {})  # not sent at all: everything is owed
+    np.testing.assert_array_equal(ef.state_dict()["a"], np.ones(3))
