@@ -1,0 +1,386 @@
+"""The Docker deployment (docker/), end to end on this machine.
+
+A private ``dockerd`` is started here (its own data/exec root and socket, no bridge, no
+iptables) and stopped by its PID afterwards. ``docker/build-offline.sh`` builds the app image
+from a debootstrapped Debian base with wheels fetched on the host (``docker build --network
+none``); ``docker/compose_run.py`` starts ``docker/compose.yml`` (SuperLink, 2 SuperNodes, their
+SuperExecs, all ``--network host``) with the app image standing in for the official
+SuperLink/SuperNode images, and the host's ``flwr run . docker --stream`` runs the app. Records
+come back through the mounted run directory. The TLS override is run the same way.
+
+Skips, saying why, where dockerd cannot run (not root, no docker.io, dockerd fails to start).
+Expensive artifacts are cached in ``~/.cache/fedlora-docker`` (``FEDLORA_DOCKER_CACHE``): the
+Debian base tarball, the wheels, and the daemon's data root (image layers), so a second run
+only rebuilds the fedlora layers.
+
+The tests without the ``slow`` mark only read the compose files (no daemon).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedlora.launch import (PROJECT, Processes, flower_env, flwr_run, free_port,
+                            pids_with_env, wait_http, write_connection)
+from fedlora.results import read_rounds
+
+DOCKER_DIR = PROJECT / "docker"
+sys.path.insert(0, str(DOCKER_DIR))
+import compose_run  # noqa: E402
+
+CACHE = Path(os.environ.get("FEDLORA_DOCKER_CACHE",
+                            Path.home() / ".cache" / "fedlora-docker")).expanduser()
+IMAGE = "fedlora-app:latest"
+BASE = {
+    "num-server-rounds": 2, "feature-maps": 16, "lora-rank": 8, "local-epochs": 1,
+    "max-examples-per-client": 64, "batch-size": 32, "fraction-train": 1.0,
+    "dataset": "npz", "partitioner": "iid",
+}
+COMPOSE = DOCKER_DIR / "compose.yml"
+TLS = DOCKER_DIR / "compose.tls.yml"
+GPU = DOCKER_DIR / "compose.gpu.yml"
+
+
+# ------------------------------------------------------------------ compose files (no daemon)
+
+
+def _env(**kw: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("FEDLORA_", "FLWR_"))},
+            **kw}
+
+
+def test_compose_services_host_network_and_node_configs():
+    model = compose_run.load([COMPOSE], _env(FEDLORA_SUPERLINK_PORT="1234",
+                                             FEDLORA_IMAGE="x:1", FLWR_SUPERNODE_IMAGE="y:2"))
+    s = model["services"]
+    assert set(s) == {"superlink", "superexec-serverapp", "supernode-0", "supernode-1",
+                      "superexec-clientapp-0", "superexec-clientapp-1"}
+    assert all(v["network_mode"] == "host" for v in s.values())
+    assert s["superlink"]["image"] == "flwr/superlink:1.41.0"
+    assert s["supernode-0"]["image"] == "y:2" and s["superexec-clientapp-1"]["image"] == "x:1"
+    assert "--isolation" in s["superlink"]["command"] and "process" in s["superlink"]["command"]
+    for i in (0, 1):
+        cmd = s[f"supernode-{i}"]["command"]
+        assert cmd[cmd.index("--isolation") + 1] == "process"
+        assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:1234"
+        assert cmd[cmd.index("--node-config") + 1] == \
+            f'partition-id={i} num-partitions=2 data-dir="/data"'
+        port = cmd[cmd.index("--port") + 1]
+        se = s[f"superexec-clientapp-{i}"]["command"]
+        assert se == ["--insecure", "--runtime-api-address", f"127.0.0.1:{port}"]
+    assert s["supernode-0"]["command"] != s["supernode-1"]["command"]
+    assert s["superexec-serverapp"]["command"][-1] == "127.0.0.1:1234"
+    args = compose_run.run_args("p", "superexec-serverapp", s["superexec-serverapp"],
+                                model["project_dir"])
+    assert args[args.index("--network") + 1] == "host"
+    assert f"{(PROJECT / 'runs').resolve()}:/runs" in args        # relative to docker/
+
+
+def test_compose_tls_and_gpu_overrides():
+    model = compose_run.load([COMPOSE, TLS, GPU], _env(FEDLORA_CERTS_DIR="/c"))
+    s = model["services"]
+    assert "--insecure" not in s["superlink"]["command"]
+    assert "--ssl-certfile" in s["superlink"]["command"]
+    for name in ("superlink", "superexec-serverapp", "supernode-0", "supernode-1"):
+        assert "/c:/certs:ro" in s[name]["volumes"], name
+    for name in ("superexec-serverapp", "supernode-0", "supernode-1"):
+        assert "--root-certificates" in s[name]["command"], name
+    # the ServerApp's SuperExec keeps its data and run volumes under the override
+    assert any(v.endswith(":/runs") for v in s["superexec-serverapp"]["volumes"])
+    args = compose_run.run_args("p", "superexec-clientapp-0", s["superexec-clientapp-0"],
+                                model["project_dir"])
+    assert args[args.index("--gpus") + 1] == "1" and "fedlora-app:gpu" in args
+    # a service on a Docker network is refused, not run
+    with pytest.raises(compose_run.ComposeError, match="network_mode: host"):
+        compose_run.load([_write_tmp("services:\n  a:\n    image: x\n")], _env())
+
+
+def _write_tmp(text: str) -> Path:
+    f = Path(tempfile.mkdtemp(prefix="fedlora-compose-")) / "compose.yml"
+    f.write_text(text)
+    return f
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="docker-compose not installed")
+def test_compose_run_reads_files_like_docker_compose():
+    """Cross-check of compose_run's merge/interpolation against Compose itself."""
+    import yaml
+
+    env = _env(FEDLORA_SUPERLINK_PORT="4321", FEDLORA_DATA_DIR="/d", FEDLORA_CERTS_DIR="/c")
+    files = [COMPOSE, TLS]
+    args = ["docker-compose"] + [a for f in files for a in ("-f", str(f))] + ["config"]
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    theirs = yaml.safe_load(res.stdout)["services"]
+    ours = compose_run.load(files, env)["services"]
+    assert set(theirs) == set(ours)
+    for name, svc in ours.items():
+        t = theirs[name]
+        assert [str(x) for x in t["command"]] == svc["command"], name
+        assert t["image"] == svc["image"] and t["network_mode"] == "host", name
+        assert sorted(t.get("volumes", [])) == sorted(
+            compose_run._volume_arg(v, COMPOSE.parent) + ("" if v.count(":") > 1 else ":rw")
+            for v in svc.get("volumes", [])), name
+
+
+# --------------------------------------------------------------------------- docker engine
+
+
+class Engine:
+    """A private dockerd, started and stopped (by PID) here."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        # a short exec root: unix socket paths are limited to 108 bytes
+        self.exec_root = Path(tempfile.mkdtemp(prefix="fdk-", dir="/tmp"))
+        self.sock = self.exec_root / "docker.sock"
+        self.procs = Processes(work / "logs")
+        self.proc: subprocess.Popen | None = None
+        self._lock = None
+        # the data root (image layers) is cached, unless another run holds it
+        CACHE.mkdir(parents=True, exist_ok=True)
+        self.data_root = CACHE / "docker-data"
+        lock = open(CACHE / "docker-data.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock = lock
+        except OSError:
+            lock.close()
+            self.data_root = work / "docker-data"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "DOCKER_HOST": f"unix://{self.sock}", "DOCKER_BUILDKIT": "0"}
+
+    def start(self) -> str | None:
+        """Start dockerd; returns why it could not run (None when it runs)."""
+        if os.geteuid() != 0:
+            return "dockerd needs root (this test starts its own daemon)"
+        tools = subprocess.run(["bash", str(DOCKER_DIR / "build-offline.sh"), "--tools-only"],
+                               capture_output=True, text=True, timeout=900)
+        if not shutil.which("dockerd") or not shutil.which("docker"):
+            return ("dockerd/docker not installed and `apt-get install docker.io` failed: "
+                    + (tools.stderr or tools.stdout)[-500:])
+        cfg = self.exec_root / "daemon.json"
+        cfg.write_text("{}")   # not /etc/docker/daemon.json: nothing of the host's setup
+        cmd = ["dockerd", "--config-file", str(cfg), "--data-root", str(self.data_root),
+               "--exec-root", str(self.exec_root), "-H", f"unix://{self.sock}",
+               "--pidfile", str(self.exec_root / "docker.pid"),
+               "--bridge=none", "--iptables=false", "--ip-masq=false"]
+        self.proc = self.procs.start("dockerd", cmd, os.environ)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return (f"dockerd exited with {self.proc.returncode}: "
+                        + self.procs.log("dockerd")[-1500:])
+            if self.sock.exists() and self.docker(["version"], check=False).returncode == 0:
+                # a container left by an interrupted run in the cached data root
+                ids = self.docker(["ps", "-aq"]).stdout.split()
+                if ids:
+                    self.docker(["rm", "-f", *ids], check=False)
+                return None
+            time.sleep(0.5)
+        return "dockerd did not answer within 90 s: " + self.procs.log("dockerd")[-1500:]
+
+    def docker(self, args: list[str], check: bool = True, timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+        res = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+                             timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)}: {res.stderr[-2000:]}")
+        return res
+
+    def leftovers(self) -> set[int]:
+        """Processes of this engine: dockerd, its containerd and shims (their command lines
+        name the exec root)."""
+        return pids_with_env(str(self.exec_root))
+
+    def mounts(self) -> list[str]:
+        """Mount points under the exec root or the data root (ours alone)."""
+        roots = (str(self.exec_root) + "/", str(self.data_root) + "/")
+        with open("/proc/self/mounts") as f:
+            points = [line.split()[1].replace("\\040", " ") for line in f]
+        return [p for p in points if p.startswith(roots)]
+
+    def stop(self) -> None:
+        """Remove every container of this (private) daemon, stop dockerd by its PID (SIGTERM,
+        then whatever is left of its process group and descendants), release the cache."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                ids = self.docker(["ps", "-aq"], timeout=60).stdout.split()
+                if ids:
+                    self.docker(["rm", "-f", *ids], check=False, timeout=120)
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(60)
+        self.procs.__exit__(None, None, None)
+        for pid in self.leftovers():      # only ever ours: they name our exec root
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        # dockerd leaves its default network namespace bind-mounted at <exec-root>/netns/default
+        for mnt in sorted(self.mounts(), reverse=True):
+            subprocess.run(["umount", mnt], capture_output=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    eng = Engine(tmp_path_factory.mktemp("docker-engine"))
+    try:
+        why = eng.start()
+        if why:
+            pytest.skip(f"cannot run dockerd here: {why}")
+        yield eng
+    finally:
+        eng.stop()
+        left, mounts = eng.leftovers(), eng.mounts()
+        if not mounts:
+            shutil.rmtree(eng.exec_root, ignore_errors=True)
+        assert not left, f"processes of the docker engine survived: {left}"
+        assert not mounts, f"mounts of the docker engine left: {mounts}"
+
+
+@pytest.fixture(scope="module")
+def app_image(engine):
+    """The app image, built by docker/build-offline.sh (cached pieces reused)."""
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", str(DOCKER_DIR / "build-offline.sh"), "--install-tools"],
+                         env={**engine.env, "FEDLORA_IMAGE": IMAGE,
+                              "FEDLORA_DOCKER_CACHE": str(CACHE)},
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    size = int(engine.docker(["image", "inspect", "-f", "{{.Size}}", IMAGE]).stdout)
+    print(f"\n[test_docker] image {IMAGE}: {size / 1e9:.2f} GB, "
+          f"build {time.monotonic() - t0:.0f} s", flush=True)
+    return IMAGE
+
+
+@contextlib.contextmanager
+def deployment(engine: Engine, work: Path, files: list[Path], extra_env: dict[str, str]):
+    """compose_run up (app image standing in for SuperLink/SuperNode), yields (env, logs);
+    always down; then no container and no process of it may be left."""
+    project = "fl" + uuid.uuid4().hex[:8]
+    tag = f"fedlora-docker-{project}"
+    runs = work / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    runs.chmod(0o777)   # the containers run as uid 49999
+    env = {**engine.env, "FEDLORA_IMAGE": IMAGE, "FLWR_SUPERLINK_IMAGE": IMAGE,
+           "FLWR_SUPERNODE_IMAGE": IMAGE, "FEDLORA_SUPERLINK_PORT": str(free_port()),
+           "FEDLORA_SUPERNODE_0_PORT": str(free_port()),
+           "FEDLORA_SUPERNODE_1_PORT": str(free_port()),
+           "FEDLORA_DATA_DIR": str(PROJECT / "tests" / "data" / "fashion-mnist-sample"),
+           "FEDLORA_RUNS_DIR": str(runs), "FEDLORA_RUN_TAG": tag,
+           "COMPOSE_PROJECT_NAME": project, **extra_env}
+    driver = [sys.executable, str(DOCKER_DIR / "compose_run.py")] + \
+        [a for f in files for a in ("-f", str(f))]
+
+    def logs() -> str:
+        r = subprocess.run(driver + ["logs"], env=env, capture_output=True, text=True,
+                           timeout=120)
+        return r.stdout[-6000:] + r.stderr[-2000:]
+
+    try:
+        up = subprocess.run(driver + ["up"], env=env, capture_output=True, text=True,
+                            timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield env, logs
+    finally:
+        subprocess.run(driver + ["down"], env=env, capture_output=True, text=True, timeout=300)
+    left = engine.docker(["ps", "-aq", "--filter",
+                          f"label=com.docker.compose.project={project}"]).stdout.split()
+    assert not left, f"containers left: {left}"
+    deadline = time.monotonic() + 30
+    while pids_with_env(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not pids_with_env(tag), "a process of the deployment's containers is still alive"
+
+
+def _wait_nodes(cli_home: Path, connection: str, n: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        res = subprocess.run(["flwr", "supernode", "list", connection, "--format", "json"],
+                             env=flower_env(cli_home), cwd=PROJECT, capture_output=True,
+                             text=True, timeout=120)
+        last = res.stdout + res.stderr
+        with contextlib.suppress(ValueError, AttributeError):
+            nodes = json.loads(res.stdout).get("nodes", [])
+            if sum(str(x.get("status")).lower() == "online" for x in nodes) >= n:
+                return
+        time.sleep(2)
+    raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout:.0f}s: {last[-800:]}")
+
+
+def _run_and_check(engine, work: Path, files: list[Path], rounds: int, tls: bool) -> None:
+    certs = work / "certs"
+    extra = {}
+    if tls:
+        subprocess.run(["bash", str(PROJECT / "scripts" / "make-certs.sh"), str(certs),
+                        "localhost", "127.0.0.1"], check=True, capture_output=True)
+        extra["FEDLORA_CERTS_DIR"] = str(certs)
+    with deployment(engine, work, files, extra) as (env, logs):
+        port = env["FEDLORA_SUPERLINK_PORT"]
+        address = f"127.0.0.1:{port}"
+        cli_home = work / "cli"
+        if tls:
+            wait_http(f"https://{address}/health", timeout=180,
+                      verify=ssl.create_default_context(cafile=str(certs / "ca.crt")))
+            write_connection(cli_home, "docker", address, insecure=False,
+                             root_certificates=str(certs / "ca.crt"))
+        else:
+            wait_http(f"http://{address}/health", timeout=180)
+            write_connection(cli_home, "docker", address)
+        try:
+            _wait_nodes(cli_home, "docker", 2)
+        except TimeoutError as e:
+            pytest.fail(f"{e}\n{logs()}")
+        name = f"docker-{'tls' if tls else 'plain'}"
+        rc = {**BASE, "num-server-rounds": rounds, "data-dir": "/data", "run-dir": "/runs",
+              "run-name": name}
+        t0 = time.monotonic()
+        res = flwr_run(PROJECT, "docker", cli_home, rc, timeout=900)
+        print(f"\n[test_docker] {name}: {rounds} rounds in {time.monotonic() - t0:.0f} s",
+              flush=True)
+        assert res.returncode == 0, res.stdout[-4000:] + "\n" + logs()
+    run_dir = work / "runs" / name
+    recs = read_rounds(run_dir)
+    assert [r["round"] for r in recs] == list(range(rounds + 1)), recs
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in recs)
+    assert all(r["clients"] == 2 and r["failures"] == 0 for r in recs[1:]), recs
+    assert (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["run_dir"] == f"/runs/{name}"
+
+
+@pytest.mark.slow
+def test_compose_deployment_two_rounds(engine, app_image, tmp_path):
+    _run_and_check(engine, tmp_path, [COMPOSE], rounds=2, tls=False)
+
+
+@pytest.mark.slow
+def test_compose_deployment_tls(engine, app_image, tmp_path):
+    _run_and_check(engine, tmp_path, [COMPOSE, TLS], rounds=1, tls=True)
+
+
+@pytest.mark.slow
+def test_engine_stops_by_pid(engine):
+    """Last: the daemon goes away by its PID and leaves no process (the fixture re-checks)."""
+    engine.stop()
+    assert engine.proc.returncode is not None      # reaped: dockerd has exited
+    assert not engine.leftovers()
+    assert not engine.mounts()
