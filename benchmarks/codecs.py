@@ -1,6 +1,6 @@
 """Codec throughput vs a plain memory copy, on 10M float32 values.
 
-    python benchmarks/codecs.py [--layout matrix|lora] [--repeats 9]
+    python benchmarks/codecs.py [--layout matrix|lora] [--repeats 15]
 
 ``matrix`` (default): one ``[10000, 1000]`` tensor (10000 affine slices of 1000 values).
 ``lora``: 4 layers of LoRA factors ``lora_A [40, 31250]`` and ``lora_B [31250, 40]`` (8 x 1.25M =
@@ -66,7 +66,7 @@ def best(fn, repeats: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", choices=["lora", "matrix"], default="matrix")
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
     buf, tensors = make_tensors(args.layout)
     dst = np.empty_like(buf)

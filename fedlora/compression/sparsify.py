@@ -147,7 +147,8 @@ def unpack_bitmap(p: np.ndarray, n: int, what: str) -> np.ndarray:
     used = n - 8 * (p.size - 1)
     if p.size and used < 8 and int(p[-1]) >> used:
         raise CodecError(f"{what}: padding bits set in bitmap")
-    return np.flatnonzero(np.unpackbits(p, count=n, bitorder="little"))
+    bits = np.unpackbits(p, count=n, bitorder="little").view(np.bool_)  # 0/1: valid bools
+    return np.flatnonzero(bits)  # (numpy's nonzero is several times faster on bool than uint8)
 
 
 def gaps_of(idx: np.ndarray) -> np.ndarray:
