@@ -106,6 +106,17 @@ class FedLoraStrategy(FedAvg):
         for spec in split_list(cfg.tier_codec_up) + split_list(cfg.tier_codec_down):
             parse_spec(spec)
 
+    def ensure_no_sparsifier(self, up: bool = True, down: bool = False) -> None:
+        """For methods that add their own sparsifier (``topk``/``ranks``) to the user's specs:
+        those specs, per-tier ones included, must not sparsify."""
+        c = self.cfg
+        specs = ([c.codec_up, *split_list(c.tier_codec_up)] if up else []) + \
+                ([c.codec_down, *split_list(c.tier_codec_down)] if down else [])
+        for spec in specs:
+            if parse_spec(spec).sparsifier is not None:
+                raise ValueError(f"{self.name} adds its own sparsifier: codec spec {spec!r} "
+                                 "must not sparsify")
+
     # ---------------------------------------------------------------- tiers
     @property
     def uses_tiers(self) -> bool:

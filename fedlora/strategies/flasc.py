@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
-from ..compression import parse_spec, topk_mask
+from ..compression import topk_mask
 from ..config import tier_value
 from .base import ClientResult, ClientRound, FedLoraStrategy
 
@@ -54,9 +54,7 @@ class FLASC(FedLoraStrategy):
         for d in (cfg.density_down, cfg.density_up):
             if not 0.0 < d <= 1.0:
                 raise ValueError(f"densities must be in (0, 1], got {d}")
-        for spec in (cfg.codec_down, cfg.codec_up):
-            if parse_spec(spec).sparsifier is not None:
-                raise ValueError(f"flasc adds its own top-k: codec spec {spec!r} must not sparsify")
+        self.ensure_no_sparsifier(up=True, down=True)  # flasc adds its own top-k
         self._params: OrderedDict[str, torch.Tensor] | None = None
         self._opt: torch.optim.Optimizer | None = None
         self._fixed_mask: dict[str, np.ndarray] | None = None

@@ -15,7 +15,6 @@ from collections import OrderedDict
 import numpy as np
 
 from ..adapters import as_matrices, is_lora_key, lora_modules, truncate_ranks
-from ..compression import parse_spec
 from ..config import tier_value
 from . import flocora
 from .base import FedLoraStrategy
@@ -49,9 +48,7 @@ class FlexLoRA(FedLoraStrategy):
 
     def __init__(self, cfg, shapes) -> None:
         super().__init__(cfg, shapes)
-        if parse_spec(cfg.codec_up).sparsifier is not None:
-            raise ValueError(f"{self.name} uploads through 'ranks|<codec-up>'; "
-                             f"codec-up {cfg.codec_up!r} must not sparsify")
+        self.ensure_no_sparsifier(up=True)  # uploads go through 'ranks|<codec-up>'
         self.svd_failures = 0
 
     def client_rank(self, node_id) -> int:

@@ -29,7 +29,6 @@ import torch
 
 from ..adapters import (as_matrices, is_lora_key, load_state, lora_modules, rank_mask,
                         state_to_numpy, trainable_params, travelling_state)
-from ..compression import parse_spec
 from ..config import tier_value
 from .base import ClientResult, ClientRound, FedLoraStrategy
 
@@ -51,9 +50,7 @@ class LoRAA2(FedLoraStrategy):
 
     def __init__(self, cfg, shapes) -> None:
         super().__init__(cfg, shapes)
-        if parse_spec(cfg.codec_up).sparsifier is not None:
-            raise ValueError(f"lora-a2 uploads through 'ranks|<codec-up>': codec-up "
-                             f"{cfg.codec_up!r} must not sparsify")
+        self.ensure_no_sparsifier(up=True)  # uploads go through 'ranks|<codec-up>'
         if not lora_modules(list(shapes)):
             raise ValueError("lora-a2 needs LoRA A/B pairs in the adapter")
 

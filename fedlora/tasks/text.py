@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .loop import make_optimizer, train_epochs
 
 PACKAGED_MODEL = "minilm"
 MODEL_ALIASES = {
@@ -325,48 +326,21 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(enabled))
 
 
-def make_optimizer(params, st: TextTrainSettings, optimizer: str) -> torch.optim.Optimizer:
-    if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=st.lr, momentum=st.momentum,
-                               nesterov=st.nesterov and st.momentum > 0,
-                               weight_decay=st.weight_decay)
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-
-
 def train_loop(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor,
                st: TextTrainSettings, grad_hook=None, step_hook=None, param_groups=None,
                optimizer: str = "adamw") -> dict[str, float]:
-    """Local training: shuffled (seeded) minibatches, cross-entropy on the logits.
-    ``grad_hook()`` after backward, ``step_hook()`` after each optimizer step; dropout draws
-    are seeded too, so a call is reproducible."""
+    """Local training: cross-entropy on the logits of seeded minibatches (dropout seeded too);
+    hooks as in :func:`fedlora.tasks.loop.train_epochs`."""
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, st, optimizer)
-    gen = torch.Generator().manual_seed(int(st.seed))
-    total, steps, n = 0.0, 0, len(y)
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(st.seed))
-        for _ in range(st.epochs):
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, st.batch_size):
-                idx = perm[start: start + st.batch_size]
-                opt.zero_grad(set_to_none=True)
-                with _autocast(st.autocast):
-                    logits = model(**_batch(feats, idx)).logits
-                loss = F.cross_entropy(logits.float(), y[idx])
-                loss.backward()
-                if grad_hook is not None:
-                    grad_hook()
-                opt.step()
-                if step_hook is not None:
-                    step_hook()
-                total += float(loss.detach())
-                steps += 1
-    if steps and not math.isfinite(total):
-        raise FloatingPointError("local training diverged (non-finite loss)")
-    return {"train-loss": total / max(steps, 1), "train-steps": float(steps)}
+    opt = make_optimizer(params, optimizer, st.lr, st.weight_decay, st.momentum, st.nesterov)
+
+    def batch_loss(idx, _gen):
+        with _autocast(st.autocast):
+            logits = model(**_batch(feats, idx)).logits
+        return F.cross_entropy(logits.float(), y[idx])
+
+    return train_epochs(model, len(y), st.epochs, st.batch_size, st.seed, batch_loss, opt,
+                        grad_hook, step_hook)
 
 
 @torch.no_grad()

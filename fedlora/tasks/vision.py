@@ -7,13 +7,14 @@ run a training loop themselves.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .loop import make_optimizer, train_epochs
 
 # (blocks, stride, width multiplier) per stage, as in FLoCoRA's models/resnets.py
 ARCHS: dict[str, list[tuple[int, int, int]]] = {
@@ -173,41 +174,16 @@ def sgd_train(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: TrainSettings,
     grad_hook=None, step_hook=None, param_groups=None, optimizer: str = "sgd",
 ) -> dict[str, float]:
-    """Local training loop. ``grad_hook()`` runs after backward (e.g. masks), ``step_hook()``
-    after each optimizer step (e.g. restore frozen entries). Returns mean loss and steps."""
+    """Local training (see :func:`fedlora.tasks.loop.train_epochs` for the hooks)."""
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=st.lr, momentum=st.momentum,
-                              nesterov=st.nesterov and st.momentum > 0,
-                              weight_decay=st.weight_decay)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    gen = torch.Generator().manual_seed(st.seed)
-    model.train()
-    total, steps = 0.0, 0
-    n = len(y)
-    for _ in range(st.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, st.batch_size):
-            idx = perm[start: start + st.batch_size]
-            xb, yb = x[idx], y[idx]
-            if st.augment:
-                xb = augment(xb, gen)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            if grad_hook is not None:
-                grad_hook()
-            opt.step()
-            if step_hook is not None:
-                step_hook()
-            total += float(loss.detach())
-            steps += 1
-    if steps and not math.isfinite(total):
-        raise FloatingPointError("local training diverged (non-finite loss)")
-    return {"train-loss": total / max(steps, 1), "train-steps": float(steps)}
+    opt = make_optimizer(params, optimizer, st.lr, st.weight_decay, st.momentum, st.nesterov)
+
+    def batch_loss(idx, gen):
+        xb = augment(x[idx], gen) if st.augment else x[idx]
+        return F.cross_entropy(model(xb), y[idx])
+
+    return train_epochs(model, len(y), st.epochs, st.batch_size, st.seed, batch_loss, opt,
+                        grad_hook, step_hook)
 
 
 @torch.no_grad()

@@ -1,0 +1,53 @@
+"""The one local-training loop both tasks use: seeded shuffling, hooks for methods' masks."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def make_optimizer(params, optimizer: str, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9, nesterov: bool = True) -> torch.optim.Optimizer:
+    """``sgd`` (momentum, Nesterov) or ``adamw``; ``params`` may be torch param groups whose
+    own ``lr`` overrides ``lr``."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum,
+                               nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+
+
+def train_epochs(model: nn.Module, n: int, epochs: int, batch_size: int, seed: int,
+                 batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+                 opt: torch.optim.Optimizer, grad_hook=None, step_hook=None
+                 ) -> dict[str, float]:
+    """``epochs`` passes over ``n`` examples in seeded random minibatches; ``batch_loss(idx,
+    gen)`` computes a batch's loss. ``grad_hook()`` runs after backward (e.g. gradient masks),
+    ``step_hook()`` after each optimizer step (e.g. restore frozen entries). The global torch
+    RNG (dropout) is seeded too, inside a fork, so a call is reproducible."""
+    gen = torch.Generator().manual_seed(int(seed))
+    total, steps = 0.0, 0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                idx = perm[start: start + batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = batch_loss(idx, gen)
+                loss.backward()
+                if grad_hook is not None:
+                    grad_hook()
+                opt.step()
+                if step_hook is not None:
+                    step_hook()
+                total += float(loss.detach())
+                steps += 1
+    if steps and not math.isfinite(total):
+        raise FloatingPointError("local training diverged (non-finite loss)")
+    return {"train-loss": total / max(steps, 1), "train-steps": float(steps)}
