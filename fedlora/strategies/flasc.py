@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
-from ..compression import topk_mask
+from ..compression import parse_spec, topk_mask
 from ..config import tier_value
 from .base import ClientResult, ClientRound, FedLoraStrategy
 
@@ -131,7 +131,10 @@ def client_train(cr: ClientRound) -> ClientResult:
     metrics = cr.task.train(model, data, seed=cr.seed, **hooks)
     trained = state_to_numpy(travelling_state(model))
     delta = OrderedDict((k, trained[k] - start[k]) for k in start)
-    metrics["params-up"] = float(sum(v.size for v in delta.values()))
+    n = sum(v.size for v in delta.values())
+    sparsifier = parse_spec(str(cr.config.get("codec-up", "fp32"))).sparsifier
+    density = getattr(sparsifier, "density", 1.0)
+    metrics["params-up"] = float(int(density * n) if density < 1.0 else n)  # values sent
     return ClientResult(delta, len(data[1]), metrics)
 
 
