@@ -53,6 +53,14 @@ def _text_cpu() -> dict:
     return {"nodes": 6, "runs": runs, "target": 0.5}
 
 
+def _text_cpu_e5() -> dict:
+    """The low-rank, extreme-heterogeneity corner of text-cpu with the paper's 5 local epochs."""
+    spec = _text_cpu()
+    keep = ("lora-a2-a0.01-r1", "fl-lora-a0.01-r1", "ffa-lora-a0.01-r1")
+    runs = {k: {**spec["runs"][k], "local-epochs": 5, "num-server-rounds": 5} for k in keep}
+    return {**spec, "runs": runs}
+
+
 SUITES = {
     # CI-sized: proves the pipeline in minutes
     "vision-quick": lambda: {"nodes": 2, "target": 0.2, "runs": {
@@ -64,6 +72,7 @@ SUITES = {
                             "flocora-affine4": {"method": "flocora", "codec-up": "affine:4"}}.items()}},
     "vision-cpu": _vision_cpu,
     "text-cpu": _text_cpu,
+    "text-cpu-e5": _text_cpu_e5,
     # the papers' settings, for a GPU machine (documented, not run in CI)
     "paper-flocora": lambda: {"nodes": 100, "target": 0.7, "runs": {
         f"flocora-r32-{spec.replace(':', '')}": {
