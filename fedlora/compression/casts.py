@@ -52,8 +52,18 @@ def _reject_nonfinite16(u16: np.ndarray, exp_mask: int, name: str, kind: str) ->
         raise CodecError(f"tensor {name!r}: NaN or Inf in decoded {kind} values")
 
 
+class _TwoByteCast(ValueCoder):
+    """Shared sizing of the 16-bit casts: exactly 2 bytes a value."""
+
+    def values_size(self, x, groups):
+        return 2 * x.size
+
+    def max_values_size(self, n, groups):
+        return 2 * n
+
+
 @register
-class Fp16(ValueCoder):
+class Fp16(_TwoByteCast):
     """IEEE half precision (saturating at +-65504)."""
 
     codec_id = "fp16"
@@ -71,12 +81,6 @@ class Fp16(ValueCoder):
         else:
             h = x.reshape(-1).astype(np.float16)
         out.append(as_bytes(h.astype("<f2", copy=False)))
-
-    def values_size(self, x, groups):
-        return 2 * x.size
-
-    def max_values_size(self, n, groups):
-        return 2 * n
 
     def decode_values(self, r, shape, groups, name):
         n = math.prod(shape)
@@ -111,7 +115,7 @@ def _saturate_bf16(hi: np.ndarray) -> None:
 
 
 @register
-class Bf16(ValueCoder):
+class Bf16(_TwoByteCast):
     """bfloat16: 8-bit exponent like float32, 7-bit mantissa; 2 bytes per value."""
 
     codec_id = "bf16"
@@ -128,12 +132,6 @@ class Bf16(ValueCoder):
         else:
             hi = bf16_bits(x)
         out.append(as_bytes(hi.astype("<u2", copy=False)))
-
-    def values_size(self, x, groups):
-        return 2 * x.size
-
-    def max_values_size(self, n, groups):
-        return 2 * n
 
     def decode_values(self, r, shape, groups, name):
         n = math.prod(shape)
