@@ -30,3 +30,32 @@ def task_identity():
     TaskIdentity.node_id = 1
     TaskIdentity.task_id = 1
     yield
+
+
+class LazyRuns(dict):
+    """name → result of ``run(name)``, computed on first use (so ``-k`` selects what runs)."""
+
+    def __init__(self, run):
+        super().__init__()
+        self._run = run
+
+    def __missing__(self, name):
+        self[name] = self._run(name)
+        return self[name]
+
+
+def simulate(work, run_config: dict):
+    """One simulated run (2 nodes) that must succeed and leave no process behind; returns
+    (round records, run.json)."""
+    import json
+
+    from fedlora.launch import pids_with_env, run_simulation
+    from fedlora.results import read_rounds
+
+    res, run_dir = run_simulation(run_config, nodes=2, work_dir=work, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:]
+    # every process of the run (SuperLink, SuperExec, simulation, Ray daemons and workers)
+    # inherited FLWR_HOME=<work>/flwr-home: none may survive the run
+    assert not pids_with_env(str(work)), "a process of this run is still alive"
+    return read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()), run_dir, \
+        res.stdout

@@ -5,12 +5,9 @@ parameter ratio, and nothing is left running."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from fedlora.launch import pids_with_env, run_simulation
-from fedlora.results import read_rounds
+from conftest import LazyRuns, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -36,34 +33,10 @@ RUNS = {
 }
 
 
-class _Runs(dict):
-    """Runs each configuration of RUNS on first use (so ``-k`` selects what runs)."""
-
-    def __init__(self, factory, sample_dir):
-        super().__init__()
-        self.factory, self.sample_dir = factory, sample_dir
-
-    def __missing__(self, name):
-        self[name] = _run(self.factory, self.sample_dir, name)
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sample_dir):
-    return _Runs(tmp_path_factory, sample_dir)
-
-
-def _run(tmp_path_factory, sample_dir, name):
-    overrides = RUNS[name]
-    work = tmp_path_factory.mktemp(f"sim-{name}")
-    res, run_dir = run_simulation({**BASE, **overrides, "data-dir": sample_dir},
-                                  nodes=2, work_dir=work, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:]
-    # every process of the run (SuperLink, SuperExec, simulation, Ray daemons and workers)
-    # inherited FLWR_HOME=<work>/flwr-home: none may survive the run
-    assert not pids_with_env(str(work)), "a process of this run is still alive"
-    return (read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()),
-            run_dir, res.stdout)
+    return LazyRuns(lambda name: simulate(tmp_path_factory.mktemp(f"sim-{name}"),
+                                          {**BASE, **RUNS[name], "data-dir": sample_dir}))
 
 
 def test_records_have_every_round_with_accuracy(runs):

