@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun complete runs too")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # so the launcher's cleanup runs on a stop
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     out = Path(a.out or ROOT / "results" / a.suite).resolve()
     if a.report_only:
         write_report(a.suite, out, SUITES[a.suite]())
