@@ -19,7 +19,7 @@ def summarize(out: Path, spec: dict) -> list[dict]:
     rows = []
     for name, rc in spec["runs"].items():
         run_dir = out / "runs" / name
-        if not (run_dir / "rounds.jsonl").exists():
+        if not (run_dir / "summary.json").exists():  # absent or still running
             continue
         rounds = read_rounds(run_dir)
         meta = json.loads((run_dir / "run.json").read_text())
