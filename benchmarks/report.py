@@ -57,7 +57,7 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['method']} | `{r['codec']}` | {r['rank'] or '–'} "
+            f"| {r['name']} | {r['method']} | `{r['codec'].replace('|', chr(92) + '|')}` | {r['rank'] or '–'} "
             f"| {r['final']:.4f} | {r['best']:.4f} | {r['mb_down']:.2f} | {r['mb_up']:.2f} "
             f"| {_f(r['target_mb'], '.2f')} | {_f(r['ratio'], '.2f')}x "
             f"| {_f(r['delta'], '+.4f')} |")
