@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .adapters import (flocora_analytic_bits, load_state, num_params, shapes, state_to_numpy,
                        travelling_state)
+from .compression import parse_spec
 from .config import RunConfig
 from .results import Recorder
 from .strategies import get_method
@@ -25,12 +26,9 @@ app = ServerApp()
 
 
 def affine_bits(spec: str) -> int:
-    """Bit width of an ``affine:b`` stage in a codec spec, else 32."""
-    for stage in spec.split("|"):
-        parts = stage.strip().split(":")
-        if parts[0] == "affine" and len(parts) > 1:
-            return int(parts[1])
-    return 32
+    """Bit width of the ``affine:b`` value coder of a codec spec, else 32."""
+    coder = parse_spec(spec).value_coder
+    return int(coder.bits) if coder.codec_id == "affine" else 32
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
