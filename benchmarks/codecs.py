@@ -72,11 +72,15 @@ def main(argv=None) -> int:
     dst = np.empty_like(buf)
     t_copy = best(lambda: np.copyto(dst, buf), args.repeats)
     shapes = {k: v.shape for k, v in tensors.items()}
+    from fedlora.compression import quantize
+    jit = quantize._jit()
+    accel = (f"affine engine {quantize.ENGINE}"
+             f" ({'numba ' + __import__('numba').__version__ if jit else 'numpy'} kernels)")
     try:
         import torch
-        accel = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        accel += f"; torch {torch.__version__}, {torch.get_num_threads()} threads"
     except ImportError:
-        accel = "numpy only"
+        accel += "; no torch"
     print(f"layout={args.layout} ({len(tensors)} tensors, {N:,} float32 = "
           f"{buf.nbytes / 1e6:.0f} MB)"
           f"; {accel}; {os.cpu_count()} CPUs")

@@ -132,7 +132,7 @@ def test_affine_layout_per_slice_and_1d_raw():
 
 @SETTINGS
 @given(x=shapes(2, 2, 40).flatmap(arrays), bits=st.integers(1, 8), offset=st.sampled_from(
-    [0.0, 1.0, 1e3, 1e7]), engine=st.sampled_from(["numpy", "torch"]))
+    [0.0, 1.0, 1e3, 1e7]), engine=st.sampled_from(["numpy", "torch", "numba"]))
 def test_quantizer_matches_reference_formula(x, bits, offset, engine):
     """The fast kernels (magic-number rounding, clamp skipped on slices that cannot need it) give
     exactly u = clamp(rint(fl32(x * fl32(1/s)) + z - qmin), 0, 2^b - 1) on non-constant slices."""
@@ -509,27 +509,56 @@ def test_config_roundtrip_of_every_stage():
         Pipeline.from_config({"stages": [{"id": "affine", "bits": 12}]})
 
 
-@pytest.mark.parametrize("engine", ["numpy", "torch"])
-def test_numpy_and_torch_paths_give_identical_payloads(monkeypatch, engine):
-    """Payload bytes and decoded values do not depend on torch being installed or on the engine."""
+@pytest.mark.parametrize("engine", ["torch", "numba", "auto"])
+def test_every_engine_gives_the_payloads_of_the_plain_numpy_path(monkeypatch, engine):
+    """Payload bytes and decoded values do not depend on the engine (numba's fused kernels,
+    torch's kernels) or on torch being installed: each engine is compared, bit for bit, with plain
+    numpy (no torch, ENGINE=numpy)."""
     pytest.importorskip("torch")
-    monkeypatch.setattr(quantize, "ENGINE", engine)
+    if engine == "numba":
+        pytest.importorskip("numba")
     rng = np.random.default_rng(11)
     t = {"big.lora_A": rng.standard_normal((64, 1200)).astype(np.float32),
          "big.lora_B": (rng.standard_normal((1200, 64)) * 1e-3 + 5).astype(np.float32),
          "far": (rng.standard_normal((3, 50000)) * 1e-6 + 100).astype(np.float32),
-         "long": rng.standard_normal((2, 1 << 21)).astype(np.float32)}
+         "long": rng.standard_normal((2, 1 << 21)).astype(np.float32),
+         "odd": rng.standard_normal((3, 7, 5)).astype(np.float32)}
     t["far"][1] = 7.0  # a constant slice among big ones
-    specs = ["affine:8", "affine:3", "bf16", "fp16", "topk:0.1|affine:2"]
-    with_torch = {s: parse_spec(s).encode(t) for s in specs}
-    decoded = {s: decode_payload(p) for s, p in with_torch.items()}
+    t["long"][1, 12345] = 40.0  # an outlier
+    specs = ["affine:8", "affine:3", "affine:1", "bf16", "fp16", "topk:0.1|affine:2",
+             "ranks|affine:4"]
+    monkeypatch.setattr(quantize, "ENGINE", engine)
+    with_engine = {s: parse_spec(s).encode(t) for s in specs}
+    decoded = {s: decode_payload(p) for s, p in with_engine.items()}
+    if engine in ("numba", "auto"):
+        assert quantize._jit() is not None  # the fused kernels really ran
+    monkeypatch.setattr(quantize, "ENGINE", "numpy")
     for mod in (base, casts, quantize):
         monkeypatch.setattr(mod, "_torch", None)
     for s in specs:
-        assert parse_spec(s).encode(t) == with_torch[s], s
-        out = decode_payload(with_torch[s])
+        assert parse_spec(s).encode(t) == with_engine[s], s
+        out = decode_payload(with_engine[s])
         for k in t:
             np.testing.assert_array_equal(out[k], decoded[s][k])
+
+
+def test_many_tensors_in_one_encode_do_not_share_scratch_memory():
+    """Each tensor's quantized bytes come from per-encode scratch memory: a payload of many
+    tensors must equal the concatenation of the tensors' own value sections (a reused buffer
+    would leave the last tensor's bytes in every section), and a second encode must not change
+    the first payload."""
+    rng = np.random.default_rng(3)
+    t = {f"w{i}": rng.standard_normal((8, 5000)).astype(np.float32) * (i + 1) for i in range(4)}
+    pipe = parse_spec("affine:8")
+    pipe.encode(t)  # the first encode sizes this thread's scratch block; the next ones use it
+    whole = pipe.encode(t)
+    first = bytes(whole)
+    out = decode_payload(whole)
+    for k, x in t.items():
+        alone = decode_payload(pipe.encode({k: x}))[k]
+        np.testing.assert_array_equal(out[k], alone)
+    pipe.encode({k: -x for k, x in t.items()})
+    assert whole == first
 
 
 # ------------------------------------------------------------------------------------------
@@ -573,3 +602,9 @@ def test_error_feedback_state_and_shapes():
     np.testing.assert_array_equal(ef.compensate({"a": np.ones(3, np.float32)})["a"], np.ones(3))
     ef.update({"a": np.ones(3, np.float32)}, {})  # not sent at all: everything is owed
     np.testing.assert_array_equal(ef.state_dict()["a"], np.ones(3))
+
+
+def test_an_unknown_codec_engine_is_named_in_the_error(monkeypatch):
+    monkeypatch.setattr(quantize, "ENGINE", "nmba")
+    with pytest.raises(SpecError, match="FEDLORA_CODEC_ENGINE='nmba'"):
+        parse_spec("affine:8").encode({"w": np.ones((4, 4), np.float32)})

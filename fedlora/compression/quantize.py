@@ -48,15 +48,18 @@ With ``g == 0`` the section is ``n`` raw float32. The decoder rejects non-finite
 scales, bad widths, non-zero padding bits, and parameters whose decoded range would overflow
 float32, so decoded values are always finite.
 
-Implementation: per-slice min/max and the element-wise passes run numpy on cache-sized blocks over a
-small thread pool; torch (when installed) computes min/max of short slices (< 256 values, e.g.
-lora_B rows), where numpy pays a per-row overhead, and ``ENGINE = "torch"`` (or
-``FEDLORA_CODEC_ENGINE=torch``) moves the element-wise passes to torch's OpenMP kernels. All paths
-compute the same IEEE operations, so the payload bytes do not depend on which ran. Rounding uses the
-float32 "magic number" trick: adding ``1.5*2^23 + (z - qmin)`` rounds to an integer (ties to even)
-and leaves ``u`` in the low mantissa byte; since both float32 steps are monotonic in ``x``, only
-slices whose own min or max lands outside the range need the clamp, so quantization is 2 passes
-(mul, add) plus a byte extraction; decoding is 3 (widen, subtract, multiply).
+Implementation: per-slice min/max run numpy's SIMD reductions over a small thread pool (torch's
+for short slices, < 256 values, e.g. lora_B rows, where numpy pays a per-row overhead). The
+element-wise passes run, by ``ENGINE`` (``FEDLORA_CODEC_ENGINE``): ``auto`` (default) numba's
+fused one-pass kernels from ``_jit.py`` when numba imports, else numpy ufuncs on cache-sized
+blocks; ``numba``; ``numpy``; ``torch`` (its OpenMP kernels, big tensors only). All engines compute
+the same IEEE operations in the same order, so the payload bytes and decoded values do not depend
+on which ran (tested bit for bit). Rounding uses the float32 "magic number" trick: adding
+``1.5*2^23 + (z - qmin)`` rounds to an integer (ties to even) and leaves ``u`` in the low mantissa
+byte; since both float32 steps are monotonic in ``x``, only slices whose own min or max lands
+outside the range need the clamp. The quantized bytes are written to per-encode scratch memory
+(``base.scratch``): a fresh multi-MB buffer per encode costs more in page faults than the
+quantization itself.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ import warnings
 import numpy as np
 
 from .base import (FLT_MAX, CodecError, Reader, SpecError, ValueCoder, _torch, as_bytes,
-                   check_finite, register, run_parallel)
+                   check_finite, register, run_parallel, scratch)
 
 __all__ = ["Affine", "affine_params", "pack_bits", "unpack_bits"]
 
@@ -79,12 +82,41 @@ _OVERFLOW_LIMIT = FLT_MAX * (1.0 - 2.0 ** -20)
 _CHUNK = 1 << 20       # elements per element-wise block (torch path)
 _NP_CHUNK = 1 << 16    # elements per block (numpy path, stays in L2)
 _TORCH_MIN = 1 << 15
-# element-wise engine for big tensors: "numpy" (default) = numpy ufuncs on cache-sized blocks over
-# a small thread pool; "torch" = torch's OpenMP kernels on 1M-element blocks. Identical IEEE
-# operations, identical bytes. torch is faster on an idle machine but its OpenMP barriers stall
-# badly when other processes compete for the cores (a federated simulation), numpy degrades
-# gracefully. FEDLORA_CODEC_ENGINE=torch selects torch.
-ENGINE = os.environ.get("FEDLORA_CODEC_ENGINE", "numpy")
+# element-wise engine: "auto" (default) = numba's fused one-pass kernels (``_jit.py``) when numba
+# imports, else numpy; "numba"; "numpy" = numpy ufuncs on cache-sized blocks over a small thread
+# pool; "torch" = torch's OpenMP kernels on 1M-element blocks (big tensors only). Identical IEEE
+# operations, identical bytes. torch is fast on an idle machine but its OpenMP barriers stall badly
+# when other processes compete for the cores (a federated simulation); numpy and numba run on our
+# own thread pool and degrade gracefully. Set with FEDLORA_CODEC_ENGINE.
+ENGINE = os.environ.get("FEDLORA_CODEC_ENGINE", "auto")
+_ENGINES = ("auto", "numba", "numpy", "torch")
+_JIT_MODULE = None
+
+
+def _jit():
+    """The numba kernel module, or None when numba is unavailable or not selected."""
+    global _JIT_MODULE
+    if ENGINE not in _ENGINES:
+        raise SpecError(f"FEDLORA_CODEC_ENGINE={ENGINE!r} is not one of {', '.join(_ENGINES)}")
+    if ENGINE not in ("auto", "numba"):
+        return None
+    if _JIT_MODULE is None:
+        try:
+            from . import _jit as mod
+        except ImportError:  # numba missing: the numpy path computes the same bytes
+            if ENGINE == "numba":
+                raise
+            mod = False
+        _JIT_MODULE = mod
+    return _JIT_MODULE or None
+
+
+def _jit_parallel(kernel, n: int, *args) -> list:
+    """Run ``kernel(*args, i0, i1, ...)`` over ``[0, n)`` split at multiples of 8 elements."""
+    def part(a, b):
+        return kernel(*args[:-1], 8 * a, min(n, 8 * b), args[-1])
+
+    return run_parallel(part, -(-n // 8), min_per_part=1 << 15)
 
 
 def affine_params(mn: np.ndarray, mx: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -253,7 +285,8 @@ def _quantize(x2: np.ndarray, inv: np.ndarray, zu: np.ndarray, bits: int,
     g, m = x2.shape
     n = g * m
     levels = (1 << bits) - 1
-    u = np.zeros(n + (-n) % 8, np.uint8)
+    u = scratch(n + (-n) % 8)
+    u[n:] = 0
     u2 = u[:n].reshape(g, m)
     big = np.abs(zu) >= (1 << 22)
     madd = (np.where(big, 0, zu) + _MAG).astype(np.float32)
@@ -261,7 +294,13 @@ def _quantize(x2: np.ndarray, inv: np.ndarray, zu: np.ndarray, bits: int,
     t_lo = np.multiply(np.asarray(mn, np.float32), inv) + madd
     t_hi = np.multiply(np.asarray(mx, np.float32), inv) + madd
     clamp = (t_lo < lo) | (t_hi > hi)
-    if _torch is not None and n >= _TORCH_MIN and ENGINE == "torch":
+    jit = _jit()
+    if jit is not None:
+        nans = _jit_parallel(jit.quantize_range, n, np.ascontiguousarray(x2).reshape(-1), m,
+                             np.ascontiguousarray(inv, np.float32), madd, lo, hi, u)
+        if sum(nans):
+            raise CodecError("input contains NaN or Inf")
+    elif _torch is not None and n >= _TORCH_MIN and ENGINE == "torch":
         tx = _torch.from_numpy(x2)
         ti = _torch.from_numpy(inv).reshape(g, 1)
         tm = _torch.from_numpy(madd).reshape(g, 1)
@@ -301,7 +340,11 @@ def _dequantize(u: np.ndarray, s: np.ndarray, zu: np.ndarray, shape, g: int) -> 
     out = np.empty(shape, np.float32)
     o2 = out.reshape(g, m)
     u2 = u[:n].reshape(g, m)
-    if _torch is not None and n >= _TORCH_MIN and ENGINE == "torch":
+    jit = _jit()
+    if jit is not None:
+        _jit_parallel(jit.dequantize_range, n, u[:n], m, np.ascontiguousarray(s, np.float32),
+                      np.ascontiguousarray(zu, np.float32), out.reshape(-1))
+    elif _torch is not None and n >= _TORCH_MIN and ENGINE == "torch":
         to = _torch.from_numpy(o2)
         with warnings.catch_warnings():  # u may be a read-only view of the payload; never written
             warnings.simplefilter("ignore")

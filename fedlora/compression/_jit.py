@@ -1,0 +1,70 @@
+"""Fused element-wise kernels for ``affine:b``, compiled by numba (imported only when used).
+
+numpy needs one pass over memory per ufunc (quantize = multiply, add, clamp, narrow; dequantize =
+widen, subtract, multiply), each paying its own loop overhead; these kernels do each job in one
+pass with the SAME float32 operations in the same order (no fast-math, no FMA contraction: LLVM
+only contracts with fast-math flags), so the payload bytes and the decoded values are identical
+to the numpy path's — ``tests/test_codecs.py`` checks that bit for bit.
+
+Every kernel works on the flat element range ``[i0, i1)`` of a row-major ``(g, m)`` array with one
+parameter per row, so a caller can split any tensor (one long row, many short rows) across
+threads; the kernels release the GIL (``nogil``), and :func:`fedlora.compression.base.run_parallel`
+supplies the threads. Loops run over slices starting at 0 so numba can prove indices
+non-negative and LLVM vectorizes them.
+
+Compiled code is cached on disk (numba's ``cache=True``: ``__pycache__`` beside this file, else
+numba's user cache directory); where neither is writable the kernels compile per process instead.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_MAG_INT = 12582912  # 1.5 * 2**23, see quantize.py
+
+
+def _njit(fn):
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # pragma: no cover - no writable cache location: compile per process
+        return numba.njit(nogil=True)(fn)
+
+
+@_njit
+def quantize_range(x, m, inv, madd, lo, hi, i0, i1, u):  # pragma: no cover - compiled
+    """``u[i] = clamp(fl(fl(x[i]*inv[r]) + madd[r]), lo, hi) - MAG`` for ``i`` in ``[i0, i1)``,
+    ``r = i // m``; returns how many ``t`` were NaN (a NaN/Inf input)."""
+    nan = 0
+    i = i0
+    while i < i1:
+        r = i // m
+        e = min(i1, (r + 1) * m)
+        xs = x[i:e]
+        us = u[i:e]
+        iv = inv[r]
+        ma = madd[r]
+        for k in range(xs.size):
+            t = xs[k] * iv + ma
+            nan += t != t
+            t = lo if t < lo else t
+            t = hi if t > hi else t
+            us[k] = np.uint8(np.int32(t) - np.int32(_MAG_INT))
+        i = e
+    return nan
+
+
+@_njit
+def dequantize_range(u, m, s, zu, i0, i1, out):  # pragma: no cover - compiled
+    """``out[i] = fl(fl(float32(u[i]) - zu[r]) * s[r])`` for ``i`` in ``[i0, i1)``, ``r = i // m``."""
+    i = i0
+    while i < i1:
+        r = i // m
+        e = min(i1, (r + 1) * m)
+        us = u[i:e]
+        os_ = out[i:e]
+        sr = s[r]
+        zr = zu[r]
+        for k in range(us.size):
+            os_[k] = (np.float32(us[k]) - zr) * sr
+        i = e
