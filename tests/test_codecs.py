@@ -608,3 +608,25 @@ def test_an_unknown_codec_engine_is_named_in_the_error(monkeypatch):
     monkeypatch.setattr(quantize, "ENGINE", "nmba")
     with pytest.raises(SpecError, match="FEDLORA_CODEC_ENGINE='nmba'"):
         parse_spec("affine:8").encode({"w": np.ones((4, 4), np.float32)})
+
+
+@pytest.mark.parametrize("spec", ["topk:0.1", "topk:0.02|affine:8", "topk:0.1:tensor"])
+def test_topk_from_scratch_memory_keeps_exactly_the_reference_selection(spec):
+    """Inside an encode, top-k's candidate and kept buffers come from per-encode scratch memory
+    (several tensors, several chunks each): the decoded payload must equal the selection made
+    outside any encode (fresh arrays), on a warm scratch block with other data left in it."""
+    rng = np.random.default_rng(8)
+    t = {f"w{i}": (rng.standard_normal((100, 3000)) * (i + 1)).astype(np.float32)
+         for i in range(3)}
+    pipe = parse_spec(spec)
+    pipe.encode({k: -v[::-1].copy() for k, v in t.items()})  # warm scratch with other values
+    out = decode_payload(pipe.encode(t))
+    density = pipe.sparsifier.density
+    mask = topk_mask(t, density, per_tensor=spec.endswith(":tensor"))
+    for k, x in t.items():
+        ref = np.where(mask[k], x, 0.0)
+        if "affine" in spec:
+            np.testing.assert_array_equal(out[k] != 0, mask[k])
+            np.testing.assert_allclose(out[k], ref, atol=float(np.abs(x).max()) / 100)
+        else:
+            np.testing.assert_array_equal(out[k], ref)

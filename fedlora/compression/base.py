@@ -137,7 +137,7 @@ def run_parallel(fn, n: int, min_per_part: int = 1 << 18) -> list:
 # intermediate buffers of an encode (e.g. affine's quantized bytes) come from a per-thread block
 # that is reused by the next encode. Only the returned payload is a fresh allocation.
 
-_ARENA_KEEP = 1 << 28  # never keep more than 256 MiB of scratch per thread
+_ARENA_KEEP = 1 << 26  # never keep more than 64 MiB of scratch per thread
 
 
 class _Arena(threading.local):

@@ -33,7 +33,7 @@ import re
 import numpy as np
 
 from .base import (CodecError, Reader, SpecError, Sparsifier, as_bytes, register, run_parallel,
-                   uvarint, uvarint_len)
+                   scratch, uvarint, uvarint_len)
 
 __all__ = ["TopK", "topk_mask", "topk_indices", "topk_select", "leb128_encode", "leb128_decode",
            "leb128_size"]
@@ -198,31 +198,57 @@ def _exact(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray
     return out
 
 
-def _candidates(f: np.ndarray, t_lo: np.float32):
+def _candidates(f: np.ndarray, t_lo: np.float32, frac: float = 1.0):
     """Per cache-sized chunk of flat ``f`` (in order): indices, signed values and magnitudes of the
-    entries with ``|x| >= t_lo`` (three lists of arrays); rejects NaN/Inf. Split over the pool."""
+    entries with ``|x| >= t_lo`` (three lists of arrays); rejects NaN/Inf. Split over the pool.
+
+    ``frac`` (the expected kept fraction) sizes one slot per chunk in the encode's scratch memory,
+    taken here before the split (scratch is per thread); a chunk that overflows its slot gets
+    fresh arrays. Fresh multi-MB arrays per encode cost more in page faults than the selection."""
+    if f.size == 0:
+        return [], [], []
+    nchunks = -(-f.size // _CHUNK)
+    if frac > 0.5:  # dense selections (the sample-missed fallback): no slots, fresh arrays
+        frac = 0.0
+    caps = []
+    for c in range(nchunks):
+        m = min(_CHUNK, f.size - c * _CHUNK)
+        caps.append(min(m, int(frac * m * 1.25) + 8 * int(math.sqrt(m)) + 256) if frac else 0)
+    total = sum(caps)
+    raw = scratch(16 * total)
+    idx_all = raw[: 8 * total].view(np.int64)
+    val_all = raw[8 * total: 12 * total].view(np.float32)
+    mag_all = raw[12 * total:].view(np.float32)
+    offs = np.concatenate([[0], np.cumsum(caps)]).tolist()
+
     def part(lo, hi):
-        tmp = np.empty(min(_CHUNK, hi - lo), np.float32)
+        tmp = np.empty(min(_CHUNK, f.size), np.float32)
         out = ([], [], [])
-        for c0 in range(lo, hi, _CHUNK):
-            c1 = min(hi, c0 + _CHUNK)
+        for c in range(lo, hi):
+            c0 = c * _CHUNK
+            c1 = min(f.size, c0 + _CHUNK)
             src = f[c0:c1]
             a = tmp[: c1 - c0]
             np.abs(src, out=a)
             if not a.max() <= _FMAX:
                 raise CodecError("input contains NaN or Inf")
             i = np.flatnonzero(a >= t_lo)
-            out[1].append(src[i])
-            out[2].append(a[i])
-            i += c0
-            out[0].append(i)
+            n_i = i.size
+            if n_i <= caps[c]:
+                s0 = offs[c]
+                ii, vv, mm = (idx_all[s0:s0 + n_i], val_all[s0:s0 + n_i],
+                              mag_all[s0:s0 + n_i])
+                np.take(src, i, out=vv)
+                np.take(a, i, out=mm)
+                np.add(i, c0, out=ii)
+            else:
+                ii, vv, mm = i + c0, src[i], a[i]
+            out[0].append(ii)
+            out[1].append(vv)
+            out[2].append(mm)
         return out
 
-    if f.size == 0:
-        return [], [], []
-    nchunks = -(-f.size // _CHUNK)
-    res = run_parallel(lambda a, b: part(a * _CHUNK, min(f.size, b * _CHUNK)), nchunks,
-                       min_per_part=4)
+    res = run_parallel(part, nchunks, min_per_part=4)
     return tuple([x for r in res for x in r[j]] for j in range(3))
 
 
@@ -253,7 +279,8 @@ def topk_select(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.nd
     part = np.partition(samp, kth)
     t_lo = np.float32(part[s - r_lo]) if r_lo <= s else np.float32(0.0)
     t_hi = np.float32(part[s - r_hi]) if r_hi >= 1 else np.float32(np.inf)
-    cand = [_candidates(f, t_lo) for f in flats]
+    frac = min(1.0, r_lo / s)
+    cand = [_candidates(f, t_lo, frac) for f in flats]
     if sum(a.size for c in cand for a in c[0]) < k:  # the sample missed: take every element
         cand = [_candidates(f, np.float32(0.0)) for f in flats]
     mags = [m for c in cand for m in c[2]]
@@ -268,8 +295,15 @@ def topk_select(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.nd
     out = []
     for idxs, vals, ms in cand:
         keep = [np.flatnonzero(m >= v) for m in ms]
-        out.append([_cat([i[j] for i, j in zip(idxs, keep)], np.int64),
-                    _cat([x[j] for x, j in zip(vals, keep)], np.float32)])
+        kept = sum(j.size for j in keep)
+        raw = scratch(12 * kept)  # the kept entries: inputs to the index and value coders
+        oi, ov = raw[: 8 * kept].view(np.int64), raw[8 * kept:].view(np.float32)
+        pos = 0
+        for i, x, j in zip(idxs, vals, keep):
+            np.take(i, j, out=oi[pos:pos + j.size])
+            np.take(x, j, out=ov[pos:pos + j.size])
+            pos += j.size
+        out.append([oi, ov])
     excess = sum(o[0].size for o in out) - k
     for o in reversed(out):  # ties at the k-th value: drop the highest positions
         if excess <= 0:
