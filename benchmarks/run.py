@@ -52,7 +52,8 @@ def _progress(run_dir: Path, name: str, rounds: int, stop: threading.Event, t0: 
                   flush=True)
 
 
-def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool = False) -> None:
+def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool = False,
+              cpus_per_node: float = 1, gpus_per_node: float = 0) -> None:
     spec = SUITES[suite]()
     runs = {k: v for k, v in spec["runs"].items() if not only or k in only}
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,8 @@ def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool 
         try:
             res, _ = run_simulation({**rc, "run-dir": str(out / "runs"), "run-name": name},
                                     nodes=spec["nodes"], work_dir=out / ".flwr" / name,
-                                    timeout=4 * 3600)
+                                    timeout=4 * 3600, cpus_per_node=cpus_per_node,
+                                    gpus_per_node=gpus_per_node)
         finally:
             stop.set()
             watcher.join()
@@ -93,6 +95,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="configuration names to run")
     ap.add_argument("--force", action="store_true", help="rerun complete runs too")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--cpus-per-node", type=float, default=1, help="Ray CPUs per simulated node")
+    ap.add_argument("--gpus-per-node", type=float, default=0,
+                    help="Ray GPU share per simulated node, e.g. 0.1 for the paper-* presets on "
+                         "one GPU (clients train on it with the default device=auto)")
     a = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # so the launcher's cleanup runs on a stop
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
     if a.report_only:
         write_report(a.suite, out, SUITES[a.suite]())
     else:
-        run_suite(a.suite, out, a.only, a.force)
+        run_suite(a.suite, out, a.only, a.force, a.cpus_per_node, a.gpus_per_node)
     print(f"report: {out / 'summary.md'}  plot: {out / 'accuracy_vs_mb.png'}")
     return 0
 

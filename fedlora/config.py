@@ -55,6 +55,7 @@ class RunConfig:
     weight_decay: float = 0.0
     augment: bool = True
     client_threads: int = 1
+    device: str = "auto"
     # --- communication ---
     codec_down: str = "fp32"
     codec_up: str = "fp32"

@@ -255,9 +255,13 @@ def flwr_run(app: Path, connection: str, flwr_home: Path, run_config: Mapping[st
 
 
 def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path | None = None,
-                   cpus_per_node: float = 1, timeout: float = 1800, stream: bool = False
-                   ) -> tuple[subprocess.CompletedProcess, Path]:
-    """One simulated run end to end; returns (flwr run result, run directory)."""
+                   cpus_per_node: float = 1, timeout: float = 1800, stream: bool = False,
+                   gpus_per_node: float = 0) -> tuple[subprocess.CompletedProcess, Path]:
+    """One simulated run end to end; returns (flwr run result, run directory).
+
+    ``gpus_per_node``: Ray GPU share per simulated node (e.g. 0.1 = ten ClientApps per GPU), so
+    Ray schedules ClientApps by GPU memory as well as CPUs; with 0 Ray reserves no GPU for them
+    (run-config ``device=cpu`` keeps them off any GPU they might still see)."""
     work_dir = Path(work_dir or PROJECT / "runs" / ".flwr").resolve()
     flwr_home = work_dir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -267,7 +271,8 @@ def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path
     with Processes(work_dir / "logs") as procs:
         conn = start_sim_superlink(procs, flwr_home)
         res = flwr_run(PROJECT, conn, flwr_home, rc,
-                       {"num-supernodes": nodes, "client-resources-num-cpus": cpus_per_node},
+                       {"num-supernodes": nodes, "client-resources-num-cpus": cpus_per_node,
+                        "client-resources-num-gpus": gpus_per_node},
                        timeout=timeout, stream=stream)
     return res, Path(rc["run-dir"]) / rc["run-name"]
 
@@ -430,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("sim", help="run a simulation on a SuperLink started (and stopped) here")
     sim.add_argument("--nodes", type=int, default=2)
     sim.add_argument("--cpus-per-node", type=float, default=1)
+    sim.add_argument("--gpus-per-node", type=float, default=0,
+                     help="Ray GPU share per simulated node, e.g. 0.1 (default 0: none reserved)")
     sim.add_argument("--work-dir", default=str(PROJECT / "runs" / ".flwr"))
     sim.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
     dep = sub.add_parser("deploy", help="a real SuperLink + N SuperNodes on 127.0.0.1, run, stop")
@@ -456,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"records: {rc['run-dir']}/{rc['run-name']}/rounds.jsonl  rounds.csv  summary.json")
         return res.returncode
     res, run_dir = run_simulation(rc, args.nodes, Path(args.work_dir), args.cpus_per_node,
-                                  stream=True)
+                                  stream=True, gpus_per_node=args.gpus_per_node)
     if res.returncode == 0:
         print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")
     return res.returncode

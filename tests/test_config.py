@@ -29,3 +29,23 @@ def test_coercion_and_errors():
     assert cfg.extra == {"x-unknown": 1}
     with pytest.raises(ValueError, match="lora-rank"):
         RunConfig.from_run_config({"lora-rank": "eight"})
+
+
+def test_device_auto_is_the_cpu_here_and_a_missing_gpu_is_named():
+    """``device=auto`` falls back to the CPU on a machine without CUDA; asking for a GPU that is
+    not there, or for an unknown device, is a clear ValueError naming the setting."""
+    import torch
+
+    from fedlora.tasks.loop import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="device='cuda'.*no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="'device' must be auto, cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="'device' must be auto, cpu, cuda"):
+        resolve_device("gpu please")

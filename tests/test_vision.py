@@ -74,3 +74,24 @@ def test_travelling_state_round_trip_and_base_not_included():
     assert all((out[k] == state[k]).all() for k in state)
     with pytest.raises(KeyError):
         load_state(dst, {k: v for k, v in list(state.items())[1:]})
+
+
+def test_eval_subset_is_a_fixed_random_sample_not_the_first_rows(tmp_path):
+    """With a label-sorted test file (as CIFAR-10's npz is), ``eval-max-examples`` must not keep
+    only the first class; the subset is the same in every run."""
+    import numpy as np
+
+    from fedlora.config import RunConfig
+    from fedlora.tasks.vision import VisionTask
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 400)):
+        y = np.repeat(np.arange(10), n // 10)  # sorted by label
+        np.savez(tmp_path / f"{split}.npz", x=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
+                 y=y)
+    cfg = RunConfig.from_run_config({"dataset": "npz", "data-dir": str(tmp_path),
+                                     "eval-max-examples": 50, "device": "cpu"})
+    x, y = VisionTask(cfg).test_data()
+    assert len(y) == 50 and len(set(y.tolist())) >= 8
+    x2, y2 = VisionTask(cfg).test_data()
+    assert torch.equal(y, y2) and torch.equal(x, x2)

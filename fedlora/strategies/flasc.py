@@ -124,6 +124,8 @@ def client_train(cr: ClientRound) -> ClientResult:
         def grad_hook() -> None:
             for k, p in params.items():
                 if p.grad is not None:
+                    if masks[k].device != p.grad.device:  # the task moved the model (GPU)
+                        masks[k] = masks[k].to(p.grad.device)
                     p.grad.mul_(masks[k])
 
         hooks["grad_hook"] = grad_hook

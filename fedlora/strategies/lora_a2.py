@@ -149,7 +149,14 @@ def client_train(cr: ClientRound) -> ClientResult:
             masks[k] = torch.from_numpy(rank_mask(k, start[k].shape, chosen.get(mod, [])))
     frozen = {k: torch.from_numpy(start[k].copy()) for k in masks}
 
+    def on_device() -> None:  # the task moves the model to its device (GPU) before training
+        for k in masks:
+            if masks[k].device != params[k].device:
+                masks[k] = masks[k].to(params[k].device)
+                frozen[k] = frozen[k].to(params[k].device)
+
     def grad_hook() -> None:
+        on_device()
         for k, m in masks.items():
             if params[k].grad is not None:
                 params[k].grad.mul_(m)
@@ -165,9 +172,9 @@ def client_train(cr: ClientRound) -> ClientResult:
     upload = OrderedDict()
     for k in keys:
         d = trained[k] - start[k]
-        upload[k] = np.where(masks[k].numpy(), d, 0.0).astype(np.float32) if k in masks else d
+        upload[k] = np.where(masks[k].cpu().numpy(), d, 0.0).astype(np.float32) if k in masks else d
     metrics["ranks-selected"] = float(sum(len(v) for v in chosen.values()))
-    metrics["params-up"] = float(sum(int(np.count_nonzero(masks[k].numpy())) if k in masks
+    metrics["params-up"] = float(sum(int(np.count_nonzero(masks[k].cpu().numpy())) if k in masks
                                      else upload[k].size for k in upload))
     return ClientResult(upload, len(data[1]), metrics)
 

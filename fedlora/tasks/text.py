@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .loop import make_optimizer, train_epochs
+from .loop import make_optimizer, model_device, resolve_device, to_device, train_epochs
 
 PACKAGED_MODEL = "minilm"
 MODEL_ALIASES = {
@@ -322,8 +322,9 @@ class TextTrainSettings:
     seed: int = 0
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(enabled))
+def _autocast(enabled: bool, device: torch.device | None = None):
+    kind = device.type if device is not None else "cpu"
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=bool(enabled))
 
 
 def train_loop(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor,
@@ -334,10 +335,12 @@ def train_loop(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer, st.lr, st.weight_decay, st.momentum, st.nesterov)
 
+    dev = model_device(model)
+
     def batch_loss(idx, _gen):
-        with _autocast(st.autocast):
-            logits = model(**_batch(feats, idx)).logits
-        return F.cross_entropy(logits.float(), y[idx])
+        with _autocast(st.autocast, dev):
+            logits = model(**to_device(_batch(feats, idx), dev)).logits
+        return F.cross_entropy(logits.float(), y[idx].to(dev))
 
     return train_epochs(model, len(y), st.epochs, st.batch_size, st.seed, batch_loss, opt,
                         grad_hook, step_hook)
@@ -347,13 +350,15 @@ def train_loop(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor
 def evaluate(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor,
              batch_size: int = 128, autocast: bool = False) -> dict[str, float]:
     model.eval()
+    dev = model_device(model)
     correct, loss_sum = 0, 0.0
     for start in range(0, len(y), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(y)))
-        with _autocast(autocast):
-            logits = model(**_batch(feats, idx)).logits.float()
-        loss_sum += float(F.cross_entropy(logits, y[idx], reduction="sum"))
-        correct += int((logits.argmax(1) == y[idx]).sum())
+        with _autocast(autocast, dev):
+            logits = model(**to_device(_batch(feats, idx), dev)).logits.float()
+        yb = y[idx].to(dev)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
     n = max(len(y), 1)
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
@@ -373,6 +378,7 @@ class TextTask:
             raise ValueError(f"dataset {cfg.dataset!r} is an image dataset; for task 'text' use "
                              "'bbc-news' (bundled), 'banking77' or '20newsgroups'")
         self.cfg = cfg
+        self.device = resolve_device(cfg.device)
         self.dataset = canonical(cfg.dataset)
         self.model_path = resolve_model(cfg.model)
         self.max_length = option(cfg, "max-length", 64)
@@ -445,9 +451,10 @@ class TextTask:
         st = self.train_settings(seed)
         if epochs is not None:
             st.epochs = epochs
+        model.to(self.device)
         return train_loop(model, feats, y, st, grad_hook=grad_hook,
                           step_hook=step_hook, param_groups=param_groups, optimizer=optimizer)
 
     def evaluate(self, model: nn.Module, data) -> dict[str, float]:
         feats, y = data
-        return evaluate(model, feats, y, autocast=self.autocast)
+        return evaluate(model.to(self.device), feats, y, autocast=self.autocast)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .loop import make_optimizer, train_epochs
+from .loop import make_optimizer, model_device, resolve_device, train_epochs
 
 # (blocks, stride, width multiplier) per stage, as in FLoCoRA's models/resnets.py
 ARCHS: dict[str, list[tuple[int, int, int]]] = {
@@ -178,9 +178,11 @@ def sgd_train(
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer, st.lr, st.weight_decay, st.momentum, st.nesterov)
 
+    dev = model_device(model)
+
     def batch_loss(idx, gen):
-        xb = augment(x[idx], gen) if st.augment else x[idx]
-        return F.cross_entropy(model(xb), y[idx])
+        xb = augment(x[idx], gen) if st.augment else x[idx]  # on the CPU: same draws anywhere
+        return F.cross_entropy(model(xb.to(dev, non_blocking=True)), y[idx].to(dev))
 
     return train_epochs(model, len(y), st.epochs, st.batch_size, st.seed, batch_loss, opt,
                         grad_hook, step_hook)
@@ -190,9 +192,11 @@ def sgd_train(
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64
              ) -> dict[str, float]:
     model.eval()
+    dev = model_device(model)
     correct, loss_sum = 0, 0.0
     for start in range(0, len(y), batch_size):
-        xb, yb = x[start: start + batch_size], y[start: start + batch_size]
+        xb = x[start: start + batch_size].to(dev, non_blocking=True)
+        yb = y[start: start + batch_size].to(dev)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
@@ -209,9 +213,12 @@ class VisionTask:
         from .data import load_images
 
         self.cfg = cfg
+        self.device = resolve_device(cfg.device)
         self._train = None
         test = load_images(cfg.dataset, cfg.data_dir, "test")
-        self.num_classes = test.num_classes
+        # a test subset may miss the top labels: known datasets have a fixed class count
+        known = {"cifar10": 10, "fashion-mnist": 10}
+        self.num_classes = max(test.num_classes, known.get(cfg.dataset, 0))
         self.channels = test.channels
         self.model_cfg = VisionModelConfig(
             arch=cfg.model, num_classes=self.num_classes, in_channels=self.channels,
@@ -251,10 +258,16 @@ class VisionTask:
         return to_tensor(train.x[idx], mean, std), torch.from_numpy(train.y[idx])
 
     def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test split; ``eval-max-examples`` > 0 keeps a fixed random subset (seed 0, the
+        same for every run: files such as CIFAR-10's npz are sorted by label, so the first N
+        would be one class)."""
         t = self._test
-        n = self.cfg.eval_max_examples or len(t.y)
         mean, std = self._norm_stats()
-        return to_tensor(t.x[:n], mean, std), torch.from_numpy(t.y[:n])
+        cap = self.cfg.eval_max_examples
+        if cap and cap < len(t.y):
+            idx = np.sort(np.random.default_rng(0).permutation(len(t.y))[:cap])
+            return to_tensor(t.x[idx], mean, std), torch.from_numpy(t.y[idx])
+        return to_tensor(t.x, mean, std), torch.from_numpy(t.y)
 
     # --- loops -----------------------------------------------------------------------------
     def train_settings(self, seed: int) -> TrainSettings:
@@ -269,6 +282,7 @@ class VisionTask:
         st = self.train_settings(seed)
         if epochs is not None:
             st.epochs = epochs
+        model.to(self.device)
         return sgd_train(model, x, y, st, **hooks)
 
     def evaluate(self, model: nn.Module, data) -> dict[str, float]:
@@ -276,7 +290,7 @@ class VisionTask:
         (numerically the same function, about 3x faster on CPU than the unmerged LoRA convs)."""
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
-        return evaluate(model, *data)
+        return evaluate(model.to(self.device), *data)
 
     def fingerprint(self) -> str:
         """Fingerprint of the frozen, seeded base (computed once per process)."""
