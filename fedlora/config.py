@@ -24,6 +24,7 @@ class RunConfig:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
+    client_sampling: str = "partition"
     seed: int = 42
     # --- model ---
     task: str = "vision"

@@ -13,8 +13,8 @@ log = logging.getLogger("flwr.fedlora")
 
 CSV_FIELDS = [
     "round", "accuracy", "loss", "clients", "failures", "dropped", "bytes_down", "bytes_up",
-    "payload_down", "payload_up", "params_up", "analytic_bytes_up", "cum_mb_down", "cum_mb_up",
-    "cum_mb", "round_s", "wall_s",
+    "payload_down", "payload_up", "params_up", "analytic_bytes_up", "control_bytes", "cum_mb_down",
+    "cum_mb_up", "cum_mb_control", "cum_mb", "round_s", "wall_s",
 ]
 
 
@@ -27,6 +27,7 @@ class Recorder:
         self.t0 = time.time()
         self.cum_down = 0
         self.cum_up = 0
+        self.cum_control = 0  # query messages (tiers, partition-ids) and their replies
         self.records: list[dict[str, Any]] = []
         (self.dir / "run.json").write_text(json.dumps(meta, indent=2, default=str))
         self._jsonl = self.dir / "rounds.jsonl"
@@ -38,10 +39,12 @@ class Recorder:
     def log_round(self, rec: dict[str, Any]) -> dict[str, Any]:
         self.cum_down += int(rec.get("bytes_down", 0))
         self.cum_up += int(rec.get("bytes_up", 0))
+        self.cum_control += int(rec.get("control_bytes", 0))
         rec = dict(rec)
         rec["cum_mb_down"] = self.cum_down / 1e6
         rec["cum_mb_up"] = self.cum_up / 1e6
-        rec["cum_mb"] = (self.cum_down + self.cum_up) / 1e6
+        rec["cum_mb_control"] = self.cum_control / 1e6
+        rec["cum_mb"] = (self.cum_down + self.cum_up + self.cum_control) / 1e6
         rec["wall_s"] = round(time.time() - self.t0, 3)
         self.records.append(rec)
         with self._jsonl.open("a") as f:
@@ -65,6 +68,7 @@ class Recorder:
             "best_accuracy": max(accs) if accs else None,
             "total_mb_down": self.cum_down / 1e6,
             "total_mb_up": self.cum_up / 1e6,
+            "total_mb_control": self.cum_control / 1e6,
             "wall_s": round(time.time() - self.t0, 3),
             **extra,
         }

@@ -47,6 +47,9 @@ def test_records_have_every_round_with_accuracy(runs):
         assert all(r["clients"] == 2 and r["failures"] == 0 for r in rounds[1:])
         assert (run_dir / "rounds.csv").read_text().count("\n") == 4
         assert (run_dir / "summary.json").exists() and (run_dir / "checkpoint.pt").exists()
+        # the real ClientApps told the server their partition-ids (client-sampling=partition)
+        assert all(r["partitions"] == [0, 1] for r in rounds[1:]), method
+        assert rounds[1]["control_bytes"] > 0 and rounds[2]["control_bytes"] == 0
     assert (runs["flocora"][2] / "adapter" / "adapter_config.json").exists()
 
 

@@ -18,11 +18,27 @@ SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (4, 2), "fc.bias": (4,)}
 
 
 class FakeGrid:
-    def __init__(self, nodes):
+    """Nodes, and answers to the strategy's ``query`` messages as the ClientApp gives them
+    (tier 0; partition-id = the node's position unless ``partition_of`` says otherwise)."""
+
+    def __init__(self, nodes, partition_of=None):
         self.nodes = nodes
+        self.partition_of = partition_of or {n: i for i, n in enumerate(nodes)}
+        self.queries = 0
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            self.queries += 1
+            node = m.metadata.dst_node_id
+            reply = Message(RecordDict({METRICS_KEY: MetricRecord(
+                {"tier": 0, "partition-id": self.partition_of[node]})}), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = node  # what the SuperLink would set
+            out.append(reply)
+        return out
 
 
 def toy(seed):
@@ -116,3 +132,43 @@ def test_download_carries_config_and_codec(task_identity):
 def test_bad_codec_spec_fails_at_start():
     with pytest.raises(ValueError):
         make_strategy(codec_up="affine:99")
+
+
+def _sampled_partitions(partition_of, rounds=4, seed=42, sampling="partition"):
+    cfg = RunConfig(method="flocora", min_train_nodes=1, min_available_nodes=1,
+                    fraction_train=0.3, seed=seed, client_sampling=sampling)
+    strategy = get_method("flocora").Strategy(cfg, SHAPES)
+    grid = FakeGrid(list(partition_of), partition_of)
+    out = []
+    for rnd in range(1, rounds + 1):
+        msgs = strategy.configure_train(rnd, state_to_arrays(toy(0)), ConfigRecord(), grid)
+        out.append(sorted(partition_of[m.metadata.dst_node_id] for m in msgs))
+        if sampling == "partition":
+            assert strategy.round_record(rnd)["partitions"] == out[-1]
+    return out, grid, strategy
+
+
+def test_partition_sampling_is_the_same_whatever_node_ids_flower_assigns(task_identity):
+    """Two runs with the same seed whose 10 nodes got different random node ids train the same
+    partitions in every round (Flower's own sampling would pick by node id); the partition-ids
+    are learnt with one query per node, counted as control bytes."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for _ in range(2):
+        ids = rng.choice(1 << 40, size=10, replace=False).tolist()
+        runs.append(_sampled_partitions({int(n): p for n, p in zip(ids, range(10))}))
+    (a, grid_a, strat_a), (b, _, _) = runs
+    assert a == b
+    assert all(len(r) == 3 for r in a) and len({tuple(r) for r in a}) > 1  # rounds differ
+    assert grid_a.queries == 10  # once per node, not per round
+    assert strat_a.round_record(1)["control_bytes"] > 0 == strat_a.round_record(2)["control_bytes"]
+    other_seed, _, _ = _sampled_partitions(runs[0][1].partition_of, seed=7)
+    assert other_seed != a
+
+
+def test_flower_sampling_and_a_bad_sampling_value(task_identity):
+    partition_of = {100 + p: p for p in range(10)}
+    out, grid, _ = _sampled_partitions(partition_of, sampling="flower")
+    assert all(len(r) == 3 for r in out) and grid.queries == 0  # no tiers, no partitions asked
+    with pytest.raises(ValueError, match="client-sampling"):
+        get_method("flocora").Strategy(RunConfig(client_sampling="random"), SHAPES)

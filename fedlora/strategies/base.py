@@ -100,9 +100,13 @@ class FedLoraStrategy(FedAvg):
         self.shapes = dict(shapes)
         parse_spec(cfg.codec_up)  # fail at start, not in round 1, on a bad spec
         parse_spec(cfg.codec_down)
+        if cfg.client_sampling not in ("partition", "flower"):
+            raise ValueError(f"run-config 'client-sampling' must be 'partition' or 'flower', "
+                             f"got {cfg.client_sampling!r}")
         self.stats: dict[int, RoundStats] = {}
         self._global: "OrderedDict[str, np.ndarray] | None" = None
         self.tiers: dict[int, int] = {}  # node id → tier, learnt with a query message
+        self.partitions: dict[int, int] = {}  # node id → partition-id, learnt with it too
         for spec in split_list(cfg.tier_codec_up) + split_list(cfg.tier_codec_down):
             parse_spec(spec)
 
@@ -126,11 +130,16 @@ class FedLoraStrategy(FedAvg):
     def tier_of(self, node_id: int | None) -> int:
         return self.tiers.get(node_id, 0) if node_id is not None else 0
 
+    @property
+    def samples_partitions(self) -> bool:
+        return self.cfg.client_sampling == "partition"
+
     def learn_tiers(self, grid: Grid, node_ids: list[int], stats: "RoundStats") -> None:
-        """Ask nodes not seen before for their tier (a ``query`` message; the ClientApp answers
-        from its node config). Its bytes are counted as control traffic of the round."""
+        """Ask nodes not seen before for their tier and partition-id (a ``query`` message; the
+        ClientApp answers from its node config). Its bytes are counted as control traffic of the
+        round. A node that does not answer gets tier 0 and is sampled after the known ones."""
         unknown = [n for n in node_ids if n not in self.tiers]
-        if not unknown or not self.uses_tiers:
+        if not unknown or not (self.uses_tiers or self.samples_partitions):
             return
         queries = [Message(RecordDict({CONFIG_KEY: ConfigRecord({"ask": "tier"})}),
                            message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
@@ -141,8 +150,22 @@ class FedLoraStrategy(FedAvg):
                 log.warning("node %s did not report its tier; using tier 0", node)
                 continue
             stats.control_bytes += message_bytes(reply)
-            self.tiers[node] = int(reply.content.metric_records[METRICS_KEY].get("tier", 0))
-        log.info("tiers: %s", {n: self.tier_of(n) for n in node_ids})
+            answer = reply.content.metric_records[METRICS_KEY]
+            self.tiers[node] = int(answer.get("tier", 0))
+            self.partitions[node] = int(answer.get("partition-id", -1))
+        if self.uses_tiers:
+            log.info("tiers: %s", {n: self.tier_of(n) for n in node_ids})
+
+    def sample_by_partition(self, server_round: int, all_nodes: list[int], k: int) -> list[int]:
+        """``k`` nodes chosen by a generator seeded with (seed, round) over the nodes ordered by
+        partition-id: the same partitions in every run with the same seed and the same set of
+        partitions, whatever node ids Flower assigned. Unknown partitions sort last (by id)."""
+        big = 1 << 62
+        order = sorted(all_nodes, key=lambda n: (p if (p := self.partitions.get(n, -1)) >= 0
+                                                  else big, n))
+        k = min(k, len(order))
+        rng = np.random.default_rng([int(self.cfg.seed) & 0xFFFFFFFF, int(server_round)])
+        return [order[i] for i in sorted(rng.choice(len(order), size=k, replace=False).tolist())]
 
     # ---------------------------------------------------------------- hooks for methods
     def download_state(self, server_round: int, state: "OrderedDict[str, np.ndarray]"
@@ -195,9 +218,15 @@ class FedLoraStrategy(FedAvg):
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         sample_size = max(num_nodes, self.min_train_nodes)
         node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
-        log.info("configure_train: round %d, sampled %d of %d nodes", server_round,
-                 len(node_ids), len(all_nodes))
-        self.learn_tiers(grid, node_ids, stats)
+        if self.samples_partitions:
+            self.learn_tiers(grid, list(all_nodes), stats)
+            node_ids = self.sample_by_partition(server_round, list(all_nodes), len(node_ids))
+        else:
+            self.learn_tiers(grid, node_ids, stats)
+        log.info("configure_train: round %d, sampled %d of %d nodes%s", server_round,
+                 len(node_ids), len(all_nodes),
+                 f" (partitions {[self.partitions.get(n, -1) for n in node_ids]})"
+                 if self.samples_partitions else "")
         download = self.download_state(server_round, self._global)
         encoded: dict[tuple, ArrayRecord] = {}
         messages = []
@@ -304,6 +333,7 @@ class FedLoraStrategy(FedAvg):
             "params_up": sum(s.params_up.values()),
             "control_bytes": s.control_bytes,
             "tiers": {str(k): self.tier_of(k) for k in s.sent},
+            "partitions": sorted(self.partitions.get(k, -1) for k in s.sent),
             "bytes_down_per_node": {str(k): v for k, v in s.sent.items()},
             "bytes_up_per_node": {str(k): v for k, v in s.received.items()},
             "failure_reasons": s.failures,
