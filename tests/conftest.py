@@ -32,6 +32,32 @@ def task_identity():
     yield
 
 
+class FakeGrid:
+    """Nodes, and answers to the strategy's ``query`` messages as the ClientApp gives them
+    (tier 0; partition-id = the node's position unless ``partition_of`` says otherwise)."""
+
+    def __init__(self, nodes, partition_of=None):
+        self.nodes = nodes
+        self.partition_of = partition_of or {n: i for i, n in enumerate(nodes)}
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        out = []
+        for m in messages:
+            self.queries += 1
+            node = m.metadata.dst_node_id
+            reply = Message(RecordDict({"metrics": MetricRecord(
+                {"tier": 0, "partition-id": self.partition_of[node]})}), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = node  # what the SuperLink would set
+            out.append(reply)
+        return out
+
+
 class LazyRuns(dict):
     """name → result of ``run(name)``, computed on first use (so ``-k`` selects what runs)."""
 

@@ -18,6 +18,8 @@ from fedlora.strategies.lora_a2 import rank_scores, select_ranks
 from fedlora.tasks import make_task
 from fedlora.wire import encode_record
 
+from conftest import FakeGrid
+
 R, D = 4, 256   # global rank, layer width (square layers: |A| = |B|)
 SHAPES = OrderedDict()
 for m in ("m0", "m1", "m2"):
@@ -149,12 +151,7 @@ def test_unselected_entries_bit_identical_after_local_training(tiny_task, rnd):
 
 
 # ------------------------------------------------------------------------------- bytes
-class Grid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+Grid = FakeGrid  # answers query messages with tier 0 and partition-ids
 
 
 def measured_upload(method, uploads_for, rnd=1, **kw):

@@ -14,31 +14,9 @@ from fedlora.strategies import get_method
 from fedlora.strategies.base import (ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays)
 from fedlora.wire import encode_record
 
+from conftest import FakeGrid
+
 SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (4, 2), "fc.bias": (4,)}
-
-
-class FakeGrid:
-    """Nodes, and answers to the strategy's ``query`` messages as the ClientApp gives them
-    (tier 0; partition-id = the node's position unless ``partition_of`` says otherwise)."""
-
-    def __init__(self, nodes, partition_of=None):
-        self.nodes = nodes
-        self.partition_of = partition_of or {n: i for i, n in enumerate(nodes)}
-        self.queries = 0
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            self.queries += 1
-            node = m.metadata.dst_node_id
-            reply = Message(RecordDict({METRICS_KEY: MetricRecord(
-                {"tier": 0, "partition-id": self.partition_of[node]})}), reply_to=m)
-            reply.metadata.__dict__["_src_node_id"] = node  # what the SuperLink would set
-            out.append(reply)
-        return out
 
 
 def toy(seed):
