@@ -71,7 +71,7 @@ def train_epochs(model: nn.Module, n: int, epochs: int, batch_size: int, seed: i
     gen = torch.Generator().manual_seed(int(seed))
     total, steps = 0.0, 0
     model.train()
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = model_device(model)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()
             ] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
