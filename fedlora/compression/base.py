@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - exercised only without torch
 __all__ = [
     "CodecError", "SpecError", "Codec", "Sparsifier", "ValueCoder", "LosslessCodec", "Pipeline",
     "register", "registered_ids", "parse_spec", "decode_payload", "read_header", "run_parallel",
-    "MAGIC", "FORMAT_VERSION", "DEFAULT_MAX_ELEMENTS", "scratch",
+    "MAGIC", "FORMAT_VERSION", "DEFAULT_MAX_ELEMENTS", "scratch", "scratch_arrays",
 ]
 
 MAGIC = b"FLC"
@@ -179,6 +179,18 @@ def scratch(n: int) -> np.ndarray:
     """An uninitialised ``uint8[n]`` that stays valid until the enclosing ``Pipeline.encode``
     returns (a fresh array outside an encode). Never return it, or a view of it, to a caller."""
     return _ARENA.take(n)
+
+
+def scratch_arrays(n: int, *dtypes) -> list[np.ndarray]:
+    """One :func:`scratch` block cut into ``n``-element arrays of ``dtypes`` (each 8-byte
+    aligned when the dtypes are given widest first); same lifetime rules as :func:`scratch`."""
+    sizes = [n * np.dtype(dt).itemsize for dt in dtypes]
+    raw = scratch(sum(sizes))
+    out, pos = [], 0
+    for dt, size in zip(dtypes, sizes):
+        out.append(raw[pos:pos + size].view(dt))
+        pos += size
+    return out
 
 
 # --------------------------------------------------------------------------------------------

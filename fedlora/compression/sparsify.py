@@ -33,7 +33,7 @@ import re
 import numpy as np
 
 from .base import (CodecError, Reader, SpecError, Sparsifier, as_bytes, register, run_parallel,
-                   scratch, uvarint, uvarint_len)
+                   scratch_arrays, uvarint, uvarint_len)
 
 __all__ = ["TopK", "topk_mask", "topk_indices", "topk_select", "leb128_encode", "leb128_decode",
            "leb128_size"]
@@ -214,11 +214,7 @@ def _candidates(f: np.ndarray, t_lo: np.float32, frac: float = 1.0):
     for c in range(nchunks):
         m = min(_CHUNK, f.size - c * _CHUNK)
         caps.append(min(m, int(frac * m * 1.25) + 8 * int(math.sqrt(m)) + 256) if frac else 0)
-    total = sum(caps)
-    raw = scratch(16 * total)
-    idx_all = raw[: 8 * total].view(np.int64)
-    val_all = raw[8 * total: 12 * total].view(np.float32)
-    mag_all = raw[12 * total:].view(np.float32)
+    idx_all, val_all, mag_all = scratch_arrays(sum(caps), np.int64, np.float32, np.float32)
     offs = np.concatenate([[0], np.cumsum(caps)]).tolist()
 
     def part(lo, hi):
@@ -296,8 +292,8 @@ def topk_select(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.nd
     for idxs, vals, ms in cand:
         keep = [np.flatnonzero(m >= v) for m in ms]
         kept = sum(j.size for j in keep)
-        raw = scratch(12 * kept)  # the kept entries: inputs to the index and value coders
-        oi, ov = raw[: 8 * kept].view(np.int64), raw[8 * kept:].view(np.float32)
+        # the kept entries: inputs to the index and value coders
+        oi, ov = scratch_arrays(kept, np.int64, np.float32)
         pos = 0
         for i, x, j in zip(idxs, vals, keep):
             np.take(i, j, out=oi[pos:pos + j.size])
