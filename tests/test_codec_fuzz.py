@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlora.compression import CodecError, decode_payload, parse_spec
-from fedlora.compression.base import MAGIC, _encode_header, uvarint
+from fedlora.compression.binary import uvarint
+from fedlora.compression.payload import MAGIC, _encode_header
 
 MAX_ELEMENTS = 1 << 20
 SPECS = ["fp32", "fp16", "bf16", "affine:8", "affine:3", "affine:1", "topk:0.1", "topk:0.6",
@@ -144,8 +145,12 @@ def test_absurd_declared_sizes_rejected_before_allocating():
             with pytest.raises(CodecError):
                 decode_payload(payload(spec, [entry], b"\x00" * 64))
             assert time.perf_counter() - t0 < 0.5
-    # within max_elements but the body is missing: rejected without allocating the dense output
+    # within max_elements but the body is missing: rejected without allocating the dense output,
+    # with the expected shapes (the body is read) and without (the header outgrows the payload)
     with pytest.raises(CodecError, match="truncated"):
+        decode_payload(payload("fp32", [("x", (2 ** 26,))]), max_elements=2 ** 27,
+                       expected={"x": (2 ** 26,)})
+    with pytest.raises(CodecError, match="pass the expected shapes"):
         decode_payload(payload("fp32", [("x", (2 ** 26,))]), max_elements=2 ** 27)
     # many tensors each under the cap, together over it
     table = [(f"t{i}", (2 ** 19,)) for i in range(8)]
@@ -169,14 +174,22 @@ def test_absurd_declared_sizes_rejected_before_allocating():
     ("affine:8", [("x", (1, 2))], b"\x03" + f32(1.0) + b"\x00" * 3 + b"\x00\x01", "width"),
     ("affine:2", [("x", (1, 3))], b"\x01" + f32(1.0) + b"\x00" + b"\xff", "padding"),
     ("affine:4", [("x", (1, 2))], b"\x01" + f32(1.0) + b"\x00", "truncated"),
-    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x01\x05" + f32(1, 2),
+    # gap varints (2 of 64 kept: the gap section beats the 8-byte bitmap)
+    ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x28\x28" + f32(1, 2),
+     "index 81 out of range"),
+    ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x01\x7f" + f32(1, 2),
      "out of range"),
-    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(3) + b"\x00\x00\x00" + f32(1, 2),
-     "varints"),
-    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(3) + b"\x80\x80\x00" + f32(1, 2),
-     "varints"),
-    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x00\x80" + f32(1, 2),
+    ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(3) + b"\x00\x00\x00"
+     + f32(1, 2), "varints"),
+    ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(3) + b"\x80\x80\x00"
+     + f32(1, 2), "varints"),
+    ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x00\x80" + f32(1, 2),
      "varint"),
+    ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(3) + b"\x80\x00\x05"
+     + f32(1, 2), "canonical"),
+    # a gap section that is not smaller than the bitmap: the encoder never writes one
+    ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x00\x00" + f32(1, 2),
+     "not smaller than its 1-byte bitmap"),
     ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x00" + b"\x07" + f32(1, 2), "bitmap"),
     ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x00" + b"\x13" + f32(1, 2), "padding"),
     ("topk:0.5", [("x", (4,))], uvarint(2) + b"\x02" + b"\x03" + f32(1, 2), "index mode"),

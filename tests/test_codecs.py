@@ -19,10 +19,10 @@ from fedlora.compression import (
     parse_spec,
     topk_mask,
 )
-from fedlora.compression import base, casts, quantize, sparsify
-from fedlora.compression.base import uvarint, uvarint_len
-from fedlora.compression.quantize import pack_bits, unpack_bits
-from fedlora.compression.sparsify import leb128_decode, leb128_encode, leb128_size
+from fedlora.compression import arrays as compression_arrays
+from fedlora.compression import casts, payload, quantize
+from fedlora.compression.binary import (Reader, leb128_decode, leb128_encode, leb128_size,
+                                        pack_bits, unpack_bits, uvarint, uvarint_len)
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -51,7 +51,7 @@ def roundtrip(spec, tensors):
 
 
 def header_len(spec, table):
-    return base._header_size(parse_spec(spec).spec, table)
+    return payload._header_size(parse_spec(spec).spec, table)
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,13 +273,64 @@ def test_topk_index_coding_picks_smaller():
         assert index_bytes < 8 * k  # never raw int64
 
 
+VARINT_VALUES = st.one_of(st.integers(0, 2 ** 63 - 1),
+                          st.sampled_from([0, 127, 128, 2 ** 14 - 1, 2 ** 14, 2 ** 56 - 1,
+                                           2 ** 56, 2 ** 63 - 1]))
+
+
 @SETTINGS
-@given(hnp.arrays(np.int64, st.integers(0, 50), elements=st.integers(0, 2 ** 40)))
+@given(hnp.arrays(np.int64, st.integers(0, 50), elements=VARINT_VALUES))
 def test_leb128_roundtrip(g):
+    """The vectorised varints (top-k gaps) write exactly the scalar varints' bytes (header
+    fields), for every length from 1 to 9 bytes, and both read them back."""
     enc = leb128_encode(g)
     assert enc.size == leb128_size(g) == sum(uvarint_len(int(v)) for v in g)
     assert enc.tobytes() == b"".join(uvarint(int(v)) for v in g)
-    np.testing.assert_array_equal(leb128_decode(enc, g.size, 2 ** 40, "t"), g)
+    np.testing.assert_array_equal(leb128_decode(enc, g.size, 2 ** 63 - 1, "t"), g)
+    r = Reader(enc.tobytes())
+    assert [r.uvarint("t", 2 ** 63 - 1) for _ in range(g.size)] == g.tolist()
+    r.done()
+
+
+def scalar_varints(buf: bytes, count: int, limit: int):
+    r = Reader(buf)
+    vals = [r.uvarint("t", limit) for _ in range(count)]
+    r.done()
+    return vals
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(buf=st.lists(st.one_of(st.sampled_from([0x00, 0x01, 0x7F, 0x80, 0x81, 0xFF]),
+                              st.integers(0, 255)), max_size=30).map(bytes),
+       extra=st.integers(-2, 2), limit=st.sampled_from([0, 1, 300, 2 ** 40, 2 ** 63 - 1]))
+def test_scalar_and_vector_varint_decoders_agree(buf, extra, limit):
+    """Same bytes, same verdict: the scalar reader (header) and the vectorised decoder (top-k
+    gaps) accept exactly the same canonical varints (<= 9 bytes, no redundant zero byte, within
+    the limit, nothing left over) with the same values, and reject everything else."""
+    count = max(0, sum(b < 0x80 for b in buf) + extra)
+    try:
+        want = scalar_varints(buf, count, limit)
+    except CodecError:
+        want = None
+    try:
+        got = leb128_decode(np.frombuffer(buf, np.uint8), count, limit, "t").tolist()
+    except CodecError:
+        got = None
+    assert got == want
+
+
+def test_varint_range_is_the_same_for_both_forms():
+    """Values must be in [0, 2**63): a 10-byte varint is refused by both readers."""
+    for bad in (-1, 2 ** 63):
+        with pytest.raises(ValueError):
+            uvarint(bad)
+    with pytest.raises(ValueError):
+        leb128_encode(np.array([3, -1], np.int64))
+    ten = b"\x80" * 9 + b"\x01" + b"\x00"  # 2**63, then 0
+    with pytest.raises(CodecError, match="longer than 9 bytes"):
+        scalar_varints(ten, 2, 2 ** 64)
+    with pytest.raises(CodecError, match="longer than 9 bytes"):
+        leb128_decode(np.frombuffer(ten, np.uint8), 2, 2 ** 64, "t")
 
 
 # ------------------------------------------------------------------------------------------
@@ -533,7 +584,7 @@ def test_every_engine_gives_the_payloads_of_the_plain_numpy_path(monkeypatch, en
     if engine in ("numba", "auto"):
         assert quantize._jit() is not None  # the fused kernels really ran
     monkeypatch.setattr(quantize, "ENGINE", "numpy")
-    for mod in (base, casts, quantize):
+    for mod in (compression_arrays, casts, quantize):
         monkeypatch.setattr(mod, "_torch", None)
     for s in specs:
         assert parse_spec(s).encode(t) == with_engine[s], s

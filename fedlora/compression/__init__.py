@@ -5,25 +5,32 @@
     payload = pipe.encode({"layer.lora_A": a, "layer.lora_B": b})
     tensors = decode_payload(payload, expected={"layer.lora_A": a.shape, "layer.lora_B": b.shape})
 
-Spec grammar, payload layout and hardening: :mod:`fedlora.compression.base`. One codec per module:
-``casts`` (fp32/fp16/bf16), ``quantize`` (affine:b), ``sparsify`` (topk), ``ranks``, ``lossless``
-(zstd); ``feedback`` holds :class:`ErrorFeedback`. A new codec = one module defining a
-:class:`~fedlora.compression.base.Codec` subclass decorated with ``@register``, imported below.
+The core, one concern per module: ``errors`` (CodecError, SpecError), ``spec`` (the spec grammar),
+``payload`` (payload layout, :class:`Pipeline`, :func:`decode_payload` and the decoder's memory
+contract), ``codec`` (stage kinds and registry), ``binary`` (varints, bitmaps, bit packing, the
+bounds-checked reader), ``arrays`` (tensor input, finiteness), ``runtime`` (thread pool, scratch
+arena). One codec per module: ``casts`` (fp32/fp16/bf16), ``quantize`` (affine:b), ``sparsify``
+(topk), ``ranks``, ``lossless`` (zstd); ``feedback`` holds :class:`ErrorFeedback`. A new codec = one
+module defining a :class:`~fedlora.compression.codec.Codec` subclass decorated with ``@register``
+and stating its ``max_expansion``, imported below.
 """
 
-from .base import (  # noqa: F401
-    DEFAULT_MAX_ELEMENTS,
+from .codec import (  # noqa: F401
     Codec,
-    CodecError,
     LosslessCodec,
-    Pipeline,
     Sparsifier,
-    SpecError,
     ValueCoder,
-    decode_payload,
-    parse_spec,
     register,
     registered_ids,
+)
+from .errors import CodecError, SpecError  # noqa: F401
+from .payload import (  # noqa: F401
+    DEFAULT_MAX_ELEMENTS,
+    MAX_EXPANSION,
+    OUTPUT_ALLOWANCE,
+    Pipeline,
+    decode_payload,
+    parse_spec,
 )
 from . import casts, lossless, quantize, ranks, sparsify  # noqa: F401  (registration)
 from .feedback import ErrorFeedback  # noqa: F401
@@ -32,5 +39,5 @@ from .sparsify import topk_mask  # noqa: F401
 __all__ = [
     "parse_spec", "decode_payload", "Pipeline", "CodecError", "SpecError", "ErrorFeedback",
     "topk_mask", "Codec", "Sparsifier", "ValueCoder", "LosslessCodec", "register",
-    "registered_ids", "DEFAULT_MAX_ELEMENTS",
+    "registered_ids", "DEFAULT_MAX_ELEMENTS", "MAX_EXPANSION", "OUTPUT_ALLOWANCE",
 ]

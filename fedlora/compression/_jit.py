@@ -8,9 +8,9 @@ to the numpy path's — ``tests/test_codecs.py`` checks that bit for bit.
 
 Every kernel works on the flat element range ``[i0, i1)`` of a row-major ``(g, m)`` array with one
 parameter per row, so a caller can split any tensor (one long row, many short rows) across
-threads; the kernels release the GIL (``nogil``), and :func:`fedlora.compression.base.run_parallel`
-supplies the threads. Loops run over slices starting at 0 so numba can prove indices
-non-negative and LLVM vectorizes them.
+threads; the kernels release the GIL (``nogil``), and
+:func:`fedlora.compression.runtime.run_parallel` supplies the threads. Loops run over slices
+starting at 0 so numba can prove indices non-negative and LLVM vectorizes them.
 
 Compiled code is cached on disk (numba's ``cache=True``: ``__pycache__`` beside this file, else
 numba's user cache directory); where neither is writable the kernels compile per process instead.

@@ -4,7 +4,8 @@ Value section of ``n`` values: ``n`` little-endian float32 (``fp32``), IEEE bina
 bfloat16 (``bf16``: the top 16 bits of the float32 pattern, rounded to nearest, ties to even). The
 ``groups`` hint is ignored. Decoding returns float32. Out-of-range values saturate to the largest
 finite value of the narrow type (65504 for fp16, ~3.39e38 for bf16) instead of becoming Inf, so a
-payload never carries Inf/NaN; a payload that does (hand-made) is rejected.
+payload never carries Inf/NaN; a payload that does (hand-made) is rejected. ``max_expansion``
+(the decoder's memory contract, ``payload.py``): 1 for ``fp32``, 2 for the 2-byte casts.
 """
 
 from __future__ import annotations
@@ -14,52 +15,76 @@ import warnings
 
 import numpy as np
 
-from .base import CodecError, Reader, ValueCoder, _torch, as_bytes, check_finite, register
+from .arrays import _torch, as_bytes, check_finite
+from .binary import Reader
+from .codec import ValueCoder, register
+from .errors import CodecError
 
 _TORCH_MIN = 1 << 15  # below this many values numpy is faster than a torch kernel launch
 FP16_MAX = 65504.0
 BF16_MAX_BITS = 0x7F7F
 
 
+class _FixedWidth(ValueCoder):
+    """A cast of ``width`` bytes per value: sizes and the expansion factor follow from it."""
+
+    width = 4
+
+    def values_size(self, x, groups):
+        return self.width * x.size
+
+    def max_values_size(self, n, groups):
+        return self.width * n
+
+    def max_expansion(self):
+        return 4.0 / self.width
+
+
 @register
-class Fp32(ValueCoder):
+class Fp32(_FixedWidth):
     """Raw little-endian float32 (lossless)."""
 
     codec_id = "fp32"
 
     def encode_values(self, x, groups, out):
-        check_finite(x, "input")
+        check_finite(x)
         out.append(as_bytes(np.ascontiguousarray(x, dtype="<f4")))
 
-    def values_size(self, x, groups):
-        return 4 * x.size
-
-    def max_values_size(self, n, groups):
-        return 4 * n
-
     def decode_values(self, r: Reader, shape, groups, name):
-        n = math.prod(shape)
-        raw = r.array("<f4", n, f"fp32 values of {name!r}")
-        if n and not (math.isfinite(float(raw.min())) and math.isfinite(float(raw.max()))):
-            raise CodecError(f"tensor {name!r}: NaN or Inf in decoded fp32 values")
+        raw = r.array("<f4", math.prod(shape), f"fp32 values of {name!r}")
+        check_finite(raw, f"tensor {name!r} (fp32 values)")
         out = np.empty(shape, dtype=np.float32)
         out.reshape(-1)[...] = raw
         return out
 
 
-def _reject_nonfinite16(u16: np.ndarray, exp_mask: int, name: str, kind: str) -> None:
-    if u16.size and np.bitwise_and(u16, exp_mask).max(initial=0) == exp_mask:
-        raise CodecError(f"tensor {name!r}: NaN or Inf in decoded {kind} values")
+class _TwoByteCast(_FixedWidth):
+    """The 16-bit casts: a subclass supplies the conversions and the exponent mask that marks
+    NaN/Inf in its bit patterns."""
 
+    width = 2
+    exp_mask = 0
 
-class _TwoByteCast(ValueCoder):
-    """Shared sizing of the 16-bit casts: exactly 2 bytes a value."""
+    def _narrow(self, x: np.ndarray) -> np.ndarray:
+        """Finite float32 ``x`` (CodecError otherwise) -> flat little-endian 2-byte array."""
+        raise NotImplementedError
 
-    def values_size(self, x, groups):
-        return 2 * x.size
+    def _widen(self, u: np.ndarray, out: np.ndarray) -> None:
+        """Bit patterns ``u`` (``<u2``, read-only) -> float32 into the flat ``out``."""
+        raise NotImplementedError
 
-    def max_values_size(self, n, groups):
-        return 2 * n
+    def encode_values(self, x, groups, out):
+        if x.size:
+            out.append(as_bytes(self._narrow(x)))
+
+    def decode_values(self, r, shape, groups, name):
+        n = math.prod(shape)
+        u = r.array("<u2", n, f"{self.codec_id} values of {name!r}")
+        if n and np.bitwise_and(u, self.exp_mask).max() == self.exp_mask:
+            raise CodecError(f"tensor {name!r}: NaN or Inf in decoded {self.codec_id} values")
+        out = np.empty(shape, dtype=np.float32)
+        self._widen(u, out.reshape(-1))
+        return out
 
 
 @register
@@ -67,10 +92,9 @@ class Fp16(_TwoByteCast):
     """IEEE half precision (saturating at +-65504)."""
 
     codec_id = "fp16"
+    exp_mask = 0x7C00
 
-    def encode_values(self, x, groups, out):
-        if x.size == 0:
-            return
+    def _narrow(self, x):
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise CodecError("input contains NaN or Inf")
@@ -80,21 +104,16 @@ class Fp16(_TwoByteCast):
             h = _torch.from_numpy(x.reshape(-1)).to(_torch.float16).numpy()
         else:
             h = x.reshape(-1).astype(np.float16)
-        out.append(as_bytes(h.astype("<f2", copy=False)))
+        return h.astype("<f2", copy=False)
 
-    def decode_values(self, r, shape, groups, name):
-        n = math.prod(shape)
-        u = r.array("<u2", n, f"fp16 values of {name!r}")
-        _reject_nonfinite16(u, 0x7C00, name, "fp16")
-        out = np.empty(shape, dtype=np.float32)
-        if _torch is not None and n >= _TORCH_MIN:  # vectorized (F16C) widening; numpy's is scalar
+    def _widen(self, u, out):
+        if _torch is not None and u.size >= _TORCH_MIN:  # vectorized (F16C); numpy's is scalar
             with warnings.catch_warnings():  # u is a read-only view of the payload; never written
                 warnings.simplefilter("ignore")
                 h = _torch.from_numpy(u.view(np.int16)).view(_torch.float16)
-            _torch.from_numpy(out.reshape(-1)).copy_(h)
+            _torch.from_numpy(out).copy_(h)
         else:
-            out.reshape(-1)[...] = u.view("<f2")
-        return out
+            out[...] = u.view("<f2")
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -119,11 +138,10 @@ class Bf16(_TwoByteCast):
     """bfloat16: 8-bit exponent like float32, 7-bit mantissa; 2 bytes per value."""
 
     codec_id = "bf16"
+    exp_mask = 0x7F80
 
-    def encode_values(self, x, groups, out):
-        if x.size == 0:
-            return
-        check_finite(x, "input")
+    def _narrow(self, x):
+        check_finite(x)
         if _torch is not None and x.size >= _TORCH_MIN:
             # torch's float->bfloat16 conversion is round-to-nearest-even on the bit pattern
             hi = _torch.from_numpy(x.reshape(-1)).to(_torch.bfloat16).view(_torch.int16)
@@ -131,13 +149,7 @@ class Bf16(_TwoByteCast):
             _saturate_bf16(hi)
         else:
             hi = bf16_bits(x)
-        out.append(as_bytes(hi.astype("<u2", copy=False)))
+        return hi.astype("<u2", copy=False)
 
-    def decode_values(self, r, shape, groups, name):
-        n = math.prod(shape)
-        u = r.array("<u2", n, f"bf16 values of {name!r}")
-        _reject_nonfinite16(u, 0x7F80, name, "bf16")
-        out = np.empty(shape, dtype=np.float32)
-        o = out.reshape(-1).view(np.uint32)
-        np.left_shift(u, 16, out=o, dtype=np.uint32)
-        return out
+    def _widen(self, u, out):
+        np.left_shift(u, 16, out=out.view(np.uint32), dtype=np.uint32)

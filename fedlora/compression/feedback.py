@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import _to_float32
+from .arrays import to_float32
 
 __all__ = ["ErrorFeedback"]
 
@@ -34,7 +34,7 @@ class ErrorFeedback:
         matches its tensor is discarded (the model changed)."""
         out: dict[str, np.ndarray] = {}
         for name, t in tensors.items():
-            x = _to_float32(name, t)
+            x = to_float32(name, t)
             res = self.residual.get(name)
             if res is not None and res.shape == x.shape:
                 out[name] = x + res
@@ -47,9 +47,9 @@ class ErrorFeedback:
         not sent at all). Residuals of tensors absent from ``compensated`` are dropped."""
         new: dict[str, np.ndarray] = {}
         for name, t in compensated.items():
-            x = _to_float32(name, t)
+            x = to_float32(name, t)
             if name in decoded:
-                d = _to_float32(name, decoded[name])
+                d = to_float32(name, decoded[name])
                 if d.shape != x.shape:
                     raise ValueError(f"decoded {name!r} has shape {d.shape}, compensated "
                                      f"{x.shape}")

@@ -8,20 +8,25 @@ with N in -7..22 picks another (negative = faster, higher = smaller).
 
 Layer layout: ``varint raw_length`` then one zstd frame (with its content size) filling the rest.
 Decoding checks ``raw_length`` against an upper bound computed from the header shapes, requires the
-frame's declared content size to equal it, caps the window size, rejects trailing bytes after the
-frame, and wraps every zstd error in CodecError.
+frame's declared content size to equal it and caps the window size, all before decompressing; it
+then decompresses in one shot into a single buffer of exactly ``raw_length`` bytes
+(``max_output_size``; zstd fails instead of writing past it), rejects trailing bytes after the
+frame, and wraps every zstd error in CodecError. ``max_expansion`` (the decoder's memory contract,
+``payload.py``): 32 per zstd stage.
 """
 
 from __future__ import annotations
 
 import re
 
-from .base import CodecError, LosslessCodec, SpecError, register
+from .codec import LosslessCodec, register
+from .errors import CodecError, SpecError
 
 __all__ = ["Zstd"]
 
 DEFAULT_LEVEL = 3
 _MAX_WINDOW = 1 << 27
+MAX_RATIO = 32.0  # legitimate raw / compressed; float data compresses far less
 
 
 def _zstd():
@@ -60,10 +65,11 @@ class Zstd(LosslessCodec):
 
     @classmethod
     def from_config(cls, cfg):
-        extra = set(cfg) - {"id", "level"}
-        if extra:
-            raise SpecError(f"zstd: unknown config keys {sorted(extra)}")
+        cls.check_config_keys(cfg, ("level",))
         return cls(cfg.get("level", DEFAULT_LEVEL))
+
+    def max_expansion(self):
+        return MAX_RATIO
 
     def encode_bytes(self, data):
         z = _zstd()
@@ -74,7 +80,6 @@ class Zstd(LosslessCodec):
 
     def decode_bytes(self, data, raw_len):
         z = _zstd()
-        data = bytes(data)
         try:
             params = z.get_frame_parameters(data)
         except z.ZstdError as err:
@@ -84,15 +89,25 @@ class Zstd(LosslessCodec):
                              f"says {raw_len}")
         if params.window_size > _MAX_WINDOW:
             raise CodecError(f"zstd window of {params.window_size} bytes is too large")
+        dctx = z.ZstdDecompressor(max_window_size=_MAX_WINDOW)
         try:
-            dobj = z.ZstdDecompressor(max_window_size=_MAX_WINDOW).decompressobj()
-            out = dobj.decompress(data)
+            if raw_len == 0:  # one-shot returns b"" unread here; zstd streams nothing past 0
+                dobj = dctx.decompressobj()
+                out = dobj.decompress(data)
+                if not dobj.eof:
+                    raise CodecError("zstd: truncated frame")
+                if dobj.unused_data:
+                    raise CodecError(f"zstd: {len(dobj.unused_data)} trailing bytes after the "
+                                     "frame")
+            else:  # exactly one buffer of raw_len bytes
+                out = dctx.decompress(data, max_output_size=raw_len, allow_extra_data=False)
         except z.ZstdError as err:
-            raise CodecError(f"zstd: corrupt data ({err})") from None
-        if not dobj.eof:
-            raise CodecError("zstd: truncated frame")
-        if dobj.unused_data:
-            raise CodecError(f"zstd: {len(dobj.unused_data)} trailing bytes after the frame")
+            msg = str(err)
+            if "unused data" in msg:
+                raise CodecError(f"zstd: trailing bytes after the frame ({msg})") from None
+            if "full frame" in msg:
+                raise CodecError(f"zstd: truncated frame ({msg})") from None
+            raise CodecError(f"zstd: corrupt data ({msg})") from None
         if len(out) != raw_len:
             raise CodecError(f"zstd produced {len(out)} bytes, expected {raw_len}")
         return out

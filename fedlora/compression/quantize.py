@@ -58,8 +58,13 @@ on which ran (tested bit for bit). Rounding uses the float32 "magic number" tric
 ``1.5*2^23 + (z - qmin)`` rounds to an integer (ties to even) and leaves ``u`` in the low mantissa
 byte; since both float32 steps are monotonic in ``x``, only slices whose own min or max lands
 outside the range need the clamp. The quantized bytes are written to per-encode scratch memory
-(``base.scratch``): a fresh multi-MB buffer per encode costs more in page faults than the
-quantization itself.
+(``runtime.scratch``): a fresh multi-MB buffer per encode costs more in page faults than the
+quantization itself. Decoding checks the per-slice parameters in blocks of slices, so a tensor of
+one value per slice (8 parameter bytes a value) needs no full-size temporaries; ``max_expansion``
+(the decoder's memory contract, ``payload.py``): ``32/b``.
+
+(Over 400 lines on purpose: the scheme, its error proof, the section layout and the engines that
+must agree bit for bit are read together; the bit packing itself is in ``binary.py``.)
 """
 
 from __future__ import annotations
@@ -71,10 +76,14 @@ import warnings
 
 import numpy as np
 
-from .base import (FLT_MAX, CodecError, Reader, SpecError, ValueCoder, _torch, as_bytes,
-                   check_finite, register, run_parallel, scratch)
+from .arrays import FLT_MAX, _torch, as_bytes
+from .binary import Reader, pack_bits, packed_len, unpack_bits
+from .casts import Fp32
+from .codec import ValueCoder, register
+from .errors import CodecError, SpecError
+from .runtime import run_parallel, scratch
 
-__all__ = ["Affine", "affine_params", "pack_bits", "unpack_bits"]
+__all__ = ["Affine", "affine_params", "quantize_groups"]
 
 _MAG = 12582912.0  # 1.5 * 2**23: float32 x + _MAG rounds x to an integer in the low mantissa bits
 _TINY = float(np.finfo(np.float32).tiny)
@@ -82,6 +91,7 @@ _OVERFLOW_LIMIT = FLT_MAX * (1.0 - 2.0 ** -20)
 _CHUNK = 1 << 20       # elements per element-wise block (torch path)
 _NP_CHUNK = 1 << 16    # elements per block (numpy path, stays in L2)
 _TORCH_MIN = 1 << 15
+_PARAM_BLOCK = 1 << 16  # slices per block when checking decoded parameters
 # element-wise engine: "auto" (default) = numba's fused one-pass kernels (``_jit.py``) when numba
 # imports, else numpy; "numba"; "numpy" = numpy ufuncs on cache-sized blocks over a small thread
 # pool; "torch" = torch's OpenMP kernels on 1M-element blocks (big tensors only). Identical IEEE
@@ -153,77 +163,25 @@ def _affine_params(mn: np.ndarray, mx: np.ndarray, bits: int) -> tuple[np.ndarra
 
 
 def _overflow_bound(s: np.ndarray, z: np.ndarray, bits: int) -> float:
+    """The largest ``|x'|`` the per-slice ``(s, z)`` can decode to (float64), computed over
+    blocks of slices so that no temporary outgrows a block (``z``: any integer dtype)."""
     qmin = -(1 << (bits - 1))
     qmax = (1 << (bits - 1)) - 1
-    far = np.maximum(np.abs(qmin - z), np.abs(qmax - z)).astype(np.float64)
-    return float((far * s.astype(np.float64)).max(initial=0.0))
+    bound = 0.0
+    for c0 in range(0, z.size, _PARAM_BLOCK):
+        zc = z[c0:c0 + _PARAM_BLOCK].astype(np.int64)
+        far = np.maximum(np.abs(qmin - zc), np.abs(qmax - zc)).astype(np.float64)
+        far *= s[c0:c0 + _PARAM_BLOCK]
+        bound = max(bound, float(far.max(initial=0.0)))
+    return bound
 
 
-# ------------------------------------------------------------------------------------------
-# bit packing: value i occupies bits [i*b, (i+1)*b) of the little-endian bit stream
-
-
-def packed_len(n: int, bits: int) -> int:
-    return (n * bits + 7) // 8
-
-
-def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
-    """Pack ``uint8`` values ``< 2**bits`` into ``ceil(n*bits/8)`` bytes (LSB-first)."""
-    u = np.ascontiguousarray(u, dtype=np.uint8).reshape(-1)
-    n = u.size
-    nb = packed_len(n, bits)
-    if bits == 8:
-        return u
-    if bits == 1:
-        return np.packbits(u, bitorder="little")
-    per = {4: 2, 2: 4}.get(bits, 8)
-    if n % per:
-        u = np.concatenate([u, np.zeros(per - n % per, np.uint8)])
-    if bits == 4:
-        v = u.view("<u2")
-        w = v | (v >> 4)
-        return w.astype(np.uint8)[:nb]
-    if bits == 2:
-        v = u.view("<u4")
-        w = v | (v >> 6)
-        w |= v >> 12
-        w |= v >> 18
-        return w.astype(np.uint8)[:nb]
-    v = u.view("<u8")
-    w = v & np.uint64(0xFF)
-    for j in range(1, 8):
-        w |= ((v >> np.uint64(8 * j)) & np.uint64(0xFF)) << np.uint64(bits * j)
-    return w.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)[:nb]
-
-
-def unpack_bits(p: np.ndarray, n: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` (``p`` holds exactly ``ceil(n*bits/8)`` bytes)."""
-    p = np.asarray(p, dtype=np.uint8).reshape(-1)
-    if bits == 8:
-        return p[:n]
-    if bits == 1:
-        return np.unpackbits(p, count=n, bitorder="little")
-    if bits == 4:
-        v = p.astype("<u2")
-        w = (v & 0x0F) | ((v & 0xF0) << 4)
-        return w.view(np.uint8)[:n]
-    if bits == 2:
-        v = p.astype("<u4")
-        w = (v & 0x03) | ((v & 0x0C) << 6)
-        w |= (v & 0x30) << 12
-        w |= (v & 0xC0) << 18
-        return w.view(np.uint8)[:n]
-    rows = -(-p.size // bits)
-    buf = np.zeros((rows, 8), np.uint8)
-    flat = np.zeros(rows * bits, np.uint8)
-    flat[: p.size] = p
-    buf[:, :bits] = flat.reshape(rows, bits)
-    v = buf.view("<u8").reshape(-1)
-    out = np.empty((rows, 8), np.uint8)
-    mask = np.uint64((1 << bits) - 1)
-    for j in range(8):
-        out[:, j] = (v >> np.uint64(bits * j)) & mask
-    return out.reshape(-1)[:n]
+def _zero_offsets(z: np.ndarray, qmin: int) -> np.ndarray:
+    """``float32(z - qmin)`` per slice (exact integer difference, then rounded), by blocks."""
+    zu = np.empty(z.size, np.float32)
+    for c0 in range(0, z.size, _PARAM_BLOCK):
+        zu[c0:c0 + _PARAM_BLOCK] = z[c0:c0 + _PARAM_BLOCK].astype(np.int64) - qmin
+    return zu
 
 
 # ------------------------------------------------------------------------------------------
@@ -422,16 +380,17 @@ class Affine(ValueCoder):
 
     @classmethod
     def from_config(cls, cfg):
-        extra = set(cfg) - {"id", "bits"}
-        if extra:
-            raise SpecError(f"affine: unknown config keys {sorted(extra)}")
+        cls.check_config_keys(cfg, ("bits",))
         return cls(cfg.get("bits", 8))
+
+    def max_expansion(self):
+        return 32.0 / self.bits  # b bits in per float32 out (raw 1-D tensors: 1)
 
     # -- sizes ------------------------------------------------------------------------------
     def values_size(self, x, groups):
         n = x.size
         if groups == 0:
-            return 4 * n
+            return _RAW.values_size(x, groups)
         x2 = x.reshape(groups, -1)
         mn, mx = _row_minmax(x2)
         if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
@@ -441,14 +400,13 @@ class Affine(ValueCoder):
 
     def max_values_size(self, n, groups):
         if groups == 0:
-            return 4 * n
+            return _RAW.max_values_size(n, groups)
         return 1 + 8 * groups + packed_len(n, self.bits)
 
     # -- encode -----------------------------------------------------------------------------
     def encode_values(self, x, groups, out):
         if groups == 0:
-            check_finite(x, "input")
-            out.append(as_bytes(np.ascontiguousarray(x, dtype="<f4")))
+            _RAW.encode_values(x, groups, out)
             return
         x2 = x.reshape(groups, -1)
         s, z, u = quantize_groups(x2, self.bits)
@@ -463,12 +421,7 @@ class Affine(ValueCoder):
         n = math.prod(shape)
         b = self.bits
         if groups == 0:
-            raw = r.array("<f4", n, f"raw float32 values of {name!r}")
-            if n and not (math.isfinite(float(raw.min())) and math.isfinite(float(raw.max()))):
-                raise CodecError(f"tensor {name!r}: NaN or Inf in raw float32 values")
-            out = np.empty(shape, np.float32)
-            out.reshape(-1)[...] = raw
-            return out
+            return _RAW.decode_values(r, shape, groups, name)
         if groups <= 0 or n % groups:
             raise CodecError(f"tensor {name!r}: {n} values do not split into {groups} slices")
         zw = r.u8(f"zero-point width of {name!r}")
@@ -479,8 +432,8 @@ class Affine(ValueCoder):
             raise CodecError(f"truncated payload: affine section of {name!r} needs {need} bytes, "
                              f"{r.remaining} left")
         s = r.array("<f4", groups, f"scales of {name!r}").astype(np.float32)
-        z = r.array(f"<i{zw}", groups, f"zero-points of {name!r}").astype(np.int64)
-        if not (np.isfinite(s).all() and (s > 0).all()):
+        z = r.array(f"<i{zw}", groups, f"zero-points of {name!r}")  # read-only view
+        if not (float(s.min()) > 0 and float(s.max()) < math.inf):  # (NaN fails both)
             raise CodecError(f"tensor {name!r}: non-finite or non-positive affine scale")
         if _overflow_bound(s, z, b) > _OVERFLOW_LIMIT:
             raise CodecError(f"tensor {name!r}: affine parameters overflow float32")
@@ -490,5 +443,7 @@ class Affine(ValueCoder):
         if nb and used < 8 and int(p[-1]) >> used:
             raise CodecError(f"tensor {name!r}: non-zero padding bits in packed values")
         u = unpack_bits(p, n, b)
-        qmin = -(1 << (b - 1))
-        return _dequantize(u, s, (z - qmin).astype(np.float32), shape, groups)
+        return _dequantize(u, s, _zero_offsets(z, -(1 << (b - 1))), shape, groups)
+
+
+_RAW = Fp32()  # the value section of an ungrouped (1-D) tensor: raw float32

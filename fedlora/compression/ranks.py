@@ -21,8 +21,9 @@ import math
 
 import numpy as np
 
-from .base import Sparsifier, as_bytes, register, slice_groups
-from .sparsify import unpack_bitmap
+from .arrays import as_bytes
+from .binary import pack_bitmap, unpack_bitmap
+from .codec import Sparsifier, register, slice_groups
 
 __all__ = ["Ranks", "rank_axis"]
 
@@ -66,10 +67,7 @@ class Ranks(Sparsifier):
         for name, x in items:
             axis, kept, sub = self._plan(name, x)
             if axis is not None:
-                r = x.shape[axis]
-                mask = np.zeros(r, np.bool_)
-                mask[kept] = True
-                out.append(as_bytes(np.packbits(mask, bitorder="little")))
+                out.append(as_bytes(pack_bitmap(kept, x.shape[axis])))
             vc.encode_values(sub, slice_groups(sub.shape), out)
 
     def size_all(self, items, vc):
@@ -85,6 +83,10 @@ class Ranks(Sparsifier):
         axis = rank_axis(name, len(shape))
         head = 0 if axis is None else (shape[axis] + 7) // 8
         return head + vc.max_values_size(math.prod(shape), slice_groups(shape))
+
+    def max_expansion(self):
+        # a policy, not a format limit: the kept slices average at least 1/16 of each factor
+        return 16.0
 
     def decode_all(self, r, table, vc):
         out = {}

@@ -16,8 +16,10 @@ increasing index order; with ``affine`` they form one group when the tensor has 
     gaps    varint byte length, then k_t LEB128 varints: idx_0, then idx_i - idx_{i-1} - 1
             (strictly increasing by construction; the last index must be < N_t)
 
-The encoder writes whichever of bitmap and gaps is smaller (ties -> bitmap); never raw int64.
-Decoding zero-fills the dropped entries.
+The encoder writes whichever of bitmap and gaps is smaller (ties -> bitmap); never raw int64. The
+decoder refuses a gap section (length varint included) that is not smaller than the bitmap, so
+the index arrays it builds stay within ``N_t`` bytes. Decoding zero-fills the dropped entries.
+``max_expansion`` (the decoder's memory contract, ``payload.py``): ``2/d``.
 
 Speed: exact selection among candidates. A strided sample of ~64k |x| brackets the k-th largest
 value between two thresholds; one chunked pass keeps the candidates above the low threshold; the
@@ -32,123 +34,24 @@ import re
 
 import numpy as np
 
-from .base import (CodecError, Reader, SpecError, Sparsifier, as_bytes, register, run_parallel,
-                   scratch_arrays, uvarint, uvarint_len)
+from .arrays import as_bytes, check_finite, to_float32
+from .binary import (Reader, leb128_decode, leb128_encode, pack_bitmap, unpack_bitmask, uvarint,
+                     uvarint_len)
+from .codec import Sparsifier, register
+from .errors import CodecError, SpecError
+from .runtime import run_parallel, scratch_arrays
 
-__all__ = ["TopK", "topk_mask", "topk_indices", "topk_select", "leb128_encode", "leb128_decode",
-           "leb128_size"]
+__all__ = ["TopK", "topk_mask", "topk_indices", "topk_select"]
 
 _EXACT_MAX = 1 << 15   # below this many elements: one stable argsort
 _SAMPLE = 1 << 16
 _CHUNK = 1 << 18
 _FMAX = np.float32(np.finfo(np.float32).max)
+_SCATTER_BLOCK = 1 << 16
 
 
 # ------------------------------------------------------------------------------------------
-# vectorized LEB128
-
-
-def _varint_nbytes(g: np.ndarray) -> np.ndarray:
-    nb = np.ones(g.size, np.int64)
-    if g.size == 0:
-        return nb
-    top = int(g.max())
-    level = 7
-    while top >> level:
-        nb += g >= (1 << level)
-        level += 7
-    return nb
-
-
-def leb128_size(g: np.ndarray) -> int:
-    """Total bytes of the LEB128 varints of the non-negative int64 array ``g``."""
-    g = np.asarray(g, dtype=np.int64)
-    if g.size == 0 or int(g.max()) < 128:
-        return int(g.size)
-    big = g[g >= 128]
-    return int(g.size + (_varint_nbytes(big) - 1).sum())
-
-
-def leb128_encode(g: np.ndarray) -> np.ndarray:
-    """LEB128 varints of the non-negative int64 array ``g``, concatenated (uint8 array).
-
-    Fast when most values are < 128 (dense top-k gaps): one byte per value in one pass, then the
-    few multi-byte values get their continuation bytes inserted."""
-    g = np.asarray(g, dtype=np.int64)
-    out = g.astype(np.uint8)
-    if g.size == 0 or int(g.max()) < 128:
-        return out
-    big = np.flatnonzero(g >= 128)
-    gb = g[big]
-    out[big] = (gb & 0x7F) | 0x80
-    nb = _varint_nbytes(gb)
-    rep = nb - 1
-    first = np.cumsum(rep) - rep
-    j = np.arange(int(rep.sum()), dtype=np.int64) - np.repeat(first, rep) + 1  # byte no. >= 1
-    gv = np.repeat(gb, rep)
-    last = j == np.repeat(nb, rep) - 1
-    extra = ((gv >> (7 * j)) & 0x7F) | np.where(last, 0, 0x80)
-    return np.insert(out, np.repeat(big + 1, rep), extra.astype(np.uint8))
-
-
-def leb128_decode(buf: np.ndarray, count: int, limit: int, what: str) -> np.ndarray:
-    """Decode exactly ``count`` canonical varints filling ``buf``; each must be ``<= limit``."""
-    b = np.asarray(buf, dtype=np.uint8)
-    if count == 0:
-        if b.size:
-            raise CodecError(f"{what}: {b.size} bytes for zero varints")
-        return np.zeros(0, np.int64)
-    if b.size < count or b.size > 9 * count:
-        raise CodecError(f"{what}: {b.size} bytes cannot hold {count} varints")
-    if b[-1] >= 0x80:
-        raise CodecError(f"{what}: truncated varint")
-    cont = np.flatnonzero(b >= 0x80)
-    if b.size - cont.size != count:
-        raise CodecError(f"{what}: {b.size - cont.size} varints, expected {count}")
-    if cont.size == 0:
-        vals = b.astype(np.int64)
-    else:
-        # runs of continuation bytes; each run plus the byte after it is one multi-byte varint
-        brk = np.flatnonzero(np.diff(cont) != 1)
-        rs = np.concatenate([[0], brk + 1])
-        re_ = np.concatenate([brk, [cont.size - 1]])
-        start = cont[rs]
-        term = cont[re_] + 1
-        lens = term - start + 1
-        if int(lens.max()) > 9:
-            raise CodecError(f"{what}: varint longer than 9 bytes")
-        if (b[term] == 0).any():
-            raise CodecError(f"{what}: non-canonical varint (redundant zero byte)")
-        run = np.repeat(np.arange(rs.size), re_ - rs + 1)
-        contrib = (b[cont] & 0x7F).astype(np.int64) << (7 * (cont - start[run]))
-        acc = np.add.reduceat(contrib, rs)
-        acc |= b[term].astype(np.int64) << (7 * (lens - 1))
-        keep = np.ones(b.size, np.bool_)
-        keep[cont] = False
-        vals = b[keep].astype(np.int64)
-        vals[term - (re_ + 1)] = acc
-    if int(vals.max()) > limit:
-        raise CodecError(f"{what}: value {int(vals.max())} out of range (max {limit})")
-    return vals
-
-
-# ------------------------------------------------------------------------------------------
-# index coding (shared with ranks)
-
-
-def pack_bitmap(idx: np.ndarray, n: int) -> np.ndarray:
-    mask = np.zeros(n, np.bool_)
-    mask[idx] = True
-    return np.packbits(mask, bitorder="little")
-
-
-def unpack_bitmap(p: np.ndarray, n: int, what: str) -> np.ndarray:
-    """Bitmap bytes -> sorted kept indices; rejects set padding bits."""
-    used = n - 8 * (p.size - 1)
-    if p.size and used < 8 and int(p[-1]) >> used:
-        raise CodecError(f"{what}: padding bits set in bitmap")
-    bits = np.unpackbits(p, count=n, bitorder="little").view(np.bool_)  # 0/1: valid bools
-    return np.flatnonzero(bits)  # (numpy's nonzero is several times faster on bool than uint8)
+# index coding (the gap varints and bitmaps themselves: ``binary.py``)
 
 
 def gaps_of(idx: np.ndarray) -> np.ndarray:
@@ -158,6 +61,19 @@ def gaps_of(idx: np.ndarray) -> np.ndarray:
         np.subtract(idx[1:], idx[:-1], out=g[1:])
         g[1:] -= 1
     return g
+
+
+def _scatter(flat: np.ndarray, where: np.ndarray, vals: np.ndarray) -> None:
+    """``flat[where] = vals`` for sorted indices or a bool mask; a mask is turned into indices
+    one block at a time (as fast as one index array, without its 8 bytes per kept entry)."""
+    if where.dtype != np.bool_:
+        flat[where] = vals
+        return
+    pos = 0
+    for c0 in range(0, where.size, _SCATTER_BLOCK):
+        i = np.flatnonzero(where[c0:c0 + _SCATTER_BLOCK])
+        flat[c0:c0 + _SCATTER_BLOCK][i] = vals[pos:pos + i.size]
+        pos += i.size
 
 
 def _index_choice(idx: np.ndarray, n: int) -> tuple[int, int, np.ndarray | None]:
@@ -178,12 +94,6 @@ def _index_choice(idx: np.ndarray, n: int) -> tuple[int, int, np.ndarray | None]
 
 def _density_k(d: float, n: int) -> int:
     return min(n, int(math.floor(d * n)))
-
-
-def _check_all_finite(flats) -> None:
-    for f in flats:
-        if f.size and not (math.isfinite(float(f.min())) and math.isfinite(float(f.max()))):
-            raise CodecError("input contains NaN or Inf")
 
 
 def _exact(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -257,7 +167,8 @@ def topk_select(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.nd
     arrays jointly (ties -> lower position). CodecError on NaN/Inf."""
     n = sum(f.size for f in flats)
     if k <= 0 or k >= n or n <= _EXACT_MAX:
-        _check_all_finite(flats)
+        for f in flats:
+            check_finite(f)
         if k <= 0 or n == 0:
             return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in flats]
         if k >= n:
@@ -329,11 +240,9 @@ def _select(items, density: float, per_tensor: bool) -> list[tuple[np.ndarray, n
 def topk_mask(tensors, density: float, per_tensor: bool = False) -> dict[str, np.ndarray]:
     """Boolean keep-masks (same shapes) of the top-``density`` entries by ``|value|``, global across
     all tensors (FLASC's download mask by weight magnitude) or per tensor."""
-    from .base import _to_float32
-
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
-    items = [(name, _to_float32(name, t)) for name, t in tensors.items()]
+    items = [(name, to_float32(name, t)) for name, t in tensors.items()]
     out = {}
     for (name, x), (idx, _) in zip(items, _select(items, float(density), per_tensor)):
         m = np.zeros(x.shape, np.bool_)
@@ -381,11 +290,15 @@ class TopK(Sparsifier):
 
     @classmethod
     def from_config(cls, cfg):
-        extra = set(cfg) - {"id", "density", "per_tensor"}
-        if extra or "density" not in cfg:
+        cls.check_config_keys(cfg, ("density", "per_tensor"))
+        if "density" not in cfg:
             raise SpecError(f"topk config needs 'density' (and optional 'per_tensor'), got "
                             f"{sorted(cfg)}")
         return cls(cfg["density"], cfg.get("per_tensor", False))
+
+    def max_expansion(self):
+        # >= floor(d*N) >= d*N/2 values travel once d*N >= 1; below that the allowance applies
+        return 2.0 / self.density
 
     # -- encode -----------------------------------------------------------------------------
     def _sections(self, items, vc, out, sizing: bool) -> int:
@@ -438,24 +351,29 @@ class TopK(Sparsifier):
                 got += k
                 if got > total_k:
                     raise CodecError(f"tensor {name!r}: kept counts exceed k={total_k}")
-            idx = None
+            where = None  # the kept positions: a bool mask (bitmap) or sorted indices (gaps)
             if 0 < k < n:
                 mode = r.u8(f"index mode of {name!r}")
+                bitmap = (n + 7) // 8
                 if mode == 0:
-                    p = r.array("u1", (n + 7) // 8, f"bitmap of {name!r}")
-                    idx = unpack_bitmap(p, n, f"tensor {name!r}")
-                    if idx.size != k:
-                        raise CodecError(f"tensor {name!r}: bitmap has {idx.size} bits set, "
+                    where = unpack_bitmask(r.array("u1", bitmap, f"bitmap of {name!r}"), n,
+                                           f"tensor {name!r}")
+                    kept = int(np.count_nonzero(where))
+                    if kept != k:
+                        raise CodecError(f"tensor {name!r}: bitmap has {kept} bits set, "
                                          f"header says {k}")
                 elif mode == 1:
                     nb = r.uvarint(f"index length of {name!r}", r.remaining)
+                    if uvarint_len(nb) + nb >= bitmap:  # the encoder would have sent the bitmap
+                        raise CodecError(f"tensor {name!r}: {nb} bytes of gap varints are not "
+                                         f"smaller than its {bitmap}-byte bitmap")
                     buf = r.array("u1", nb, f"indices of {name!r}")
-                    idx = leb128_decode(buf, k, n - 1, f"indices of {name!r}")
-                    idx += 1
-                    np.cumsum(idx, out=idx)
-                    idx -= 1
-                    if int(idx[-1]) >= n:
-                        raise CodecError(f"tensor {name!r}: index {int(idx[-1])} out of range "
+                    where = leb128_decode(buf, k, n - 1, f"indices of {name!r}")
+                    where += 1
+                    np.cumsum(where, out=where)
+                    where -= 1
+                    if int(where[-1]) >= n:
+                        raise CodecError(f"tensor {name!r}: index {int(where[-1])} out of range "
                                          f"for {n} elements")
                 else:
                     raise CodecError(f"tensor {name!r}: unknown index mode {mode}")
@@ -466,7 +384,7 @@ class TopK(Sparsifier):
             else:
                 dense = np.zeros(shape, np.float32)
                 if k:
-                    dense.reshape(-1)[idx] = vals
+                    _scatter(dense.reshape(-1), where, vals)
                 out[name] = dense
         if not self.per_tensor and got != total_k:
             raise CodecError(f"kept counts add up to {got}, topk:{self.density!r} keeps {total_k}")

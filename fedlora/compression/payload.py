@@ -1,0 +1,373 @@
+"""The payload format, the :class:`Pipeline` that writes and reads it, and the decoder's contract.
+
+Payload layout (version 1; all integers are unsigned LEB128 varints (``binary.py``) unless
+stated; floats and fixed-width integers are little-endian)::
+
+    magic        3 bytes  b"FLC"
+    version      1 byte   1
+    spec         varint length + UTF-8 canonical spec (names every stage and its arguments)
+    n_tensors    varint
+    n_tensors x  name (varint length + UTF-8), ndim (varint), ndim dims (varints)
+    body         the raw body, or, per lossless stage (outermost last in the spec, first here):
+                 varint raw length + compressed bytes of the next inner layer
+    raw body     for each tensor, in header order: [sparsifier section][value section]
+
+The header is never compressed, so a receiver validates names, shapes, ``expected`` and the
+memory contract below before touching (or decompressing) the body. Every count in the body is
+implied by the header shapes plus the section's own small fields, so the body is self-delimiting
+and any trailing byte is an error. The per-tensor sections (codec parameters: index coding, kept
+ranks, scales/zero-points) are documented in each codec's module: ``sparsify.py``, ``ranks.py``,
+``quantize.py``, ``casts.py``, ``lossless.py``. With no sparsifier, a tensor's raw section is just
+its value section. Spec grammar: ``spec.py``.
+
+Decoding is hardened for untrusted input: any malformed payload raises :class:`CodecError`
+(never another exception), sizes are checked against the limits and against the bytes actually
+present before anything is allocated, and decoded values are guaranteed finite float32. Header
+limits: spec <= 256 bytes, <= 65536 tensors, ndim <= 32, every dim and the total element count
+<= ``max_elements`` (default 2**28).
+
+Memory contract of :func:`decode_payload` / :meth:`Pipeline.decode`. Let ``P`` be the payload's
+length in bytes, ``T`` the number of tensors its header declares (every entry but one takes at
+least 3 header bytes, so ``T <= P/3 + 1``) and ``D`` = 4 x (their total element count), the bytes
+of the float32 tensors a decode returns.
+
+1. With ``expected`` shapes the header must declare exactly those tensors: ``D`` is the size the
+   caller asked for.
+2. Without ``expected`` the header must satisfy ``D <= E x P + 1 MiB`` (:data:`OUTPUT_ALLOWANCE`),
+   checked right after the header is read, before any tensor or body buffer is allocated, where
+   ``E`` = :attr:`Pipeline.max_expansion` is the product of the stages' legitimate expansion
+   factors, capped at :data:`MAX_EXPANSION` = 4096:
+
+   ====================  ======  ==========================================================
+   stage                 factor  why
+   ====================  ======  ==========================================================
+   ``fp32``              1       4 bytes in per value
+   ``fp16``, ``bf16``    2       2 bytes in per value
+   ``affine:b``          32/b    b bits in per value (1-D tensors travel as fp32)
+   no sparsifier         1
+   ``topk:d``            2/d     ``floor(d*N) >= d*N/2`` values travel once ``d*N >= 1``
+                                 (smaller messages fit in the 1 MiB allowance)
+   ``ranks``             16      policy: the kept rank slices average at least 1/16 of the
+                                 factors (a LoRA-A2 budget of 1 rank in 16 still fits)
+   ``zstd`` (each)       32      policy: float data compresses far less
+   ====================  ======  ==========================================================
+
+   A legitimate payload beyond this bound (an all-zero update squeezed 1000x by zstd, top-k at
+   density 1e-4 of a large model) decodes when the caller passes the ``expected`` shapes.
+3. A lossless layer's raw length must not exceed the largest raw body the header shapes allow
+   (at most about ``2.3 x D`` + 16 bytes a tensor + 1 KiB a lossless stage) and must equal the
+   zstd frame's declared content size, both checked before decompressing; decompression then
+   writes into one buffer of exactly that size (``lossless.py``), whatever the frame contains.
+4. The peak of what a decode allocates (Python and numpy memory, as ``tracemalloc`` counts it)
+   stays below :func:`peak_bound` ``= 6 x D + 1 KiB x T + 4 MiB``. The largest terms: an
+   ``affine`` tensor of one value per slice (8 parameter bytes a value) under ``zstd``, about
+   ``5.4 x D``; a top-k bitmap that keeps almost everything under ``zstd``, about ``3.3 x D``.
+
+Without ``expected`` shapes rules 2 and 4 give at most ``(6 x E + 342) x P + 11 MiB``: a 30-byte
+payload costs at most about 11 MiB, never the 1 GiB its header may declare; with them, at most
+``6 x D + 342 x P + 5 MiB`` for the ``D`` the caller expects. ``tests/test_codec_contract.py``
+measures both, and the process's peak RSS for a zstd bomb (zstd's own working memory is outside
+``tracemalloc``; single-shot decompression into the exact buffer needs no window buffer).
+
+Adding a stage: state its factor in :meth:`Codec.max_expansion` and keep rule 4 true.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .arrays import to_float32
+from .binary import Reader, uvarint, uvarint_len
+from .codec import Dense, LosslessCodec, Sparsifier, ValueCoder
+from .errors import CodecError, SpecError
+from .runtime import scratch_scope
+from .spec import MAX_SPEC_BYTES, chain_of, parse_stages, stages_from_config
+
+__all__ = ["Pipeline", "parse_spec", "decode_payload", "read_header", "peak_bound", "MAGIC",
+           "FORMAT_VERSION", "DEFAULT_MAX_ELEMENTS", "MAX_EXPANSION", "OUTPUT_ALLOWANCE"]
+
+MAGIC = b"FLC"
+FORMAT_VERSION = 1
+DEFAULT_MAX_ELEMENTS = 2 ** 28
+MAX_NDIM = 32
+MAX_TENSORS = 1 << 16
+MAX_EXPANSION = 4096
+OUTPUT_ALLOWANCE = 1 << 20
+
+
+def peak_bound(declared_bytes: int, n_tensors: int) -> int:
+    """Rule 4 of the memory contract: the most a decode of a payload declaring ``n_tensors``
+    tensors of ``declared_bytes`` float32 bytes in all may allocate at once, in bytes."""
+    return 6 * declared_bytes + 1024 * n_tensors + (4 << 20)
+
+
+# --------------------------------------------------------------------------------------------
+# header
+
+
+def _encode_header(spec: str, table: list[tuple[str, tuple[int, ...]]]) -> bytes:
+    sb = spec.encode("utf-8")
+    parts = [MAGIC, bytes([FORMAT_VERSION]), uvarint(len(sb)), sb, uvarint(len(table))]
+    for name, shape in table:
+        nb = name.encode("utf-8")
+        parts += [uvarint(len(nb)), nb, uvarint(len(shape))]
+        parts += [uvarint(d) for d in shape]
+    return b"".join(parts)
+
+
+def _header_size(spec: str, table) -> int:
+    sb = len(spec.encode("utf-8"))
+    n = len(MAGIC) + 1 + uvarint_len(sb) + sb + uvarint_len(len(table))
+    for name, shape in table:
+        nb = len(name.encode("utf-8"))
+        n += uvarint_len(nb) + nb + uvarint_len(len(shape)) + sum(uvarint_len(d) for d in shape)
+    return n
+
+
+def read_header(payload, max_elements: int = DEFAULT_MAX_ELEMENTS):
+    """Parse and validate the header. Returns ``(pipeline, table, reader)``, the reader positioned
+    at the body; ``table`` is a list of ``(name, shape)``. CodecError on any problem."""
+    if isinstance(payload, str):
+        raise CodecError("payload must be bytes, got str")
+    try:
+        r = Reader(payload)
+    except (TypeError, ValueError):
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}") from None
+    if r.remaining < len(MAGIC) + 1:
+        raise CodecError(f"payload of {r.remaining} bytes is too short for a header")
+    if bytes(r.take(len(MAGIC), "magic")) != MAGIC:
+        raise CodecError("bad magic bytes: not a fedlora codec payload")
+    ver = r.u8("version")
+    if ver != FORMAT_VERSION:
+        raise CodecError(f"unsupported payload format version {ver} (this decoder reads "
+                         f"{FORMAT_VERSION})")
+    slen = r.uvarint("spec length", MAX_SPEC_BYTES)
+    try:
+        spec = bytes(r.take(slen, "spec")).decode("utf-8")
+        pipe = parse_spec(spec)
+    except (UnicodeDecodeError, SpecError) as err:
+        raise CodecError(f"payload header names a bad codec spec: {err}") from None
+    if pipe.spec != spec:
+        raise CodecError(f"payload spec {spec!r} is not canonical (expected {pipe.spec!r})")
+    n = r.uvarint("tensor count", min(MAX_TENSORS, r.remaining))
+    table: list[tuple[str, tuple[int, ...]]] = []
+    names: set[str] = set()
+    total = 0
+    for i in range(n):
+        nlen = r.uvarint(f"name length of tensor #{i}", r.remaining)
+        try:
+            name = bytes(r.take(nlen, f"name of tensor #{i}")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"name of tensor #{i} is not valid UTF-8") from None
+        if name in names:
+            raise CodecError(f"duplicate tensor name {name!r}")
+        names.add(name)
+        ndim = r.uvarint(f"ndim of tensor {name!r}", MAX_NDIM)
+        shape = tuple(r.uvarint(f"dim {j} of tensor {name!r}", max_elements)
+                      for j in range(ndim))
+        numel = math.prod(shape)
+        total += numel
+        if total > max_elements:
+            raise CodecError(f"tensor {name!r} {shape} brings the declared total to {total} "
+                             f"elements, over max_elements={max_elements}")
+        table.append((name, shape))
+    return pipe, table, r
+
+
+def _check_expected(table, expected: Mapping[str, Sequence[int]]) -> None:
+    got = dict(table)
+    for name, shape in expected.items():
+        if name not in got:
+            raise CodecError(f"tensor {name!r} is missing from the payload")
+        want = tuple(int(d) for d in shape)
+        if got[name] != want:
+            raise CodecError(f"tensor {name!r} has shape {got[name]}, expected {want}")
+    for name, _ in table:
+        if name not in expected:
+            raise CodecError(f"unexpected tensor {name!r} in the payload")
+
+
+def _check_expansion(pipe: "Pipeline", table, payload_len: int) -> None:
+    """Rule 2 of the memory contract (no ``expected`` shapes)."""
+    declared = 4 * sum(math.prod(shape) for _, shape in table)
+    limit = OUTPUT_ALLOWANCE + math.floor(pipe.max_expansion * payload_len)
+    if declared > limit:
+        raise CodecError(
+            f"a {payload_len}-byte {pipe.spec!r} payload declares {declared} bytes of tensors; "
+            f"without expected shapes it may declare at most {limit} ({pipe.max_expansion:g} x "
+            f"its size + {OUTPUT_ALLOWANCE}): pass the expected shapes to decode it")
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class Pipeline:
+    """A parsed codec chain: ``encode`` tensors to a self-describing payload, ``decode`` it back."""
+
+    def __init__(self, stages: Sequence[Any], _spec_text: str | None = None):
+        chain = chain_of(stages, _spec_text)
+        self.sparsifier: Sparsifier | None = chain.sparsifier
+        self.value_coder: ValueCoder = chain.value_coder
+        self.lossless: list[LosslessCodec] = chain.lossless
+        self.spec: str = chain.spec
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def stages(self) -> list[Any]:
+        out: list[Any] = [self.sparsifier] if self.sparsifier is not None else []
+        return out + [self.value_coder] + list(self.lossless)
+
+    @property
+    def max_expansion(self) -> float:
+        """``E`` of the memory contract: the product of the stages' factors, at most 4096."""
+        e = (self.sparsifier or _DENSE).max_expansion() * self.value_coder.max_expansion()
+        for st in self.lossless:
+            e *= st.max_expansion()
+        return min(float(e), float(MAX_EXPANSION))
+
+    def with_sparsifier(self, sparsifier: "Sparsifier | None") -> "Pipeline":
+        """This chain with its sparsifier stage replaced by ``sparsifier`` (None: removed), e.g.
+        a method that adds its own ``topk``/``ranks`` to the user's value coder and lossless
+        stages."""
+        rest = [s for s in self.stages if s.kind != "sparsifier"]
+        return Pipeline(([sparsifier] if sparsifier is not None else []) + rest)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Pipeline) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.spec!r})"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": "pipeline", "spec": self.spec,
+                "stages": [s.get_config() for s in self.stages]}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "Pipeline":
+        if not isinstance(cfg, Mapping):
+            raise SpecError(f"pipeline config must be a mapping, got {type(cfg).__name__}")
+        if "stages" in cfg:
+            pipe = cls(stages_from_config(cfg["stages"]))
+            if "spec" in cfg and parse_spec(cfg["spec"]).spec != pipe.spec:
+                raise SpecError(f"config spec {cfg['spec']!r} disagrees with its stages "
+                                f"({pipe.spec!r})")
+            return pipe
+        if "spec" in cfg:
+            return parse_spec(cfg["spec"])
+        raise SpecError("pipeline config needs 'spec' or 'stages'")
+
+    # -- encode -----------------------------------------------------------------------------
+    def _items(self, tensors: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+        if not isinstance(tensors, Mapping):
+            raise CodecError(f"tensors must be a mapping name -> array, got "
+                             f"{type(tensors).__name__}")
+        if len(tensors) > MAX_TENSORS:
+            raise CodecError(f"too many tensors ({len(tensors)} > {MAX_TENSORS})")
+        items = [(name, to_float32(name, t)) for name, t in tensors.items()]
+        for name, x in items:
+            if x.ndim > MAX_NDIM:
+                raise CodecError(f"tensor {name!r} has {x.ndim} dims (max {MAX_NDIM})")
+        return items
+
+    def encode(self, tensors: Mapping[str, Any]) -> bytes:
+        """Encode an ordered mapping of float tensors into one self-describing payload."""
+        items = self._items(tensors)
+        table = [(name, tuple(int(d) for d in x.shape)) for name, x in items]
+        header = _encode_header(self.spec, table)
+        body: list = []
+        with scratch_scope():  # body parts may be views of scratch memory until joined below
+            (self.sparsifier or _DENSE).encode_all(items, self.value_coder, body)
+            if not self.lossless:
+                return b"".join([header, *body])
+            data = b"".join(body)
+        for st in self.lossless:
+            comp = st.encode_bytes(data)
+            data = b"".join([uvarint(len(data)), comp])
+        return header + data
+
+    def predicted_size(self, tensors: Mapping[str, Any]) -> int:
+        """Exact ``len(self.encode(tensors))`` computed by formula from the data.
+
+        Raises NotImplementedError with lossless stages (the compressed size is not a formula)."""
+        if self.lossless:
+            raise NotImplementedError(
+                f"the size after {self.lossless[0].spec_part()} depends on the compressor")
+        items = self._items(tensors)
+        table = [(name, tuple(int(d) for d in x.shape)) for name, x in items]
+        return _header_size(self.spec, table) + (self.sparsifier or _DENSE).size_all(
+            items, self.value_coder)
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode(self, payload, expected: Mapping[str, Sequence[int]] | None = None,
+               max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, np.ndarray]:
+        """Decode a payload made by this pipeline (CodecError if it names another spec); the
+        arguments and the memory contract are those of :func:`decode_payload`."""
+        return _decode(payload, expected, max_elements, self)
+
+    def _decode_body(self, r: Reader, table) -> dict[str, np.ndarray]:
+        sp = self.sparsifier or _DENSE
+        vc = self.value_coder
+        bound = sum(sp.max_size(name, shape, vc) for name, shape in table)
+        bounds = [bound]
+        for st in self.lossless:
+            bounds.append(st.max_encoded_size(bounds[-1]) + 10)
+        for i in range(len(self.lossless) - 1, -1, -1):
+            st = self.lossless[i]
+            raw_len = r.uvarint(f"{st.spec_part()} raw length", bounds[i])
+            data = st.decode_bytes(r.take(r.remaining, f"{st.spec_part()} data"), raw_len)
+            if len(data) != raw_len:
+                raise CodecError(f"{st.spec_part()} produced {len(data)} bytes, header says "
+                                 f"{raw_len}")
+            r = Reader(data)
+        out = sp.decode_all(r, table, vc)
+        r.done("body")
+        return out
+
+
+_DENSE = Dense()
+
+
+def parse_spec(spec: str | Pipeline) -> Pipeline:
+    """Parse ``"topk:0.05|affine:4|zstd"`` into a :class:`Pipeline` (grammar: ``spec.py``); a
+    Pipeline is returned as is. SpecError on a bad spec."""
+    if isinstance(spec, Pipeline):
+        return spec
+    return Pipeline(parse_stages(spec), _spec_text=spec)
+
+
+def _decode(payload, expected, max_elements, pipe: Pipeline | None) -> dict[str, np.ndarray]:
+    try:
+        max_elements = int(max_elements)
+        got, table, r = read_header(payload, max_elements)
+        if pipe is not None and got.spec != pipe.spec:
+            raise CodecError(f"payload was encoded with {got.spec!r}, this pipeline is "
+                             f"{pipe.spec!r}")
+        if expected is None:
+            _check_expansion(got, table, r.end)
+        else:
+            _check_expected(table, expected)
+        return got._decode_body(r, table)
+    except CodecError:
+        raise
+    except Exception as err:  # defence in depth: nothing but CodecError may escape a decode
+        raise CodecError(f"unexpected decoder failure ({type(err).__name__}: {err})") from err
+
+
+def decode_payload(payload, expected: Mapping[str, Sequence[int]] | None = None,
+                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, np.ndarray]:
+    """Decode any payload; the header names the codec chain, so no side information is needed.
+
+    ``expected``: optional ``{name: shape}``; a missing/extra name or a wrong shape raises
+    CodecError naming the tensor. ``max_elements``: a payload declaring more elements in total
+    raises CodecError before anything is allocated. Without ``expected``, a header declaring more
+    than ``Pipeline.max_expansion`` x its size (+1 MiB) of tensors is refused the same way: see
+    the memory contract in this module's docstring."""
+    return _decode(payload, expected, max_elements, None)
