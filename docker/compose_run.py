@@ -18,6 +18,12 @@ same compose files and does what Compose would for the subset fedlora's files us
 
 Every service must say ``network_mode: host``: this driver never creates or joins a Docker
 network. Keys it does not know are refused rather than ignored.
+
+Why not Compose itself: the Compose v2 plugin (``docker compose``) is not in the Debian registry
+these machines can reach, and Debian's ``docker-compose`` package is Compose v1 (1.29.2), which
+upstream stopped maintaining in 2023 and which has not been validated against the engine used
+here (with the plugin, ``docker compose -f docker/compose.yml up`` is meant to read the same
+files; not tested on these machines).
 """
 
 from __future__ import annotations

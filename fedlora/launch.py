@@ -14,14 +14,17 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import httpx
 
@@ -47,10 +50,48 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_PORTS_HANDED_OUT: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+_PORT_FLOOR = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ephemeral ports (``bind(0)`` and the source ports of outgoing
+    connections)."""
+    with contextlib.suppress(OSError, ValueError):
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    return 32768, 60999
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on ``host`` now and that this process has never handed out before.
+
+    Ports come from below the kernel's ephemeral range, so neither ``bind(0)`` elsewhere nor
+    the source port of an outgoing connection (every SuperNode opens many) takes them
+    meanwhile; ``bind(0)`` itself may give the same port twice once it is released, which is
+    how two SuperNodes once got one port. The port is released before the daemon binds it, so
+    another *process* can still take it: start daemons with :func:`start_daemon`, which starts
+    them again on a new port when their log says "address already in use"."""
+    lo, _ = _ephemeral_ports()
+    with _PORTS_LOCK:
+        for _ in range(500):
+            if lo - _PORT_FLOOR >= 1000:
+                port = random.randrange(_PORT_FLOOR, lo)
+            else:  # an unusual range: let the kernel choose
+                with socket.socket() as s:
+                    s.bind((host, 0))
+                    port = s.getsockname()[1]
+            if port in _PORTS_HANDED_OUT:
+                continue
+            try:
+                with socket.socket() as s:
+                    s.bind((host, port))
+            except OSError:
+                continue
+            _PORTS_HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free port found on {host}")
 
 
 def toml_value(v: Any) -> str:
@@ -68,35 +109,23 @@ def config_string(values: Mapping[str, Any]) -> str:
 
 def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = True,
                      root_certificates: str | None = None) -> None:
-    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml``, replacing a table of that name
-    left by an earlier run in the same ``FLWR_HOME`` (TOML forbids declaring it twice, and the
-    flwr CLI then refuses the whole file)."""
+    """Set ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml`` (read with ``tomllib``, written
+    with ``tomli_w``), replacing a table of that name left by an earlier run in the same
+    ``FLWR_HOME``; other tables are kept."""
+    import tomllib
+
+    import tomli_w
+
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    text = path.read_text() if path.exists() else ""
-    header = re.compile(r"^\s*\[")
-    kept, skipping = [], False
-    for line in text.splitlines(keepends=True):
-        if header.match(line):
-            skipping = line.strip() in (f"[superlink.{name}]", f'[superlink."{name}"]')
-        if not skipping:
-            kept.append(line)
-    text = "".join(kept).rstrip("\n")
-    # drop an earlier table of the same name (a reused FLWR_HOME): TOML forbids duplicates
-    kept, skipping = [], False
-    for line in text.splitlines():
-        header = line.strip().startswith("[")
-        if header:
-            skipping = line.strip() == f"[superlink.{name}]"
-        if not skipping:
-            kept.append(line)
-    text = "\n".join(kept).rstrip() + "\n" if kept else ""
-    lines = [f"\n[superlink.{name}]", f'address = "{address}"']
+    doc = tomllib.loads(path.read_text()) if path.exists() else {}
+    table: dict[str, Any] = {"address": address}
     if insecure:
-        lines.append("insecure = true")
+        table["insecure"] = True
     if root_certificates:
-        lines.append(f'root-certificates = "{root_certificates}"')
-    path.write_text(text + "\n".join(lines) + "\n")
+        table["root-certificates"] = str(root_certificates)
+    doc.setdefault("superlink", {})[name] = table
+    path.write_text(tomli_w.dumps(doc))
 
 
 class Processes(contextlib.AbstractContextManager):
@@ -146,6 +175,14 @@ class Processes(contextlib.AbstractContextManager):
     def log(self, name: str) -> str:
         p = self.log_dir / f"{name}.log"
         return p.read_text(errors="replace") if p.exists() else ""
+
+    def retire(self, name: str, proc: subprocess.Popen, suffix: str) -> None:
+        """Stop ``proc`` (whatever it left) and keep its log as ``<name>.<suffix>.log``, so that
+        ``name`` can be started again with a fresh log."""
+        self.stop(proc, grace=5.0)
+        log = self.log_dir / f"{name}.log"
+        if log.exists():
+            log.replace(self.log_dir / f"{name}.{suffix}.log")
 
 
 def descendants(pid: int) -> list[int]:
@@ -220,15 +257,66 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} not up after {timeout:.0f}s")
 
 
+# what a daemon prints once its port is bound: Flower's daemons (uvicorn), nginx (error_log at
+# "notice"; it binds its listen sockets before it starts the workers)
+UVICORN_BOUND = "Uvicorn running on"
+NGINX_BOUND = "start worker processes"
+ADDRESS_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
+
+
+def wait_bound(procs: Processes, name: str, proc: subprocess.Popen, ready: str,
+               timeout: float = 120.0) -> bool:
+    """Wait until ``ready`` is in the log of ``name``, i.e. the daemon holds its port: True.
+    False when it exited because the port was taken ("address already in use": start it again
+    on another port). Raises when it exited for another reason, or after ``timeout``.
+
+    The daemon's own log is the proof, not a request to the port: a request could be answered
+    by whatever process took the port first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = procs.log(name)
+        if ready in log:
+            return True
+        if proc.poll() is not None:
+            if ADDRESS_IN_USE.search(log):
+                return False
+            raise RuntimeError(f"{name} exited with {proc.returncode} before it was up:\n"
+                               f"{log[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} not up after {timeout:.0f}s:\n{log[-3000:]}")
+        time.sleep(0.1)
+
+
+def start_daemon(procs: Processes, name: str, cmd_for_port: Callable[[int], list[str]],
+                 env: Mapping[str, str], cwd: Path | None = None, ready: str = UVICORN_BOUND,
+                 timeout: float = 120.0, attempts: int = 5) -> tuple[subprocess.Popen, int]:
+    """Start ``cmd_for_port(port)`` on a :func:`free_port` and wait until it has bound it;
+    when another process took the port first, start it again on a new one (the failed
+    attempt's log is kept as ``<name>.bind-failed-<n>.log``). Returns (process, port)."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        proc = procs.start(name, cmd_for_port(port), env, cwd=cwd)
+        if wait_bound(procs, name, proc, ready, timeout):
+            return proc, port
+        procs.retire(name, proc, f"bind-failed-{attempt}")
+    raise RuntimeError(f"{name}: every port tried was taken ({attempts} attempts)")
+
+
 def start_sim_superlink(procs: Processes, flwr_home: Path, port: int | None = None,
                         name: str = "sim") -> str:
-    """A simulation SuperLink on 127.0.0.1 and a connection ``name`` to it."""
-    port = port or free_port()
+    """A simulation SuperLink on 127.0.0.1 and a connection ``name`` to it (on ``port``, or on
+    a free port, taking another one when that is taken before the SuperLink binds it)."""
     env = flower_env(flwr_home)
-    proc = procs.start("superlink", [
-        "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
-        "--port", str(port), "--database", str(flwr_home / "state.db"),
-        "--disable-runtime-dependency-installation"], env, cwd=flwr_home)
+
+    def cmd(p: int) -> list[str]:
+        return ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+                "--port", str(p), "--database", str(flwr_home / "state.db"),
+                "--disable-runtime-dependency-installation"]
+
+    if port:
+        proc = procs.start("superlink", cmd(port), env, cwd=flwr_home)
+    else:
+        proc, port = start_daemon(procs, "superlink", cmd, env, cwd=flwr_home)
     wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
     write_connection(flwr_home, name, f"127.0.0.1:{port}")
     return name
@@ -280,54 +368,151 @@ def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path
 # ---------------------------------------------------------------------------------- deployment
 
 
+NGINX_TEMPLATE = PROJECT / "deploy" / "nginx-fleet.conf.template"
+
+
+def nginx_binary() -> str | None:
+    """nginx to run the Fleet proxy with: ``$FEDLORA_NGINX``, ``nginx`` on PATH, or Debian's
+    /usr/sbin/nginx (not on a normal user's PATH). ``scripts/bootstrap.sh`` installs it."""
+    for cand in (os.environ.get("FEDLORA_NGINX"), shutil.which("nginx"), "/usr/sbin/nginx"):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def render_nginx_conf(*, fleet_listen: str, superlink: str, superlink_name: str, cert: Path,
+                      key: Path, ca: Path, state_dir: Path, error_log: str | None = None) -> str:
+    """``deploy/nginx-fleet.conf.template`` with its ``@NAME@`` placeholders filled in."""
+    values = {"FLEET_LISTEN": fleet_listen, "SUPERLINK": superlink,
+              "SUPERLINK_NAME": superlink_name, "CERT": cert, "KEY": key, "CA": ca,
+              "STATE_DIR": state_dir, "ERROR_LOG": error_log or f"{state_dir}/error.log"}
+    text = NGINX_TEMPLATE.read_text()
+    for name, value in values.items():
+        value = str(value)
+        if not value or re.search(r"[\s;{}'\"#$]", value):
+            raise ValueError(f"{name}={value!r} cannot go into an nginx config unquoted")
+        text = text.replace(f"@{name}@", value)
+    settings = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    left = sorted(set(re.findall(r"@[A-Z_]+@", settings)))
+    if left:
+        raise ValueError(f"placeholders left in {NGINX_TEMPLATE.name}: {left}")
+    return text
+
+
 class Deployment:
     """A real SuperLink and N SuperNodes on this machine (one ``FLWR_HOME`` each, as if on
-    separate hosts), started through a :class:`Processes` that stops them all."""
+    separate hosts), started through a :class:`Processes` that stops them all.
 
-    def __init__(self, procs: Processes, work_dir: Path, nodes: int = 2, tls: bool = False,
-                 auth: bool = False, host: str = "127.0.0.1",
-                 node_configs: list[Mapping[str, Any]] | None = None,
-                 connection: str = "deployment") -> None:
-        self.procs, self.work_dir, self.tls, self.auth = procs, Path(work_dir), tls, auth
+    Default (secure): a fresh CA and server certificate (``scripts/make-certs.sh``), SuperNode
+    authentication (one ECDSA key per node, registered by the operator with ``flwr supernode
+    register``), and the SuperLink bound to **127.0.0.1 only**: Flower 1.41 serves Control,
+    Runtime and Fleet on that one port, and its Control API has no authentication. SuperNodes
+    reach it through an nginx *Fleet proxy* on ``host`` (``deploy/nginx-fleet.conf.template``,
+    TLS with the same certificate) that forwards only the Fleet calls a registered node makes;
+    Control (``flwr run/ls``, node registration) answers only on the loopback port, which the
+    operator's CLI connection ``connection`` uses.
+
+    ``insecure=True``: plain HTTP, no node authentication, no proxy; the SuperLink itself
+    listens on ``host`` and everyone who reaches it may register nodes and submit runs."""
+
+    def __init__(self, procs: Processes, work_dir: Path, nodes: int = 2, insecure: bool = False,
+                 host: str = "127.0.0.1", node_configs: list[Mapping[str, Any]] | None = None,
+                 connection: str = "deployment",
+                 node_env: Mapping[int, Mapping[str, str]] | None = None) -> None:
+        self.procs, self.work_dir, self.insecure = procs, Path(work_dir), insecure
+        #: extra environment per SuperNode index (its SuperExec and ClientApps inherit it)
+        self.node_env = {int(k): dict(v) for k, v in (node_env or {}).items()}
+        self.tls = self.auth = self.proxy = not insecure
         self.host, self.connection = host, connection
-        self.port = free_port()
+        # the SuperLink's own port (Control + Runtime + Fleet) and the Fleet proxy's, once started
+        self.port: int | None = None
+        self.fleet_port: int | None = None
+        self.superlink_host = host if insecure else "127.0.0.1"
         self.cli_home = self.work_dir / "cli"
         self.certs = self.work_dir / "certs"
         self.node_configs = list(node_configs or [
             {"partition-id": i, "num-partitions": nodes} for i in range(nodes)])
         self.supernodes: list[subprocess.Popen] = []
+        self._supernode_specs: list[tuple[int, Mapping[str, Any], Path | None, str]] = []
         self.keys: list[Path] = []
         self.registered: list[int] = []  # node ids fixed by `flwr supernode register`
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where the operator's CLI talks to the SuperLink (Control): its own port, on
+        127.0.0.1 unless insecure."""
+        return f"{self.superlink_host}:{self.port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes connect: the Fleet proxy, or (insecure) the SuperLink itself."""
+        return f"{self.host}:{self.fleet_port}" if self.proxy else self.address
+
+    @property
+    def ca(self) -> Path:
+        return self.certs / "ca.crt"
 
     def _tls_args(self) -> list[str]:
-        return ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
+        return ["--root-certificates", str(self.ca)] if self.tls else ["--insecure"]
 
     def start_superlink(self) -> subprocess.Popen:
+        """The SuperLink (and, unless insecure, the Fleet proxy in front of it); writes the
+        operator's CLI connection."""
         home = self.work_dir / "superlink"
         home.mkdir(parents=True, exist_ok=True)
-        cmd = ["flower-superlink", "--host", self.host, "--port", str(self.port),
-               "--database", str(home / "state.db"),
-               "--disable-runtime-dependency-installation"]
+        if self.proxy and nginx_binary() is None:
+            raise RuntimeError(
+                "nginx not found: the secure deployment puts it in front of the SuperLink "
+                "(scripts/bootstrap.sh installs it: apt-get install nginx). Plain HTTP without "
+                "node authentication only with insecure=True / --insecure.")
         if self.tls:
+            sans = ["localhost", "127.0.0.1"] + [h for h in (self.host,)
+                                                 if h not in ("localhost", "127.0.0.1")]
             subprocess.run(["bash", str(PROJECT / "scripts" / "make-certs.sh"), str(self.certs),
-                            "localhost", self.host], check=True, capture_output=True)
-            cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
-                    "--ssl-certfile", str(self.certs / "server.pem"),
-                    "--ssl-keyfile", str(self.certs / "server.key")]
-        else:
-            cmd += ["--insecure"]
-        if self.auth:
-            cmd += ["--enable-supernode-auth"]
-        proc = self.procs.start("superlink", cmd, flower_env(home), cwd=home)
+                            *sans], check=True, capture_output=True)
+
+        def cmd(port: int) -> list[str]:
+            c = ["flower-superlink", "--host", self.superlink_host, "--port", str(port),
+                 "--database", str(home / "state.db"),
+                 "--disable-runtime-dependency-installation"]
+            if self.tls:
+                c += ["--ssl-ca-certfile", str(self.ca),
+                      "--ssl-certfile", str(self.certs / "server.pem"),
+                      "--ssl-keyfile", str(self.certs / "server.key")]
+            else:
+                c += ["--insecure"]
+            if self.auth:
+                c += ["--enable-supernode-auth"]
+            return c
+
+        proc, self.port = start_daemon(self.procs, "superlink", cmd, flower_env(home), cwd=home)
         scheme = "https" if self.tls else "http"
         wait_http(f"{scheme}://{self.address}/health", proc=proc,
-                  verify=str(self.certs / "ca.crt") if self.tls else True)
+                  verify=str(self.ca) if self.tls else True)
         write_connection(self.cli_home, self.connection, self.address, insecure=not self.tls,
-                         root_certificates=str(self.certs / "ca.crt") if self.tls else None)
+                         root_certificates=str(self.ca) if self.tls else None)
+        if self.proxy:
+            self.start_fleet_proxy()
+        return proc
+
+    def start_fleet_proxy(self) -> subprocess.Popen:
+        """nginx on ``host``: TLS, only the Fleet calls, forwarded to the loopback SuperLink."""
+        state = self.work_dir / "fleet-proxy"
+        state.mkdir(parents=True, exist_ok=True)
+        conf = state / "nginx.conf"
+        binary = nginx_binary()
+        assert binary is not None
+
+        def cmd(port: int) -> list[str]:
+            conf.write_text(render_nginx_conf(
+                fleet_listen=f"{self.host}:{port}", superlink=f"127.0.0.1:{self.port}",
+                superlink_name="localhost", cert=self.certs / "server.pem",
+                key=self.certs / "server.key", ca=self.ca, state_dir=state, error_log="stderr"))
+            return [binary, "-p", str(state), "-e", "stderr", "-c", str(conf),
+                    "-g", "daemon off;"]
+
+        proc, self.fleet_port = start_daemon(self.procs, "fleet-proxy", cmd, os.environ,
+                                             cwd=state, ready=NGINX_BOUND, timeout=30)
         return proc
 
     def make_key(self, name: str) -> Path:
@@ -355,18 +540,37 @@ class Deployment:
         return subprocess.run(["flwr", *args], env=flower_env(self.cli_home), cwd=PROJECT,
                               capture_output=True, text=True, timeout=timeout)
 
-    def start_supernode(self, index: int, node_config: Mapping[str, Any],
-                        key: Path | None = None, name: str | None = None) -> subprocess.Popen:
+    def _spawn_supernode(self, slot: int) -> subprocess.Popen:
+        index, node_config, key, name = self._supernode_specs[slot]
         home = self.work_dir / f"supernode-{index}"
         home.mkdir(parents=True, exist_ok=True)
-        cmd = ["flower-supernode", *self._tls_args(), "--superlink", self.address,
+        cmd = ["flower-supernode", *self._tls_args(), "--superlink", self.fleet_address,
                "--host", "127.0.0.1", "--port", str(free_port()),
                "--node-config", config_string(node_config)]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
-        proc = self.procs.start(name or f"supernode-{index}", cmd, flower_env(home), cwd=home)
-        self.supernodes.append(proc)
-        return proc
+        return self.procs.start(name, cmd, flower_env(home, self.node_env.get(index)), cwd=home)
+
+    def _supernode_bound(self, slot: int, attempts: int = 5) -> subprocess.Popen:
+        """Wait until SuperNode ``slot`` holds its Runtime API port; start it again on a new
+        port when another process took that one first."""
+        name = self._supernode_specs[slot][3]
+        for attempt in range(1, attempts + 1):
+            if wait_bound(self.procs, name, self.supernodes[slot], UVICORN_BOUND):
+                return self.supernodes[slot]
+            self.procs.retire(name, self.supernodes[slot], f"bind-failed-{attempt}")
+            self.supernodes[slot] = self._spawn_supernode(slot)
+        raise RuntimeError(f"{name}: every Runtime API port tried was taken")
+
+    def start_supernode(self, index: int, node_config: Mapping[str, Any],
+                        key: Path | None = None, name: str | None = None,
+                        wait: bool = True) -> subprocess.Popen:
+        """A SuperNode connecting to :attr:`fleet_address`. ``wait``: return once it holds its
+        Runtime API port (it may still fail to join the SuperLink afterwards)."""
+        self._supernode_specs.append((index, node_config, key, name or f"supernode-{index}"))
+        slot = len(self._supernode_specs) - 1
+        self.supernodes.append(self._spawn_supernode(slot))
+        return self._supernode_bound(slot) if wait else self.supernodes[slot]
 
     def node_list(self) -> list[dict[str, Any]]:
         """``flwr supernode list <connection> --format json`` → its ``nodes`` (``node-id``,
@@ -405,6 +609,7 @@ class Deployment:
 
     def start(self) -> "Deployment":
         self.start_superlink()
+        first = len(self.supernodes)
         for i, nc in enumerate(self.node_configs):
             key = None
             if self.auth:
@@ -412,7 +617,9 @@ class Deployment:
                 reg = self.register(key)
                 if reg.returncode != 0:
                     raise RuntimeError(f"flwr supernode register failed: {reg.stdout}{reg.stderr}")
-            self.start_supernode(i, nc, key)
+            self.start_supernode(i, nc, key, wait=False)
+        for slot in range(first, len(self.supernodes)):  # started together, checked in turn
+            self._supernode_bound(slot)
         self.wait_nodes(len(self.node_configs))
         return self
 
@@ -428,6 +635,11 @@ def _parse_kv(items: list[str]) -> dict[str, Any]:
     return tomllib.loads("\n".join(items)) if items else {}
 
 
+RESUME_HELP = ("continue the run in RUN_DIR from its last complete round (its checkpoint's run "
+               "config is reused; overrides may only change where things run, or raise "
+               "num-server-rounds)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedlora.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -438,27 +650,64 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--gpus-per-node", type=float, default=0,
                      help="Ray GPU share per simulated node, e.g. 0.1 (default 0: none reserved)")
     sim.add_argument("--work-dir", default=str(PROJECT / "runs" / ".flwr"))
+    sim.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
     sim.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
-    dep = sub.add_parser("deploy", help="a real SuperLink + N SuperNodes on 127.0.0.1, run, stop")
+    dep = sub.add_parser(
+        "deploy", help="a real SuperLink + N SuperNodes on 127.0.0.1, run, stop",
+        description="By default: HTTPS with a fresh CA, SuperNode authentication (one key per "
+        "node, registered through Control), the SuperLink (Control API) on 127.0.0.1 only and "
+        "the SuperNodes connecting through an nginx proxy that forwards only Fleet calls.")
     dep.add_argument("--nodes", type=int, default=2)
-    dep.add_argument("--tls", action="store_true", help="HTTPS with a fresh CA (scripts/make-certs.sh)")
-    dep.add_argument("--auth", action="store_true", help="SuperNode authentication (registered keys)")
+    dep.add_argument("--insecure", action="store_true",
+                     help="plain HTTP, no node authentication, no proxy: anyone who reaches "
+                     "the SuperLink's port may join as a node and submit runs")
     dep.add_argument("--work-dir", default=str(PROJECT / "runs" / ".deploy"))
+    dep.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
     dep.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
+    px = sub.add_parser(
+        "fleet-proxy-conf", help="print the nginx config of the Fleet proxy (for a deployment "
+        "by hand or Docker: docs/deployment.md)")
+    px.add_argument("--listen", required=True, help="public address:port the SuperNodes dial")
+    px.add_argument("--superlink", default="127.0.0.1:9093",
+                    help="the SuperLink's loopback address:port (default 127.0.0.1:9093)")
+    px.add_argument("--certs", required=True,
+                    help="folder with ca.crt, server.pem, server.key, as nginx will see it")
+    px.add_argument("--superlink-name", default="localhost",
+                    help="a DNS name in the SuperLink certificate (default localhost)")
+    px.add_argument("--state-dir", default="/var/lib/nginx",
+                    help="existing folder for nginx's pid file, access log and temp dirs")
+    px.add_argument("--error-log", default="stderr")
     args = ap.parse_args(argv)
+    if args.cmd == "fleet-proxy-conf":
+        certs = Path(args.certs)
+        print(render_nginx_conf(
+            fleet_listen=args.listen, superlink=args.superlink,
+            superlink_name=args.superlink_name, cert=certs / "server.pem",
+            key=certs / "server.key", ca=certs / "ca.crt", state_dir=Path(args.state_dir),
+            error_log=args.error_log), end="")
+        return 0
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     rc = _parse_kv(args.overrides)
+    if getattr(args, "resume", None):
+        from .checkpoint import resume_run_config
+
+        rc = resume_run_config(Path(args.resume), rc)
     rc.setdefault("run-dir", str(PROJECT / "runs"))
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
     if args.cmd == "deploy":
         # one fresh directory per run: SuperLink state, node homes, keys, certs, logs
         work = Path(args.work_dir).resolve() / str(rc["run-name"])
         with Processes(work / "logs") as procs:
-            d = Deployment(procs, work, args.nodes, tls=args.tls, auth=args.auth).start()
-            print(f"SuperLink {d.address} ({'TLS' if args.tls else 'insecure'}"
-                  f"{', SuperNode auth' if args.auth else ''}), {args.nodes} SuperNodes online; "
-                  f"logs in {work / 'logs'}", flush=True)
+            d = Deployment(procs, work, args.nodes, insecure=args.insecure).start()
+            if args.insecure:
+                print(f"SuperLink {d.address} (plain HTTP, no node authentication: anyone who "
+                      f"reaches it may join and submit runs)", flush=True)
+            else:
+                print(f"SuperLink {d.address} (TLS; Control only on this loopback port), Fleet "
+                      f"proxy {d.fleet_address} (TLS, Fleet calls only), SuperNode "
+                      f"authentication: nodes {d.registered}", flush=True)
+            print(f"{args.nodes} SuperNodes online; logs in {work / 'logs'}", flush=True)
             res = d.run(rc, stream=True)
         print(f"records: {rc['run-dir']}/{rc['run-name']}/rounds.jsonl  rounds.csv  summary.json")
         return res.returncode

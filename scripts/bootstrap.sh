@@ -27,3 +27,16 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "[bootstrap] the default dataset needs: sudo apt-get install dataset-fashion-mnist" >&2
   fi
 fi
+# nginx: the Fleet proxy in front of the SuperLink in the default (secure) deployment
+# (fedlora.launch deploy, tests/test_deployment.py). Debian's package; its postinst may start a
+# default site on port 80 where services run (not in containers with policy-rc.d).
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "[bootstrap] installing Debian package nginx (Fleet proxy of the secure deployment)"
+    { apt-get install -y -q --no-install-recommends nginx >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends nginx >/dev/null; }; } \
+      || echo "[bootstrap] could not install nginx: the secure deployment and its tests cannot run" >&2
+  else
+    echo "[bootstrap] the secure deployment (Fleet proxy) needs: sudo apt-get install nginx" >&2
+  fi
+fi

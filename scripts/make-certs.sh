@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Create a CA and a SuperLink server certificate with openssl.
 #   scripts/make-certs.sh <out-dir> [host-or-ip ...]      (default SANs: localhost 127.0.0.1)
-# Writes ca.crt/ca.key and server.pem/server.key (+ server.csr). Give the SuperLink
+# Writes ca.crt/ca.key and server.pem/server.key (+ server.csr). Give the SuperLink (and the
+# Fleet proxy, deploy/nginx-fleet.conf.template)
 #   --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
 # and every SuperNode / the flwr CLI the CA: --root-certificates ca.crt / root-certificates = ".../ca.crt"
+# Of these only ca.crt leaves this machine. Every private key (ca.key, server.key, node keys) is
+# created mode 0600 (umask 077), never readable by others, not even for a moment.
+# Environment (optional):
+#   NODE_KEYS=N     also write one SuperNode key pair per node, supernode-0 .. supernode-<N-1>
+#                   (+ .pub), ECDSA P-384 as `flower-supernode --auth-supernode-private-key`
+#                   and `flwr supernode register` take them. For nodes on this host (Docker);
+#                   a node on another machine makes its own pair and sends only the .pub
+#   KEY_OWNER=UID   chown server.key and the node keys to UID (needs root), still 0600: for a
+#                   SuperLink/SuperNode container that runs as another user (Docker: 49999)
 set -euo pipefail
 out=${1:?usage: make-certs.sh <out-dir> [host-or-ip ...]}; shift || true
 hosts=("$@"); [ ${#hosts[@]} -gt 0 ] || hosts=(localhost 127.0.0.1)
 mkdir -p "$out"; cd "$out"
+umask 077   # every file below starts as 0600; the public ones are opened up at the end
 san=""; i=0; j=0
 for h in "${hosts[@]}"; do
   if [[ $h =~ ^[0-9.]+$ || $h == *:* ]]; then i=$((i+1)); san+="IP.$i = $h"$'\n'
@@ -34,5 +45,14 @@ openssl genrsa -out server.key 4096 2>/dev/null
 openssl req -new -key server.key -config server.cnf -out server.csr
 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -sha256 \
   -extensions v3_req -extfile server.cnf -out server.pem 2>/dev/null
-chmod 644 ca.crt server.pem server.key
+chmod 600 ca.key server.key
+chmod 644 ca.crt server.pem
+keys=(server.key)
+for ((n = 0; n < ${NODE_KEYS:-0}; n++)); do
+  rm -f "supernode-$n" "supernode-$n.pub"
+  ssh-keygen -q -t ecdsa -b 384 -N "" -C "supernode-$n" -f "supernode-$n" </dev/null
+  chmod 600 "supernode-$n"; chmod 644 "supernode-$n.pub"
+  keys+=("supernode-$n")
+done
+if [ -n "${KEY_OWNER:-}" ]; then chown "$KEY_OWNER" "${keys[@]}"; fi
 echo "certificates in $PWD for: ${hosts[*]}"

@@ -1,15 +1,20 @@
 """A real deployment on loopback: ``flower-superlink`` + ``flower-supernode`` processes (one
 ``FLWR_HOME`` each, as on separate machines), driven by ``flwr run . <connection> --stream``.
 
-1. plain HTTP, 2 SuperNodes, 2 rounds: records complete, and the bytes measured per message are
-   the simulation's bytes for the same config, exactly, once the message *envelope* is set aside
-   (see :func:`envelope_bytes`: ids of different digit lengths and Flower's two message-id
-   formats are metadata, not content); Flower's own per-run traffic counter bounds them.
-2. TLS + SuperNode authentication: the run completes with the registered node ids, plain HTTP is
-   refused, and a SuperNode with an unregistered key exits with "Failed to activate" and is never
-   listed.
-3. a SuperNode (its whole process group) is SIGKILLed while training in round 1 of 3 nodes: the run
-   completes with the other 2 and the record carries the failure and Flower's reason.
+1. plain HTTP (``insecure=True``), 2 SuperNodes, 2 rounds: records complete, and the bytes
+   measured per message are the simulation's bytes for the same config, exactly, once the
+   message *envelope* is set aside (see :func:`envelope_bytes`: ids of different digit lengths
+   and Flower's two message-id formats are metadata, not content); Flower's own per-run traffic
+   counter bounds them.
+2. the default, secure deployment (TLS, SuperNode authentication, the SuperLink on 127.0.0.1
+   only, SuperNodes through the nginx Fleet proxy): the registered nodes train 2 rounds, while an
+   outsider who reaches the public port and holds the CA certificate can neither register a
+   node key, nor list runs or nodes, nor submit a run, nor join with an unregistered key.
+3. a SuperNode (its whole process group) is SIGKILLed while training in round 1 of 3 nodes
+   (secure deployment): the run completes with the other 2 and the record carries the failure
+   and Flower's reason.
+4. the launcher's ports: never the same port twice, and a daemon whose port was taken before
+   it bound it is started again on another one.
 
 After every run no process of it may be alive (PIDs we saw, and anything whose environment still
 names the run's work dir: every Flower process inherits its daemon's FLWR_HOME).
@@ -22,7 +27,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +38,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedlora.launch import Deployment, Processes, descendants, pids_with_env, run_simulation
+import fedlora.launch as launch
+from fedlora.launch import (PROJECT, Deployment, Processes, descendants, flower_env,
+                            nginx_binary, pids_with_env, run_simulation, write_connection)
 from fedlora.results import read_rounds
 
 pytestmark = pytest.mark.slow
@@ -186,7 +196,7 @@ def plain(tmp_path_factory, sample_dir):
     rc = {**BASE, "data-dir": sample_dir, "run-dir": str(work / "runs"), "run-name": "dep"}
     t0 = time.monotonic()
     with Processes(work / "logs") as procs, Watch(procs) as watch:
-        dep = Deployment(procs, work, nodes=2).start()
+        dep = Deployment(procs, work, nodes=2, insecure=True).start()
         res = dep.run(rc, timeout=600, log_file=work / "flwr-run.log")
         out["flwr_runs"] = dep.runs()
     out["dep_s"] = time.monotonic() - t0
@@ -248,33 +258,123 @@ def test_flower_traffic_counter_bounds_measured_bytes(plain):
     assert 0 <= traffic["inbound-bytes"] - up <= 2048 * n_msgs, (traffic, up)
 
 
-# ----------------------------------------------------------------------- 2. TLS + node auth
+# ------------------------------------------------- 2. the default deployment admits only its own
 
 
-def test_tls_and_supernode_auth(tmp_path, sample_dir):
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a listening TCP socket on ``port`` (IPv4 and IPv6, from /proc)."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, hexport = local.rpartition(":")
+                if state == "0A" and int(hexport, 16) == port:  # 0A = LISTEN
+                    if len(addr) == 8:
+                        addr = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                    out.add(addr)
+    return out
+
+
+def outsider_app(path: Path) -> Path:
+    """A minimal Flower app of someone else's (``flwr run`` checks its components import)."""
+    (path / "other").mkdir(parents=True)
+    (path / "other" / "__init__.py").write_text("")
+    (path / "other" / "app.py").write_text(
+        "from flwr.clientapp import ClientApp\nfrom flwr.serverapp import ServerApp\n\n"
+        "server = ServerApp()\nclient = ClientApp()\n")
+    (path / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "other"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "outsider"\n\n[tool.flwr.app.components]\n'
+        'serverapp = "other.app:server"\nclientapp = "other.app:client"\n\n'
+        '[tool.flwr.app.config]\n')
+    return path
+
+
+def need_nginx() -> None:
     for tool in ("openssl", "ssh-keygen"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
+    if nginx_binary() is None:
+        if os.environ.get("CI"):  # CI runs as root with Debian's registry: bootstrap installs it
+            pytest.fail("nginx missing: scripts/bootstrap.sh (run by ./test) should have "
+                        "installed it (apt-get install nginx)")
+        pytest.skip("nginx is not installed and scripts/bootstrap.sh could not install it "
+                    "(needs root and Debian's registry: apt-get install nginx)")
+
+
+def test_secure_deployment_admits_only_its_nodes_and_operators(tmp_path, sample_dir):
+    """The default Deployment: the SuperLink listens on 127.0.0.1 only, and the one public port
+    (the nginx Fleet proxy) serves nothing but Fleet calls. An outsider there, with the CA
+    certificate (it is public: every node has it) and a key pair of their own, is refused at
+    every step; the operator's CLI on the loopback port registers the nodes and runs 2 rounds."""
+    need_nginx()
     work = tmp_path
-    # one round (not 2) keeps the file within its time budget; round 2 adds nothing TLS-specific
-    rc = {**BASE, "data-dir": sample_dir, "run-dir": str(work / "runs"), "run-name": "tls",
-          "num-server-rounds": 1}
+    rc = {**BASE, "data-dir": sample_dir, "run-dir": str(work / "runs"), "run-name": "secure"}
     with Processes(work / "logs") as procs, Watch(procs) as watch:
-        dep = Deployment(procs, work, nodes=2, tls=True, auth=True).start()
+        dep = Deployment(procs, work, nodes=2).start()
         registered = set(dep.registered)
-        assert len(registered) == 2
-        assert dep.online_node_ids() == registered
-        # HTTPS only: a plain HTTP request to the same port gets no answer
+        assert len(registered) == 2 and dep.online_node_ids() == registered
+        # Flower's one port (Control + Runtime + Fleet) is bound to the loopback only; the
+        # nodes came in through the proxy
+        assert dep.fleet_address != dep.address
+        assert listening_addresses(dep.port) == {"127.0.0.1"}, listening_addresses(dep.port)
+        for i in range(2):
+            assert f"--superlink {dep.fleet_address}" in " ".join(dep.supernodes[i].args)
+
+        # the outsider: the public address and the CA, as a SuperNode operator would have them,
+        # a key pair and an app of their own
+        outsider = work / "outsider"
+        write_connection(outsider, "public", dep.fleet_address, insecure=False,
+                         root_certificates=str(dep.ca))
+        app = outsider_app(work / "outsider-app")
+
+        def flwr(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["flwr", *args], env=flower_env(outsider), cwd=app,
+                                  capture_output=True, text=True, timeout=180)
+
+        key = dep.make_key("outsider")
+        for args in (["supernode", "register", f"{key}.pub", "public"], ["ls", "public"],
+                     ["run", str(app), "public"]):
+            res = flwr(*args)
+            assert res.returncode != 0, (args, res.stdout[-2000:])
+            assert "404" in res.stdout + res.stderr, (args, res.stdout[-2000:], res.stderr)
+        # control: the same CLI set-up on Flower's own port is let in (which is why that port
+        # must stay on the loopback)
+        write_connection(outsider, "direct", dep.address, insecure=False,
+                         root_certificates=str(dep.ca))
+        res = flwr("ls", "direct")
+        assert res.returncode == 0, res.stdout[-2000:]
+        # the same requests by hand, and the Runtime API (ServerApp <-> SuperLink): not there
+        for path in ("/v1/control/register-node", "/v1/control/list-runs",
+                     "/v1/control/list-nodes", "/v1/control/start-run", "/v1/runtime/get-nodes",
+                     "/v1/fleet/register-node",  # self-registration (Flower refuses it too)
+                     "/v1/fleet/..%2f..%2fv1/control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+                     "/health"):
+            r = httpx.post(f"https://{dep.fleet_address}{path}", verify=str(dep.ca),
+                           content=b"", headers={"content-type": "application/protobuf"})
+            assert r.status_code == 404 and "nginx" in r.text, (path, r.status_code, r.text)
+        # a Fleet call without a registered node's signature reaches Flower and is refused
+        r = httpx.post(f"https://{dep.fleet_address}/v1/fleet/pull-messages", verify=str(dep.ca),
+                       content=b"", headers={"content-type": "application/protobuf"})
+        assert r.status_code == 401, (r.status_code, r.text)
+        # HTTPS only, on both ports
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://{dep.address}/health", timeout=5.0)
+        r = httpx.post(f"http://{dep.fleet_address}/v1/fleet/pull-messages", timeout=5.0)
+        assert r.status_code == 400 and "HTTPS" in r.text, (r.status_code, r.text)
+        # nothing of the outsider's made it in
+        assert {int(n["node-id"]) for n in dep.node_list()} == registered
+        assert dep.runs() == []
 
-        # the run, and meanwhile a SuperNode with a fresh key that was never registered
+        # the operator's run, and meanwhile a SuperNode with the outsider's (unregistered) key
         result: dict = {}
         runner = threading.Thread(target=lambda: result.setdefault(
             "res", dep.run(rc, timeout=600, log_file=work / "flwr-run.log")))
         runner.start()
         intruder = dep.start_supernode(
-            9, {"partition-id": 0, "num-partitions": 2}, dep.make_key("intruder"), name="intruder")
+            9, {"partition-id": 0, "num-partitions": 2}, key, name="intruder")
         deadline = time.monotonic() + 90
         while intruder.poll() is None and time.monotonic() < deadline:
             assert {int(n["node-id"]) for n in dep.node_list()} == registered
@@ -288,10 +388,12 @@ def test_tls_and_supernode_auth(tmp_path, sample_dir):
         res = result["res"]
         assert res.returncode == 0, (work / "flwr-run.log").read_text(errors="replace")[-4000:]
         nodes = dep.node_list()
+        runs = dep.runs()
     assert_no_orphans(work, watch)
     assert {int(n["node-id"]) for n in nodes} == registered
-    rounds = read_rounds(work / "runs" / "tls")
-    assert_complete(rounds, clients=2, rounds_n=1)
+    assert [r["status"] for r in runs] == ["finished:completed"], runs
+    rounds = read_rounds(work / "runs" / "secure")
+    assert_complete(rounds, clients=2, rounds_n=2)
     # with auth, node ids are fixed at registration: the records name exactly those nodes
     for r in rounds[1:]:
         assert {int(n) for n in r["bytes_up_per_node"]} == registered
@@ -301,6 +403,7 @@ def test_tls_and_supernode_auth(tmp_path, sample_dir):
 
 
 def test_supernode_killed_during_training(tmp_path, sample_dir):
+    need_nginx()  # the default (secure) deployment: the nodes go through the Fleet proxy
     work = tmp_path
     rc = {**BASE, "data-dir": sample_dir, "run-dir": str(work / "runs"), "run-name": "fault",
           "max-examples-per-client": 400, "local-epochs": 2, "min-train-nodes": 2,
@@ -349,3 +452,90 @@ def test_supernode_killed_during_training(tmp_path, sample_dir):
     # round 2: only the connected nodes are sampled, and nothing fails
     assert set(r2["bytes_down_per_node"]) == survivors
     assert r2["clients"] == 2 and r2["failures"] == 0, r2
+
+
+def test_one_hostile_supernode_of_three_cannot_take_over(tmp_path, sample_dir):
+    """Three real SuperNodes; the third runs the honest ClientApp wrapped by an attacker
+    (tests/hostile_node/sitecustomize.py): every train reply it sends claims 1e15 examples and
+    carries the update ×1e4 + 1, in the codec the server asked for. The server caps the weight
+    and clips the update every round, the run completes and the federation still learns."""
+    work = tmp_path
+    rc = {**BASE, "data-dir": sample_dir, "run-dir": str(work / "runs"), "run-name": "hostile",
+          "num-server-rounds": 3, "max-examples-per-client": 400, "local-epochs": 2,
+          "min-train-nodes": 3, "min-available-nodes": 3, "fraction-train": 1.0}
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    evil = {"PYTHONPATH": str(Path(__file__).parent / "hostile_node"), "FEDLORA_TEST_HOSTILE": "1"}
+    with Processes(work / "logs") as procs, Watch(procs) as watch:
+        dep = Deployment(procs, work, insecure=True, node_configs=nodes, node_env={2: evil}).start()
+        hostile = str(logged_node_id(procs.log("supernode-2")))
+        res = dep.run(rc, timeout=600, log_file=work / "flwr-run.log")
+    assert_no_orphans(work, watch)
+    assert res.returncode == 0, (work / "flwr-run.log").read_text(errors="replace")[-4000:]
+    rounds = read_rounds(work / "runs" / "hostile")
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    for r in rounds[1:]:
+        assert hostile in r["bytes_up_per_node"] and r["clients"] == 3, r
+        capped = {str(c["node"]): c for c in r["capped_weights"]}
+        assert capped[hostile]["reported"] == 10 ** 15 and capped[hostile]["used"] <= 400
+        clipped = {str(c["node"]) for c in r["clipped"]}
+        assert clipped == {hostile}, r["clipped"]  # the honest updates pass untouched
+    accs = [r["accuracy"] for r in rounds]
+    assert accs[-1] > accs[0] + 0.15, accs
+
+
+# ------------------------------------------------------------------------------------ 4. ports
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    lo, _ = launch._ephemeral_ports()
+    ports = [launch.free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    if lo - launch._PORT_FLOOR >= 1000:  # below the ephemeral range: no client socket takes it
+        assert all(launch._PORT_FLOOR <= p < lo for p in ports), ports
+
+
+def _offer_first(monkeypatch, offers: list[int | None]) -> None:
+    """``free_port`` returns ``offers`` in turn (None: a real free port), then real ones."""
+    real = launch.free_port
+    queue = list(offers)
+    monkeypatch.setattr(launch, "free_port",
+                        lambda host="127.0.0.1": (queue.pop(0) if queue else None) or real(host))
+
+
+def test_daemon_started_again_when_its_port_was_taken(tmp_path, monkeypatch):
+    """``free_port`` releases its port before the daemon binds it, so another process may take
+    it. The launcher sees "address already in use" in the daemon's log and starts it again on
+    another port, keeping the failed attempt's log."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        _offer_first(monkeypatch, [busy])
+        with Processes(tmp_path / "logs") as procs:
+            proc, port = launch.start_daemon(
+                procs, "server", lambda p: [sys.executable, "-u", "-m", "http.server",
+                                            "--bind", "127.0.0.1", str(p)],
+                os.environ, cwd=tmp_path, ready="Serving HTTP on", timeout=30)
+            assert port != busy and proc.poll() is None
+            assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+        failed = (tmp_path / "logs" / "server.bind-failed-1.log").read_text()
+        assert "Address already in use" in failed, failed
+
+
+def test_supernode_started_again_when_its_port_was_taken(tmp_path, monkeypatch):
+    """The race that gave two SuperNodes one Runtime API port: the second one's port is taken
+    before it binds; it is started again on a new port and comes online."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        _offer_first(monkeypatch, [None, None, busy])  # SuperLink, SuperNode 0, SuperNode 1
+        with Processes(tmp_path / "logs") as procs, Watch(procs) as watch:
+            dep = Deployment(procs, tmp_path, nodes=2, insecure=True).start()
+            assert dep.online_nodes() == 2
+            ports = [p.args[p.args.index("--port") + 1] for p in dep.supernodes]
+            assert busy not in map(int, ports) and len(set(ports)) == 2, ports
+            assert all(p.poll() is None for p in dep.supernodes)
+        failed = (tmp_path / "logs" / "supernode-1.bind-failed-1.log").read_text()
+        assert "address already in use" in failed.lower(), failed
+    assert_no_orphans(tmp_path, watch)

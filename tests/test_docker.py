@@ -52,6 +52,8 @@ BASE = {
 }
 COMPOSE = DOCKER_DIR / "compose.yml"
 TLS = DOCKER_DIR / "compose.tls.yml"
+INSECURE = DOCKER_DIR / "compose.insecure.yml"
+PROXY = DOCKER_DIR / "compose.proxy.yml"
 GPU = DOCKER_DIR / "compose.gpu.yml"
 
 
@@ -93,12 +95,25 @@ def test_compose_services_host_network_and_node_configs():
 def test_compose_tls_and_gpu_overrides():
     model = compose_run.load([COMPOSE, TLS, GPU], _env(FEDLORA_CERTS_DIR="/c"))
     s = model["services"]
-    assert "--insecure" not in s["superlink"]["command"]
-    assert "--ssl-certfile" in s["superlink"]["command"]
+    # secure by default: TLS, node auth, the SuperLink (Control API) on the loopback only
+    sl = s["superlink"]["command"]
+    assert "--insecure" not in sl and "--ssl-certfile" in sl and "--enable-supernode-auth" in sl
+    assert sl[sl.index("--host") + 1] == "127.0.0.1"
     for name in ("superlink", "superexec-serverapp", "supernode-0", "supernode-1"):
-        assert "/c:/certs:ro" in s[name]["volumes"], name
+        assert "/c/ca.crt:/certs/ca.crt:ro" in s[name]["volumes"], name
     for name in ("superexec-serverapp", "supernode-0", "supernode-1"):
         assert "--root-certificates" in s[name]["command"], name
+        assert not any("server.key" in v or "ca.key" in v for v in s[name]["volumes"]), name
+    for i in (0, 1):
+        cmd = s[f"supernode-{i}"]["command"]
+        assert cmd[cmd.index("--auth-supernode-private-key") + 1] == f"/certs/supernode-{i}"
+        assert f"/c/supernode-{i}:/certs/supernode-{i}:ro" in s[f"supernode-{i}"]["volumes"]
+    # plain HTTP only with the explicit override; the proxy adds one service, nothing else
+    ins = compose_run.load([COMPOSE, INSECURE], _env())["services"]
+    assert "--insecure" in ins["superlink"]["command"]
+    assert "--enable-supernode-auth" not in ins["superlink"]["command"]
+    px = compose_run.load([COMPOSE, PROXY], _env())["services"]
+    assert set(px) - set(s) == {"fleet-proxy"}
     # the ServerApp's SuperExec keeps its data and run volumes under the override
     assert any(v.endswith(":/runs") for v in s["superexec-serverapp"]["volumes"])
     args = compose_run.run_args("p", "superexec-clientapp-0", s["superexec-clientapp-0"],
@@ -330,9 +345,10 @@ def _wait_nodes(cli_home: Path, connection: str, n: int, timeout: float = 240) -
 def _run_and_check(engine, work: Path, files: list[Path], rounds: int, tls: bool) -> None:
     certs = work / "certs"
     extra = {}
-    if tls:
+    if tls:  # node keys too, handed to uid 49999 (the daemons' user in the images), still 0600
         subprocess.run(["bash", str(PROJECT / "scripts" / "make-certs.sh"), str(certs),
-                        "localhost", "127.0.0.1"], check=True, capture_output=True)
+                        "localhost", "127.0.0.1"], check=True, capture_output=True,
+                       env={**os.environ, "NODE_KEYS": "2", "KEY_OWNER": "49999"})
         extra["FEDLORA_CERTS_DIR"] = str(certs)
     with deployment(engine, work, files, extra) as (env, logs):
         port = env["FEDLORA_SUPERLINK_PORT"]
@@ -343,6 +359,12 @@ def _run_and_check(engine, work: Path, files: list[Path], rounds: int, tls: bool
                       verify=ssl.create_default_context(cafile=str(certs / "ca.crt")))
             write_connection(cli_home, "docker", address, insecure=False,
                              root_certificates=str(certs / "ca.crt"))
+            for i in (0, 1):  # the SuperNodes are restarted until their keys are registered
+                reg = subprocess.run(["flwr", "supernode", "register",
+                                      str(certs / f"supernode-{i}.pub"), "docker"],
+                                     env=flower_env(cli_home), cwd=PROJECT, capture_output=True,
+                                     text=True, timeout=120)
+                assert reg.returncode == 0, reg.stdout + reg.stderr
         else:
             wait_http(f"http://{address}/health", timeout=180)
             write_connection(cli_home, "docker", address)
@@ -369,12 +391,12 @@ def _run_and_check(engine, work: Path, files: list[Path], rounds: int, tls: bool
 
 @pytest.mark.slow
 def test_compose_deployment_two_rounds(engine, app_image, tmp_path):
-    _run_and_check(engine, tmp_path, [COMPOSE], rounds=2, tls=False)
+    _run_and_check(engine, tmp_path, [COMPOSE, INSECURE], rounds=2, tls=False)
 
 
 @pytest.mark.slow
 def test_compose_deployment_tls(engine, app_image, tmp_path):
-    _run_and_check(engine, tmp_path, [COMPOSE, TLS], rounds=1, tls=True)
+    _run_and_check(engine, tmp_path, [COMPOSE], rounds=1, tls=True)
 
 
 @pytest.mark.slow
