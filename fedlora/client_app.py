@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .adapters import check_fingerprint, shapes, state_to_numpy, travelling_state
-from .compression import ErrorFeedback
+from .compression import ErrorFeedback, Pipeline, parse_spec
 from .config import RunConfig, node_tier
+from .privacy import privatize
 from .strategies import get_method
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
                               arrays_to_state, state_to_arrays)
+from .strategies.downlink import Copy, client_apply
 from .tasks import make_task
 from .wire import decode_record, encode_record, payload_bytes
 
 app = ClientApp()
 
 EF_KEY = "fedlora-error-feedback"
+DOWN_KEY = "fedlora-download"  # delta downloads: the copy of the global this node holds
+DOWN_META_KEY = "fedlora-download-meta"  # ... and its digest
 
 
 def _expected_shapes(task, adapter: bool) -> dict[str, tuple[int, ...]]:
@@ -29,15 +32,30 @@ def _expected_shapes(task, adapter: bool) -> dict[str, tuple[int, ...]]:
     return getattr(task, key)
 
 
-def _error_feedback(context: Context, upload, spec: str):
+def _error_feedback(context: Context, upload, pipe: Pipeline):
     """Add the stored residual, encode, keep the new residual in the node's state."""
     stored = context.state.array_records.get(EF_KEY)
     ef = ErrorFeedback.from_state_dict(arrays_to_state(stored) if stored else {})
     compensated = ef.compensate(upload)
-    record = encode_record(compensated, spec)
-    ef.update(compensated, decode_record(record))
+    record = encode_record(compensated, pipe)
+    ef.update(compensated, decode_record(record, expected={k: np.shape(v)
+                                                           for k, v in compensated.items()}))
     context.state[EF_KEY] = state_to_arrays(ef.state_dict())
     return record
+
+
+def _apply_download(context: Context, decoded, conf: dict):
+    """Full or delta download (see :mod:`fedlora.strategies.downlink`); in delta mode the node
+    keeps the resulting copy and its digest in its Context state."""
+    stored = context.state.array_records.get(DOWN_KEY)
+    meta = context.state.config_records.get(DOWN_META_KEY)
+    held = (Copy(arrays_to_state(stored), str(meta["digest"]))
+            if stored is not None and meta is not None and "digest" in meta else None)
+    state, keep = client_apply(decoded, conf, held)
+    if keep is not None:
+        context.state[DOWN_KEY] = state_to_arrays(keep.state)
+        context.state[DOWN_META_KEY] = ConfigRecord({"digest": keep.digest})
+    return state
 
 
 @app.train()
@@ -49,19 +67,21 @@ def train(msg: Message, context: Context) -> Message:
     task = make_task(cfg)
     check_fingerprint(str(conf.get("base-fingerprint", "")), task.fingerprint())
     adapter = method.Strategy.adapter
-    received = decode_record(msg.content.array_records[ADAPTER_KEY],
-                             expected=_expected_shapes(task, adapter))
+    decoded = decode_record(msg.content.array_records[ADAPTER_KEY],
+                            expected=_expected_shapes(task, adapter))
+    received = _apply_download(context, decoded, conf)
+    codec_up = parse_spec(str(conf["codec-up"]))  # the chain the server asked for, parsed once
     nc = context.node_config
     cr = ClientRound(
-        cfg=cfg, task=task, config=conf, received=OrderedDict(received),
+        cfg=cfg, task=task, config=conf, received=received,
         partition_id=int(nc["partition-id"]), num_partitions=int(nc["num-partitions"]),
-        data_dir=str(nc.get("data-dir", "")), state=context.state)
+        data_dir=str(nc.get("data-dir", "")), state=context.state, codec_up=codec_up)
     res = method.client_train(cr)
-    spec = str(conf["codec-up"])
+    res = privatize(res, conf)  # dp: clip (+ local noise) the update before the codec
     if cfg.error_feedback:
-        record = _error_feedback(context, res.upload, spec)
+        record = _error_feedback(context, res.upload, codec_up)
     else:
-        record = encode_record(res.upload, spec)
+        record = encode_record(res.upload, codec_up)
     metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
                             "payload-up": payload_bytes(record)})
     return Message(RecordDict({ADAPTER_KEY: record, METRICS_KEY: metrics}), reply_to=msg)

@@ -7,7 +7,8 @@ keeps the two identical.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 
@@ -47,10 +48,12 @@ class RunConfig:
     classes_per_partition: int = 2
     max_examples_per_client: int = 1000
     eval_max_examples: int = 0
+    eval_every: int = 1
     # --- local training ---
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01
+    lr_schedule: str = "constant"
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
@@ -61,6 +64,29 @@ class RunConfig:
     codec_down: str = "fp32"
     codec_up: str = "fp32"
     error_feedback: bool = False
+    upload: str = "weights"
+    download: str = "full"
+    codec_down_full: str = ""
+    delta_max_nodes: int = 10000
+    # --- robustness ---
+    max_weight_ratio: float = 3.0
+    equal_weights: bool = False
+    update_norm_bound: float = 0.0
+    norm_bound_factor: float = 5.0
+    norm_bound_action: str = "clip"
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    # --- differential privacy ---
+    dp: str = "off"
+    dp_mechanism: str = "gaussian"
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_adaptive_clip: bool = False
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_count_stddev: float = 0.0
     # --- FLASC ---
     density_down: float = 1.0
     density_up: float = 1.0
@@ -84,33 +110,46 @@ class RunConfig:
     # --- output ---
     run_dir: str = "runs"
     run_name: str = ""
-
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # --- checkpoints ---
+    resume: str = ""
+    keep_checkpoints: int = 2
 
     @classmethod
     def keys(cls) -> dict[str, Any]:
         """``{run-config key: default}`` for every knob."""
-        return {_key(f.name): f.default for f in dataclasses.fields(cls) if f.name != "extra"}
+        return {_key(f.name): f.default for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
-        """Build from Flower's ``context.run_config``; unknown keys land in ``extra``, wrong
-        types raise a ValueError naming the key."""
+        """Build from Flower's ``context.run_config``; keys fedlora does not know are ignored
+        (Flower or other apps may add their own), wrong types raise a ValueError naming the
+        key."""
         kwargs: dict[str, Any] = {}
-        known = {_key(f.name): f for f in dataclasses.fields(cls) if f.name != "extra"}
+        known = {_key(f.name): f for f in dataclasses.fields(cls)}
         for key, value in run_config.items():
             f = known.get(key)
             if f is None:
                 continue
             kwargs[f.name] = _coerce(key, value, type(f.default))
-        extra = {k: v for k, v in run_config.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        return cls(**kwargs)
+
+    def lr_at(self, server_round: int) -> float:
+        """Local learning rate of round ``server_round`` (1-indexed) under ``lr-schedule``:
+        ``constant`` = ``lr``; ``cosine`` = ``lr``·½(1 + cos(π(t−1)/T)) over T =
+        ``num-server-rounds`` (round 1 trains at ``lr``, the last at a small fraction of it)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if self.lr_schedule == "cosine":
+            t = min(max(int(server_round), 1), max(self.num_server_rounds, 1))
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (t - 1) / max(self.num_server_rounds, 1)))
+        raise ValueError(f"run-config 'lr-schedule' must be 'constant' or 'cosine', "
+                         f"got {self.lr_schedule!r}")
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
-        return {_key(k): v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
@@ -10,30 +11,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from . import checkpoint
 from .adapters import (flocora_analytic_bits, load_state, num_params, shapes, state_to_numpy,
                        travelling_state)
-from .compression import parse_spec
+from .compression import Pipeline
 from .config import RunConfig
 from .results import Recorder
 from .strategies import get_method
-from .strategies.base import arrays_to_state, state_to_arrays
+from .strategies.base import ADAPTER_KEY, arrays_to_state, state_to_arrays
+from .wire import encode_record, message_bytes
 from .tasks import make_task
 
 app = ServerApp()
+log = logging.getLogger("flwr.fedlora")
 
 
-def affine_bits(spec: str) -> int:
-    """Bit width of the ``affine:b`` value coder of a codec spec, else 32."""
-    coder = parse_spec(spec).value_coder
+def affine_bits(pipe: Pipeline) -> int:
+    """Bit width of the ``affine:b`` value coder of a codec chain, else 32."""
+    coder = pipe.value_coder
     return int(coder.bits) if coder.codec_id == "affine" else 32
 
 
+def eval_due(cfg: RunConfig, server_round: int) -> bool:
+    """Central evaluation runs before round 1, every ``eval-every`` rounds and after the last."""
+    every = max(int(cfg.eval_every), 1)
+    return server_round % every == 0 or server_round >= cfg.num_server_rounds
+
+
 def resolve_run_dir(cfg: RunConfig) -> Path:
+    """``run-dir``/``run-name`` (default name: timestamp + method). The name must be one plain
+    folder name: a path (``../x``, ``/tmp/x``, ``a/b``) cannot put a run outside ``run-dir``."""
     name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
-    return Path(cfg.run_dir).expanduser().resolve() / name
+    base = Path(cfg.run_dir).expanduser().resolve()
+    bad = (name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute()
+           or len(name) > 200)
+    if bad or (base / name).resolve().parent != base:
+        raise ValueError(f"run-config 'run-name' must be one folder name inside run-dir, got "
+                         f"{name!r}")
+    return base / name
 
 
 def run(grid: Grid, cfg: RunConfig) -> dict:
@@ -52,34 +70,96 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         "config": cfg.as_dict(), "method": cfg.method, "base_fingerprint": fp,
         "params_travelling": num_params(init), "params_full_model": full_params,
         "analytic_bytes_per_message_fp32": flocora_analytic_bits(init, 32) / 8,
-        "analytic_bytes_per_message_up": flocora_analytic_bits(init, affine_bits(cfg.codec_up)) / 8,
+        "analytic_bytes_per_message_up": flocora_analytic_bits(init, affine_bits(strategy.codec_up)) / 8,
         "fedavg_bytes_per_message": 4 * full_params,
+        "fedavg_message_bytes": fedavg_message_bytes(task),
     }
-    run_dir = resolve_run_dir(cfg)
-    recorder = Recorder(run_dir, meta)
+    # resume (run-config `resume`): the run folder and the checkpoint to continue from
+    run_dir, resumed = checkpoint.find_resume(cfg, resolve_run_dir(cfg))
+    ckpt = checkpoint.Checkpointer(run_dir, cfg.keep_checkpoints)
+    ckpt_header = checkpoint.header_for(cfg, fp, shapes(init))
+    first_round, current = 1, init
+    if resumed is not None:
+        checkpoint.check_compatible(resumed.header, cfg, fp, shapes(init))
+        current = checkpoint.restore(strategy, resumed.state())
+        first_round = resumed.round + 1
+        ckpt.set_aside_after(resumed.round)
+        meta["resumed_from"] = {"round": resumed.round, "checkpoint": str(resumed.path)}
+        log.info("[fedlora] resuming %s after round %d (%s)", run_dir, resumed.round,
+                 resumed.path.name)
+    else:
+        if (run_dir / "rounds.jsonl").exists() and (run_dir / "rounds.jsonl").stat().st_size:
+            raise ValueError(f"run folder {run_dir} already holds a run: choose another "
+                             "run-name, remove the folder, or continue it with resume=auto")
+        ckpt.clear()
+    recorder = Recorder(run_dir, meta, resume_records=resumed.records if resumed else None)
     test = task.test_data()
 
-    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
-        load_state(model, strategy.eval_state(server_round, arrays_to_state(arrays)))
-        metrics = task.evaluate(model, test)
+    def evaluate_fn(server_round: int, arrays) -> MetricRecord | None:
+        metrics: dict[str, float] = {}
+        if eval_due(cfg, server_round):
+            t = time.time()
+            load_state(model, strategy.eval_state(server_round, arrays_to_state(arrays)))
+            metrics = task.evaluate(model, test)
+            metrics["eval_s"] = round(time.time() - t, 3)
         rec = strategy.round_record(server_round)
         rec["analytic_bytes_up"] = meta["analytic_bytes_per_message_up"] * rec["clients"]
-        recorder.log_round({**rec, **metrics})
-        return MetricRecord(metrics)
+        def save(records):  # after the round, before its record is written
+            state = checkpoint.server_state(strategy, arrays_to_state(arrays))
+            return ckpt.save(server_round, ckpt_header, state, records)
 
-    result = strategy.start(
-        grid=grid, initial_arrays=state_to_arrays(init), num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout, train_config=ConfigRecord({"base-fingerprint": fp}),
-        evaluate_fn=evaluate_fn)
-    final = arrays_to_state(result.arrays) if len(result.arrays.keys()) else init
+        recorder.log_round({**rec, **metrics},
+                           checkpoint=save if server_round >= 1 and ckpt.enabled else None)
+        return MetricRecord(metrics) if metrics else None
+
+    if resumed is None:
+        result = strategy.start(
+            grid=grid, initial_arrays=state_to_arrays(init), num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout, train_config=ConfigRecord({"base-fingerprint": fp}),
+            evaluate_fn=evaluate_fn)
+        final = arrays_to_state(result.arrays) if len(result.arrays.keys()) else init
+    else:  # Flower's loop from the round after the checkpoint, with the real round numbers
+        final = arrays_to_state(checkpoint.run_rounds(
+            strategy, grid, state_to_arrays(current), first_round, cfg.num_server_rounds,
+            cfg.round_timeout, ConfigRecord({"base-fingerprint": fp}), evaluate_fn))
     load_state(model, final)
     if method.Strategy.adapter:
         model.save_pretrained(str(run_dir / "adapter"))
     torch.save({"state_dict": model.state_dict(), "travelling": final, "meta": meta},
                run_dir / "checkpoint.pt")
     summary = recorder.finish({"run_dir": str(run_dir), "method": cfg.method,
-                               "codec_up": cfg.codec_up, "codec_down": cfg.codec_down})
+                               "codec_up": cfg.codec_up, "codec_down": cfg.codec_down,
+                               **strategy.privacy.summary(),
+                               **fedavg_comparison(recorder.records, meta["fedavg_message_bytes"])})
+    log.info("[fedlora] done: final accuracy %.4f | %.3f MB on the wire (down %.3f, up %.3f, "
+             "control %.3f) | FedAvg, full model in fp32, same rounds and clients: %.3f MB = "
+             "%.1fx more", summary["final_accuracy"] or float("nan"),
+             summary["total_mb"], summary["total_mb_down"], summary["total_mb_up"],
+             summary["total_mb_control"], summary["fedavg_equivalent_mb"],
+             summary["ratio_vs_fedavg"])
     return summary
+
+
+def fedavg_message_bytes(task) -> int:
+    """Measured size of one FedAvg message: the full model (frozen base included) in fp32,
+    encoded and framed exactly as fedlora's messages are."""
+    full = state_to_numpy(task.base().state_dict())
+    msg = Message(RecordDict({ADAPTER_KEY: encode_record(full, "fp32")}),
+                  message_type=MessageType.TRAIN, dst_node_id=1)
+    return message_bytes(msg)
+
+
+def fedavg_comparison(records: list[dict], fedavg_msg: int) -> dict:
+    """What FedAvg would have moved for the same rounds and clients (one full-model message
+    each way per client, the same control messages), and the ratio to what this run moved."""
+    msgs = sum(len(r.get("bytes_down_per_node", {})) + len(r.get("bytes_up_per_node", {}))
+               for r in records)
+    ours = sum(int(r.get(k, 0)) for r in records for k in ("bytes_down", "bytes_up",
+                                                           "control_bytes"))
+    control = sum(int(r.get("control_bytes", 0)) for r in records)
+    fedavg = msgs * fedavg_msg + control
+    return {"total_mb": ours / 1e6, "fedavg_equivalent_mb": fedavg / 1e6,
+            "ratio_vs_fedavg": fedavg / ours if ours else None}
 
 
 @app.main()

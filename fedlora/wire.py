@@ -2,7 +2,7 @@
 
 An encoded message travels as ONE Flower ``Array`` (key ``payload``) in an ``ArrayRecord``:
 ``dtype="uint8"``, ``shape=(len(payload),)``, ``stype="fedlora/v1;<codec spec>"``, ``data`` = the
-codec payload (itself self-describing, see ``fedlora.compression.base``). One Array per message
+codec payload (itself self-describing, see ``fedlora.compression.payload``). One Array per message
 instead of one per tensor keeps Flower's per-object overhead (~315 B per Array) out of small
 adapter messages.
 
@@ -18,18 +18,23 @@ from typing import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from .compression import CodecError, decode_payload, parse_spec
+from .compression import CodecError, Pipeline, decode_payload, parse_spec
 
 STYPE_PREFIX = "fedlora/v1;"
 PAYLOAD_KEY = "payload"
 
 
-def encode_record(tensors: Mapping[str, np.ndarray], spec: str) -> ArrayRecord:
-    """Encode ``tensors`` with the codec chain ``spec`` into a one-Array ArrayRecord."""
-    pipe = parse_spec(spec)
-    payload = pipe.encode(tensors)
-    arr = Array(dtype="uint8", shape=(len(payload),), stype=STYPE_PREFIX + pipe.spec,
-                data=payload)
+def encode_record(tensors: Mapping[str, np.ndarray], pipe: "Pipeline | str") -> ArrayRecord:
+    """Encode ``tensors`` with a codec chain (a parsed :class:`Pipeline`, or a spec string)
+    into a one-Array ArrayRecord."""
+    if not isinstance(pipe, Pipeline):
+        pipe = parse_spec(pipe)
+    return payload_record(pipe.encode(tensors), pipe.spec)
+
+
+def payload_record(payload: bytes, spec: str) -> ArrayRecord:
+    """Wrap an already encoded payload (made with the chain ``spec``) as a one-Array record."""
+    arr = Array(dtype="uint8", shape=(len(payload),), stype=STYPE_PREFIX + spec, data=payload)
     return ArrayRecord({PAYLOAD_KEY: arr})
 
 

@@ -30,6 +30,11 @@ RUNS = {
     # FLASC at 1/4 density both ways, with tiers: partition 0 → tier 0 (1/16), 1 → tier 1 (dense)
     "flasc-tiers": {"method": "flasc", "density-down": 0.25, "density-up": 0.25,
                     "tier-map": "0,1", "tier-density": "0.0625,1", "server-lr": 0.01},
+    # compressed both ways: updates up with client error feedback, per-node delta downloads
+    "delta": {"method": "flocora", "num-server-rounds": 3, "upload": "delta",
+              "download": "delta", "codec-up": "topk:0.1|affine:4|zstd",
+              "codec-down": "topk:0.1|affine:4|zstd", "error-feedback": True,
+              "eval-every": 2, "lr-schedule": "cosine"},
 }
 
 
@@ -110,3 +115,24 @@ def test_flasc_two_rounds_with_tiers(runs):
         # tier 0 gets 1/16 of the weights, tier 1 all of them: measured, both directions
         assert by_tier[0] < 0.12 * by_tier[1] and up_by_tier[0] < 0.12 * up_by_tier[1]
     assert rounds[2]["accuracy"] != rounds[0]["accuracy"]  # the server step moved the model
+
+
+def test_delta_downloads_and_updates_through_real_supernodes(runs):
+    """The real ClientApps keep their copy of the global in Flower's Context state: after the
+    first (full) download every node gets deltas, none refuses one (digest checks pass), and the
+    summary compares the bytes with FedAvg's for the same rounds and clients."""
+    rounds, meta, run_dir, out = runs["delta"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert [r.get("full_downloads") for r in rounds[1:]] == [2, 0, 0]
+    assert all(r["failures"] == 0 and r["dropped"] == 0 for r in rounds[1:])
+    assert rounds[2]["bytes_down"] < rounds[1]["bytes_down"]
+    # eval-every 2: rounds 0, 2 and the last one are evaluated
+    assert ["accuracy" in r for r in rounds] == [True, False, True, True]
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sent = sum(len(r.get("bytes_down_per_node", {})) + len(r.get("bytes_up_per_node", {}))
+               for r in rounds)
+    assert summary["fedavg_equivalent_mb"] * 1e6 > sent * meta["fedavg_bytes_per_message"]
+    assert summary["ratio_vs_fedavg"] > 10
+    assert "FedAvg, full model in fp32" in out

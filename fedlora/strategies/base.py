@@ -1,22 +1,26 @@
-"""What every fedlora method shares.
+"""The server half every fedlora method shares: :class:`FedLoraStrategy`, a Flower ``FedAvg``
+subclass assembled from named parts, and the hooks a method overrides.
 
-Server half (:class:`FedLoraStrategy`, a ``flwr.serverapp.strategy.FedAvg`` subclass):
-sample nodes → encode the global trainable state per node with ``codec-down`` (one encode per
-distinct spec) → measure each message → decode every reply defensively (a corrupt or malformed
-reply is dropped and logged with its node id and reason; the round goes on) → measure it →
-hand the decoded updates to the method's :meth:`aggregate_updates`.
+One round: ``configure_train`` settles last round's downloads, asks new nodes for their tier and
+partition (:class:`~.nodes.NodeDirectory`), samples, and encodes each node's download
+(:class:`~.downlink.Downlink`: full, or a delta from the copy the node holds);
+``aggregate_train`` decodes every reply as hostile input (:mod:`.replies`: the codec asked of
+that node, expected shapes, valid metrics; a bad reply is dropped with its node id and reason),
+bounds each update's influence (:mod:`.guard`), applies differential privacy if configured
+(:mod:`fedlora.privacy`) and hands the updates to the method's :meth:`aggregate_updates`; what
+happened is kept in the round's :class:`~.ledger.RoundStats`, whose record the ServerApp writes.
+The client half's types live in :mod:`.client`.
 
-Client half (:class:`ClientRound`): the decoded download, the node's data and the task, handed to a
-method's ``client_train`` function, which returns what to upload.
+This file is over 400 lines because the Flower round (configure/aggregate), the methods' hooks
+and the checkpoint state of the shared parts belong to one class; the parts it uses live in
+their own modules.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -25,17 +29,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from ..compression import CodecError, parse_spec
-from ..config import RunConfig, split_list, tier_value
-from ..wire import decode_record, encode_record, message_bytes, payload_bytes
+from ..compression import Pipeline, parse_spec
+from ..config import RunConfig, split_list
+from ..privacy import ServerPrivacy
+from ..wire import decode_record, encode_record, message_bytes, payload_bytes, payload_record
+from . import guard
+from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for the methods)
+from .downlink import Downlink
+from .ledger import RoundStats, empty_record
+from .nodes import NodeDirectory
+from .replies import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientUpdate,  # noqa: F401
+                      MalformedReply, decode_reply, train_metrics)
 
 log = logging.getLogger("flwr.fedlora")
-
-ADAPTER_KEY = "adapter"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-
-State = "OrderedDict[str, np.ndarray]"
 
 
 def arrays_to_state(arrays: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
@@ -48,39 +54,9 @@ def state_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
                                    for k, v in state.items()))
 
 
-@dataclass
-class ClientUpdate:
-    node_id: int
-    tensors: "OrderedDict[str, np.ndarray]"
-    num_examples: int
-    metrics: dict[str, float]
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RoundStats:
-    round: int
-    t_start: float = field(default_factory=time.time)
-    sent: dict[int, int] = field(default_factory=dict)          # node → wire bytes down
-    payload_down: dict[int, int] = field(default_factory=dict)
-    received: dict[int, int] = field(default_factory=dict)      # node → wire bytes up
-    payload_up: dict[int, int] = field(default_factory=dict)
-    params_up: dict[int, int] = field(default_factory=dict)
-    failures: list[dict[str, Any]] = field(default_factory=list)  # error replies
-    dropped: list[dict[str, Any]] = field(default_factory=list)   # replies that did not decode
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    control_bytes: int = 0                                       # tier queries etc.
-
-
-class MalformedReply(ValueError):
-    """A reply whose content is not a valid upload for this round."""
-
-
-def _positive_examples(metrics: MetricRecord) -> int:
-    n = metrics.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-        raise MalformedReply(f"num-examples must be a positive number, got {n!r}")
-    return int(n)
+class RejectRound(Exception):
+    """The round's aggregate must not be applied (the previous global model is kept and the
+    method's state rolled back)."""
 
 
 class FedLoraStrategy(FedAvg):
@@ -89,6 +65,11 @@ class FedLoraStrategy(FedAvg):
 
     name = "base"
     adapter = True  # clients build the peft adapter model (False: the full model)
+    #: ``upload=delta`` accepted: the method averages weights, so clients may send their update
+    #: (trained − received) instead and the server adds the mean update to the global
+    delta_upload = False
+    #: the method's replies are updates already (FLASC, LoRA-A2): ``upload=delta`` is a no-op
+    native_delta_upload = False
 
     def __init__(self, cfg: RunConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
         super().__init__(
@@ -98,27 +79,39 @@ class FedLoraStrategy(FedAvg):
         )
         self.cfg = cfg
         self.shapes = dict(shapes)
-        parse_spec(cfg.codec_up)  # fail at start, not in round 1, on a bad spec
-        parse_spec(cfg.codec_down)
+        # codec chains are parsed once, here (a bad spec fails at start, not in round 1)
+        self.codec_up: Pipeline = parse_spec(cfg.codec_up)
+        self.codec_down: Pipeline = parse_spec(cfg.codec_down)
+        self.tier_codec_up = [parse_spec(x) for x in split_list(cfg.tier_codec_up)]
+        self.tier_codec_down = [parse_spec(x) for x in split_list(cfg.tier_codec_down)]
         if cfg.client_sampling not in ("partition", "flower"):
             raise ValueError(f"run-config 'client-sampling' must be 'partition' or 'flower', "
                              f"got {cfg.client_sampling!r}")
         self.stats: dict[int, RoundStats] = {}
         self._global: "OrderedDict[str, np.ndarray] | None" = None
-        self.tiers: dict[int, int] = {}  # node id → tier, learnt with a query message
-        self.partitions: dict[int, int] = {}  # node id → partition-id, learnt with it too
-        for spec in split_list(cfg.tier_codec_up) + split_list(cfg.tier_codec_down):
-            parse_spec(spec)
+        #: tiers and partition-ids by node id, learnt with a query message; partition sampling
+        self.nodes = NodeDirectory(cfg.seed, self.uses_tiers or self.samples_partitions,
+                                   cfg.round_timeout)
+        self.downlink = Downlink(cfg.download, cfg.codec_down_full, cfg.delta_max_nodes)
+        if cfg.upload not in ("weights", "delta"):
+            raise ValueError(f"run-config 'upload' must be 'weights' or 'delta', got {cfg.upload!r}")
+        if cfg.upload == "delta" and not (self.delta_upload or self.native_delta_upload):
+            raise ValueError(f"{self.name} aggregates client weights; upload='delta' is for "
+                             "flocora, fedavg, fl-lora and ffa-lora")
+        #: replies are updates (trained − received), not weights
+        self.replies_are_deltas = self.native_delta_upload or (
+            self.delta_upload and cfg.upload == "delta")
+        #: differential privacy (``dp-*``; inert when ``dp=off``): see :mod:`fedlora.privacy`
+        self.privacy = ServerPrivacy.for_strategy(self)
 
     def ensure_no_sparsifier(self, up: bool = True, down: bool = False) -> None:
         """For methods that add their own sparsifier (``topk``/``ranks``) to the user's specs:
         those specs, per-tier ones included, must not sparsify."""
-        c = self.cfg
-        specs = ([c.codec_up, *split_list(c.tier_codec_up)] if up else []) + \
-                ([c.codec_down, *split_list(c.tier_codec_down)] if down else [])
-        for spec in specs:
-            if parse_spec(spec).sparsifier is not None:
-                raise ValueError(f"{self.name} adds its own sparsifier: codec spec {spec!r} "
+        pipes = ([self.codec_up, *self.tier_codec_up] if up else []) + \
+                ([self.codec_down, *self.tier_codec_down] if down else [])
+        for pipe in pipes:
+            if pipe.sparsifier is not None:
+                raise ValueError(f"{self.name} adds its own sparsifier: codec spec {pipe.spec!r} "
                                  "must not sparsify")
 
     # ---------------------------------------------------------------- tiers
@@ -127,45 +120,35 @@ class FedLoraStrategy(FedAvg):
         c = self.cfg
         return bool(c.tier_density or c.tier_codec_up or c.tier_codec_down or c.tier_rank)
 
-    def tier_of(self, node_id: int | None) -> int:
-        return self.tiers.get(node_id, 0) if node_id is not None else 0
-
     @property
     def samples_partitions(self) -> bool:
         return self.cfg.client_sampling == "partition"
 
-    def learn_tiers(self, grid: Grid, node_ids: list[int], stats: "RoundStats") -> None:
-        """Ask nodes not seen before for their tier and partition-id (a ``query`` message; the
-        ClientApp answers from its node config). Its bytes are counted as control traffic of the
-        round. A node that does not answer gets tier 0 and is sampled after the known ones."""
-        unknown = [n for n in node_ids if n not in self.tiers]
-        if not unknown or not (self.uses_tiers or self.samples_partitions):
-            return
-        queries = [Message(RecordDict({CONFIG_KEY: ConfigRecord({"ask": "tier"})}),
-                           message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-        stats.control_bytes += sum(message_bytes(q) for q in queries)
-        for reply in grid.send_and_receive(queries, timeout=self.cfg.round_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
-                log.warning("node %s did not report its tier; using tier 0", node)
-                continue
-            stats.control_bytes += message_bytes(reply)
-            answer = reply.content.metric_records[METRICS_KEY]
-            self.tiers[node] = int(answer.get("tier", 0))
-            self.partitions[node] = int(answer.get("partition-id", -1))
+    @property
+    def tiers(self) -> dict[int, int]:
+        return self.nodes.tiers
+
+    @property
+    def partitions(self) -> dict[int, int]:
+        return self.nodes.partitions
+
+    @property
+    def excluded(self) -> dict[int, str]:
+        """node id → why it is left out of partition sampling (its query answer was bad)."""
+        return self.nodes.excluded
+
+    def tier_of(self, node_id: int | None) -> int:
+        return self.nodes.tier_of(node_id)
+
+    def learn_tiers(self, grid: Grid, node_ids: list[int], stats: RoundStats) -> None:
+        """Learn new nodes' tiers and partition-ids (:meth:`.NodeDirectory.learn`)."""
+        self.nodes.learn(grid, node_ids, stats)
         if self.uses_tiers:
             log.info("tiers: %s", {n: self.tier_of(n) for n in node_ids})
 
     def sample_by_partition(self, server_round: int, all_nodes: list[int], k: int) -> list[int]:
-        """``k`` nodes chosen by a generator seeded with (seed, round) over the nodes ordered by
-        partition-id: the same partitions in every run with the same seed and the same set of
-        partitions, whatever node ids Flower assigned. Unknown partitions sort last (by id)."""
-        big = 1 << 62
-        order = sorted(all_nodes, key=lambda n: (p if (p := self.partitions.get(n, -1)) >= 0
-                                                  else big, n))
-        k = min(k, len(order))
-        rng = np.random.default_rng([int(self.cfg.seed) & 0xFFFFFFFF, int(server_round)])
-        return [order[i] for i in sorted(rng.choice(len(order), size=k, replace=False).tolist())]
+        """Round ``server_round``'s sample (:meth:`.NodeDirectory.sample`)."""
+        return self.nodes.sample(server_round, all_nodes, k)
 
     # ---------------------------------------------------------------- hooks for methods
     def download_state(self, server_round: int, state: "OrderedDict[str, np.ndarray]"
@@ -173,11 +156,14 @@ class FedLoraStrategy(FedAvg):
         """What clients receive this round (before encoding)."""
         return state
 
-    def download_spec(self, server_round: int, node_id: int | None) -> str:
-        return tier_value(self.cfg.tier_codec_down, self.tier_of(node_id), self.cfg.codec_down)
+    def download_pipeline(self, server_round: int, node_id: int | None) -> Pipeline:
+        """The codec chain of ``node_id``'s download (its tier's ``tier-codec-down``, else
+        ``codec-down``); methods compose onto it (e.g. ``.with_sparsifier(...)``)."""
+        return _tiered(self.tier_codec_down, self.tier_of(node_id), self.codec_down)
 
-    def upload_spec(self, server_round: int, node_id: int | None) -> str:
-        return tier_value(self.cfg.tier_codec_up, self.tier_of(node_id), self.cfg.codec_up)
+    def upload_pipeline(self, server_round: int, node_id: int | None) -> Pipeline:
+        """The codec chain the server asks of ``node_id``'s upload."""
+        return _tiered(self.tier_codec_up, self.tier_of(node_id), self.codec_up)
 
     def download_variant(self, server_round: int, node_id: int | None) -> Any:
         """A hashable key when a node needs its own version of the download (e.g. its rank),
@@ -205,12 +191,15 @@ class FedLoraStrategy(FedAvg):
         """The model as clients receive it after ``server_round``: the next round's download
         through the (default) codec-down round trip."""
         down = self.download_state(server_round + 1, state)
-        return decode_record(encode_record(down, self.download_spec(server_round + 1, None)),
-                             expected=None)
+        if self.downlink.delta:  # nodes converge to the exact global (server error feedback)
+            return down
+        return decode_record(encode_record(down, self.download_pipeline(server_round + 1, None)),
+                             expected={k: v.shape for k, v in down.items()})
 
     # ---------------------------------------------------------------- Flower Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.settle_downloads(server_round - 1)
         stats = self.stats[server_round] = RoundStats(server_round)
         self._global = arrays_to_state(arrays)
         if self.fraction_train == 0.0:
@@ -227,120 +216,285 @@ class FedLoraStrategy(FedAvg):
                  len(node_ids), len(all_nodes),
                  f" (partitions {[self.partitions.get(n, -1) for n in node_ids]})"
                  if self.samples_partitions else "")
+        # differential privacy: charge the round (this round's clip travels in the config)
+        config = self.privacy.round_config(server_round, config, len(node_ids), len(all_nodes))
+        if config is None:  # the round would exceed dp-target-epsilon: no more rounds
+            return []
         download = self.download_state(server_round, self._global)
-        encoded: dict[tuple, ArrayRecord] = {}
+        targets: dict[Any, "OrderedDict[str, np.ndarray]"] = {}
+        self.downlink.start_round()
         messages = []
         for node_id in node_ids:
-            spec = parse_spec(self.download_spec(server_round, node_id)).spec
+            pipe = self.download_pipeline(server_round, node_id)
             variant = self.download_variant(server_round, node_id)
-            key = (spec, variant)
-            if key not in encoded:
-                mine = download if variant is None else self.apply_variant(download, variant)
-                encoded[key] = encode_record(mine, spec)
+            if variant not in targets:
+                targets[variant] = (download if variant is None
+                                    else self.apply_variant(download, variant))
+            dl = self.downlink.prepare(server_round, node_id, targets[variant], pipe, variant)
+            record = payload_record(dl.payload, dl.spec)
             cfg = ConfigRecord({
                 **{k: config[k] for k in config.keys()},
                 "server-round": server_round,
                 "method": self.name,
-                "codec-down": spec,
-                "codec-up": parse_spec(self.upload_spec(server_round, node_id)).spec,
+                "codec-down": dl.spec,
+                "codec-up": self.upload_pipeline(server_round, node_id).spec,
                 "tier": self.tier_of(node_id),
+                "upload": "delta" if self.replies_are_deltas else "weights",
+                **self.downlink.message_config(dl),
                 **self.node_config(server_round, node_id),
             })
-            msg = Message(content=RecordDict({ADAPTER_KEY: encoded[key], CONFIG_KEY: cfg}),
+            msg = Message(content=RecordDict({ADAPTER_KEY: record, CONFIG_KEY: cfg}),
                           message_type=MessageType.TRAIN, dst_node_id=node_id)
             stats.sent[node_id] = message_bytes(msg)
-            stats.payload_down[node_id] = payload_bytes(encoded[key])
+            stats.payload_down[node_id] = len(dl.payload)
+            if dl.mode == "full" and self.downlink.delta:
+                stats.full_downloads.append(node_id)
             messages.append(msg)
         return messages
 
+    def settle_downloads(self, server_round: int) -> None:
+        """Commit the download records of ``server_round``'s nodes whose replies decoded."""
+        s = self.stats.get(server_round)
+        if s is None or not self.downlink.delta:
+            return
+        self.downlink.settle(server_round, s.replied())
+
+    # ---------------------------------------------------------------- hostile-node guards
+    @property
+    def robustness(self) -> guard.GuardSettings:
+        """The run's robustness settings (``max-weight-ratio`` ... ``trim-fraction``), validated
+        on first use. ``aggregation`` other than ``mean`` needs a weight-averaging method (one
+        that accepts ``upload=delta``: fedavg, flocora, fl-lora, ffa-lora)."""
+        if "_robustness" not in self.__dict__:
+            self._robustness = guard.GuardSettings.from_config(
+                self.cfg, self.name, robust_ok=bool(getattr(self, "delta_upload", False)))
+        return self._robustness
+
+    def start(self, *args: Any, **kwargs: Any):
+        """Flower's run loop, after validating the robustness settings: a bad value is a
+        ValueError before the first round, not after its training."""
+        self.robustness  # noqa: B018  (validates)
+        return super().start(*args, **kwargs)
+
+    def robust_updates(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """With ``aggregation`` = ``median`` / ``trimmed-mean``: one pseudo-reply holding the
+        coordinate-wise median / trimmed mean of the uploads, which the method's own averaging
+        step then applies unchanged (the mean of one upload is that upload); else ``updates``."""
+        g = self.robustness
+        if g.aggregation == "mean":
+            return updates
+        agg = guard.robust_mean([u.tensors for u in updates], g.aggregation, g.trim_fraction)
+        return [ClientUpdate(-1, agg, sum(u.num_examples for u in updates), {})]
+
+    def expected_upload_spec(self, server_round: int, node_id: int | None) -> str:
+        """The canonical ``codec-up`` the server asked of ``node_id`` this round (deterministic
+        per round and node); a reply in any other codec is dropped."""
+        return self.upload_pipeline(server_round, node_id).spec
+
+    def update_reference(self, server_round: int, node_id: int
+                         ) -> "Mapping[str, np.ndarray] | None":
+        """What a node's upload is compared with to get its update: the model that node was
+        sent — its copy after this round's delta download, else the broadcast global — or None
+        for methods whose reply is itself the update."""
+        if self.replies_are_deltas:
+            return None
+        sent = self.downlink.pending.get(node_id)
+        if sent is not None and sent[0] == server_round and sent[1] is not None:
+            return sent[1].state
+        return self._global
+
+    def validate_update(self, server_round: int, up: ClientUpdate) -> None:
+        """Method-specific checks of a decoded reply (raise MalformedReply to drop it)."""
+
+    def rollback(self, server_round: int) -> None:
+        """Undo whatever :meth:`aggregate_updates` changed in the method's own state this round
+        (called when the round's aggregate is not applied)."""
+
+    def bound_updates(self, server_round: int, updates: list[ClientUpdate],
+                      stats: "RoundStats") -> list[ClientUpdate]:
+        """Bound each valid reply's influence (see :mod:`.guard`): cap its aggregation weight,
+        then clip (or reject) an update whose L2 norm is over the round's bound. Returns the
+        replies to aggregate; capped weights and clipped norms go to ``stats``."""
+        g = self.robustness
+        if not updates:
+            return updates
+        reported = [u.num_examples for u in updates]
+        used = guard.cap_weights(reported, g.max_weight_ratio, g.max_examples, g.equal_weights)
+        for u, r, w in zip(updates, reported, used):
+            if w != r:
+                stats.capped.append({"node": u.node_id, "reported": r, "used": w})
+            u.num_examples = w
+        measured = []
+        for u in updates:
+            try:
+                ref = self.update_reference(server_round, u.node_id)
+                n = guard.update_norm(u.tensors, ref)
+                if not math.isfinite(n):
+                    raise MalformedReply(f"update norm {n} is not finite")
+                measured.append((u, ref, n))
+            except Exception as err:
+                self._drop(stats, server_round, u.node_id, err)
+        bound = guard.norm_bound([n for _, _, n in measured], g.update_norm_bound,
+                                 g.norm_bound_factor)
+        stats.norm_bound = bound
+        kept = []
+        for u, ref, n in measured:
+            scale = guard.clip_scale(n, bound)
+            if scale < 1.0:
+                if g.norm_bound_action == "reject":
+                    self._drop(stats, server_round, u.node_id, MalformedReply(
+                        f"update norm {n:.6g} is over the bound {bound:.6g}"))
+                    continue
+                u.tensors = guard.clip_update(u.tensors, scale, ref)
+                stats.clipped.append({"node": u.node_id, "norm": n, "bound": bound})
+                log.warning("round %d: update of node %s clipped from norm %.4g to %.4g",
+                            server_round, u.node_id, n, bound)
+            kept.append(u)
+        return kept
+
+    def _drop(self, stats: "RoundStats", server_round: int, node: Any, err: Exception) -> None:
+        stats.dropped.append({"node": node, "reason": f"{type(err).__name__}: {err}"[:500]})
+        log.warning("round %d: dropped reply of node %s: %s: %s", server_round, node,
+                    type(err).__name__, str(err)[:400])
+
     def decode_reply(self, server_round: int, msg: Message) -> ClientUpdate:
-        """Validate and decode one reply; raises CodecError / MalformedReply."""
-        content = msg.content
-        if ADAPTER_KEY not in content.array_records:
-            raise MalformedReply(f"no ArrayRecord {ADAPTER_KEY!r} in reply")
-        if METRICS_KEY not in content.metric_records:
-            raise MalformedReply(f"no MetricRecord {METRICS_KEY!r} in reply")
-        metrics = content.metric_records[METRICS_KEY]
-        n = _positive_examples(metrics)
-        tensors = decode_record(content.array_records[ADAPTER_KEY],
-                                expected=self.upload_shapes(server_round))
-        for k, v in tensors.items():
-            if not np.all(np.isfinite(v)):
-                raise MalformedReply(f"{k} holds NaN/Inf")
-        cfg = dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content.config_records else {}
-        return ClientUpdate(msg.metadata.src_node_id, OrderedDict(tensors), n,
-                            {k: float(v) for k, v in metrics.items()
-                             if isinstance(v, (int, float))}, cfg)
+        """Validate and decode one reply (:func:`.replies.decode_reply` with the codec asked of
+        that node and this round's shapes), then the method's own checks."""
+        node = msg.metadata.src_node_id
+        up = decode_reply(msg, self.upload_pipeline(server_round, node),
+                          self.upload_shapes(server_round))
+        self.validate_update(server_round, up)
+        return up
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode and validate each reply (a bad one is dropped with its node id and reason,
+        whatever it raises), bound the valid ones' influence (:meth:`bound_updates`), aggregate.
+        A non-finite aggregate or any failure of the method's step keeps the previous global
+        model and rolls the method's state back (:meth:`rollback`)."""
         stats = self.stats.setdefault(server_round, RoundStats(server_round))
         updates: list[ClientUpdate] = []
+        seen: set[Any] = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                reason = msg.error.reason
-                # the exception itself is at the end of a traceback: keep the tail
-                stats.failures.append({"node": node, "reason": str(reason)[-800:]})
-                log.warning("round %d: node %s failed: %s", server_round, node,
-                            str(reason)[-400:])
-                continue
+            node = None
             try:
+                node = msg.metadata.src_node_id
+                if msg.has_error():
+                    reason = msg.error.reason
+                    # the exception itself is at the end of a traceback: keep the tail
+                    stats.failures.append({"node": node, "reason": str(reason)[-800:]})
+                    log.warning("round %d: node %s failed: %s", server_round, node,
+                                str(reason)[-400:])
+                    continue
+                if node in seen:
+                    raise MalformedReply("a second reply from this node in the round")
+                seen.add(node)
                 stats.received[node] = message_bytes(msg)
+                if stats.sent and node not in stats.sent:
+                    raise MalformedReply("the node was not sent a train message this round")
                 up = self.decode_reply(server_round, msg)
-            except (CodecError, MalformedReply, KeyError, TypeError, ValueError) as err:
-                stats.dropped.append({"node": node, "reason": f"{type(err).__name__}: {err}"[:500]})
-                log.warning("round %d: dropped reply of node %s: %s: %s", server_round, node,
-                            type(err).__name__, err)
-                continue
-            ar = msg.content.array_records[ADAPTER_KEY]
-            stats.payload_up[node] = payload_bytes(ar)
-            stats.params_up[node] = int(up.metrics.get("params-up", 0))
-            updates.append(up)
-        log.info("aggregate_train: round %d, %d valid, %d failed, %d dropped", server_round,
-                 len(updates), len(stats.failures), len(stats.dropped))
+                stats.payload_up[node] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
+                stats.params_up[node] = int(up.metrics.get("params-up", 0))
+                updates.append(up)
+            except Exception as err:  # node input never takes the ServerApp down
+                self._drop(stats, server_round, node, err)
+        try:
+            updates = self.bound_updates(server_round, updates, stats)
+        except Exception as err:  # pragma: no cover - defence in depth
+            log.exception("round %d: bounding the updates failed", server_round)
+            stats.rejected = f"{type(err).__name__}: {err}"[:500]
+            return None, None
+        stats.clients = len(updates)
+        log.info("aggregate_train: round %d, %d valid, %d failed, %d dropped, %d clipped",
+                 server_round, len(updates), len(stats.failures), len(stats.dropped),
+                 len(stats.clipped))
         if not updates or self._global is None:
             return None, None
-        new_state = self.aggregate_updates(server_round, self._global, updates)
-        for k, v in new_state.items():
-            if not np.all(np.isfinite(v)):
-                log.error("round %d: aggregate of %s is not finite; keeping the previous "
-                          "global model", server_round, k)
-                return None, None
-        total = sum(u.num_examples for u in updates)
-        keys = sorted({k for u in updates for k in u.metrics if k != "num-examples"})
-        stats.train_metrics = {
-            k: sum(u.metrics.get(k, 0.0) * u.num_examples for u in updates) / total for k in keys
-        }
-        stats.train_metrics["num-examples"] = total
+        try:
+            # central DP: clipped sum + noise over the fixed denominator, as one pseudo-reply
+            private = self.privacy.server_step(server_round, updates)
+            new_state = self.aggregate_updates(server_round, self._global,
+                                               self.robust_updates(private))
+            for k, v in new_state.items():
+                if not np.all(np.isfinite(v)):
+                    raise RejectRound(f"aggregate of {k} is not finite")
+        except Exception as err:
+            stats.rejected = f"{type(err).__name__}: {err}"[:500]
+            if isinstance(err, RejectRound):
+                log.error("round %d: %s; keeping the previous global model", server_round, err)
+            else:
+                log.exception("round %d: aggregation failed; keeping the previous global model",
+                              server_round)
+            self.rollback(server_round)
+            return None, None
+        stats.train_metrics = train_metrics(updates)
         return state_to_arrays(new_state), MetricRecord(stats.train_metrics)
+
+    # ---------------------------------------------------------------- checkpoints (resume)
+    def state_dict(self) -> dict[str, Any]:
+        """What this strategy needs, besides the global tensors and the run config, to run the
+        round after the last one it aggregated (see :mod:`fedlora.checkpoint`): node tiers, the
+        partition map, the nodes excluded from sampling and the downlink's per-node copies, all
+        by node id. The copies sent in the last round are settled here as the next round's
+        ``configure_train`` would settle them. Methods with state of their own extend it."""
+        last = max(self.stats, default=0)
+        s = self.stats.get(last)
+        ok: list[int] = sorted(s.replied()) if s is not None and self.downlink.delta else []
+        dl = self.downlink
+        return {
+            "method": self.name,
+            **self.nodes.state_dict(),
+            "downlink": {
+                "held": [(n, c.state, c.digest) for n, c in dl.held.items()],  # LRU order
+                "pending": [(n, rnd, c.state, c.digest) for n, (rnd, c) in dl.pending.items()],
+                "settle": (last, ok),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`, on a strategy freshly built with the same config.
+        Node ids are kept as saved: in deployment nodes keep their ids across a ServerApp or
+        SuperLink restart; after a simulation restart they have new ids, so the saved entries
+        simply never match (tiers and partitions are asked again, the downlink serves the
+        unknown nodes in full)."""
+        from .downlink import Copy
+
+        if state.get("method") != self.name:
+            raise ValueError(f"checkpoint of method {state.get('method')!r}, not {self.name!r}")
+        self.nodes.load_state_dict(state)
+        dl, saved = self.downlink, state["downlink"]
+        dl.held = OrderedDict((int(n), Copy(OrderedDict(st), str(d))) for n, st, d in saved["held"])
+        dl.pending = {int(n): (int(rnd), Copy(OrderedDict(st), str(d)))
+                      for n, rnd, st, d in saved["pending"]}
+        last, ok = saved["settle"]
+        if dl.delta:
+            dl.settle(int(last), {int(n) for n in ok})
 
     # ---------------------------------------------------------------- records
     def round_record(self, server_round: int) -> dict[str, Any]:
+        """The record of ``server_round`` (:meth:`.RoundStats.record`) with the DP accounting."""
         s = self.stats.get(server_round)
         if s is None:
-            return {"round": server_round, "clients": 0, "failures": 0, "dropped": 0,
-                    "bytes_down": 0, "bytes_up": 0, "payload_down": 0, "payload_up": 0}
-        return {
-            "round": server_round,
-            "clients": len(s.received) - len(s.dropped),
-            "failures": len(s.failures),
-            "dropped": len(s.dropped),
-            "bytes_down": sum(s.sent.values()),
-            "bytes_up": sum(s.received.values()),
-            "payload_down": sum(s.payload_down.values()),
-            "payload_up": sum(s.payload_up.values()),
-            "params_up": sum(s.params_up.values()),
-            "control_bytes": s.control_bytes,
-            "tiers": {str(k): self.tier_of(k) for k in s.sent},
-            "partitions": sorted(self.partitions.get(k, -1) for k in s.sent),
-            "bytes_down_per_node": {str(k): v for k, v in s.sent.items()},
-            "bytes_up_per_node": {str(k): v for k, v in s.received.items()},
-            "failure_reasons": s.failures,
-            "dropped_reasons": s.dropped,
-            "train_metrics": s.train_metrics,
-            "round_s": round(time.time() - s.t_start, 3),
-        }
+            return empty_record(server_round)
+        return {**s.record(self.tier_of, self.partitions),
+                **self.privacy.record(server_round)}  # dp_epsilon, ... ({} when dp=off)
+
+
+def averaged(strategy: FedLoraStrategy, state: "OrderedDict[str, np.ndarray]",
+             updates: list[ClientUpdate]) -> "OrderedDict[str, np.ndarray]":
+    """FedAvg's server step for weight-averaging methods: the weighted mean of the clients'
+    weights, or with ``upload=delta`` the global plus the weighted mean of their updates (the
+    same model when nothing is lost; far less codec error, since updates are small)."""
+    mean = weighted_mean(updates)
+    if not strategy.replies_are_deltas:
+        return mean
+    return OrderedDict((k, (state[k] + mean[k]).astype(np.float32) if k in mean else state[k])
+                       for k in state)
+
+
+def _tiered(per_tier: list[Pipeline], tier: int, default: Pipeline) -> Pipeline:
+    """Entry ``tier`` of a per-tier list (the last one for higher tiers), else ``default``."""
+    return per_tier[min(max(tier, 0), len(per_tier) - 1)] if per_tier else default
 
 
 def weighted_mean(updates: list[ClientUpdate]) -> "OrderedDict[str, np.ndarray]":
@@ -353,38 +507,3 @@ def weighted_mean(updates: list[ClientUpdate]) -> "OrderedDict[str, np.ndarray]"
             acc += (u.num_examples / total) * u.tensors[k].astype(np.float64)
         out[k] = acc.astype(np.float32)
     return out
-
-
-# ====================================================================================== client
-
-
-@dataclass
-class ClientRound:
-    """Everything a method's client half needs for one train message."""
-
-    cfg: RunConfig
-    task: Any
-    config: dict[str, Any]           # the message's train config
-    received: "OrderedDict[str, np.ndarray]"  # decoded download
-    partition_id: int
-    num_partitions: int
-    data_dir: str = ""
-    state: Any = None                # Flower context.state (RecordDict), persistent per node
-
-    @property
-    def server_round(self) -> int:
-        return int(self.config.get("server-round", 0))
-
-    @property
-    def seed(self) -> int:
-        return int(self.cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_id)
-
-    def data(self):
-        return self.task.client_data(self.partition_id, self.num_partitions, self.data_dir)
-
-
-@dataclass
-class ClientResult:
-    upload: "OrderedDict[str, np.ndarray]"
-    num_examples: int
-    metrics: dict[str, float]

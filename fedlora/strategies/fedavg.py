@@ -4,15 +4,16 @@ the server takes the ``num-examples``-weighted mean."""
 from __future__ import annotations
 
 from . import flocora
-from .base import ClientResult, ClientRound, FedLoraStrategy, weighted_mean
+from .base import ClientResult, ClientRound, FedLoraStrategy, averaged
 
 
 class FullFedAvg(FedLoraStrategy):
     name = "fedavg"
     adapter = False
+    delta_upload = True
 
     def aggregate_updates(self, server_round, state, updates):
-        return weighted_mean(updates)
+        return averaged(self, state, updates)
 
 
 def client_train(cr: ClientRound) -> ClientResult:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
-from .base import ClientResult, ClientRound, FedLoraStrategy, weighted_mean
+from .base import ClientResult, ClientRound, FedLoraStrategy, averaged, weighted_mean
 
 
 def sent_keys(names) -> list[str]:
@@ -17,14 +17,14 @@ def sent_keys(names) -> list[str]:
 class FFALoRA(FedLoraStrategy):
     name = "ffa-lora"
     adapter = True
+    delta_upload = True
 
     def upload_shapes(self, server_round):
         return {k: self.shapes[k] for k in sent_keys(self.shapes)}
 
     def aggregate_updates(self, server_round, state, updates):
-        out = OrderedDict((k, v.copy()) for k, v in state.items())
-        out.update(weighted_mean(updates))
-        return out
+        return averaged(self, state, updates) if self.replies_are_deltas else \
+            OrderedDict((k, v.copy()) for k, v in state.items()) | weighted_mean(updates)
 
 
 def client_train(cr: ClientRound) -> ClientResult:
@@ -34,9 +34,9 @@ def client_train(cr: ClientRound) -> ClientResult:
         if ".lora_A." in k:
             p.requires_grad_(False)
     data = cr.data()
-    metrics = cr.task.train(model, data, seed=cr.seed)
+    metrics = cr.task.train(model, data, seed=cr.seed, lr=cr.lr)
     state = state_to_numpy(travelling_state(model))
-    upload = OrderedDict((k, state[k]) for k in sent_keys(state))
+    upload = cr.upload_of(state, sent_keys(state))
     metrics["params-up"] = float(sum(v.size for v in upload.values()))
     return ClientResult(upload, len(data[1]), metrics)
 

@@ -5,15 +5,16 @@ separately, weighted by |D_k| (the product of averages is not the average of pro
 from __future__ import annotations
 
 from . import flocora
-from .base import FedLoraStrategy, weighted_mean
+from .base import FedLoraStrategy, averaged
 
 
 class FLLoRA(FedLoraStrategy):
     name = "fl-lora"
     adapter = True
+    delta_upload = True
 
     def aggregate_updates(self, server_round, state, updates):
-        return weighted_mean(updates)
+        return averaged(self, state, updates)
 
 
 client_train = flocora.client_train

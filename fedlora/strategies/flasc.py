@@ -22,28 +22,34 @@ top-k sparse communication both ways, server AdamW.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
-from ..compression import parse_spec, topk_mask
+from ..compression import Pipeline, parse_spec, topk_mask
+from ..compression.sparsify import TopK
 from ..config import tier_value
-from .base import ClientResult, ClientRound, FedLoraStrategy
+from . import guard
+from .base import ClientResult, ClientRound, FedLoraStrategy, RejectRound
 
 FREEZE_MODES = ("none", "client", "server")
 SERVER_OPTS = ("adamw", "sgd", "avg")
 
 
-def with_topk(density: float, spec: str) -> str:
-    """``topk:d|<spec>`` (spec without a sparsifier of its own); ``spec`` alone when d = 1."""
-    return spec if density >= 1.0 else f"topk:{density:.6g}|{spec}"
+def with_topk(density: float, pipe: Pipeline) -> Pipeline:
+    """``pipe`` with a global ``topk`` at ``density`` (6 significant digits) as its sparsifier;
+    ``pipe`` unchanged when d = 1."""
+    return pipe if density >= 1.0 else pipe.with_sparsifier(TopK(float(f"{density:.6g}")))
 
 
 class FLASC(FedLoraStrategy):
     name = "flasc"
     adapter = True
+    native_delta_upload = True
 
     def __init__(self, cfg, shapes) -> None:
         super().__init__(cfg, shapes)
@@ -55,6 +61,9 @@ class FLASC(FedLoraStrategy):
             if not 0.0 < d <= 1.0:
                 raise ValueError(f"densities must be in (0, 1], got {d}")
         self.ensure_no_sparsifier(up=True, down=True)  # flasc adds its own top-k
+        if self.downlink.delta:
+            raise ValueError("flasc sends its own sparse download (top-k of the weights at "
+                             "density-down); download='delta' is for the other methods")
         self._params: OrderedDict[str, torch.Tensor] | None = None
         self._opt: torch.optim.Optimizer | None = None
         self._fixed_mask: dict[str, np.ndarray] | None = None
@@ -72,15 +81,15 @@ class FLASC(FedLoraStrategy):
             self._fixed_mask = topk_mask(state, self.density(self.cfg.density_down, 1, None))
         return OrderedDict((k, v * self._fixed_mask[k]) for k, v in state.items())
 
-    def download_spec(self, server_round, node_id):
+    def download_pipeline(self, server_round, node_id):
         d = self.density(self.cfg.density_down, server_round, node_id)
         if self.cfg.flasc_freeze == "server" and server_round <= 1:
             d = 1.0
-        return with_topk(d, super().download_spec(server_round, node_id))
+        return with_topk(d, super().download_pipeline(server_round, node_id))
 
-    def upload_spec(self, server_round, node_id):
+    def upload_pipeline(self, server_round, node_id):
         d = self.density(self.cfg.density_up, server_round, node_id)
-        return with_topk(d, super().upload_spec(server_round, node_id))
+        return with_topk(d, super().upload_pipeline(server_round, node_id))
 
     def node_config(self, server_round, node_id):
         return {"flasc-freeze": self.cfg.flasc_freeze}
@@ -99,15 +108,86 @@ class FLASC(FedLoraStrategy):
             self._opt = torch.optim.SGD(params, lr=1.0)
 
     def aggregate_updates(self, server_round, state, updates):
+        """One server-optimizer step on −(mean delta). The pseudo-gradient must be finite and
+        within the round's update-norm bound (the mean of bounded updates is), and the step must
+        leave parameters and optimizer state finite; otherwise RejectRound, after restoring
+        parameters and optimizer state exactly (an AdamW second moment driven to inf would
+        freeze every later step)."""
         if self._params is None:
             self._optimizer(state)
+        self._checkpoint(server_round)
         n = len(updates)
+        grads = OrderedDict((k, sum(u.tensors[k].astype(np.float64) for u in updates) / n)
+                            for k in self._params)
+        norm = guard.update_norm(grads)
+        if not math.isfinite(norm):
+            self.rollback(server_round)
+            raise RejectRound("FLASC pseudo-gradient is not finite")
+        s = self.stats.get(server_round)
+        bound = s.norm_bound if s is not None else None
+        if bound is not None and norm > bound * (1 + 1e-5):
+            self.rollback(server_round)
+            raise RejectRound(f"FLASC pseudo-gradient norm {norm:.6g} is over the round's "
+                              f"bound {bound:.6g}")
         for k, p in self._params.items():
-            mean_delta = sum(u.tensors[k].astype(np.float64) for u in updates) / n
-            p.grad = torch.from_numpy(-mean_delta.astype(np.float32))
+            p.grad = torch.from_numpy(-grads[k].astype(np.float32))
         self._opt.step()
         self._opt.zero_grad(set_to_none=True)
+        bad = self._non_finite()
+        if bad:
+            self.rollback(server_round)
+            raise RejectRound(f"the server {self.cfg.server_opt} step made {bad} non-finite")
         return OrderedDict((k, p.detach().numpy().copy()) for k, p in self._params.items())
+
+    def _checkpoint(self, server_round: int) -> None:
+        """Exact copies of the parameters and the optimizer state before this round's step."""
+        self._saved = (server_round,
+                       OrderedDict((k, p.detach().clone()) for k, p in self._params.items()),
+                       copy.deepcopy(self._opt.state_dict()))
+
+    def _non_finite(self) -> str:
+        """The name of a parameter or optimizer-state tensor holding NaN/Inf ('' if none)."""
+        for k, p in self._params.items():
+            if not torch.isfinite(p).all():
+                return k
+            for name, v in self._opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+                    return f"{name} of {k}"
+        return ""
+
+    # ------------------------------------------------------------------ checkpoints (resume)
+    def state_dict(self):
+        """Base state + the server optimizer's parameters and full state and the fixed mask."""
+        out = super().state_dict()
+        out["flasc"] = {
+            "params": (OrderedDict((k, p.detach().clone()) for k, p in self._params.items())
+                       if self._params is not None else None),
+            "optimizer": copy.deepcopy(self._opt.state_dict()) if self._opt is not None else None,
+            "fixed_mask": dict(self._fixed_mask) if self._fixed_mask is not None else None,
+        }
+        return out
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        f = state["flasc"]
+        self._params, self._opt = None, None
+        if f["params"] is not None:
+            self._optimizer(OrderedDict((k, t.numpy()) for k, t in f["params"].items()))
+            self._opt.load_state_dict(f["optimizer"])
+        self._fixed_mask = (None if f["fixed_mask"] is None else
+                            {k: np.asarray(v, dtype=bool) for k, v in f["fixed_mask"].items()})
+
+    def rollback(self, server_round: int) -> None:
+        """Restore parameters and optimizer state to before ``server_round``'s step."""
+        saved = getattr(self, "_saved", None)
+        if saved is None or saved[0] != server_round or self._params is None:
+            return
+        _, params, opt_state = saved
+        with torch.no_grad():
+            for k, p in self._params.items():
+                p.copy_(params[k])
+        self._opt.load_state_dict(opt_state)
+        self._saved = None
 
 
 def client_train(cr: ClientRound) -> ClientResult:
@@ -130,11 +210,12 @@ def client_train(cr: ClientRound) -> ClientResult:
 
         hooks["grad_hook"] = grad_hook
     data = cr.data()
-    metrics = cr.task.train(model, data, seed=cr.seed, **hooks)
+    metrics = cr.task.train(model, data, seed=cr.seed, **hooks, lr=cr.lr)
     trained = state_to_numpy(travelling_state(model))
     delta = OrderedDict((k, trained[k] - start[k]) for k in start)
     n = sum(v.size for v in delta.values())
-    sparsifier = parse_spec(str(cr.config.get("codec-up", "fp32"))).sparsifier
+    codec_up = cr.codec_up or parse_spec(str(cr.config.get("codec-up", "fp32")))
+    sparsifier = codec_up.sparsifier
     density = getattr(sparsifier, "density", 1.0)
     metrics["params-up"] = float(int(density * n) if density < 1.0 else n)  # values sent
     return ClientResult(delta, len(data[1]), metrics)

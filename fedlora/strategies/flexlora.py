@@ -17,6 +17,7 @@ import numpy as np
 from ..adapters import as_matrices, is_lora_key, lora_modules, truncate_ranks
 from ..config import tier_value
 from . import flocora
+from ..compression.ranks import Ranks
 from .base import FedLoraStrategy
 
 log = logging.getLogger("flwr.fedlora")
@@ -51,6 +52,13 @@ class FlexLoRA(FedLoraStrategy):
         self.ensure_no_sparsifier(up=True)  # uploads go through 'ranks|<codec-up>'
         self.svd_failures = 0
 
+    def state_dict(self):
+        return {**super().state_dict(), "svd_failures": int(self.svd_failures)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.svd_failures = int(state["svd_failures"])
+
     def client_rank(self, node_id) -> int:
         full = max(s[0] for k, s in self.shapes.items() if ".lora_A." in k)
         return min(full, int(tier_value(self.cfg.tier_rank, self.tier_of(node_id),
@@ -62,11 +70,16 @@ class FlexLoRA(FedLoraStrategy):
     def apply_variant(self, download, variant):
         return truncate_ranks(download, variant)
 
-    def upload_spec(self, server_round, node_id):
-        return "ranks|" + super().upload_spec(server_round, node_id)
+    def upload_pipeline(self, server_round, node_id):
+        return super().upload_pipeline(server_round, node_id).with_sparsifier(Ranks())
 
     def node_config(self, server_round, node_id):
         return {"rank-budget": self.client_rank(node_id)}
+
+    def update_reference(self, server_round, node_id):
+        """A node trains from the global truncated to its rank: its update is measured (and
+        clipped) from there."""
+        return truncate_ranks(self._global, self.client_rank(node_id))
 
     def aggregate_updates(self, server_round, state, updates):
         total = float(sum(u.num_examples for u in updates))

@@ -6,15 +6,16 @@ dequantized tensors weighted by ``num-examples`` (plain FedAvg, no server optimi
 from __future__ import annotations
 
 from ..adapters import load_state, num_params, state_to_numpy, travelling_state
-from .base import ClientResult, ClientRound, FedLoraStrategy, weighted_mean
+from .base import ClientResult, ClientRound, FedLoraStrategy, averaged
 
 
 class FLoCoRA(FedLoraStrategy):
     name = "flocora"
     adapter = True
+    delta_upload = True
 
     def aggregate_updates(self, server_round, state, updates):
-        return weighted_mean(updates)
+        return averaged(self, state, updates)
 
 
 def client_train(cr: ClientRound, adapter: bool = True) -> ClientResult:
@@ -22,8 +23,8 @@ def client_train(cr: ClientRound, adapter: bool = True) -> ClientResult:
     model = cr.task.new_model(adapter=adapter)
     load_state(model, cr.received)
     data = cr.data()
-    metrics = cr.task.train(model, data, seed=cr.seed)
-    upload = state_to_numpy(travelling_state(model))
+    metrics = cr.task.train(model, data, seed=cr.seed, lr=cr.lr)
+    upload = cr.upload_of(state_to_numpy(travelling_state(model)))
     metrics["params-up"] = float(num_params(upload))
     return ClientResult(upload, len(data[1]), metrics)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..adapters import as_matrices, lora_modules
 from . import flexlora, flocora
-from .base import ClientResult, ClientRound, weighted_mean
+from .base import ClientResult, ClientRound, MalformedReply, weighted_mean
 
 
 class HetLoRA(flexlora.FlexLoRA):
@@ -37,6 +37,40 @@ class HetLoRA(flexlora.FlexLoRA):
     def node_config(self, server_round, node_id):
         return {"rank-budget": self.client_rank(node_id),
                 "hetlora-gamma": self.cfg.hetlora_gamma}
+
+    def state_dict(self):
+        """FlexLoRA's state + the pruned ranks, by node id and (for nodes whose partition-id is
+        known) by partition-id: a simulation restart gives nodes new ids, and their pruned ranks
+        follow their partitions (:meth:`learn_tiers`)."""
+        by_part = {self.partitions[n]: r for n, r in self.pruned.items()
+                   if self.partitions.get(n, -1) >= 0}
+        return {**super().state_dict(), "pruned": dict(self.pruned),
+                "pruned_by_partition": by_part}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.pruned = {int(n): int(r) for n, r in state["pruned"].items()}
+        self._pruned_by_partition = {int(p): int(r)
+                                     for p, r in state["pruned_by_partition"].items()}
+
+    def learn_tiers(self, grid, node_ids, stats):
+        """Base behaviour; then, after a resume, a node seen for the first time whose
+        partition-id had a pruned rank under its old node id takes that rank over."""
+        super().learn_tiers(grid, node_ids, stats)
+        by_part = getattr(self, "_pruned_by_partition", None)
+        if by_part:
+            for n in node_ids:
+                p = self.partitions.get(n, -1)
+                if n not in self.pruned and p >= 0 and p in by_part:
+                    self.pruned[n] = by_part[p]
+
+    def validate_update(self, server_round, up):
+        """A reported ``rank`` (already known finite) must be an integer in 1..global rank."""
+        if "rank" in up.metrics:
+            r = up.metrics["rank"]
+            full = max(s[0] for k, s in self.shapes.items() if ".lora_A." in k)
+            if r != int(r) or not 1 <= r <= full:
+                raise MalformedReply(f"rank {r!r} must be an integer in 1..{full}")
 
     def aggregate_updates(self, server_round, state, updates):
         for u in updates:

@@ -16,7 +16,8 @@ Rounds are 1-indexed. Odd rounds train and send B with A frozen, even rounds A w
    slices and their indices.
 
 Server: factor += Σ_k w_k · ΔF_k ⊙ M_k with w_k = |D_k| / Σ|D| over all participating clients
-(unselected ranks zero-filled, not re-normalised). The download is the dense global adapter.
+(unselected ranks zero-filled, not re-normalised). The download is the dense global adapter;
+with ``download=delta`` only the rank slices that changed since the node's copy travel.
 Non-LoRA trainable tensors (a trained head, FLoCoRA's norms) are sent as dense deltas every round.
 """
 
@@ -30,6 +31,7 @@ import torch
 from ..adapters import (as_matrices, is_lora_key, load_state, lora_modules, rank_mask,
                         state_to_numpy, trainable_params, travelling_state)
 from ..config import tier_value
+from ..compression.ranks import Ranks
 from .base import ClientResult, ClientRound, FedLoraStrategy
 
 
@@ -47,18 +49,26 @@ def factor_keys(names, server_round: int) -> list[str]:
 class LoRAA2(FedLoraStrategy):
     name = "lora-a2"
     adapter = True
+    native_delta_upload = True
 
     def __init__(self, cfg, shapes) -> None:
         super().__init__(cfg, shapes)
-        self.ensure_no_sparsifier(up=True)  # uploads go through 'ranks|<codec-up>'
+        # uploads go through 'ranks|<codec-up>', delta downloads through 'ranks|<codec-down>'
+        self.ensure_no_sparsifier(up=True, down=self.downlink.delta)
         if not lora_modules(list(shapes)):
             raise ValueError("lora-a2 needs LoRA A/B pairs in the adapter")
 
     def budget(self, node_id: int | None) -> int:
         return int(tier_value(self.cfg.tier_rank, self.tier_of(node_id), self.cfg.rank_budget))
 
-    def upload_spec(self, server_round, node_id):
-        return "ranks|" + super().upload_spec(server_round, node_id)
+    def upload_pipeline(self, server_round, node_id):
+        return super().upload_pipeline(server_round, node_id).with_sparsifier(Ranks())
+
+    def download_pipeline(self, server_round, node_id):
+        """With ``download=delta`` a round's delta holds only the rank slices some client
+        changed (and the dense non-LoRA tensors): ``ranks`` sends just those."""
+        pipe = super().download_pipeline(server_round, node_id)
+        return pipe.with_sparsifier(Ranks()) if self.downlink.delta else pipe
 
     def upload_shapes(self, server_round):
         return {k: self.shapes[k] for k in factor_keys(self.shapes, server_round)}
@@ -113,10 +123,10 @@ def _freeze_other_factor(params, server_round: int) -> list[str]:
     return keys
 
 
-def _groups(params, keys, cfg, config) -> list[dict]:
-    ratio = float(config.get("lr-b-ratio", cfg.lr_b_ratio))
-    lr_b = cfg.lr * ratio
-    return [{"params": [params[k]], "lr": lr_b if ".lora_B." in k else cfg.lr} for k in keys]
+def _groups(params, keys, cr: ClientRound) -> list[dict]:
+    lr = cr.lr
+    lr_b = lr * cr.cfg.lr_b_ratio
+    return [{"params": [params[k]], "lr": lr_b if ".lora_B." in k else lr} for k in keys]
 
 
 def client_train(cr: ClientRound) -> ClientResult:
@@ -131,7 +141,7 @@ def client_train(cr: ClientRound) -> ClientResult:
     params = trainable_params(scout)
     keys = _freeze_other_factor(params, rnd)
     cr.task.train(scout, data, seed=cr.seed + 1, epochs=cfg.score_epochs,
-                  param_groups=_groups(params, keys, cfg, cr.config))
+                  param_groups=_groups(params, keys, cr))
     after = state_to_numpy(travelling_state(scout))
     scores = rank_scores(start, {k: after[k] - start[k] for k in start}, rnd)
     mods = lora_modules(list(start))
@@ -167,7 +177,7 @@ def client_train(cr: ClientRound) -> ClientResult:
             params[k].copy_(torch.where(m, params[k], frozen[k]))
 
     metrics = cr.task.train(model, data, seed=cr.seed, grad_hook=grad_hook,
-                            step_hook=step_hook, param_groups=_groups(params, keys, cfg, cr.config))
+                            step_hook=step_hook, param_groups=_groups(params, keys, cr))
     trained = state_to_numpy(travelling_state(model))
     upload = OrderedDict()
     for k in keys:

@@ -29,14 +29,14 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .loop import make_optimizer, model_device, resolve_device, to_device, train_epochs
+from .loop import make_optimizer, model_device, to_device, train_epochs
+from .task import TaskBase, TrainSettings, evaluate_batches
 
 PACKAGED_MODEL = "minilm"
 MODEL_ALIASES = {
@@ -56,23 +56,6 @@ DISTILBERT_TARGETS = ("attention.q_lin", "attention.k_lin", "attention.v_lin",
                       "attention.out_lin", "ffn.lin1", "ffn.lin2")
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
 TEXT_LORA_ALPHA = 16.0
-
-
-def option(cfg, key: str, default: Any) -> Any:
-    """A run-config value that may not be a RunConfig field yet: the attribute when it exists,
-    else ``cfg.extra[key]`` (Flower keys), else ``default``; coerced to ``type(default)``."""
-    attr = key.replace("-", "_")
-    if hasattr(cfg, attr):
-        value = getattr(cfg, attr)
-    else:
-        value = (getattr(cfg, "extra", None) or {}).get(key, default)
-    if isinstance(default, bool):
-        if isinstance(value, str):
-            if value.lower() not in ("true", "false"):
-                raise ValueError(f"run-config {key!r} must be true/false, got {value!r}")
-            return value.lower() == "true"
-        return bool(value)
-    return type(default)(value)
 
 
 @contextlib.contextmanager
@@ -310,25 +293,13 @@ def _batch(feats: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
 # loops
 
 
-@dataclass
-class TextTrainSettings:
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = True
-    autocast: bool = False  # CPU autocast to bfloat16 (run-config autocast-bf16)
-    seed: int = 0
-
-
 def _autocast(enabled: bool, device: torch.device | None = None):
     kind = device.type if device is not None else "cpu"
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=bool(enabled))
 
 
 def train_loop(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor,
-               st: TextTrainSettings, grad_hook=None, step_hook=None, param_groups=None,
+               st: TrainSettings, grad_hook=None, step_hook=None, param_groups=None,
                optimizer: str = "adamw") -> dict[str, float]:
     """Local training: cross-entropy on the logits of seeded minibatches (dropout seeded too);
     hooks as in :func:`fedlora.tasks.loop.train_epochs`."""
@@ -346,27 +317,20 @@ def train_loop(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor
                         grad_hook, step_hook)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, feats: dict[str, torch.Tensor], y: torch.Tensor,
              batch_size: int = 128, autocast: bool = False) -> dict[str, float]:
-    model.eval()
-    dev = model_device(model)
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(y), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(y)))
+    """Accuracy and mean loss on tokenized texts (the shared evaluation loop)."""
+    def logits_of(m, idx, dev):
         with _autocast(autocast, dev):
-            logits = model(**to_device(_batch(feats, idx), dev)).logits.float()
-        yb = y[idx].to(dev)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = max(len(y), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+            return m(**to_device(_batch(feats, idx), dev)).logits.float()
+
+    return evaluate_batches(model, len(y), batch_size, logits_of, y)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-class TextTask:
+class TextTask(TaskBase):
     """Model + data + loops for one text run config (built once per process and cached)."""
 
     kind = "text"
@@ -377,23 +341,21 @@ class TextTask:
         if cfg.dataset in VISION_DATASETS:
             raise ValueError(f"dataset {cfg.dataset!r} is an image dataset; for task 'text' use "
                              "'bbc-news' (bundled), 'banking77' or '20newsgroups'")
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        super().__init__(cfg)
         self.dataset = canonical(cfg.dataset)
         self.model_path = resolve_model(cfg.model)
-        self.max_length = option(cfg, "max-length", 64)
-        self.autocast = option(cfg, "autocast-bf16", False)
+        self.max_length = cfg.max_length
+        self.autocast = cfg.autocast_bf16
         if self.max_length < 2:
             raise ValueError(f"run-config max-length must be >= 2, got {self.max_length}")
-        targets = tuple(t.strip() for t in option(cfg, "lora-targets", "").split(",")
-                        if t.strip())
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
         test = load_text(self.dataset, cfg.data_dir, "test")
         self.num_classes = test.num_classes
         self.label_names = test.label_names
         self.model_cfg = TextModelConfig(
             path=self.model_path, num_classes=self.num_classes, lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha, targets=targets,
-            train_head=option(cfg, "train-head", False), seed=cfg.model_seed)
+            train_head=cfg.train_head, seed=cfg.model_seed)
 
     # --- model -----------------------------------------------------------------------------
     def new_model(self, adapter: bool) -> nn.Module:
@@ -401,14 +363,6 @@ class TextTask:
 
     def base(self) -> nn.Module:
         return build_base(self.model_cfg)
-
-    def fingerprint(self) -> str:
-        """Fingerprint of the frozen, seeded base (computed once per process)."""
-        if not hasattr(self, "_fingerprint"):
-            from ..adapters import fingerprint
-
-            self._fingerprint = fingerprint(self.base())
-        return self._fingerprint
 
     # --- data ------------------------------------------------------------------------------
     def client_data(self, partition_id: int, num_partitions: int, data_dir: str = ""
@@ -420,40 +374,24 @@ class TextTask:
         c = self.cfg
         idx = partition_indices(y.numpy(), num_partitions, partition_id, c.partitioner,
                                 c.dirichlet_alpha, c.seed, c.classes_per_partition)
-        cap = c.max_examples_per_client
-        if cap and len(idx) > cap:
-            rng = np.random.default_rng([c.seed, partition_id])
-            idx = np.sort(rng.choice(idx, cap, replace=False))
+        idx = self.cap_client(idx, partition_id)
         return select(feats, idx), y[torch.as_tensor(idx, dtype=torch.long)]
 
     def test_data(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The pooled test split; ``eval-max-examples`` > 0 keeps a fixed random subset (seed 0,
-        the same for every run; the files may be sorted by label)."""
+        """The pooled test split, or its fixed subset (``eval-max-examples``)."""
         feats, y = encoded_split(self.model_path, self.dataset, self.cfg.data_dir, "test",
                                  self.max_length)
-        cap = self.cfg.eval_max_examples
-        if cap and cap < len(y):
-            idx = np.sort(np.random.default_rng(0).permutation(len(y))[:cap])
+        idx = self.test_subset(len(y))
+        if idx is not None:
             return select(feats, idx), y[torch.as_tensor(idx, dtype=torch.long)]
         return feats, y
 
     # --- loops -----------------------------------------------------------------------------
-    def train_settings(self, seed: int) -> TextTrainSettings:
-        c = self.cfg
-        return TextTrainSettings(epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
-                                 weight_decay=c.weight_decay, momentum=c.momentum,
-                                 nesterov=c.nesterov, autocast=self.autocast, seed=seed)
-
-    def train(self, model: nn.Module, data, seed: int, grad_hook=None, step_hook=None,
-              param_groups=None, optimizer: str = "adamw", epochs: int | None = None
-              ) -> dict[str, float]:
+    def _train(self, model: nn.Module, data, settings: TrainSettings, grad_hook=None,
+               step_hook=None, param_groups=None, optimizer: str = "adamw") -> dict[str, float]:
         feats, y = data
-        st = self.train_settings(seed)
-        if epochs is not None:
-            st.epochs = epochs
-        model.to(self.device)
-        return train_loop(model, feats, y, st, grad_hook=grad_hook,
-                          step_hook=step_hook, param_groups=param_groups, optimizer=optimizer)
+        return train_loop(model, feats, y, settings, grad_hook=grad_hook, step_hook=step_hook,
+                          param_groups=param_groups, optimizer=optimizer)
 
     def evaluate(self, model: nn.Module, data) -> dict[str, float]:
         feats, y = data

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .loop import make_optimizer, model_device, resolve_device, train_epochs
+from .loop import make_optimizer, model_device, train_epochs
+from .task import TaskBase, TrainSettings, evaluate_batches
 
 # (blocks, stride, width multiplier) per stage, as in FLoCoRA's models/resnets.py
 ARCHS: dict[str, list[tuple[int, int, int]]] = {
@@ -158,18 +159,6 @@ def augment(batch: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Te
     return out
 
 
-@dataclass
-class TrainSettings:
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    augment: bool = True
-    seed: int = 0
-
-
 def sgd_train(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: TrainSettings,
     grad_hook=None, step_hook=None, param_groups=None, optimizer: str = "sgd",
@@ -188,23 +177,14 @@ def sgd_train(
                         grad_hook, step_hook)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64
              ) -> dict[str, float]:
-    model.eval()
-    dev = model_device(model)
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(y), batch_size):
-        xb = x[start: start + batch_size].to(dev, non_blocking=True)
-        yb = y[start: start + batch_size].to(dev)
-        logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = max(len(y), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    """Accuracy and mean loss of ``model`` on images ``x`` (the shared evaluation loop)."""
+    return evaluate_batches(model, len(y), batch_size,
+                            lambda m, idx, dev: m(x[idx].to(dev, non_blocking=True)), y)
 
 
-class VisionTask:
+class VisionTask(TaskBase):
     """Model + data + loops for one run config (built once per process and cached)."""
 
     kind = "vision"
@@ -212,9 +192,7 @@ class VisionTask:
     def __init__(self, cfg) -> None:
         from .data import load_images
 
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self._train = None
+        super().__init__(cfg)
         test = load_images(cfg.dataset, cfg.data_dir, "test")
         # a test subset may miss the top labels: known datasets have a fixed class count
         known = {"cifar10": 10, "fashion-mnist": 10}
@@ -250,40 +228,24 @@ class VisionTask:
         idx = partition_indices(train.y, num_partitions, partition_id, self.cfg.partitioner,
                                 self.cfg.dirichlet_alpha, self.cfg.seed,
                                 self.cfg.classes_per_partition)
-        cap = self.cfg.max_examples_per_client
-        if cap and len(idx) > cap:
-            rng = np.random.default_rng([self.cfg.seed, partition_id])
-            idx = np.sort(rng.choice(idx, cap, replace=False))
+        idx = self.cap_client(idx, partition_id)
         mean, std = self._norm_stats()
         return to_tensor(train.x[idx], mean, std), torch.from_numpy(train.y[idx])
 
     def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The test split; ``eval-max-examples`` > 0 keeps a fixed random subset (seed 0, the
-        same for every run: files such as CIFAR-10's npz are sorted by label, so the first N
-        would be one class)."""
+        """The test split, or its fixed subset (``eval-max-examples``)."""
         t = self._test
         mean, std = self._norm_stats()
-        cap = self.cfg.eval_max_examples
-        if cap and cap < len(t.y):
-            idx = np.sort(np.random.default_rng(0).permutation(len(t.y))[:cap])
+        idx = self.test_subset(len(t.y))
+        if idx is not None:
             return to_tensor(t.x[idx], mean, std), torch.from_numpy(t.y[idx])
         return to_tensor(t.x, mean, std), torch.from_numpy(t.y)
 
     # --- loops -----------------------------------------------------------------------------
-    def train_settings(self, seed: int) -> TrainSettings:
-        c = self.cfg
-        return TrainSettings(epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
-                             momentum=c.momentum, nesterov=c.nesterov,
-                             weight_decay=c.weight_decay, augment=c.augment, seed=seed)
-
-    def train(self, model: nn.Module, data, seed: int, epochs: int | None = None,
-              **hooks) -> dict[str, float]:
+    def _train(self, model: nn.Module, data, settings: TrainSettings, **hooks
+               ) -> dict[str, float]:
         x, y = data
-        st = self.train_settings(seed)
-        if epochs is not None:
-            st.epochs = epochs
-        model.to(self.device)
-        return sgd_train(model, x, y, st, **hooks)
+        return sgd_train(model, x, y, settings, **hooks)
 
     def evaluate(self, model: nn.Module, data) -> dict[str, float]:
         """Accuracy/loss; an adapter model is evaluated merged into a copy of its base
@@ -291,11 +253,3 @@ class VisionTask:
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
         return evaluate(model.to(self.device), *data)
-
-    def fingerprint(self) -> str:
-        """Fingerprint of the frozen, seeded base (computed once per process)."""
-        if not hasattr(self, "_fingerprint"):
-            from ..adapters import fingerprint
-
-            self._fingerprint = fingerprint(self.base())
-        return self._fingerprint

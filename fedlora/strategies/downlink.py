@@ -1,0 +1,213 @@
+"""The download side of a round: what each node is sent, and the server's record of what it holds.
+
+Two modes (run-config ``download``):
+
+* ``full`` — every sampled node receives the round's target state encoded with ``codec-down``.
+  A lossy download codec costs accuracy every round (the node trains from the lossy copy) but
+  nothing accumulates: the server keeps the exact global.
+* ``delta`` — the server keeps, per node, an exact copy of the model that node holds (``held``:
+  the sum of everything it was sent, decoded exactly as the node decodes it) and sends only
+  ``C(target − held)``, encoded with ``codec-down``. The residual ``target − held`` — what the
+  codec dropped — stays in the record and goes out with the next delta: this is server-side
+  error feedback, per node, so a lossy or sparse download never drifts from the global.
+  A node the server has no record of (first contact, evicted record, failed or dropped last
+  reply, state lost on the node) gets a **full** download, encoded with ``codec-down-full``
+  (default: ``codec-down`` without its sparsifier, so a node never starts from a pruned
+  model). The message names the digest of the base the delta applies to (``down-base``) and of
+  the result (``down-digest``); a node whose stored copy does not match refuses the round with a
+  clear error, and the server serves it in full the next time.
+
+The record is committed only when the node's reply for that round arrived and decoded: a node
+that failed, timed out or sent a bad reply may or may not have applied the download, so its
+record is forgotten and its next download is full. ``delta-max-nodes`` bounds the memory (least
+recently served records are evicted first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ..compression import Pipeline, decode_payload, parse_spec
+
+MODES = ("full", "delta")
+
+
+def digest(state: Mapping[str, np.ndarray]) -> str:
+    """A 128-bit digest of a state's names, shapes and float32 bytes, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in state.items():
+        a = np.ascontiguousarray(v, dtype=np.float32)
+        h.update(k.encode())
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def apply_delta(held: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
+                ) -> "OrderedDict[str, np.ndarray]":
+    """``held + delta`` in float32, the one rule both the server record and the node use."""
+    if list(held) != list(delta):
+        raise ValueError("a delta download must name the same tensors as the copy it updates")
+    return OrderedDict((k, (np.asarray(held[k], np.float32) + np.asarray(delta[k], np.float32))
+                        .astype(np.float32, copy=False)) for k in held)
+
+
+@dataclass
+class Copy:
+    """The server's exact record of one node's model."""
+
+    state: "OrderedDict[str, np.ndarray]"
+    digest: str
+
+
+@dataclass
+class Download:
+    """One encoded download and what the node will hold once it applied it."""
+
+    payload: bytes
+    spec: str
+    mode: str            # "full" or "delta"
+    base: str            # digest the delta applies to ("" for full)
+    result: Copy         # the node's model after applying it
+
+
+class Downlink:
+    """Per-node download encoder and record keeper (see the module docstring)."""
+
+    def __init__(self, mode: str = "full", full_spec: str = "", max_nodes: int = 10000) -> None:
+        if mode not in MODES:
+            raise ValueError(f"run-config 'download' must be one of {MODES}, got {mode!r}")
+        if max_nodes < 1:
+            raise ValueError(f"run-config 'delta-max-nodes' must be >= 1, got {max_nodes}")
+        self.mode = mode
+        self.full_spec = parse_spec(full_spec) if full_spec else None
+        self.max_nodes = int(max_nodes)
+        self.held: "OrderedDict[int, Copy]" = OrderedDict()      # node → committed copy
+        self.pending: dict[int, tuple[int, Copy]] = {}            # node → (round, sent copy)
+        self._cache: dict[tuple, Download] = {}
+
+    @property
+    def delta(self) -> bool:
+        return self.mode == "delta"
+
+    def full_pipe(self, pipe: Pipeline) -> Pipeline:
+        return self.full_spec if self.full_spec is not None else pipe.with_sparsifier(None)
+
+    # ---------------------------------------------------------------- round bookkeeping
+    def settle(self, server_round: int, ok_nodes) -> None:
+        """Commit the copies sent in ``server_round`` to the nodes whose replies arrived and
+        decoded; forget the records of the others (their next download is full)."""
+        ok = set(ok_nodes)
+        for node, (rnd, copy) in list(self.pending.items()):
+            if rnd != server_round:
+                continue
+            del self.pending[node]
+            if node in ok:
+                self.held[node] = copy
+                self.held.move_to_end(node)
+            else:
+                self.held.pop(node, None)
+        while len(self.held) > self.max_nodes:
+            self.held.popitem(last=False)
+
+    def forget(self, node: int) -> None:
+        self.held.pop(node, None)
+        self.pending.pop(node, None)
+
+    def start_round(self) -> None:
+        self._cache.clear()
+
+    # ---------------------------------------------------------------- encoding
+    def prepare(self, server_round: int, node: int, target: Mapping[str, np.ndarray],
+                pipe: Pipeline, variant=None) -> Download:
+        """Encode ``target`` for ``node``: a delta from its held copy, else a full download.
+        Nodes with the same held copy (same digest), codec and variant share one encode."""
+        if not self.delta:
+            key = ("full", pipe.spec, variant)
+            if key not in self._cache:
+                payload = pipe.encode(target)
+                self._cache[key] = Download(payload, pipe.spec, "full", "", None)  # type: ignore[arg-type]
+            return self._cache[key]
+        held = self.held.get(node)
+        if held is not None and list(held.state) != list(target):
+            held = None  # the method changed what travels: start over
+        if held is None:
+            full = self.full_pipe(pipe)
+            key = ("full", full.spec, variant)
+            if key not in self._cache:
+                payload = full.encode(target)
+                got = decode_payload(payload, expected={k: v.shape for k, v in target.items()})
+                state = OrderedDict((k, np.asarray(got[k], np.float32)) for k in target)
+                self._cache[key] = Download(payload, full.spec, "full", "",
+                                            Copy(state, digest(state)))
+            dl = self._cache[key]
+        else:
+            key = ("delta", held.digest, pipe.spec, variant)
+            if key not in self._cache:
+                diff = OrderedDict((k, np.asarray(target[k], np.float32) - held.state[k])
+                                   for k in target)
+                payload = pipe.encode(diff)
+                got = decode_payload(payload, expected={k: v.shape for k, v in diff.items()})
+                state = apply_delta(held.state, OrderedDict((k, got[k]) for k in diff))
+                self._cache[key] = Download(payload, pipe.spec, "delta", held.digest,
+                                            Copy(state, digest(state)))
+            dl = self._cache[key]
+        self.pending[node] = (server_round, dl.result)
+        return dl
+
+    def residual(self, node: int, target: Mapping[str, np.ndarray]
+                 ) -> "OrderedDict[str, np.ndarray] | None":
+        """What the server still owes ``node``: ``target − held`` (None without a record)."""
+        held = self.held.get(node)
+        if held is None:
+            return None
+        return OrderedDict((k, np.asarray(target[k], np.float32) - held.state[k]) for k in target)
+
+    def message_config(self, dl: Download) -> dict:
+        """Train-config entries that tell the node how to apply ``dl``."""
+        if not self.delta:
+            return {"down-mode": "full"}
+        return {"down-mode": dl.mode, "down-base": dl.base, "down-digest": dl.result.digest}
+
+
+# ============================================================================ client half
+
+
+class StaleDownload(ValueError):
+    """The node does not hold the copy a delta download applies to."""
+
+
+def client_apply(decoded: Mapping[str, np.ndarray], config: Mapping, held: Copy | None
+                 ) -> tuple["OrderedDict[str, np.ndarray]", Copy | None]:
+    """The node's side: the model it trains from, and the copy to keep (None in ``full`` mode).
+
+    ``decoded`` is the decoded payload; ``config`` the train config; ``held`` the node's stored
+    copy (from its Context state) or None. A delta whose base is not the held copy raises
+    :class:`StaleDownload`; a result whose digest is not the server's raises it too."""
+    mode = str(config.get("down-mode", "full"))
+    if mode == "full" and "down-digest" not in config:
+        return OrderedDict((k, np.asarray(v, np.float32)) for k, v in decoded.items()), None
+    if mode == "delta":
+        base = str(config.get("down-base", ""))
+        if held is None:
+            raise StaleDownload("delta download, but this node holds no copy of the global "
+                                "model (state lost?); the server will send it in full")
+        if held.digest != base:
+            raise StaleDownload(f"delta download applies to copy {base[:12]}…, this node holds "
+                                f"{held.digest[:12]}…; the server will send it in full")
+        state = apply_delta(held.state, decoded)
+    elif mode == "full":
+        state = OrderedDict((k, np.asarray(v, np.float32)) for k, v in decoded.items())
+    else:
+        raise ValueError(f"unknown down-mode {mode!r}")
+    copy = Copy(state, digest(state))
+    want = str(config.get("down-digest", ""))
+    if copy.digest != want:
+        raise StaleDownload(f"applied download has digest {copy.digest[:12]}…, the server "
+                            f"recorded {want[:12]}…")
+    return state, copy

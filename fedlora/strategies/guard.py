@@ -1,0 +1,192 @@
+"""Bounds on what one node's reply can do to the global model (pure numpy, no Flower).
+
+The server calls these between decoding the replies of a round and the method's aggregation
+(``FedLoraStrategy.aggregate_train``):
+
+* **Aggregation weight**: each reply's ``num-examples`` is capped at ``max-weight-ratio`` × the
+  round's (lower) median reported count and at ``max-examples-per-client`` (the run's own cap on a
+  client's data); ``equal-weights`` ignores the counts altogether (:func:`cap_weights`).
+* **Update norm**: the L2 norm of each update (the upload minus what the node was sent; for
+  methods whose upload *is* a delta — FLASC's sparse deltas, LoRA-A2's rank slices — the upload
+  itself) is bounded by ``update-norm-bound``, or automatically by ``norm-bound-factor`` × the
+  round's (lower) median update norm when the round has at least :data:`MIN_REPLIES_AUTO`
+  replies (:func:`norm_bound`); an update over the bound is scaled to it or rejected
+  (:func:`clip_scale`, :func:`clip_update`).
+* **Robust aggregation** (``aggregation``): coordinate-wise median or trimmed mean of the
+  decoded updates (:func:`robust_mean`), the numerics of Flower's ``FedMedian`` and
+  ``FedTrimmedAvg`` (unweighted).
+
+Medians here are *lower* medians (the smaller middle value for an even count): with two replies
+one of them cannot raise the median above the other's value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+NORM_ACTIONS = ("clip", "reject")
+MIN_REPLIES_AUTO = 3  # fewer valid replies: no automatic norm bound (only an absolute one)
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """The run's robustness settings, validated once when the strategy is built."""
+
+    max_weight_ratio: float = 3.0
+    equal_weights: bool = False
+    max_examples: int = 0          # server-known cap on a client's num-examples (0: none)
+    update_norm_bound: float = 0.0
+    norm_bound_factor: float = 5.0
+    norm_bound_action: str = "clip"
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+
+    @classmethod
+    def from_config(cls, cfg: Any, method: str, robust_ok: bool) -> "GuardSettings":
+        """From a :class:`~fedlora.config.RunConfig`; a ValueError names a bad setting, or an
+        ``aggregation`` other than ``mean`` for a method (``robust_ok`` False) whose server step is
+        not a plain average of the uploads."""
+        s = cls(max_weight_ratio=float(cfg.max_weight_ratio), equal_weights=bool(cfg.equal_weights),
+                max_examples=int(cfg.max_examples_per_client),
+                update_norm_bound=float(cfg.update_norm_bound),
+                norm_bound_factor=float(cfg.norm_bound_factor),
+                norm_bound_action=str(cfg.norm_bound_action), aggregation=str(cfg.aggregation),
+                trim_fraction=float(cfg.trim_fraction))
+        if not (math.isfinite(s.max_weight_ratio) and s.max_weight_ratio >= 0):
+            raise ValueError(f"run-config 'max-weight-ratio' must be >= 0 (0: off), got "
+                             f"{s.max_weight_ratio}")
+        if not (math.isfinite(s.update_norm_bound) and s.update_norm_bound >= 0):
+            raise ValueError(f"run-config 'update-norm-bound' must be >= 0 (0: automatic), got "
+                             f"{s.update_norm_bound}")
+        if not (math.isfinite(s.norm_bound_factor) and s.norm_bound_factor >= 0):
+            raise ValueError(f"run-config 'norm-bound-factor' must be >= 0 (0: no automatic "
+                             f"bound), got {s.norm_bound_factor}")
+        if s.norm_bound_action not in NORM_ACTIONS:
+            raise ValueError(f"run-config 'norm-bound-action' must be one of {NORM_ACTIONS}, got "
+                             f"{s.norm_bound_action!r}")
+        if s.aggregation not in AGGREGATIONS:
+            raise ValueError(f"run-config 'aggregation' must be one of {AGGREGATIONS}, got "
+                             f"{s.aggregation!r}")
+        if not 0.0 <= s.trim_fraction < 0.5:
+            raise ValueError(f"run-config 'trim-fraction' must be in [0, 0.5), got "
+                             f"{s.trim_fraction}")
+        if s.aggregation != "mean" and not robust_ok:
+            raise ValueError(f"aggregation={s.aggregation!r} applies to the weight-averaging "
+                             f"methods (fedavg, flocora, fl-lora, ffa-lora); {method} does not "
+                             "average uploads (server optimizer, SVD, zero-padding or rank-slice "
+                             "sums), use aggregation='mean'")
+        return s
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The lower median: the ⌈n/2⌉-th smallest value (for odd n, the median)."""
+    if len(values) == 0:
+        raise ValueError("median of no values")
+    return float(np.sort(np.asarray(values, dtype=np.float64))[(len(values) - 1) // 2])
+
+
+def cap_weights(counts: Sequence[int], ratio: float, max_examples: int = 0,
+                equal: bool = False) -> list[int]:
+    """Aggregation weights from the reported ``num-examples``: 1 each when ``equal``; else each
+    count capped at ``max_examples`` (if > 0) and then at ``ratio`` × the lower median of the
+    (capped) counts (if ``ratio`` > 0; never below 1)."""
+    if equal:
+        return [1] * len(counts)
+    w = [min(int(c), max_examples) if max_examples > 0 else int(c) for c in counts]
+    if ratio > 0 and w:
+        cap = max(1, int(math.floor(ratio * lower_median(w))))
+        w = [min(c, cap) for c in w]
+    return w
+
+
+def update_norm(tensors: Mapping[str, np.ndarray],
+                reference: Mapping[str, np.ndarray] | None = None) -> float:
+    """L2 norm over all tensors of ``tensors − reference`` (of ``tensors`` when no reference),
+    accumulated in float64."""
+    total = 0.0
+    for k, v in tensors.items():
+        if reference is None:
+            d = np.asarray(v, dtype=np.float64).ravel()
+        else:
+            d = np.subtract(v, reference[k], dtype=np.float64).ravel()
+        total += float(np.einsum("i,i->", d, d))  # numpy's own loop: no BLAS threads
+    return math.sqrt(total)
+
+
+def norm_bound(norms: Sequence[float], absolute: float, factor: float,
+               min_replies: int = MIN_REPLIES_AUTO) -> float | None:
+    """The round's bound on an update's norm: ``absolute`` if > 0; else ``factor`` × the lower
+    median of ``norms`` when there are at least ``min_replies`` of them and ``factor`` > 0;
+    else None (no bound)."""
+    if absolute > 0:
+        return float(absolute)
+    if factor > 0 and len(norms) >= min_replies:
+        return factor * lower_median(norms)
+    return None
+
+
+def clip_scale(norm: float, bound: float | None) -> float:
+    """The factor that brings an update of ``norm`` within ``bound`` (1.0 when it is)."""
+    if bound is None or norm <= bound:
+        return 1.0
+    return bound / norm
+
+
+def clip_update(tensors: Mapping[str, np.ndarray], scale: float,
+                reference: Mapping[str, np.ndarray] | None = None
+                ) -> "OrderedDict[str, np.ndarray]":
+    """``reference + (tensors − reference) · scale`` (``tensors · scale`` without a reference),
+    float32: the upload whose update is the original one scaled by ``scale``."""
+    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    for k, v in tensors.items():
+        v = np.asarray(v, dtype=np.float64)
+        if reference is None:
+            out[k] = (v * scale).astype(np.float32)
+        else:
+            ref = np.asarray(reference[k], dtype=np.float64)
+            out[k] = (ref + (v - ref) * scale).astype(np.float32)
+    return out
+
+
+def coordinate_median(stack: np.ndarray) -> np.ndarray:
+    """Coordinate-wise median over axis 0: the value of ``np.median(stack, axis=0)`` (Flower's
+    FedMedian; the mean of the two middle values for an even count), computed by one sort along
+    axis 0 (about 3x faster than ``np.median``'s partition along that strided axis)."""
+    n = stack.shape[0]
+    srt = np.sort(stack, axis=0)
+    if n % 2:
+        return srt[n // 2].astype(np.float64)
+    return np.mean(srt[n // 2 - 1:n // 2 + 1], axis=0, dtype=np.float64)
+
+
+def trimmed_mean(stack: np.ndarray, fraction: float) -> np.ndarray:
+    """Mean over axis 0 after dropping, per coordinate, the ⌊fraction·n⌋ smallest and largest
+    values (Flower's FedTrimmedAvg / scipy's ``trim_mean``; here by one sort along axis 0)."""
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"trim fraction must be in [0, 0.5), got {fraction}")
+    n = stack.shape[0]
+    lo = int(fraction * n)
+    if lo == 0:
+        return np.mean(stack, axis=0, dtype=np.float64)
+    return np.mean(np.sort(stack, axis=0)[lo:n - lo], axis=0, dtype=np.float64)
+
+
+def robust_mean(uploads: Sequence[Mapping[str, np.ndarray]], how: str, fraction: float = 0.2
+                ) -> "OrderedDict[str, np.ndarray]":
+    """Per tensor of the first upload: the coordinate-wise ``median`` or ``trimmed-mean`` of the
+    uploads (unweighted), float32. The uploads are sorted as float32 (the order, hence which values
+    are kept, is that of float64) and the kept values averaged in float64."""
+    if how not in ("median", "trimmed-mean"):
+        raise ValueError(f"robust aggregation must be 'median' or 'trimmed-mean', got {how!r}")
+    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    for k in uploads[0]:
+        stack = np.stack([np.asarray(u[k], dtype=np.float32) for u in uploads])
+        agg = coordinate_median(stack) if how == "median" else trimmed_mean(stack, fraction)
+        out[k] = agg.astype(np.float32)
+    return out

@@ -1,0 +1,131 @@
+"""Replies as node input: what a valid upload is, checked before anything of it is used.
+
+Everything here treats a reply as hostile: ``num-examples`` and metrics are validated
+(:func:`positive_examples`, :func:`reply_metrics`), the payload is decoded only with the codec
+chain the server asked of that node (:func:`decode_upload`: the Array's ``stype`` and the payload
+header must both name it) and into the expected shapes, and values must be finite. Any failure
+raises :class:`MalformedReply` or ``CodecError``; the strategy drops that reply with its node id
+and reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from ..compression import CodecError, Pipeline
+from ..wire import PAYLOAD_KEY, STYPE_PREFIX
+
+ADAPTER_KEY = "adapter"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+
+
+@dataclass
+class ClientUpdate:
+    node_id: int
+    tensors: "OrderedDict[str, np.ndarray]"
+    num_examples: int
+    metrics: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class MalformedReply(ValueError):
+    """A reply whose content is not a valid upload for this round."""
+
+
+MAX_EXAMPLES = 1 << 53    # larger counts are not exact integers in a float64 MetricRecord value
+MAX_METRICS = 64          # metrics one reply may carry (honest replies: a handful)
+MAX_METRIC_NAME = 128
+def positive_examples(metrics: MetricRecord) -> int:
+    """``num-examples``: a positive integer (an int, or an integral float) below 2**53."""
+    n = metrics.get("num-examples")
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+        raise MalformedReply(f"num-examples must be a positive number, got {n!r}")
+    if n != int(n) or n >= MAX_EXAMPLES:
+        raise MalformedReply(f"num-examples must be an integer below 2**53, got {n!r}")
+    return int(n)
+
+
+def reply_metrics(metrics: MetricRecord) -> dict[str, float]:
+    """The reply's scalar metrics as floats; a non-finite value (scalar or in a list), too many
+    metrics or an overlong name raise MalformedReply. List values are checked, not kept."""
+    if len(metrics) > MAX_METRICS:
+        raise MalformedReply(f"{len(metrics)} metrics in reply (at most {MAX_METRICS})")
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if len(k) > MAX_METRIC_NAME:
+            raise MalformedReply(f"metric name of {len(k)} characters (at most "
+                                 f"{MAX_METRIC_NAME})")
+        values = v if isinstance(v, list) else [v]
+        for x in values:
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise MalformedReply(f"metric {k[:40]!r} is not a number: {type(x).__name__}")
+            try:
+                finite = math.isfinite(x)
+            except OverflowError:
+                finite = False
+            if not finite:
+                raise MalformedReply(f"metric {k[:40]!r} is not finite ({x!r})")
+        if not isinstance(v, list):
+            out[k] = float(v)
+    return out
+
+
+def train_metrics(updates: "list[ClientUpdate]") -> dict[str, float]:
+    """Weighted mean (the aggregation weights) of each reply metric; a mean that overflows is
+    left out; ``num-examples`` = the total weight."""
+    total = float(sum(u.num_examples for u in updates))
+    keys = sorted({k for u in updates for k in u.metrics if k != "num-examples"})
+    out: dict[str, float] = {}
+    for k in keys:
+        v = float(sum((u.num_examples / total) * u.metrics.get(k, 0.0) for u in updates))
+        if math.isfinite(v):
+            out[k] = v
+    out["num-examples"] = int(total)
+    return out
+
+
+def decode_upload(record: Any, want: Pipeline, shapes: Mapping[str, tuple[int, ...]]
+                  ) -> dict[str, np.ndarray]:
+    """Decode a reply's payload with the codec chain ``want`` the server asked of that node: the
+    Array's stype and the payload header must both name exactly that chain (``Pipeline.decode``
+    refuses a payload whose header names another), and the tensors must be ``shapes``.
+    CodecError / MalformedReply otherwise."""
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [PAYLOAD_KEY]:
+        raise CodecError(f"the reply must hold one ArrayRecord with one {PAYLOAD_KEY!r} Array")
+    arr = record[PAYLOAD_KEY]
+    if arr.stype != STYPE_PREFIX + want.spec:
+        raise MalformedReply(f"reply stype {arr.stype[:80]!r} is not the codec asked of this "
+                             f"node ({STYPE_PREFIX + want.spec!r})")
+    return want.decode(bytes(arr.data), expected=shapes)
+
+
+def decode_reply(msg: Message, want: Pipeline, shapes: Mapping[str, tuple[int, ...]]
+                 ) -> ClientUpdate:
+    """Validate and decode one train reply into a :class:`ClientUpdate`; raises CodecError /
+    MalformedReply (or any error on input nobody anticipated: the caller drops the reply
+    whatever it raises)."""
+    content = msg.content
+    node = msg.metadata.src_node_id
+    if ADAPTER_KEY not in content.array_records:
+        raise MalformedReply(f"no ArrayRecord {ADAPTER_KEY!r} in reply")
+    if METRICS_KEY not in content.metric_records:
+        raise MalformedReply(f"no MetricRecord {METRICS_KEY!r} in reply")
+    metrics = content.metric_records[METRICS_KEY]
+    n = positive_examples(metrics)
+    values = reply_metrics(metrics)
+    tensors = decode_upload(content.array_records[ADAPTER_KEY], want, shapes)
+    for k, v in tensors.items():
+        if not np.all(np.isfinite(v)):
+            raise MalformedReply(f"{k} holds NaN/Inf")
+    most = sum(math.prod(s) for s in shapes.values())
+    if not 0 <= values.get("params-up", 0.0) <= most:
+        raise MalformedReply(f"params-up {values['params-up']!r} is outside [0, {most}]")
+    cfg = dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content.config_records else {}
+    return ClientUpdate(node, OrderedDict(tensors), n, values, cfg)
