@@ -1,44 +1,107 @@
-"""Read a suite's records and write ``summary.md`` (table) and ``accuracy_vs_mb.png``."""
+"""Read a suite's records and write ``summary.md`` (the frontier table), ``summary.json`` and
+``accuracy_vs_mb.png``.
+
+Per configuration (over its finished seeds): final accuracy mean ± std (the last round's central
+evaluation), total MB both directions including control messages (mean), ``ratio_vs_fedavg``
+(FedAvg's total MB / this one's), ``delta_vs_fedavg`` (accuracy points, mean), and "MB to reach
+FedAvg's final accuracy − 1 point" (per seed: the cumulative MB at the first evaluated round at or
+above it; the mean over seeds that reached it, with how many did). A configuration is on the
+Pareto front when no other one has both higher mean accuracy and fewer mean MB. Only runs whose
+records are complete are read; a configuration shows how many of the suite's seeds finished.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
+
 from fedlora.results import read_rounds
+
+TOLERANCE = 0.01  # "equal accuracy": within one point of FedAvg's final accuracy
+EPS = 1e-9  # float slack when comparing accuracies against that line
 
 
 def mb_to_target(rounds: list[dict], target: float) -> float | None:
     for r in rounds:
-        if r.get("accuracy", 0.0) >= target:
+        if r.get("accuracy") is not None and r["accuracy"] >= target:
             return r["cum_mb"]
     return None
+
+
+def _seed_dirs(out: Path, name: str, spec: dict) -> list[Path]:
+    if spec.get("seeds"):
+        return [out / "runs" / name / f"seed-{s}" for s in spec["seeds"]]
+    return [out / "runs" / name]
+
+
+def _finished(run_dir: Path, rounds: int) -> list[dict] | None:
+    if not (run_dir / "summary.json").exists():
+        return None
+    recs = read_rounds(run_dir)
+    if not recs or recs[-1]["round"] < rounds or recs[-1].get("accuracy") is None:
+        return None
+    return recs
+
+
+def _codec_text(rc: dict) -> str:
+    up = rc.get("codec-up", "fp32") + (" +EF" if rc.get("error-feedback") else "")
+    down = rc.get("codec-down", "fp32")
+    if rc.get("download") == "delta":
+        down = f"Δ {down}"
+    return f"{down} / {up}"
 
 
 def summarize(out: Path, spec: dict) -> list[dict]:
     rows = []
     for name, rc in spec["runs"].items():
-        run_dir = out / "runs" / name
-        if not (run_dir / "summary.json").exists():  # absent or still running
+        rounds_wanted = int(rc.get("num-server-rounds", 5))
+        seeds = []
+        for d in _seed_dirs(out, name, spec):
+            recs = _finished(d, rounds_wanted)
+            if recs is not None:
+                seeds.append(recs)
+        if not seeds:
             continue
-        rounds = read_rounds(run_dir)
-        meta = json.loads((run_dir / "run.json").read_text())
-        accs = [r["accuracy"] for r in rounds]
+        finals = [s[-1]["accuracy"] for s in seeds]
+        mbs = [s[-1]["cum_mb"] for s in seeds]
+        evals = [[r for r in s if r.get("accuracy") is not None] for s in seeds]
         rows.append({
-            "name": name, "method": rc.get("method", "flocora"),
-            "codec": rc.get("codec-up", "fp32") + (" +EF" if rc.get("error-feedback") else ""),
-            "rank": rc.get("rank-budget") if rc.get("method") in ("lora-a2",) else
-            (None if rc.get("method") == "fedavg" else meta["config"].get("lora-rank")),
-            "density": (rc.get("density-down"), rc.get("density-up")),
-            "rounds": rounds[-1]["round"], "final": accs[-1], "best": max(accs),
-            "mb_down": rounds[-1]["cum_mb_down"], "mb_up": rounds[-1]["cum_mb_up"],
-            "mb": rounds[-1]["cum_mb"], "target_mb": mb_to_target(rounds, spec["target"]),
-            "curve": [(r["cum_mb"], r["accuracy"]) for r in rounds],
+            "name": name, "method": rc.get("method", "flocora"), "codecs": _codec_text(rc),
+            "rank": (None if rc.get("method") == "fedavg" else
+                     rc.get("rank-budget") if rc.get("method") == "lora-a2" else
+                     rc.get("lora-rank")),
+            "run_config": rc, "seeds_done": len(seeds),
+            "seeds_wanted": len(spec.get("seeds") or [None]),
+            "rounds": seeds[0][-1]["round"],
+            "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
+            "finals": finals,
+            "mb": float(np.mean(mbs)), "mbs": mbs,
+            "mb_down": float(np.mean([s[-1]["cum_mb_down"] for s in seeds])),
+            "mb_up": float(np.mean([s[-1]["cum_mb_up"] for s in seeds])),
+            "mb_control": float(np.mean([s[-1].get("cum_mb_control", 0.0) for s in seeds])),
+            "wall_s": float(np.mean([s[-1].get("wall_s", 0.0) for s in seeds])),
+            "curves": [[(r["cum_mb"], r["accuracy"]) for r in e] for e in evals],
+            "_evals": evals,
         })
-    base = next((r for r in rows if r["method"] == "fedavg"), None)
+    base = next((r for r in rows if r["method"] == "fedavg" and r["name"] == "fedavg"),
+                next((r for r in rows if r["method"] == "fedavg"), None))
+    target = base["final_mean"] - TOLERANCE - EPS if base else None
     for r in rows:
-        r["ratio"] = base["mb"] / r["mb"] if base and r["mb"] else None
-        r["delta"] = r["final"] - base["final"] if base else None
+        r["ratio_vs_fedavg"] = base["mb"] / r["mb"] if base and r["mb"] else None
+        r["delta_vs_fedavg"] = (r["final_mean"] - base["final_mean"]) if base else None
+        reached = [mb_to_target(e, target) for e in r["_evals"]] if target is not None else []
+        hit = [m for m in reached if m is not None]
+        r["mb_to_fedavg_minus_1pt"] = float(np.mean(hit)) if hit else None
+        r["seeds_reaching"] = len(hit)
+        r["within_1pt"] = (r["delta_vs_fedavg"] is not None
+                           and r["delta_vs_fedavg"] >= -TOLERANCE - EPS)
+    for r in rows:
+        r["pareto"] = not any(o is not r and o["final_mean"] >= r["final_mean"]
+                              and o["mb"] <= r["mb"]
+                              and (o["final_mean"] > r["final_mean"] or o["mb"] < r["mb"])
+                              for o in rows)
     return rows
 
 
@@ -46,41 +109,118 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
+def _json_rows(rows: list[dict]) -> list[dict]:
+    keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
+            "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
+            "mb_control", "wall_s", "ratio_vs_fedavg", "delta_vs_fedavg",
+            "mb_to_fedavg_minus_1pt", "seeds_reaching", "within_1pt", "pareto")
+    return [{k: r[k] for k in keep} for r in rows]
+
+
 def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
     rows = summarize(out, spec)
+    central = None
+    if (out / "centralized.json").exists():
+        central = json.loads((out / "centralized.json").read_text())
+    seeds = spec.get("seeds")
     lines = [f"# {suite}", "",
              f"Made by `python benchmarks/run.py {suite}`; every byte measured on the wire "
-             "(Flower message object trees, both directions, all clients). Target accuracy "
-             f"for 'MB to target': {spec['target']}.", "",
-             "| config | method | codec up | rank | final acc | best acc | MB down | MB up "
-             "| MB to target | compression vs fedavg | Δacc vs fedavg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             "(Flower message object trees, both directions, all clients, control messages "
+             "included). Accuracy: the final round's central evaluation"
+             + (f", mean ± std over seeds {seeds}" if seeds else "") + ". "
+             "Ratio = FedAvg's total MB / this configuration's. ★ = on the Pareto front "
+             "(no configuration has both higher accuracy and fewer bytes).", "",
+             "| config | method | codecs (down / up) | rank | seeds | final acc | MB total | MB down "
+             "| MB up | MB to FedAvg−1pt | ratio vs fedavg | Δacc vs fedavg | front |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["mb"], reverse=True):
+        esc = r["codecs"].replace("|", chr(92) + "|")
+        reach = (f"{r['mb_to_fedavg_minus_1pt']:.2f} ({r['seeds_reaching']}/{r['seeds_done']})"
+                 if r["mb_to_fedavg_minus_1pt"] is not None else "–")
         lines.append(
-            f"| {r['name']} | {r['method']} | `{r['codec'].replace('|', chr(92) + '|')}` | {r['rank'] or '–'} "
-            f"| {r['final']:.4f} | {r['best']:.4f} | {r['mb_down']:.2f} | {r['mb_up']:.2f} "
-            f"| {_f(r['target_mb'], '.2f')} | {_f(r['ratio'], '.2f')}x "
-            f"| {_f(r['delta'], '+.4f')} |")
+            f"| {r['name']} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
+            f"| {r['seeds_done']}/{r['seeds_wanted']} "
+            f"| {r['final_mean']:.4f} ± {r['final_std']:.4f} | {r['mb']:.2f} | {r['mb_down']:.2f} "
+            f"| {r['mb_up']:.2f} | {reach} | {_f(r['ratio_vs_fedavg'], '.1f')}x "
+            f"| {_f(None if r['delta_vs_fedavg'] is None else 100 * r['delta_vs_fedavg'], '+.2f')} "
+            f"| {'★' if r['pareto'] else ''} |")
+    if central:
+        lines += ["", f"Centralized reference ({central['config']}'s model on the pooled client "
+                  f"data, same examples seen, `python benchmarks/run.py {suite} --only "
+                  f"centralized`): accuracy {central['accuracy_mean']:.4f} ± "
+                  f"{central['accuracy_std']:.4f} over {len(central['seeds'])} seed(s)."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    summary = {"suite": suite, "command": f"python benchmarks/run.py {suite}",
+               "seeds": seeds, "tolerance": TOLERANCE, "configurations": _json_rows(rows),
+               "centralized": central}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot(suite, out, rows)
+    return rows
+
+
+def _plot(suite: str, out: Path, rows: list[dict]) -> None:
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in rows:
-            xs = [max(x, 1e-3) for x, _ in r["curve"]]
-            ax.plot(xs, [y for _, y in r["curve"]], marker=".", label=r["name"])
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative MB on the wire (down + up, all clients)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(suite)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_mb.png", dpi=120)
-        plt.close(fig)
     except ImportError:
-        pass
-    return rows
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        curve = r["curves"][0]
+        xs = [max(x, 1e-3) for x, _ in curve]
+        line, = ax.plot(xs, [y for _, y in curve], marker=".", alpha=0.6, label=r["name"])
+        ax.errorbar([r["mb"]], [r["final_mean"]], yerr=[r["final_std"]], fmt="*" if r["pareto"]
+                    else "o", color=line.get_color(), markersize=10 if r["pareto"] else 5)
+    front = sorted((r["mb"], r["final_mean"]) for r in rows if r["pareto"])
+    if front:
+        ax.plot(*zip(*front), "k--", linewidth=1, label="Pareto front (mean over seeds)")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative MB on the wire (down + up + control, all clients)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(suite)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_mb.png", dpi=120)
+    plt.close(fig)
+
+
+def update_readme(suite: str, results: Path, readme: Path) -> bool:
+    """Replace the README block between ``<!-- results:<suite> -->`` and
+    ``<!-- /results:<suite> -->`` with the suite's ``summary.md`` (its title dropped)."""
+    text = readme.read_text()
+    start, end = f"<!-- results:{suite} -->", f"<!-- /results:{suite} -->"
+    if start not in text or end not in text:
+        return False
+    table = (results / suite / "summary.md").read_text().split("\n", 2)[2].strip()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    return True
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    from benchmarks.suites import SUITES
+
+    ap = argparse.ArgumentParser(description="Rewrite a suite's report from its records and, "
+                                 "with --readme, its table in README.md.")
+    ap.add_argument("suite", choices=sorted(SUITES))
+    ap.add_argument("--readme", action="store_true")
+    a = ap.parse_args(argv)
+    out = root / "results" / a.suite
+    write_report(a.suite, out, SUITES[a.suite]())
+    if a.readme and not update_readme(a.suite, root / "results", root / "README.md"):
+        print(f"README.md has no <!-- results:{a.suite} --> block", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,55 +35,137 @@ def complete(run_dir: Path, rounds: int) -> bool:
     return (run_dir / "summary.json").exists() and bool(recs) and recs[-1]["round"] >= rounds
 
 
-def _progress(run_dir: Path, name: str, rounds: int, stop: threading.Event, t0: float) -> None:
-    seen = -1
-    while not stop.wait(5.0):
+def _progress(run_dir: Path, name: str, rounds: int, stop: threading.Event, t0: float,
+              config: tuple[int, int] | None = None) -> None:
+    """Watch ``run_dir/rounds.jsonl`` until ``stop`` is set and show config i/N, round r/R,
+    accuracy, cumulative MB, elapsed and ETA: a rich progress bar on a terminal, one plain line
+    per new round otherwise (nohup logs, CI). ``config`` = (i, N), the run's place in the suite
+    (the caller passes it: ``kwargs={"config": (i, len(runs))}``). ETA = seconds per round so far
+    (from the records' ``wall_s``, so start-up is not counted) × rounds left."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    label = f"config {config[0]}/{config[1]} {name}" if config else name
+
+    def hms(s: float) -> str:
+        if s != s or s < 0:  # NaN: no estimate yet
+            return "?"
+        s = int(s)
+        if s >= 3600:
+            return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+        return f"{s // 60}:{s % 60:02d}"
+
+    def poll(last_mtime: float) -> tuple[float, dict | None]:
+        """(mtime, status) where status is None when rounds.jsonl did not change."""
         try:
+            mtime = (run_dir / "rounds.jsonl").stat().st_mtime
+            if mtime == last_mtime:
+                return mtime, None
             recs = read_rounds(run_dir)
-        except (OSError, ValueError):
-            continue
-        if recs and recs[-1]["round"] != seen:
-            seen = recs[-1]["round"]
-            done = max(seen, 0)
-            el = time.time() - t0
-            eta = el / done * (rounds - done) if done else float("nan")
-            print(f"  [{name}] round {seen}/{rounds} acc {recs[-1].get('accuracy', 0):.4f} "
-                  f"cum {recs[-1].get('cum_mb', 0):.2f} MB  elapsed {el:.0f}s  ETA {eta:.0f}s",
-                  flush=True)
+            if not recs:
+                return mtime, None
+            last, first = recs[-1], recs[0]
+            r, r0 = int(last.get("round", 0)), int(first.get("round", 0))
+            eta = float("nan")
+            if r > r0 and "wall_s" in last and "wall_s" in first:
+                per_round = (float(last["wall_s"]) - float(first["wall_s"])) / (r - r0)
+                eta = max(0.0, per_round * (rounds - r) - (time.time() - mtime))
+            elif r > 0:
+                eta = (time.time() - t0) / r * (rounds - r)
+            return mtime, {"round": r, "acc": f"{float(last.get('accuracy', 'nan')):.4f}",
+                           "mb": f"{float(last.get('cum_mb', 0.0)):.2f}",
+                           "eta_at": time.time() + eta}
+        except (OSError, ValueError, TypeError):  # not there yet, a line half written, a null
+            return last_mtime, None
+
+    mtime, st = 0.0, None
+    if not sys.stdout.isatty():
+        while True:
+            done = stop.wait(5.0)
+            mtime, new = poll(mtime)
+            if new is not None and (st is None or new["round"] != st["round"]):
+                st = new
+                print(f"  [{label}] round {st['round']}/{rounds} acc {st['acc']} cum {st['mb']} MB"
+                      f"  elapsed {hms(time.time() - t0)}  ETA {hms(st['eta_at'] - time.time())}",
+                      flush=True)
+            if done:
+                return
+    columns = (TextColumn(label, markup=False), BarColumn(),
+               TextColumn("round {task.completed:.0f}/{task.total:.0f}  acc {task.fields[acc]}  "
+                          "cum {task.fields[mb]} MB  elapsed {task.fields[el]}  "
+                          "ETA {task.fields[eta]}", markup=False))
+    with Progress(*columns, console=Console(), refresh_per_second=2) as bar:
+        task = bar.add_task(name, total=max(rounds, 1), acc="-", mb="-", el="0:00", eta="?")
+        while True:
+            done = stop.wait(1.0)
+            mtime, new = poll(mtime)
+            st = new or st
+            fields = {"el": hms(time.time() - t0)}
+            if st is not None:
+                fields.update(completed=st["round"], acc=st["acc"], mb=st["mb"],
+                              eta=hms(st["eta_at"] - time.time()))
+            bar.update(task, **fields)
+            if done:
+                break
+
+
+def planned_runs(spec: dict) -> list[tuple[str, str, dict]]:
+    """(configuration, run folder relative to ``runs/``, run config) for every run of a suite:
+    one per configuration, or one per configuration × seed when the suite lists ``seeds``
+    (configuration-major, so a configuration's seeds finish together)."""
+    seeds = spec.get("seeds")
+    if not seeds:
+        return [(name, name, rc) for name, rc in spec["runs"].items()]
+    return [(name, f"{name}/seed-{s}", {**rc, "seed": s})
+            for name, rc in spec["runs"].items() for s in seeds]
 
 
 def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool = False,
               cpus_per_node: float = 1, gpus_per_node: float = 0) -> None:
     spec = SUITES[suite]()
-    runs = {k: v for k, v in spec["runs"].items() if not only or k in only}
+    runs = [r for r in planned_runs(spec) if not only or r[0] in only]
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(spec, indent=2))
     t_suite = time.time()
-    for i, (name, rc) in enumerate(runs.items(), 1):
-        run_dir = out / "runs" / name
+    if spec.get("centralized") and (not only or "centralized" in only):
+        from benchmarks.centralized import run_reference
+
+        run_reference(spec, out, force=force)
+    for i, (name, rel, rc) in enumerate(runs, 1):
+        run_dir = out / "runs" / rel
         rounds = int(rc.get("num-server-rounds", 5))
         if complete(run_dir, rounds) and not force:
-            print(f"[{i}/{len(runs)}] {name}: complete, skipped", flush=True)
+            print(f"[{i}/{len(runs)}] {rel}: complete, skipped", flush=True)
             continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"[{i}/{len(runs)}] {name}: {rounds} rounds on {spec['nodes']} nodes "
+        # an interrupted run continues from its last checkpoint (same config only); else anew
+        from fedlora.checkpoint import resumable
+
+        resume, why = (False, "--force") if force else resumable(run_dir, rc)
+        if resume:
+            rc = {**rc, "resume": str(run_dir.resolve())}
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"[{i}/{len(runs)}] {rel}: {rounds} rounds on {spec['nodes']} nodes "
+              f"{f'(resuming after {why}) ' if resume else ''}"
               f"(suite elapsed {time.time() - t_suite:.0f}s)", flush=True)
         stop, t0 = threading.Event(), time.time()
-        watcher = threading.Thread(target=_progress, args=(run_dir, name, rounds, stop, t0),
-                                   daemon=True)
+        watcher = threading.Thread(target=_progress, args=(run_dir, rel, rounds, stop, t0),
+                                   kwargs={"config": (i, len(runs))}, daemon=True)
         watcher.start()
         try:
-            res, _ = run_simulation({**rc, "run-dir": str(out / "runs"), "run-name": name},
+            res, _ = run_simulation({**rc, "run-dir": str(run_dir.parent),
+                                     "run-name": run_dir.name},
                                     nodes=spec["nodes"], work_dir=out / ".flwr" / name,
                                     timeout=4 * 3600, cpus_per_node=cpus_per_node,
                                     gpus_per_node=gpus_per_node)
         finally:
             stop.set()
             watcher.join()
-        (run_dir.parent / f"{name}.log").write_text(res.stdout or "")
+        (run_dir.parent / f"{run_dir.name}.log").write_text(res.stdout or "")
         status = "ok" if res.returncode == 0 and complete(run_dir, rounds) else "FAILED"
-        print(f"[{i}/{len(runs)}] {name}: {status} in {time.time() - t0:.0f}s", flush=True)
+        print(f"[{i}/{len(runs)}] {rel}: {status} in {time.time() - t0:.0f}s", flush=True)
         shutil.rmtree(out / ".flwr" / name, ignore_errors=True)
+        write_report(suite, out, spec)  # tables grow as configurations finish
     write_report(suite, out, spec)
 
 
@@ -92,7 +174,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suite", choices=sorted(SUITES))
     ap.add_argument("--out", default=None, help="default: results/<suite>")
-    ap.add_argument("--only", nargs="*", help="configuration names to run")
+    ap.add_argument("--only", nargs="*", help="configuration names to run ('centralized' for "
+                    "the suite's centralized reference)")
     ap.add_argument("--force", action="store_true", help="rerun complete runs too")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--cpus-per-node", type=float, default=1, help="Ray CPUs per simulated node")

@@ -20,8 +20,8 @@ def test_vision_quick_suite_runs_reports_and_resumes(tmp_path, capsys):
     assert set(rows) == set(spec["runs"])
     assert all(r["rounds"] == 2 for r in rows.values())
     # fedavg is the reference; LoRA adapters and 4-bit uploads move fewer bytes
-    assert rows["fedavg"]["ratio"] == pytest.approx(1.0)
-    assert rows["flocora-fp32"]["ratio"] > 1.5
+    assert rows["fedavg"]["ratio_vs_fedavg"] == pytest.approx(1.0)
+    assert rows["flocora-fp32"]["ratio_vs_fedavg"] > 1.5
     assert rows["flocora-affine4"]["mb_up"] < 0.4 * rows["flocora-fp32"]["mb_up"]  # tiny: headers count
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in spec["runs"])

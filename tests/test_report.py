@@ -1,0 +1,76 @@
+"""The frontier report on synthetic records: mean ± std over seeds, ratio and Δ vs FedAvg, MB to
+reach FedAvg's final accuracy − 1 point, the Pareto front, summary.json, unfinished runs left out,
+and the README block rewrite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.report import summarize, update_readme, write_report
+
+
+def _write(run_dir, accs, mb_per_round, rounds=4):
+    run_dir.mkdir(parents=True)
+    recs, cum = [], 0.0
+    for r in range(rounds + 1):
+        cum += mb_per_round if r else 0.0
+        rec = {"round": r, "cum_mb": cum, "cum_mb_down": cum / 2, "cum_mb_up": cum / 2,
+               "cum_mb_control": 0.0, "wall_s": 10.0 * r}
+        if r in accs:
+            rec["accuracy"] = accs[r]
+        recs.append(rec)
+    (run_dir / "rounds.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    (run_dir / "summary.json").write_text("{}")
+
+
+SPEC = {"seeds": [1, 2], "target": 0.8, "runs": {
+    "fedavg": {"method": "fedavg", "num-server-rounds": 4},
+    "small": {"method": "flocora", "num-server-rounds": 4, "lora-rank": 4,
+              "codec-up": "affine:4", "download": "delta", "codec-down": "affine:4"},
+    "bad": {"method": "flocora", "num-server-rounds": 4},
+    "unfinished": {"method": "flocora", "num-server-rounds": 4}}}
+
+
+@pytest.fixture
+def suite(tmp_path):
+    out = tmp_path / "s"
+    runs = out / "runs"
+    _write(runs / "fedavg/seed-1", {0: 0.1, 2: 0.80, 4: 0.90}, 10.0)
+    _write(runs / "fedavg/seed-2", {0: 0.1, 2: 0.85, 4: 0.92}, 10.0)
+    _write(runs / "small/seed-1", {0: 0.1, 2: 0.70, 4: 0.895}, 0.2)
+    _write(runs / "small/seed-2", {0: 0.1, 2: 0.90, 4: 0.905}, 0.2)
+    _write(runs / "bad/seed-1", {0: 0.1, 4: 0.50}, 1.0)
+    _write(runs / "bad/seed-2", {0: 0.1, 4: 0.60}, 1.0)
+    _write(runs / "unfinished/seed-1", {0: 0.1, 2: 0.5}, 1.0, rounds=2)  # stopped at round 2
+    return out
+
+
+def test_frontier_numbers(suite):
+    rows = {r["name"]: r for r in summarize(suite, SPEC)}
+    assert set(rows) == {"fedavg", "small", "bad"}           # unfinished runs are not reported
+    fa, sm, bad = rows["fedavg"], rows["small"], rows["bad"]
+    assert fa["final_mean"] == pytest.approx(0.91) and fa["final_std"] == pytest.approx(0.01)
+    assert sm["ratio_vs_fedavg"] == pytest.approx(50.0)       # 40 MB / 0.8 MB
+    assert sm["delta_vs_fedavg"] == pytest.approx(-0.01)
+    assert sm["within_1pt"] and not bad["within_1pt"]
+    # FedAvg's final mean − 1 point = 0.90: small reaches it at round 2 (seed 2) only
+    assert sm["mb_to_fedavg_minus_1pt"] == pytest.approx(0.4) and sm["seeds_reaching"] == 1
+    assert fa["mb_to_fedavg_minus_1pt"] == pytest.approx(40.0) and fa["seeds_reaching"] == 2
+    assert fa["pareto"] and sm["pareto"] and not bad["pareto"]
+
+
+def test_summary_json_and_readme(suite, tmp_path):
+    write_report("s", suite, SPEC)
+    summary = json.loads((suite / "summary.json").read_text())
+    row = next(c for c in summary["configurations"] if c["name"] == "small")
+    assert row["ratio_vs_fedavg"] == pytest.approx(50.0) and row["seeds_done"] == 2
+    assert row["codecs"] == "Δ affine:4 / affine:4"
+    table = (suite / "summary.md").read_text()
+    assert "| small | flocora |" in table and "unfinished" not in table
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:s -->\nold\n<!-- /results:s -->\nafter\n")
+    assert update_readme("s", suite.parent, readme)
+    text = readme.read_text()
+    assert "old" not in text and "| small | flocora |" in text and text.endswith("after\n")
