@@ -170,6 +170,17 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise ValueError(f"run-config {key!r} must be {typ.__name__}, got {value!r}")
 
 
+def check_at_least(key: str, value: float, low: float = 0.0, note: str = "",
+                   strict: bool = False) -> None:
+    """``value`` must be a finite number >= ``low`` (> with ``strict``): else a ValueError naming
+    the run-config ``key`` (``note`` explains a special value, e.g. "0: off")."""
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        rel = ">" if strict else ">="
+        extra = f" ({note})" if note else ""
+        raise ValueError(f"run-config {key!r} must be {rel} {low:g}{extra}, got {value}")
+
+
 def split_list(value: str) -> list[str]:
     """``"a, b,c"`` → ``["a", "b", "c"]``; empty string → ``[]``."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else []

@@ -42,6 +42,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .config import check_at_least
+
 log = logging.getLogger("flwr.fedlora")
 
 MODES = ("off", "central", "local")
@@ -103,13 +105,9 @@ class DPSettings:
         if self.mechanism == "laplace" and self.mode != "local":
             raise ValueError("dp-mechanism='laplace' is local DP (as LoRA-A2/APPFL): use dp='local'"
                              " (central DP adds Gaussian noise)")
-        _positive("dp-clip", self.clip)
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"run-config 'dp-noise-multiplier' must be >= 0, got "
-                             f"{self.noise_multiplier}")
-        if not (math.isfinite(self.target_epsilon) and self.target_epsilon >= 0):
-            raise ValueError(f"run-config 'dp-target-epsilon' must be >= 0 (0: use "
-                             f"dp-noise-multiplier), got {self.target_epsilon}")
+        check_at_least("dp-clip", self.clip, strict=True)
+        check_at_least("dp-noise-multiplier", self.noise_multiplier)
+        check_at_least("dp-target-epsilon", self.target_epsilon, note="0: use dp-noise-multiplier")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"run-config 'dp-delta' must be in (0, 1), got {self.delta}")
         if self.adaptive and self.mode != "central":
@@ -118,15 +116,8 @@ class DPSettings:
         if not 0.0 <= self.target_quantile <= 1.0:
             raise ValueError(f"run-config 'dp-target-quantile' must be in [0, 1], got "
                              f"{self.target_quantile}")
-        _positive("dp-clip-lr", self.clip_lr)
-        if not (math.isfinite(self.count_stddev) and self.count_stddev >= 0):
-            raise ValueError(f"run-config 'dp-count-stddev' must be >= 0 (0: sampled/20), got "
-                             f"{self.count_stddev}")
-
-
-def _positive(key: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"run-config {key!r} must be a positive number, got {value}")
+        check_at_least("dp-clip-lr", self.clip_lr, strict=True)
+        check_at_least("dp-count-stddev", self.count_stddev, note="0: sampled/20")
 
 
 # ============================================================================ clipping and noise
@@ -396,7 +387,7 @@ def privatize(res: Any, conf: Mapping[str, Any], rng: np.random.Generator | None
     bound = float(conf["dp-clip"])
     mechanism = str(conf.get("dp-mechanism", "gaussian"))
     z = float(conf.get("dp-noise-multiplier", 0.0))
-    _positive("dp-clip", bound)
+    check_at_least("dp-clip", bound, strict=True)
     if not (math.isfinite(z) and z >= 0) or mechanism not in MECHANISMS:
         raise ValueError(f"bad DP train config: noise multiplier {z!r}, mechanism {mechanism!r}")
     order = 1 if mechanism == "laplace" else 2

@@ -394,15 +394,26 @@ def test_simulation_killed_after_round_1_resumes(tmp_path, sample_dir, task_iden
     killed: list[int] = []
     stop = threading.Event()
 
+    def kill_all() -> int:
+        n = 0
+        for pid in pids_with_env(str(tmp_path / "work1")):  # this test's processes
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                n += 1
+            except ProcessLookupError:
+                pass
+        return n
+
     def killer() -> None:
         while not stop.is_set():
             if checkpoint.checkpoint_path(run_dir, 1).exists():
-                for pid in pids_with_env(str(tmp_path / "work1")):  # this test's processes
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-                    except ProcessLookupError:
-                        pass
+                # a process may be starting while we kill (a Ray worker): kill until none is left
+                quiet_since = time.monotonic()
+                while time.monotonic() - quiet_since < 2.0:
+                    if kill_all():
+                        quiet_since = time.monotonic()
+                    time.sleep(0.1)
                 return
             time.sleep(0.2)
 
@@ -418,6 +429,10 @@ def test_simulation_killed_after_round_1_resumes(tmp_path, sample_dir, task_iden
     assert latest(run_dir).round >= 1
     done = latest(run_dir).round
 
+    deadline = time.monotonic() + 15  # SIGKILLed processes take a moment to disappear
+    while pids_with_env(str(tmp_path / "work1")) and time.monotonic() < deadline:
+        kill_all()
+        time.sleep(0.2)
     assert not pids_with_env(str(tmp_path / "work1"))
     # a fresh SuperLink (and database): new node ids, no client state
     res, _ = run_simulation(checkpoint.resume_run_config(run_dir, {}), nodes=2,

@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..config import check_at_least
+
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 NORM_ACTIONS = ("clip", "reject")
 MIN_REPLIES_AUTO = 3  # fewer valid replies: no automatic norm bound (only an absolute one)
@@ -58,15 +60,9 @@ class GuardSettings:
                 norm_bound_factor=float(cfg.norm_bound_factor),
                 norm_bound_action=str(cfg.norm_bound_action), aggregation=str(cfg.aggregation),
                 trim_fraction=float(cfg.trim_fraction))
-        if not (math.isfinite(s.max_weight_ratio) and s.max_weight_ratio >= 0):
-            raise ValueError(f"run-config 'max-weight-ratio' must be >= 0 (0: off), got "
-                             f"{s.max_weight_ratio}")
-        if not (math.isfinite(s.update_norm_bound) and s.update_norm_bound >= 0):
-            raise ValueError(f"run-config 'update-norm-bound' must be >= 0 (0: automatic), got "
-                             f"{s.update_norm_bound}")
-        if not (math.isfinite(s.norm_bound_factor) and s.norm_bound_factor >= 0):
-            raise ValueError(f"run-config 'norm-bound-factor' must be >= 0 (0: no automatic "
-                             f"bound), got {s.norm_bound_factor}")
+        check_at_least("max-weight-ratio", s.max_weight_ratio, note="0: off")
+        check_at_least("update-norm-bound", s.update_norm_bound, note="0: automatic")
+        check_at_least("norm-bound-factor", s.norm_bound_factor, note="0: no automatic bound")
         if s.norm_bound_action not in NORM_ACTIONS:
             raise ValueError(f"run-config 'norm-bound-action' must be one of {NORM_ACTIONS}, got "
                              f"{s.norm_bound_action!r}")
