@@ -109,6 +109,13 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
+def _acc(r: dict) -> str:
+    """Mean ± std over seeds; one seed has no spread to show."""
+    if r["seeds_done"] < 2:
+        return f"{r['final_mean']:.4f} (one seed)"
+    return f"{r['final_mean']:.4f} ± {r['final_std']:.4f}"
+
+
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
             "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
@@ -140,7 +147,7 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         lines.append(
             f"| {r['name']} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
             f"| {r['seeds_done']}/{r['seeds_wanted']} "
-            f"| {r['final_mean']:.4f} ± {r['final_std']:.4f} | {r['mb']:.2f} | {r['mb_down']:.2f} "
+            f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} | {_f(r['ratio_vs_fedavg'], '.1f')}x "
             f"| {_f(None if r['delta_vs_fedavg'] is None else 100 * r['delta_vs_fedavg'], '+.2f')} "
             f"| {'★' if r['pareto'] else ''} |")
