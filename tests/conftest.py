@@ -85,3 +85,47 @@ def simulate(work, run_config: dict):
     assert not pids_with_env(str(work)), "a process of this run is still alive"
     return read_rounds(run_dir), json.loads((run_dir / "run.json").read_text()), run_dir, \
         res.stdout
+
+
+class Crash(RuntimeError):
+    """What the ServerApp sees when the SuperLink under it dies."""
+
+
+class InProcessGrid:
+    """A Grid whose nodes are the real ClientApp functions in this process. ``crash_at``: raise
+    :class:`Crash` when the train messages of that round are sent."""
+
+    def __init__(self, run_config: dict, node_ids=(101, 102, 103), crash_at: int | None = None,
+                 contexts: dict | None = None) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.crash_at = crash_at
+        self.contexts = contexts if contexts is not None else {
+            n: Context(run_id=1, node_id=n, node_config={
+                "partition-id": i, "num-partitions": len(node_ids),
+                "data-dir": run_config["data-dir"]}, state=RecordDict(), run_config=run_config)
+            for i, n in enumerate(node_ids)}
+        self.train_rounds: list[int] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import MessageType
+
+        from fedlora import client_app
+
+        out = []
+        for m in list(messages):
+            node = m.metadata.dst_node_id
+            if m.metadata.message_type == MessageType.TRAIN:
+                rnd = int(m.content["config"]["server-round"])
+                if rnd == self.crash_at:
+                    raise Crash(f"SuperLink gone in round {rnd}")
+                self.train_rounds.append(rnd)
+                reply = client_app.train(m, self.contexts[node])
+            else:
+                reply = client_app.query(m, self.contexts[node])
+            reply.metadata.__dict__["_src_node_id"] = node
+            out.append(reply)
+        return out

@@ -26,7 +26,7 @@ from fedlora.strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, Clien
                                      arrays_to_state, state_to_arrays)
 from fedlora.wire import decode_record, encode_record
 
-from conftest import FakeGrid
+from conftest import FakeGrid, InProcessGrid
 
 R, D = 8, 24
 SHAPES = OrderedDict()
@@ -520,35 +520,6 @@ def test_node_that_skips_clipping_or_lies_is_bounded(task_identity):
 
 
 # ------------------------------------------------------------------------- 9. end to end
-class InProcessGrid:
-    """The real ClientApp functions as nodes in this process (one Flower Context per node)."""
-
-    def __init__(self, run_config, node_ids=(101, 102, 103)):
-        from flwr.app import Context
-
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={
-            "partition-id": i, "num-partitions": len(node_ids),
-            "data-dir": run_config["data-dir"]}, state=RecordDict(), run_config=run_config)
-            for i, n in enumerate(node_ids)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import MessageType
-
-        from fedlora import client_app
-
-        out = []
-        for m in list(messages):
-            node = m.metadata.dst_node_id
-            fn = client_app.train if m.metadata.message_type == MessageType.TRAIN else client_app.query
-            reply = fn(m, self.contexts[node])
-            reply.metadata.__dict__["_src_node_id"] = node
-            out.append(reply)
-        return out
-
-
 @pytest.mark.parametrize("extra", [
     {"method": "flocora", "upload": "delta", "dp": "central", "dp-target-epsilon": 6.0,
      "norm-bound-factor": 0.0, "codec-up": "affine:4|zstd"},

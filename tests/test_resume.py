@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, MessageType, RecordDict
 
-from fedlora import checkpoint, client_app
+from fedlora import checkpoint
 from fedlora.checkpoint import (CheckpointError, Checkpointer, ResumeRefused, latest,
                                 list_checkpoints, read_checkpoint)
 from fedlora.config import RunConfig
 from fedlora.results import read_rounds
 from fedlora.server_app import run
+
+from conftest import Crash, InProcessGrid
 
 TINY = {
     "num-server-rounds": 3, "feature-maps": 8, "lora-rank": 4, "local-epochs": 1,
@@ -37,44 +38,6 @@ TINY = {
     "dataset": "npz", "partitioner": "iid", "client-threads": 1, "device": "cpu",
 }
 TIMING = {"round_s", "wall_s", "eval_s", "checkpoint_bytes"}
-
-
-class Crash(RuntimeError):
-    """What the ServerApp sees when the SuperLink under it dies."""
-
-
-class InProcessGrid:
-    """A Grid whose nodes are the real ClientApp functions in this process. ``crash_at``: raise
-    :class:`Crash` when the train messages of that round are sent."""
-
-    def __init__(self, run_config: dict, node_ids=(101, 102, 103), crash_at: int | None = None,
-                 contexts: dict[int, Context] | None = None) -> None:
-        self.crash_at = crash_at
-        self.contexts = contexts if contexts is not None else {
-            n: Context(run_id=1, node_id=n, node_config={
-                "partition-id": i, "num-partitions": len(node_ids),
-                "data-dir": run_config["data-dir"]}, state=RecordDict(), run_config=run_config)
-            for i, n in enumerate(node_ids)}
-        self.train_rounds: list[int] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in list(messages):
-            node = m.metadata.dst_node_id
-            if m.metadata.message_type == MessageType.TRAIN:
-                rnd = int(m.content["config"]["server-round"])
-                if rnd == self.crash_at:
-                    raise Crash(f"SuperLink gone in round {rnd}")
-                self.train_rounds.append(rnd)
-                reply = client_app.train(m, self.contexts[node])
-            else:
-                reply = client_app.query(m, self.contexts[node])
-            reply.metadata.__dict__["_src_node_id"] = node
-            out.append(reply)
-        return out
 
 
 def config(tmp: Path, sample_dir: str, name: str, **extra) -> dict:
