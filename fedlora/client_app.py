@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -25,11 +27,10 @@ DOWN_KEY = "fedlora-download"  # delta downloads: the copy of the global this no
 DOWN_META_KEY = "fedlora-download-meta"  # ... and its digest
 
 
+@functools.lru_cache(maxsize=4)
 def _expected_shapes(task, adapter: bool) -> dict[str, tuple[int, ...]]:
-    key = f"_shapes_{adapter}"
-    if not hasattr(task, key):
-        setattr(task, key, shapes(state_to_numpy(travelling_state(task.new_model(adapter)))))
-    return getattr(task, key)
+    """Names and shapes of what travels for this task's model (built once per task)."""
+    return shapes(state_to_numpy(travelling_state(task.new_model(adapter))))
 
 
 def _error_feedback(context: Context, upload, pipe: Pipeline):

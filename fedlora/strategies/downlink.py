@@ -115,10 +115,6 @@ class Downlink:
         while len(self.held) > self.max_nodes:
             self.held.popitem(last=False)
 
-    def forget(self, node: int) -> None:
-        self.held.pop(node, None)
-        self.pending.pop(node, None)
-
     def start_round(self) -> None:
         self._cache.clear()
 
