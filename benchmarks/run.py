@@ -121,9 +121,12 @@ def planned_runs(spec: dict) -> list[tuple[str, str, dict]]:
 
 
 def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool = False,
-              cpus_per_node: float = 1, gpus_per_node: float = 0) -> None:
+              cpus_per_node: float = 1, gpus_per_node: float = 0,
+              seeds: list[int] | None = None) -> None:
     spec = SUITES[suite]()
     runs = [r for r in planned_runs(spec) if not only or r[0] in only]
+    if seeds:  # e.g. screen every configuration on seed 1 before spending seeds 2 and 3
+        runs = [r for r in runs if r[2].get("seed") in seeds]
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(spec, indent=2))
     t_suite = time.time()
@@ -177,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="configuration names to run ('centralized' for "
                     "the suite's centralized reference)")
     ap.add_argument("--force", action="store_true", help="rerun complete runs too")
+    ap.add_argument("--seeds", nargs="*", type=int,
+                    help="run only these of the suite's seeds (the report still counts all)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--cpus-per-node", type=float, default=1, help="Ray CPUs per simulated node")
     ap.add_argument("--gpus-per-node", type=float, default=0,
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
     if a.report_only:
         write_report(a.suite, out, SUITES[a.suite]())
     else:
-        run_suite(a.suite, out, a.only, a.force, a.cpus_per_node, a.gpus_per_node)
+        run_suite(a.suite, out, a.only, a.force, a.cpus_per_node, a.gpus_per_node, a.seeds)
     print(f"report: {out / 'summary.md'}  plot: {out / 'accuracy_vs_mb.png'}")
     return 0
 
