@@ -45,6 +45,15 @@ def _finished(run_dir: Path, rounds: int) -> list[dict] | None:
     return recs
 
 
+def _wire(run_dir: Path) -> str:
+    """The wire version a run was measured with (``run.json``'s ``wire``; runs from before
+    the key existed used ``fedlora/v1``)."""
+    try:
+        return str(json.loads((run_dir / "run.json").read_text()).get("wire", "fedlora/v1"))
+    except (OSError, ValueError):
+        return "fedlora/v1"
+
+
 def _codec_text(rc: dict) -> str:
     up = rc.get("codec-up", "fp32") + (" +EF" if rc.get("error-feedback") else "")
     down = rc.get("codec-down", "fp32")
@@ -57,11 +66,12 @@ def summarize(out: Path, spec: dict) -> list[dict]:
     rows = []
     for name, rc in spec["runs"].items():
         rounds_wanted = int(rc.get("num-server-rounds", 5))
-        seeds = []
+        seeds, wires = [], set()
         for d in _seed_dirs(out, name, spec):
             recs = _finished(d, rounds_wanted)
             if recs is not None:
                 seeds.append(recs)
+                wires.add(_wire(d))
         if not seeds:
             continue
         finals = [s[-1]["accuracy"] for s in seeds]
@@ -72,7 +82,7 @@ def summarize(out: Path, spec: dict) -> list[dict]:
             "rank": (None if rc.get("method") == "fedavg" else
                      rc.get("rank-budget") if rc.get("method") == "lora-a2" else
                      rc.get("lora-rank")),
-            "run_config": rc, "seeds_done": len(seeds),
+            "run_config": rc, "seeds_done": len(seeds), "wire": sorted(wires),
             "seeds_wanted": len(spec.get("seeds") or [None]),
             "rounds": seeds[0][-1]["round"],
             "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
@@ -118,7 +128,7 @@ def _acc(r: dict) -> str:
 
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
-            "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
+            "wire", "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
             "mb_control", "wall_s", "ratio_vs_fedavg", "delta_vs_fedavg",
             "mb_to_fedavg_minus_1pt", "seeds_reaching", "within_1pt", "pareto")
     return [{k: r[k] for k in keep} for r in rows]
@@ -144,13 +154,19 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         esc = r["codecs"].replace("|", chr(92) + "|")
         reach = (f"{r['mb_to_fedavg_minus_1pt']:.2f} ({r['seeds_reaching']}/{r['seeds_done']})"
                  if r["mb_to_fedavg_minus_1pt"] is not None else "–")
+        old_wire = "fedlora/v1" in r["wire"]
         lines.append(
-            f"| {r['name']} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
+            f"| {r['name']}{' †' if old_wire else ''} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
             f"| {r['seeds_done']}/{r['seeds_wanted']} "
             f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} | {_f(r['ratio_vs_fedavg'], '.1f')}x "
             f"| {_f(None if r['delta_vs_fedavg'] is None else 100 * r['delta_vs_fedavg'], '+.2f')} "
             f"| {'★' if r['pareto'] else ''} |")
+    if any("fedlora/v1" in r["wire"] for r in rows):
+        lines += ["", "† measured (in some seeds) with wire v1, which also put the codec spec "
+                  "in each message's Array stype: 5 bytes more per fp32 message, 24 per "
+                  "`topk:0.02|affine:4|zstd` message, every other byte the same as v2 "
+                  "(docs/architecture.md, wire versions)."]
     if central:
         lines += ["", f"Centralized reference ({central['config']}'s model on the pooled client "
                   f"data, same examples seen, `python benchmarks/run.py {suite} --only "

@@ -441,6 +441,7 @@ def run_rounds(strategy: Any, grid: Any, arrays: Any, first_round: int, num_roun
     from flwr.app import ConfigRecord
 
     strategy.robustness  # noqa: B018  (validates, as FedLoraStrategy.start does)
+    end_of_round = strategy.round_end(evaluate_fn)  # evaluation, then the round's record
     evaluate_config = ConfigRecord()
     for current_round in range(int(first_round), int(num_rounds) + 1):
         log.info("[ROUND %s/%s] (resumed run)", current_round, num_rounds)
@@ -454,6 +455,5 @@ def run_rounds(strategy: Any, grid: Any, arrays: Any, first_round: int, num_roun
             messages=strategy.configure_evaluate(current_round, arrays, evaluate_config, grid),
             timeout=timeout)
         strategy.aggregate_evaluate(current_round, replies)
-        if evaluate_fn is not None:
-            evaluate_fn(current_round, arrays)
+        end_of_round(current_round, arrays)
     return arrays

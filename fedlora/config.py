@@ -76,6 +76,7 @@ class RunConfig:
     norm_bound_action: str = "clip"
     aggregation: str = "mean"
     trim_fraction: float = 0.2
+    stream_aggregation: bool = True
     # --- differential privacy ---
     dp: str = "off"
     dp_mechanism: str = "gaussian"

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .results import Recorder
 from .strategies import get_method
 from .strategies.base import ADAPTER_KEY, arrays_to_state, state_to_arrays
-from .wire import encode_record, message_bytes
+from .wire import STYPE, encode_record, message_bytes
 from .tasks import make_task
 
 app = ServerApp()
@@ -67,7 +67,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     full_params = num_params(state_to_numpy(task.base().state_dict()))
     fp = task.fingerprint()
     meta = {
-        "config": cfg.as_dict(), "method": cfg.method, "base_fingerprint": fp,
+        "config": cfg.as_dict(), "method": cfg.method, "base_fingerprint": fp, "wire": STYPE,
         "params_travelling": num_params(init), "params_full_model": full_params,
         "analytic_bytes_per_message_fp32": flocora_analytic_bits(init, 32) / 8,
         "analytic_bytes_per_message_up": flocora_analytic_bits(init, affine_bits(strategy.codec_up)) / 8,
@@ -96,21 +96,21 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     test = task.test_data()
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord | None:
-        metrics: dict[str, float] = {}
-        if eval_due(cfg, server_round):
-            t = time.time()
-            load_state(model, strategy.eval_state(server_round, arrays_to_state(arrays)))
-            metrics = task.evaluate(model, test)
-            metrics["eval_s"] = round(time.time() - t, 3)
-        rec = strategy.round_record(server_round)
-        rec["analytic_bytes_up"] = meta["analytic_bytes_per_message_up"] * rec["clients"]
-        def save(records):  # after the round, before its record is written
-            state = checkpoint.server_state(strategy, arrays_to_state(arrays))
-            return ckpt.save(server_round, ckpt_header, state, records)
+        if not eval_due(cfg, server_round):
+            return None
+        t = time.time()
+        load_state(model, strategy.eval_state(server_round, arrays_to_state(arrays)))
+        metrics = task.evaluate(model, test)
+        metrics["eval_s"] = round(time.time() - t, 3)
+        return MetricRecord(metrics)
 
-        recorder.log_round({**rec, **metrics},
-                           checkpoint=save if server_round >= 1 and ckpt.enabled else None)
-        return MetricRecord(metrics) if metrics else None
+    def save(server_round: int, arrays, records: list[dict]):
+        state = checkpoint.server_state(strategy, arrays_to_state(arrays))
+        return ckpt.save(server_round, ckpt_header, state, records)
+
+    # the strategy writes each round's record after evaluate_fn (FedLoraStrategy.round_end)
+    strategy.keep_records(recorder, meta["analytic_bytes_per_message_up"],
+                          save if ckpt.enabled else None)
 
     if resumed is None:
         result = strategy.start(

@@ -1,10 +1,12 @@
 """The only bridge between codec payloads and Flower records, and the byte accounting.
 
 An encoded message travels as ONE Flower ``Array`` (key ``payload``) in an ``ArrayRecord``:
-``dtype="uint8"``, ``shape=(len(payload),)``, ``stype="fedlora/v1;<codec spec>"``, ``data`` = the
-codec payload (itself self-describing, see ``fedlora.compression.payload``). One Array per message
-instead of one per tensor keeps Flower's per-object overhead (~315 B per Array) out of small
-adapter messages.
+``dtype="uint8"``, ``shape=(len(payload),)``, ``stype="fedlora/v2"``, ``data`` = the codec payload,
+self-describing: its header names the codec chain (see ``fedlora.compression.payload``), which
+therefore travels once. (Wire v1 also put the spec in the stype, ``fedlora/v1;<spec>``: 5–40
+bytes more per message; a v1 peer's Array is refused with a message naming both versions.)
+One Array per message instead of one per tensor keeps Flower's per-object overhead (~315 B per
+Array) out of small adapter messages.
 
 Bytes are measured, not computed: :func:`message_bytes` is the size of the object tree Flower
 1.41 moves for a message's content (Message → RecordDict → records → Array → chunks), the exact
@@ -19,8 +21,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from .compression import CodecError, Pipeline, decode_payload, parse_spec
+from .compression.payload import read_header
 
-STYPE_PREFIX = "fedlora/v1;"
+STYPE = "fedlora/v2"
 PAYLOAD_KEY = "payload"
 
 
@@ -29,31 +32,40 @@ def encode_record(tensors: Mapping[str, np.ndarray], pipe: "Pipeline | str") -> 
     into a one-Array ArrayRecord."""
     if not isinstance(pipe, Pipeline):
         pipe = parse_spec(pipe)
-    return payload_record(pipe.encode(tensors), pipe.spec)
+    return payload_record(pipe.encode(tensors))
 
 
-def payload_record(payload: bytes, spec: str) -> ArrayRecord:
-    """Wrap an already encoded payload (made with the chain ``spec``) as a one-Array record."""
-    arr = Array(dtype="uint8", shape=(len(payload),), stype=STYPE_PREFIX + spec, data=payload)
+def payload_record(payload: bytes) -> ArrayRecord:
+    """Wrap an already encoded payload as a one-Array record."""
+    arr = Array(dtype="uint8", shape=(len(payload),), stype=STYPE, data=payload)
     return ArrayRecord({PAYLOAD_KEY: arr})
 
 
-def decode_record(record: ArrayRecord, expected: Mapping[str, tuple[int, ...]] | None = None,
-                  ) -> dict[str, np.ndarray]:
-    """Decode an ArrayRecord made by :func:`encode_record`; any problem raises CodecError."""
+def record_payload(record: ArrayRecord) -> bytes:
+    """The codec payload of a record made by :func:`payload_record`: exactly one ``payload``
+    Array of wire version ``fedlora/v2``; CodecError naming what is wrong otherwise."""
     if not isinstance(record, ArrayRecord):
         raise CodecError(f"expected an ArrayRecord, got {type(record).__name__}")
     if list(record.keys()) != [PAYLOAD_KEY]:
         raise CodecError(f"ArrayRecord must hold exactly one {PAYLOAD_KEY!r} Array, "
                          f"has {list(record.keys())[:5]}")
     arr = record[PAYLOAD_KEY]
-    if not arr.stype.startswith(STYPE_PREFIX):
-        raise CodecError(f"unknown Array stype {arr.stype!r} (expected {STYPE_PREFIX}...)")
-    try:
-        parse_spec(arr.stype[len(STYPE_PREFIX):])
-    except ValueError as err:
-        raise CodecError(f"Array stype names a bad codec chain: {err}") from err
-    return decode_payload(bytes(arr.data), expected=expected)
+    if arr.stype != STYPE:
+        raise CodecError(f"Array stype {str(arr.stype)[:80]!r} is not fedlora's wire version "
+                         f"{STYPE!r} (node and server must run the same fedlora)")
+    return bytes(arr.data)
+
+
+def record_spec(record: ArrayRecord) -> str:
+    """The codec chain a record's payload header names (CodecError if the header is bad)."""
+    return read_header(record_payload(record))[0].spec
+
+
+def decode_record(record: ArrayRecord, expected: Mapping[str, tuple[int, ...]] | None = None,
+                  ) -> dict[str, np.ndarray]:
+    """Decode an ArrayRecord made by :func:`encode_record` with whatever chain its header
+    names; any problem raises CodecError."""
+    return decode_payload(record_payload(record), expected=expected)
 
 
 def payload_bytes(record: ArrayRecord) -> int:
@@ -62,7 +74,22 @@ def payload_bytes(record: ArrayRecord) -> int:
 
 
 def message_bytes(msg: Message) -> int:
-    """Bytes of the object tree Flower serializes for this message's content (wire bytes)."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    """Bytes of the object tree Flower serializes for this message's content (wire bytes): the
+    sum of ``len(deflate())`` over the unique objects of the tree, as Flower 1.41's
+    ``get_all_nested_objects`` collects them (identical chunks travel once). The walk takes
+    each object's id from its parent's ``children`` (an Array's chunk ids are cached when it is
+    sliced), so a payload is hashed once, not again per chunk (``get_all_nested_objects``
+    re-hashes every chunk: half the server's aggregation time for large uploads)."""
+    seen: set[str] = set()
+    total = 0
 
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    def walk(obj) -> None:
+        nonlocal total
+        for cid, child in (obj.children or {}).items():
+            if cid not in seen:
+                seen.add(cid)
+                walk(child)
+        total += len(obj.deflate())
+
+    walk(msg)
+    return total

@@ -11,8 +11,9 @@ import pytest
 from benchmarks.report import summarize, update_readme, write_report
 
 
-def _write(run_dir, accs, mb_per_round, rounds=4):
+def _write(run_dir, accs, mb_per_round, rounds=4, wire="fedlora/v2"):
     run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"wire": wire} if wire else {}))
     recs, cum = [], 0.0
     for r in range(rounds + 1):
         cum += mb_per_round if r else 0.0
@@ -74,3 +75,15 @@ def test_summary_json_and_readme(suite, tmp_path):
     assert update_readme("s", suite.parent, readme)
     text = readme.read_text()
     assert "old" not in text and "| small | flocora |" in text and text.endswith("after\n")
+
+
+def test_runs_measured_with_wire_v1_are_marked(suite):
+    """A run.json without ``wire`` (runs made before wire v2) marks its configuration with †
+    and the footnote; v2 runs are not marked."""
+    (suite / "runs/bad/seed-2/run.json").write_text("{}")
+    rows = {r["name"]: r for r in write_report("s", suite, SPEC)}
+    assert rows["bad"]["wire"] == ["fedlora/v1", "fedlora/v2"]
+    assert rows["small"]["wire"] == ["fedlora/v2"]
+    table = (suite / "summary.md").read_text()
+    assert "| bad † | flocora |" in table and "| small | flocora |" in table
+    assert "wire v1" in table

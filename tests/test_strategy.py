@@ -65,7 +65,7 @@ def test_corrupt_reply_dropped_round_survives(task_identity):
     _, msgs = sent(strategy)
     good = toy(5)
     bad_payload = ArrayRecord({"payload": Array(dtype="uint8", shape=(7,),
-                                                stype="fedlora/v1;fp32", data=b"garbage")})
+                                                stype="fedlora/v2", data=b"garbage")})
     replies = [
         reply_to(msgs[0], good, 10),
         reply_to(msgs[1], record=bad_payload),                       # does not decode
@@ -150,3 +150,74 @@ def test_flower_sampling_and_a_bad_sampling_value(task_identity):
     assert all(len(r) == 3 for r in out) and grid.queries == 0  # no tiers, no partitions asked
     with pytest.raises(ValueError, match="client-sampling"):
         get_method("flocora").Strategy(RunConfig(client_sampling="random"), SHAPES)
+
+
+def test_the_strategy_writes_each_rounds_record_after_the_evaluation(task_identity, tmp_path):
+    """round_end: the central evaluation runs first, then the checkpoint, then the record the
+    strategy's ledger made (bytes of this round's replies + the evaluation's metrics) goes to
+    the recorder — the ServerApp's evaluate_fn only evaluates."""
+    from fedlora.results import Recorder
+
+    strategy = make_strategy()
+    _, msgs = sent(strategy)
+    strategy.aggregate_train(1, [reply_to(m, toy(i), 10) for i, m in enumerate(msgs)])
+    order: list[str] = []
+    recorder = Recorder(tmp_path, {"config": {}})
+    strategy.keep_records(recorder, analytic_bytes_per_upload=100.0,
+                          save=lambda rnd, arrays, records: order.append(f"save {rnd}"))
+
+    def evaluate_fn(rnd, arrays):
+        order.append(f"eval {rnd}")
+        return MetricRecord({"accuracy": 0.5}) if rnd == 1 else None
+
+    end = strategy.round_end(evaluate_fn)
+    end(0, state_to_arrays(toy(0)))
+    end(1, state_to_arrays(toy(0)))
+    assert order == ["eval 0", "eval 1", "save 1"]  # no checkpoint of the initial model
+    r0, r1 = recorder.records
+    assert r0["round"] == 0 and "accuracy" not in r0 and r0["bytes_up"] == 0
+    assert r1["accuracy"] == 0.5 and r1["clients"] == 3
+    assert r1["bytes_up"] == strategy.round_record(1)["bytes_up"] > 0
+    assert r1["analytic_bytes_up"] == 300.0
+    assert (tmp_path / "rounds.jsonl").read_text().count("\n") == 2
+
+
+def test_the_wire_carries_the_codec_spec_once_in_the_payload_header():
+    """Wire v2: the Array's stype is the constant version tag and the spec is read from the
+    payload header; a v1 Array (spec repeated in the stype) is refused naming the version."""
+    from fedlora.compression import CodecError
+    from fedlora.wire import STYPE, decode_record, record_spec
+
+    spec = "topk:0.5|affine:4|zstd"
+    record = encode_record(toy(1), spec)
+    arr = record["payload"]
+    assert arr.stype == STYPE == "fedlora/v2"
+    assert spec.encode() not in arr.stype.encode() and bytes(arr.data).count(spec.encode()) == 1
+    assert record_spec(record) == spec
+    assert set(decode_record(record, {k: v.shape for k, v in toy(1).items()})) == set(SHAPES)
+    v1 = ArrayRecord({"payload": Array(dtype="uint8", shape=arr.shape, stype="fedlora/v1;" + spec,
+                                       data=bytes(arr.data))})
+    with pytest.raises(CodecError, match="wire version 'fedlora/v2'"):
+        decode_record(v1)
+
+
+def test_message_bytes_equals_flowers_own_object_tree(task_identity):
+    """wire.message_bytes (one hash per chunk) = the size of every unique object Flower's
+    get_all_nested_objects collects, for small, multi-chunk and repeated-chunk payloads."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedlora.wire import message_bytes
+
+    zeros = OrderedDict([("w", np.zeros((600, 1000), np.float32))])   # identical chunks
+    big = OrderedDict([("w", np.random.default_rng(0).standard_normal((700, 900))
+                        .astype(np.float32))])
+    for tensors, spec in ((toy(0), "affine:4"), (zeros, "fp32"), (big, "fp32"),
+                          (big, "topk:0.1|affine:4|zstd")):
+        msg = reply_to(Message(RecordDict({"config": ConfigRecord({"a": 1})}),
+                               message_type=MessageType.TRAIN, dst_node_id=3), tensors, 7,
+                       spec=spec)
+        fresh = reply_to(Message(RecordDict({"config": ConfigRecord({"a": 1})}),
+                                 message_type=MessageType.TRAIN, dst_node_id=3), tensors, 7,
+                         spec=spec)
+        flower = sum(len(o.deflate()) for o in get_all_nested_objects(fresh).values())
+        assert message_bytes(msg) == flower > 0

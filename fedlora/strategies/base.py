@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -33,7 +33,7 @@ from ..compression import Pipeline, parse_spec
 from ..config import RunConfig, split_list
 from ..privacy import ServerPrivacy
 from ..wire import decode_record, encode_record, message_bytes, payload_bytes, payload_record
-from . import guard
+from . import guard, stream
 from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for the methods)
 from .downlink import Downlink
 from .ledger import RoundStats, empty_record
@@ -231,7 +231,7 @@ class FedLoraStrategy(FedAvg):
                 targets[variant] = (download if variant is None
                                     else self.apply_variant(download, variant))
             dl = self.downlink.prepare(server_round, node_id, targets[variant], pipe, variant)
-            record = payload_record(dl.payload, dl.spec)
+            record = payload_record(dl.payload)
             cfg = ConfigRecord({
                 **{k: config[k] for k in config.keys()},
                 "server-round": server_round,
@@ -271,9 +271,11 @@ class FedLoraStrategy(FedAvg):
         return self._robustness
 
     def start(self, *args: Any, **kwargs: Any):
-        """Flower's run loop, after validating the robustness settings: a bad value is a
-        ValueError before the first round, not after its training."""
+        """Flower's run loop, after validating the robustness settings (a bad value is a
+        ValueError before the first round, not after its training), with the round's record
+        written at the end of each round (:meth:`round_end` wraps ``evaluate_fn``)."""
         self.robustness  # noqa: B018  (validates)
+        kwargs["evaluate_fn"] = self.round_end(kwargs.get("evaluate_fn"))
         return super().start(*args, **kwargs)
 
     def robust_updates(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
@@ -318,12 +320,7 @@ class FedLoraStrategy(FedAvg):
         g = self.robustness
         if not updates:
             return updates
-        reported = [u.num_examples for u in updates]
-        used = guard.cap_weights(reported, g.max_weight_ratio, g.max_examples, g.equal_weights)
-        for u, r, w in zip(updates, reported, used):
-            if w != r:
-                stats.capped.append({"node": u.node_id, "reported": r, "used": w})
-            u.num_examples = w
+        stream.cap_weights(updates, g, stats)
         measured = []
         for u in updates:
             try:
@@ -366,14 +363,30 @@ class FedLoraStrategy(FedAvg):
         self.validate_update(server_round, up)
         return up
 
+    def decode_all(self, server_round: int, replies: list[Message], stats: "RoundStats"
+                   ) -> list[ClientUpdate]:
+        """Every reply decoded and checked (:meth:`decode_reply`); a bad one is dropped."""
+        updates = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                up = self.decode_reply(server_round, msg)
+                stats.payload_up[node] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
+                stats.params_up[node] = int(up.metrics.get("params-up", 0))
+                updates.append(up)
+            except Exception as err:  # node input never takes the ServerApp down
+                self._drop(stats, server_round, node, err)
+        return updates
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and validate each reply (a bad one is dropped with its node id and reason,
-        whatever it raises), bound the valid ones' influence (:meth:`bound_updates`), aggregate.
-        A non-finite aggregate or any failure of the method's step keeps the previous global
+        whatever it raises), bound the valid ones' influence (:meth:`bound_updates`), aggregate
+        — or, for the weight-averaging methods with ``aggregation=mean`` and no central DP, the
+        same one reply at a time into a running weighted sum (:mod:`.stream`). A non-finite aggregate or any failure of the method's step keeps the previous global
         model and rolls the method's state back (:meth:`rollback`)."""
         stats = self.stats.setdefault(server_round, RoundStats(server_round))
-        updates: list[ClientUpdate] = []
+        accepted: list[Message] = []
         seen: set[Any] = set()
         for msg in replies:
             node = None
@@ -392,29 +405,35 @@ class FedLoraStrategy(FedAvg):
                 stats.received[node] = message_bytes(msg)
                 if stats.sent and node not in stats.sent:
                     raise MalformedReply("the node was not sent a train message this round")
-                up = self.decode_reply(server_round, msg)
-                stats.payload_up[node] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
-                stats.params_up[node] = int(up.metrics.get("params-up", 0))
-                updates.append(up)
+                accepted.append(msg)
             except Exception as err:  # node input never takes the ServerApp down
                 self._drop(stats, server_round, node, err)
+        streaming = stream.streams(self)
         try:
-            updates = self.bound_updates(server_round, updates, stats)
+            if streaming:  # decode → check → add → free, one reply at a time (stream.py)
+                updates, mean = stream.stream_mean(self, server_round, accepted, stats)
+            else:
+                updates = self.bound_updates(server_round, self.decode_all(server_round,
+                                                                           accepted, stats),
+                                             stats)
         except Exception as err:  # pragma: no cover - defence in depth
             log.exception("round %d: bounding the updates failed", server_round)
             stats.rejected = f"{type(err).__name__}: {err}"[:500]
             return None, None
         stats.clients = len(updates)
-        log.info("aggregate_train: round %d, %d valid, %d failed, %d dropped, %d clipped",
+        log.info("aggregate_train: round %d, %d valid, %d failed, %d dropped, %d clipped%s",
                  server_round, len(updates), len(stats.failures), len(stats.dropped),
-                 len(stats.clipped))
+                 len(stats.clipped), " (streamed)" if streaming else "")
         if not updates or self._global is None:
             return None, None
         try:
-            # central DP: clipped sum + noise over the fixed denominator, as one pseudo-reply
-            private = self.privacy.server_step(server_round, updates)
-            new_state = self.aggregate_updates(server_round, self._global,
-                                               self.robust_updates(private))
+            if streaming:
+                to_aggregate = [mean]
+            else:
+                # central DP: clipped sum + noise over the fixed denominator, as one pseudo-reply
+                to_aggregate = self.robust_updates(self.privacy.server_step(server_round,
+                                                                            updates))
+            new_state = self.aggregate_updates(server_round, self._global, to_aggregate)
             for k, v in new_state.items():
                 if not np.all(np.isfinite(v)):
                     raise RejectRound(f"aggregate of {k} is not finite")
@@ -471,13 +490,44 @@ class FedLoraStrategy(FedAvg):
             dl.settle(int(last), {int(n) for n in ok})
 
     # ---------------------------------------------------------------- records
+    def keep_records(self, recorder: Any, analytic_bytes_per_upload: float = 0.0,
+                     save: "Callable[[int, ArrayRecord, list[dict]], Any] | None" = None
+                     ) -> None:
+        """Where the strategy writes each round's record (``recorder``:
+        :class:`fedlora.results.Recorder` → ``rounds.jsonl``/CSV/TensorBoard), the analytic
+        upload size per reply it adds to it, and ``save(round, arrays, records)``: the round's
+        checkpoint, written before the record (see :meth:`round_end`)."""
+        self._recorder, self._analytic_up, self._save = recorder, analytic_bytes_per_upload, save
+
+    def round_end(self, evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None"
+                  ) -> "Callable[[int, ArrayRecord], MetricRecord | None]":
+        """``evaluate_fn`` (Flower's central evaluation, last step of a round) followed by the
+        round's record: the ledger's bytes and counts, the DP accounting and the evaluation's
+        metrics, with the checkpoint of rounds ≥ 1 saved first. What Flower's loop and the
+        resumed loop (:func:`fedlora.checkpoint.run_rounds`) call after each round."""
+        def end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+            recorder = getattr(self, "_recorder", None)
+            if recorder is not None:
+                save = None
+                if server_round >= 1 and self._save is not None:
+                    def save(records: list[dict]) -> Any:
+                        return self._save(server_round, arrays, records)
+                recorder.log_round({**self.round_record(server_round), **(metrics or {})},
+                                   checkpoint=save)
+            return metrics
+        return end
+
     def round_record(self, server_round: int) -> dict[str, Any]:
-        """The record of ``server_round`` (:meth:`.RoundStats.record`) with the DP accounting."""
+        """The record of ``server_round`` (:meth:`.RoundStats.record`) with the analytic upload
+        size and the DP accounting."""
         s = self.stats.get(server_round)
         if s is None:
-            return empty_record(server_round)
-        return {**s.record(self.tier_of, self.partitions),
-                **self.privacy.record(server_round)}  # dp_epsilon, ... ({} when dp=off)
+            rec = empty_record(server_round)
+        else:  # + dp_epsilon, ... ({} when dp=off)
+            rec = {**s.record(self.tier_of, self.partitions), **self.privacy.record(server_round)}
+        rec["analytic_bytes_up"] = getattr(self, "_analytic_up", 0.0) * rec["clients"]
+        return rec
 
 
 def averaged(strategy: FedLoraStrategy, state: "OrderedDict[str, np.ndarray]",
@@ -498,7 +548,10 @@ def _tiered(per_tier: list[Pipeline], tier: int, default: Pipeline) -> Pipeline:
 
 
 def weighted_mean(updates: list[ClientUpdate]) -> "OrderedDict[str, np.ndarray]":
-    """Σ_k n_k x_k / Σ_k n_k over each tensor, in float64 then cast to float32."""
+    """Σ_k n_k x_k / Σ_k n_k over each tensor, in float64 then cast to float32 (one update:
+    its tensors, which is what that sum gives, without the float64 copies)."""
+    if len(updates) == 1:
+        return OrderedDict((k, np.array(v, dtype=np.float32)) for k, v in updates[0].tensors.items())
     total = float(sum(u.num_examples for u in updates))
     out: "OrderedDict[str, np.ndarray]" = OrderedDict()
     for k in updates[0].tensors:

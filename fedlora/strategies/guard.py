@@ -101,17 +101,23 @@ def cap_weights(counts: Sequence[int], ratio: float, max_examples: int = 0,
     return w
 
 
+NORM_BLOCK = 1 << 16  # elements per float64 block of update_norm
+
+
 def update_norm(tensors: Mapping[str, np.ndarray],
                 reference: Mapping[str, np.ndarray] | None = None) -> float:
     """L2 norm over all tensors of ``tensors − reference`` (of ``tensors`` when no reference),
     accumulated in float64."""
     total = 0.0
-    for k, v in tensors.items():
-        if reference is None:
-            d = np.asarray(v, dtype=np.float64).ravel()
-        else:
-            d = np.subtract(v, reference[k], dtype=np.float64).ravel()
-        total += float(np.einsum("i,i->", d, d))  # numpy's own loop: no BLAS threads
+    for k, v in tensors.items():  # in blocks: no model-sized float64 temporary
+        flat = np.ravel(v)
+        ref = None if reference is None else np.ravel(reference[k])
+        for i in range(0, flat.size, NORM_BLOCK):
+            if ref is None:
+                d = np.asarray(flat[i:i + NORM_BLOCK], dtype=np.float64)
+            else:
+                d = np.subtract(flat[i:i + NORM_BLOCK], ref[i:i + NORM_BLOCK], dtype=np.float64)
+            total += float(np.einsum("i,i->", d, d))  # numpy's own loop: no BLAS threads
     return math.sqrt(total)
 
 

@@ -2,8 +2,7 @@
 
 Everything here treats a reply as hostile: ``num-examples`` and metrics are validated
 (:func:`positive_examples`, :func:`reply_metrics`), the payload is decoded only with the codec
-chain the server asked of that node (:func:`decode_upload`: the Array's ``stype`` and the payload
-header must both name it) and into the expected shapes, and values must be finite. Any failure
+chain the server asked of that node (:func:`decode_upload`: the payload header must name it) and into the expected shapes, and values must be finite. Any failure
 raises :class:`MalformedReply` or ``CodecError``; the strategy drops that reply with its node id
 and reason.
 """
@@ -19,7 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from ..compression import CodecError, Pipeline
-from ..wire import PAYLOAD_KEY, STYPE_PREFIX
+from ..wire import record_payload
 
 ADAPTER_KEY = "adapter"
 CONFIG_KEY = "config"
@@ -94,25 +93,17 @@ def train_metrics(updates: "list[ClientUpdate]") -> dict[str, float]:
 def decode_upload(record: Any, want: Pipeline, shapes: Mapping[str, tuple[int, ...]]
                   ) -> dict[str, np.ndarray]:
     """Decode a reply's payload with the codec chain ``want`` the server asked of that node: the
-    Array's stype and the payload header must both name exactly that chain (``Pipeline.decode``
-    refuses a payload whose header names another), and the tensors must be ``shapes``.
-    CodecError / MalformedReply otherwise."""
-    if not isinstance(record, ArrayRecord) or list(record.keys()) != [PAYLOAD_KEY]:
-        raise CodecError(f"the reply must hold one ArrayRecord with one {PAYLOAD_KEY!r} Array")
-    arr = record[PAYLOAD_KEY]
-    if arr.stype != STYPE_PREFIX + want.spec:
-        raise MalformedReply(f"reply stype {arr.stype[:80]!r} is not the codec asked of this "
-                             f"node ({STYPE_PREFIX + want.spec!r})")
-    return want.decode(bytes(arr.data), expected=shapes)
+    record must be one ``fedlora/v2`` payload Array whose header names exactly that chain
+    (``Pipeline.decode`` refuses a payload whose header names another), and the tensors must be
+    ``shapes``. CodecError otherwise."""
+    return want.decode(record_payload(record), expected=shapes)
 
 
-def decode_reply(msg: Message, want: Pipeline, shapes: Mapping[str, tuple[int, ...]]
-                 ) -> ClientUpdate:
-    """Validate and decode one train reply into a :class:`ClientUpdate`; raises CodecError /
-    MalformedReply (or any error on input nobody anticipated: the caller drops the reply
-    whatever it raises)."""
+def read_reply(msg: Message) -> ClientUpdate:
+    """Validate a train reply's metadata (an adapter record present, ``num-examples`` and the
+    metrics) without decoding its payload: a :class:`ClientUpdate` with no tensors yet.
+    MalformedReply on a bad reply."""
     content = msg.content
-    node = msg.metadata.src_node_id
     if ADAPTER_KEY not in content.array_records:
         raise MalformedReply(f"no ArrayRecord {ADAPTER_KEY!r} in reply")
     if METRICS_KEY not in content.metric_records:
@@ -120,12 +111,30 @@ def decode_reply(msg: Message, want: Pipeline, shapes: Mapping[str, tuple[int, .
     metrics = content.metric_records[METRICS_KEY]
     n = positive_examples(metrics)
     values = reply_metrics(metrics)
-    tensors = decode_upload(content.array_records[ADAPTER_KEY], want, shapes)
+    cfg = dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content.config_records else {}
+    return ClientUpdate(msg.metadata.src_node_id, OrderedDict(), n, values, cfg)
+
+
+def decode_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
+                   shapes: Mapping[str, tuple[int, ...]]) -> "OrderedDict[str, np.ndarray]":
+    """The reply's tensors, decoded with ``want`` into ``shapes``, all finite, and the
+    ``params-up`` it reported (``up.metrics``) within the upload's size; CodecError /
+    MalformedReply otherwise."""
+    tensors = decode_upload(msg.content.array_records[ADAPTER_KEY], want, shapes)
     for k, v in tensors.items():
         if not np.all(np.isfinite(v)):
             raise MalformedReply(f"{k} holds NaN/Inf")
     most = sum(math.prod(s) for s in shapes.values())
-    if not 0 <= values.get("params-up", 0.0) <= most:
-        raise MalformedReply(f"params-up {values['params-up']!r} is outside [0, {most}]")
-    cfg = dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content.config_records else {}
-    return ClientUpdate(node, OrderedDict(tensors), n, values, cfg)
+    if not 0 <= up.metrics.get("params-up", 0.0) <= most:
+        raise MalformedReply(f"params-up {up.metrics['params-up']!r} is outside [0, {most}]")
+    return OrderedDict(tensors)
+
+
+def decode_reply(msg: Message, want: Pipeline, shapes: Mapping[str, tuple[int, ...]]
+                 ) -> ClientUpdate:
+    """Validate and decode one train reply into a :class:`ClientUpdate` (:func:`read_reply`
+    then :func:`decode_tensors`); raises CodecError / MalformedReply (or any error on input
+    nobody anticipated: the caller drops the reply whatever it raises)."""
+    up = read_reply(msg)
+    up.tensors = decode_tensors(msg, up, want, shapes)
+    return up

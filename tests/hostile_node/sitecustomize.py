@@ -22,10 +22,10 @@ if os.environ.get("FEDLORA_TEST_HOSTILE") == "1":
                 if message.metadata.message_type == "train" and not reply.has_error():
                     from flwr.app import MetricRecord
 
-                    from fedlora.wire import decode_record, encode_record
+                    from fedlora.wire import decode_record, encode_record, record_spec
 
                     record = reply.content.array_records["adapter"]
-                    spec = record["payload"].stype.split(";", 1)[1]
+                    spec = record_spec(record)
                     tensors = decode_record(record)
                     reply.content["adapter"] = encode_record(
                         {k: v * 1e4 + 1.0 for k, v in tensors.items()}, spec)

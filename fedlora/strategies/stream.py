@@ -1,0 +1,174 @@
+"""Streaming aggregation: the server's memory is the running sum plus one decoded reply, not
+every reply of the round.
+
+For the methods whose server step is a weighted mean of the uploads (fedavg, flocora, fl-lora,
+ffa-lora: ``delta_upload``) with ``aggregation=mean`` and no central DP, :func:`stream_mean`
+replaces "decode every reply, then bound, then average":
+
+1. every reply's metadata is validated first (``num-examples``, metrics: cheap, no decoding),
+   so the capped aggregation weights w_i and their total W are known before any payload is
+   (the cap's median is over these replies, including any whose payload then fails to decode:
+   such a reply moves the median by one place at most, as it would with a valid payload);
+2. each payload is then decoded, checked (codec, shapes, finite values, the method's own
+   checks), its update norm measured, and w_i/W · x_i added to a float64 running sum, in reply
+   order — exactly the sum :func:`.base.weighted_mean` forms — and freed;
+3. the round's norm bound needs every norm (``norm-bound-factor`` × their median), so it is
+   known only after the last reply: a reply over it is decoded once more and its contribution
+   corrected (clip: + w_i/W · (clip(x_i) − x_i); reject: − w_i/W · x_i). A correction of an
+   update more than ``RESUM_RATIO`` × the bound would cancel the honest replies' digits in
+   float64 (a 1e30 update), so then the sum is formed again from every reply with its scale
+   known. Honest rounds clip nobody, so each payload is decoded once;
+4. if replies were dropped after step 1, the sum is rescaled to the survivors' total weight.
+
+The method's ``aggregate_updates`` then receives one pseudo-reply holding the weighted mean
+(the mean of one upload is that upload), as with ``aggregation=median`` and central DP. With
+no reply dropped or clipped, the result is bit-identical to the decode-all path.
+
+Not streamed (they need every update, or weigh them their own way): median / trimmed mean,
+central DP (its clipped sum is formed in :mod:`fedlora.privacy`), FLASC (server optimizer on
+the unweighted mean), LoRA-A2 (rank-slice sums), FlexLoRA (SVD of Σ w·BA), HetLoRA (per-node
+ranks from each reply).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Message
+
+from ..wire import payload_bytes
+from . import guard
+from .replies import ADAPTER_KEY, ClientUpdate, MalformedReply, decode_tensors, read_reply
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import FedLoraStrategy
+    from .ledger import RoundStats
+
+log = logging.getLogger("flwr.fedlora")
+
+
+#: an update this many times over the bound is not corrected in place (float64 cancellation):
+#: the round's sum is formed again with every scale known
+RESUM_RATIO = 1e3
+#: elements per step of the weighted add (its float64 scratch: 512 KiB)
+CHUNK = 1 << 16
+
+
+def streams(strategy: "FedLoraStrategy") -> bool:
+    """Whether ``strategy`` aggregates this run by :func:`stream_mean`."""
+    return (bool(strategy.cfg.stream_aggregation) and strategy.delta_upload
+            and strategy.robustness.aggregation == "mean"
+            and not (strategy.privacy.enabled and strategy.privacy.central))
+
+
+def cap_weights(updates: list[ClientUpdate], g: guard.GuardSettings, stats: "RoundStats") -> None:
+    """Replace each reply's ``num_examples`` by its capped aggregation weight (see
+    :func:`.guard.cap_weights`), recording the capped ones in ``stats``."""
+    reported = [u.num_examples for u in updates]
+    used = guard.cap_weights(reported, g.max_weight_ratio, g.max_examples, g.equal_weights)
+    for u, r, w in zip(updates, reported, used):
+        if w != r:
+            stats.capped.append({"node": u.node_id, "reported": r, "used": w})
+        u.num_examples = w
+
+
+def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Message],
+                stats: "RoundStats") -> tuple[list[ClientUpdate], ClientUpdate | None]:
+    """The round's valid replies (metadata only: their tensors are not kept) and one
+    pseudo-reply holding their weighted mean (None when no reply survived). Bad replies are
+    dropped into ``stats`` with their node id and reason, as on the decode-all path."""
+    g = strategy.robustness
+    metas: list[tuple[Message, ClientUpdate]] = []
+    for msg in replies:                       # 1. metadata of every reply, no decoding
+        try:
+            metas.append((msg, read_reply(msg)))
+        except Exception as err:
+            strategy._drop(stats, server_round, msg.metadata.src_node_id, err)
+    if not metas:
+        return [], None
+    cap_weights([u for _, u in metas], g, stats)
+    total = float(sum(u.num_examples for _, u in metas))
+    want = {}                                 # node → pipeline, shapes: asked once per node
+    shapes = strategy.upload_shapes(server_round)
+    acc: "OrderedDict[str, np.ndarray] | None" = None
+    scratch = np.empty(CHUNK, np.float64)
+    kept: list[tuple[Message, ClientUpdate, Any, float]] = []
+
+    def decode(msg: Message, up: ClientUpdate) -> "OrderedDict[str, np.ndarray]":
+        pipe = want.setdefault(up.node_id, strategy.upload_pipeline(server_round, up.node_id))
+        up.tensors = decode_tensors(msg, up, pipe, shapes)
+        strategy.validate_update(server_round, up)
+        tensors, up.tensors = up.tensors, OrderedDict()
+        return tensors
+
+    def add(tensors, w: float, sign: float = 1.0) -> None:
+        """acc += sign · w · tensors, the product in float64 as in weighted_mean, through a
+        small scratch block (no model-sized temporary)."""
+        for k, v in tensors.items():
+            flat, out = np.ravel(v), acc[k].reshape(-1)
+            for i in range(0, flat.size, CHUNK):
+                t = scratch[: min(CHUNK, flat.size - i)]
+                np.multiply(flat[i:i + CHUNK], w, out=t, dtype=np.float64)
+                if sign > 0:
+                    out[i:i + CHUNK] += t
+                else:
+                    out[i:i + CHUNK] -= t
+
+    for msg, up in metas:                     # 2. decode, check, measure, add, free
+        try:
+            tensors = decode(msg, up)
+            ref = strategy.update_reference(server_round, up.node_id)
+            n = guard.update_norm(tensors, ref)
+            if not math.isfinite(n):
+                raise MalformedReply(f"update norm {n} is not finite")
+        except Exception as err:
+            strategy._drop(stats, server_round, up.node_id, err)
+            continue
+        if acc is None:
+            acc = OrderedDict((k, np.zeros(v.shape, np.float64)) for k, v in tensors.items())
+        stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
+        stats.params_up[up.node_id] = int(up.metrics.get("params-up", 0))
+        add(tensors, up.num_examples / total)
+        kept.append((msg, up, ref, n))
+        del tensors
+    bound = guard.norm_bound([n for *_, n in kept], g.update_norm_bound, g.norm_bound_factor)
+    stats.norm_bound = bound
+    worst = max((n for *_, n in kept), default=0.0)
+    resum = bound is not None and worst > RESUM_RATIO * bound
+    if resum:  # correcting a huge addend would cancel the honest digits: sum again, scales known
+        for v in acc.values():
+            v.fill(0.0)
+    survivors: list[ClientUpdate] = []
+    for msg, up, ref, n in kept:              # 3. the replies over the bound (or all: resum)
+        scale = guard.clip_scale(n, bound)
+        if scale < 1.0 or resum:
+            tensors = decode(msg, up)         # decoded and checked before: cannot fail now
+            w = up.num_examples / total
+            if scale < 1.0 and g.norm_bound_action == "reject":
+                if not resum:
+                    add(tensors, w, sign=-1.0)
+                strategy._drop(stats, server_round, up.node_id, MalformedReply(
+                    f"update norm {n:.6g} is over the bound {bound:.6g}"))
+                continue
+            if scale < 1.0:
+                clipped = guard.clip_update(tensors, scale, ref)
+                add(clipped if resum else OrderedDict(
+                    (k, clipped[k].astype(np.float64) - tensors[k]) for k in tensors), w)
+                stats.clipped.append({"node": up.node_id, "norm": n, "bound": bound})
+                log.warning("round %d: update of node %s clipped from norm %.4g to %.4g",
+                            server_round, up.node_id, n, bound)
+            else:
+                add(tensors, w)
+        survivors.append(up)
+    if not survivors or acc is None:
+        return survivors, None
+    kept_total = float(sum(u.num_examples for u in survivors))
+    if kept_total != total:                   # 4. replies dropped after their weight was set
+        for v in acc.values():
+            v *= total / kept_total
+    mean = OrderedDict((k, v.astype(np.float32)) for k, v in acc.items())
+    return survivors, ClientUpdate(-1, mean, int(kept_total), {})

@@ -1,0 +1,121 @@
+"""Streaming aggregation (fedlora/strategies/stream.py, issue 16): each reply decoded, checked
+and added to a running weighted sum, then freed. Compared with the decode-all path
+(``stream-aggregation=false``) on the same replies: bit-identical when nobody is dropped or
+clipped, equal to float rounding when replies are clipped, rejected, fail to decode or hold
+1e30; and the server's peak memory is the sum plus one reply, not every reply."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedlora.strategies import stream
+from fedlora.strategies.base import arrays_to_state
+
+from test_hostile import AVERAGING, configure, honest, hostile_values, make, reply, toy
+
+
+def both(method, replies_of, **kw):
+    """The same replies aggregated by a streaming and a decode-all strategy: (new globals,
+    round records)."""
+    out = []
+    for streamed in (True, False):
+        s = make(method, stream_aggregation=streamed, **kw)
+        assert stream.streams(s) is streamed
+        g = toy(0)
+        msgs = configure(s, 1, g, (1, 2, 3, 4, 5))
+        arrays, metrics = s.aggregate_train(1, replies_of(s, msgs))
+        out.append((arrays_to_state(arrays) if arrays is not None else None,
+                    s.round_record(1), metrics))
+    return out
+
+
+@pytest.mark.parametrize("upload", ["weights", "delta"])
+@pytest.mark.parametrize("method", AVERAGING)
+def test_honest_round_is_bit_identical_to_decoding_every_reply(task_identity, method, upload):
+    def replies(s, msgs):  # unequal weights, one capped (40 > 3 x median 10)
+        return [reply(m, honest(s, m, 1, i), n=n)
+                for i, (m, n) in enumerate(zip(msgs, (10, 5, 40, 10, 12)))]
+
+    (a, ra, ma), (b, rb, mb) = both(method, replies, upload=upload, codec_up="affine:8")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert ra["capped_weights"] == rb["capped_weights"] != []
+    assert (ra["clients"], ra["payload_up"], ra["bytes_up"]) == \
+        (rb["clients"], rb["payload_up"], rb["bytes_up"])
+    assert dict(ma) == dict(mb)
+
+
+@pytest.mark.parametrize("action", ["clip", "reject"])
+@pytest.mark.parametrize("scale", [10.0, 1e30])
+def test_clipped_rejected_and_1e30_updates_match_the_decode_all_path(task_identity, action,
+                                                                     scale):
+    """A 10x outlier is corrected in place; a 1e30 one makes the round sum again (a correction
+    would cancel every honest digit in float64)."""
+    def replies(s, msgs):
+        out = [reply(m, honest(s, m, 1, i)) for i, m in enumerate(msgs[:4])]
+        bad = (hostile_values(s, 1, np.float32(scale)) if scale > 1e3
+               else honest(s, msgs[4], 1, 9, scale=0.01 * scale * 10))
+        return out + [reply(msgs[4], bad)]
+
+    (a, ra, _), (b, rb, _) = both("flocora", replies, upload="delta",
+                                  norm_bound_action=action)
+    assert [c["node"] for c in ra["clipped"]] == [c["node"] for c in rb["clipped"]]
+    assert ra["dropped"] == rb["dropped"] == (1 if action == "reject" else 0)
+    assert (ra["clipped"] or ra["dropped"]) and ra["norm_bound"] == pytest.approx(rb["norm_bound"])
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_reply_that_fails_to_decode_after_its_weight_was_counted(task_identity):
+    """Weights are set from every reply's metadata before decoding; a payload that then fails
+    leaves the survivors' weighted mean (the sum is rescaled), as the decode-all path."""
+    def replies(s, msgs):
+        out = [reply(m, honest(s, m, 1, i), n=n) for i, (m, n) in
+               enumerate(zip(msgs[:4], (10, 20, 30, 40)))]
+        garbage = ArrayRecord({"payload": Array(dtype="uint8", shape=(5,), stype="fedlora/v2",
+                                                data=b"junk!")})
+        return out + [reply(msgs[4], record=garbage, n=1000)]
+
+    (a, ra, ma), (b, rb, mb) = both("fl-lora", replies, upload="delta", max_weight_ratio=0.0)
+    assert ra["dropped"] == rb["dropped"] == 1 and ra["clients"] == 4
+    assert ma["num-examples"] == mb["num-examples"] == 100
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_methods_that_need_every_update_do_not_stream(task_identity):
+    for method in ("flasc", "lora-a2", "flexlora", "hetlora"):
+        assert not stream.streams(make(method))
+    assert not stream.streams(make("flocora", aggregation="median"))
+    assert not stream.streams(make("flocora", upload="delta", dp="central",
+                                   dp_noise_multiplier=0.0, norm_bound_factor=0.0))
+    assert stream.streams(make("flocora"))
+
+
+def test_peak_memory_is_the_sum_plus_one_reply(task_identity, monkeypatch):
+    """30 replies of a 1M-parameter upload: the decode-all path holds all 30 decoded (120 MB);
+    the streamed one its float64 sum (8 MB) plus one reply and its decoding (measured: 3.5x
+    the model in all)."""
+    import test_hostile as th
+
+    big = OrderedDict([("m0.lora_A.weight", (64, 8192)), ("m0.lora_B.weight", (8192, 64)),
+                       ("fc.bias", (16,))])
+    monkeypatch.setattr(th, "SHAPES", big)
+    model_bytes = 4 * sum(int(np.prod(s)) for s in big.values())
+    peaks = {}
+    for streamed in (True, False):
+        s = make("flocora", stream_aggregation=streamed, upload="delta", codec_up="affine:8")
+        msgs = configure(s, 1, toy(0), range(1, 31))
+        replies = [reply(m, honest(s, m, 1, i)) for i, m in enumerate(msgs)]
+        tracemalloc.start()
+        arrays, _ = s.aggregate_train(1, replies)
+        peaks[streamed] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert arrays is not None and s.round_record(1)["clients"] == 30
+    assert peaks[False] > 30 * model_bytes
+    assert peaks[True] < 4 * model_bytes, peaks  # issue 16: ≤ 3x the model + one reply
