@@ -62,6 +62,11 @@ def _vision_conv() -> dict:
         "fedavg-sparse0.02": {**base, "method": "fedavg", **sparse(0.02)},
         "flocora-r4-sparse0.1": {**base, "method": "flocora", "lora-rank": 4, **sparse(0.1)},
         "fedavg-sparse0.05": {**base, "method": "fedavg", **sparse(0.05)},
+        # dense quantized deltas: where the within-1-point frontier is expected to end
+        "fedavg-q4": {**base, "method": "fedavg", **quant4},
+        "fedavg-q2-ef": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
+                         "codec-up": "affine:2|zstd", "codec-down": "affine:2|zstd",
+                         "error-feedback": True},
         "flocora-r4-q4": {**base, "method": "flocora", "lora-rank": 4, **quant4},
         "fedavg-q8": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
                       "codec-up": "affine:8", "codec-down": "affine:8"},

@@ -509,12 +509,10 @@ class FedLoraStrategy(FedAvg):
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
             recorder = getattr(self, "_recorder", None)
             if recorder is not None:
-                save = None
-                if server_round >= 1 and self._save is not None:
-                    def save(records: list[dict]) -> Any:
-                        return self._save(server_round, arrays, records)
+                def save(records: list[dict]) -> Any:
+                    return self._save(server_round, arrays, records)
                 recorder.log_round({**self.round_record(server_round), **(metrics or {})},
-                                   checkpoint=save)
+                                   checkpoint=save if server_round >= 1 and self._save else None)
             return metrics
         return end
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Message, MetricRecord
 
-from ..compression import CodecError, Pipeline
+from ..compression import Pipeline
 from ..wire import record_payload
 
 ADAPTER_KEY = "adapter"
