@@ -182,6 +182,25 @@ def check_at_least(key: str, value: float, low: float = 0.0, note: str = "",
         raise ValueError(f"run-config {key!r} must be {rel} {low:g}{extra}, got {value}")
 
 
+_CASTS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def settings_view(cls: type, cfg: RunConfig, prefix: str = "",
+                  renames: Mapping[str, str] | None = None) -> Any:
+    """A typed view of part of the run config: dataclass ``cls`` with each field read from the
+    RunConfig attribute ``prefix + field`` (or ``renames[field]``) and converted to the field's
+    declared type (str/int/float/bool). Defaults live in :class:`RunConfig` alone; a field with
+    no run-config key is an AttributeError naming it."""
+    renames = renames or {}
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = renames.get(f.name, prefix + f.name)
+        if not hasattr(cfg, key):
+            raise AttributeError(f"{cls.__name__}.{f.name}: RunConfig has no {key!r}")
+        values[f.name] = _CASTS[str(f.type)](getattr(cfg, key))
+    return cls(**values)
+
+
 def split_list(value: str) -> list[str]:
     """``"a, b,c"`` → ``["a", "b", "c"]``; empty string → ``[]``."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else []

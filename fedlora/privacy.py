@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .config import check_at_least
+from .config import check_at_least, settings_view
 
 log = logging.getLogger("flwr.fedlora")
 
@@ -67,25 +67,23 @@ class PrivacyBudgetError(ValueError):
 class DPSettings:
     """The run's ``dp-*`` keys, validated."""
 
-    mode: str = "off"
-    mechanism: str = "gaussian"
-    clip: float = 1.0
-    noise_multiplier: float = 1.0
-    target_epsilon: float = 0.0
-    delta: float = 1e-5
-    adaptive: bool = False
-    target_quantile: float = 0.5
-    clip_lr: float = 0.2
-    count_stddev: float = 0.0
+    mode: str              # dp
+    mechanism: str         # dp-mechanism
+    clip: float            # dp-clip
+    noise_multiplier: float
+    target_epsilon: float
+    delta: float
+    adaptive: bool         # dp-adaptive-clip
+    target_quantile: float
+    clip_lr: float
+    count_stddev: float
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DPSettings":
-        """From a :class:`~fedlora.config.RunConfig`; a ValueError names a bad key."""
-        s = cls(mode=str(cfg.dp), mechanism=str(cfg.dp_mechanism), clip=float(cfg.dp_clip),
-                noise_multiplier=float(cfg.dp_noise_multiplier),
-                target_epsilon=float(cfg.dp_target_epsilon), delta=float(cfg.dp_delta),
-                adaptive=bool(cfg.dp_adaptive_clip), target_quantile=float(cfg.dp_target_quantile),
-                clip_lr=float(cfg.dp_clip_lr), count_stddev=float(cfg.dp_count_stddev))
+        """From a :class:`~fedlora.config.RunConfig` (``dp-<field>``); a ValueError names a bad
+        key."""
+        s = settings_view(cls, cfg, prefix="dp_",
+                          renames={"mode": "dp", "adaptive": "dp_adaptive_clip"})
         s.validate()
         return s
 

@@ -49,3 +49,33 @@ def test_device_auto_is_the_cpu_here_and_a_missing_gpu_is_named():
         resolve_device("tpu")
     with pytest.raises(ValueError, match="'device' must be auto, cpu, cuda"):
         resolve_device("gpu please")
+
+
+def test_settings_views_read_every_field_from_the_run_config():
+    """GuardSettings and DPSettings are typed views of run-config keys (config.settings_view):
+    every field comes from its key, converted; a field with no key is an AttributeError."""
+    import dataclasses
+
+    import pytest
+
+    from fedlora.config import settings_view
+    from fedlora.privacy import DPSettings
+    from fedlora.strategies.guard import GuardSettings
+
+    cfg = RunConfig(max_weight_ratio=7, max_examples_per_client=123, norm_bound_action="reject",
+                    dp="local", dp_mechanism="laplace", dp_clip=2, dp_adaptive_clip=False,
+                    dp_count_stddev=0.5)
+    g = GuardSettings.from_config(cfg, "flocora", robust_ok=True)
+    assert (g.max_weight_ratio, g.max_examples, g.norm_bound_action) == (7.0, 123, "reject")
+    assert isinstance(g.max_weight_ratio, float) and g.trim_fraction == cfg.trim_fraction
+    d = DPSettings.from_config(cfg)
+    assert (d.mode, d.mechanism, d.clip, d.adaptive, d.count_stddev) == \
+        ("local", "laplace", 2.0, False, 0.5)
+    assert d.delta == cfg.dp_delta and d.target_quantile == cfg.dp_target_quantile
+
+    @dataclasses.dataclass
+    class Typo:
+        dp_clipp: float
+
+    with pytest.raises(AttributeError, match="dp_clipp"):
+        settings_view(Typo, cfg)

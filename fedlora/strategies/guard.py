@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..config import check_at_least
+from ..config import check_at_least, settings_view
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 NORM_ACTIONS = ("clip", "reject")
@@ -40,26 +40,21 @@ MIN_REPLIES_AUTO = 3  # fewer valid replies: no automatic norm bound (only an ab
 class GuardSettings:
     """The run's robustness settings, validated once when the strategy is built."""
 
-    max_weight_ratio: float = 3.0
-    equal_weights: bool = False
-    max_examples: int = 0          # server-known cap on a client's num-examples (0: none)
-    update_norm_bound: float = 0.0
-    norm_bound_factor: float = 5.0
-    norm_bound_action: str = "clip"
-    aggregation: str = "mean"
-    trim_fraction: float = 0.2
+    max_weight_ratio: float
+    equal_weights: bool
+    max_examples: int          # max-examples-per-client: server-known cap on num-examples
+    update_norm_bound: float
+    norm_bound_factor: float
+    norm_bound_action: str
+    aggregation: str
+    trim_fraction: float
 
     @classmethod
     def from_config(cls, cfg: Any, method: str, robust_ok: bool) -> "GuardSettings":
         """From a :class:`~fedlora.config.RunConfig`; a ValueError names a bad setting, or an
         ``aggregation`` other than ``mean`` for a method (``robust_ok`` False) whose server step is
         not a plain average of the uploads."""
-        s = cls(max_weight_ratio=float(cfg.max_weight_ratio), equal_weights=bool(cfg.equal_weights),
-                max_examples=int(cfg.max_examples_per_client),
-                update_norm_bound=float(cfg.update_norm_bound),
-                norm_bound_factor=float(cfg.norm_bound_factor),
-                norm_bound_action=str(cfg.norm_bound_action), aggregation=str(cfg.aggregation),
-                trim_fraction=float(cfg.trim_fraction))
+        s = settings_view(cls, cfg, renames={"max_examples": "max_examples_per_client"})
         check_at_least("max-weight-ratio", s.max_weight_ratio, note="0: off")
         check_at_least("update-norm-bound", s.update_norm_bound, note="0: automatic")
         check_at_least("norm-bound-factor", s.norm_bound_factor, note="0: no automatic bound")
