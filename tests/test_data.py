@@ -91,3 +91,35 @@ def test_dirichlet_is_skewed_and_seeded(sample_dir):
     assert any(len(p) != len(q) or (p != q).any() for p, q in zip(a, b))
     with pytest.raises(ValueError, match="partition-id"):
         partition_indices(y, 4, 4)
+
+
+def test_partitions_are_computed_once_per_machine_and_shared(sample_dir, tmp_path, monkeypatch):
+    """The first process stores every partition (<key>.npz); another process (here: a cleared
+    in-process cache) loads them without computing; a different alpha or seed is another key;
+    a damaged file is recomputed, not trusted."""
+    from fedlora.tasks import data
+
+    _, y = _sample(sample_dir)
+    monkeypatch.setenv("FEDLORA_PARTITION_CACHE", str(tmp_path))
+    data._partitions.cache_clear()
+    first = [partition_indices(y, 6, i, "dirichlet", alpha=0.3, seed=5) for i in range(6)]
+    files = list(tmp_path.glob("*.npz"))
+    assert len(files) == 1
+
+    def no_compute(*a, **k):
+        raise AssertionError("partitions recomputed although cached")
+
+    data._partitions.cache_clear()
+    monkeypatch.setattr(data, "_compute_partitions", no_compute)
+    again = [partition_indices(y, 6, i, "dirichlet", alpha=0.3, seed=5) for i in range(6)]
+    assert all((p == q).all() for p, q in zip(first, again))
+    monkeypatch.undo()
+    monkeypatch.setenv("FEDLORA_PARTITION_CACHE", str(tmp_path))
+    data._partitions.cache_clear()
+    partition_indices(y, 6, 0, "dirichlet", alpha=0.3, seed=6)
+    assert len(list(tmp_path.glob("*.npz"))) == 2            # another seed, another file
+    np.savez(files[0], offsets=np.array([0, 5]), idx=np.arange(5))  # wrong partition count
+    data._partitions.cache_clear()
+    fixed = [partition_indices(y, 6, i, "dirichlet", alpha=0.3, seed=5) for i in range(6)]
+    assert all((p == q).all() for p, q in zip(first, fixed))
+    data._partitions.cache_clear()

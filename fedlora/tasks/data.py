@@ -199,9 +199,67 @@ def partition_indices(
                        seed, classes_per_partition)[partition_id]
 
 
+def partition_cache_dir() -> Path | None:
+    """Where computed partitions are shared between the processes of a run (every simulation
+    actor and SuperNode on the machine): ``FEDLORA_PARTITION_CACHE`` (empty: no disk cache),
+    else ``$XDG_CACHE_HOME/fedlora/partitions`` (default ``~/.cache/...``)."""
+    env = os.environ.get("FEDLORA_PARTITION_CACHE")
+    if env is not None:
+        return Path(env) if env else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fedlora" / "partitions"
+
+
 @functools.lru_cache(maxsize=8)
 def _partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float, seed: int,
                 classes_per_partition: int) -> list[np.ndarray]:
+    """Every partition's indices, computed once per machine: the first process computes them
+    under a file lock and stores them (``<key>.npz``, key = SHA-256 of the labels and every
+    partitioning parameter); the others load that file. A file that does not hold a valid
+    partitioning of these labels is recomputed."""
+    import fcntl
+    import hashlib
+
+    d = partition_cache_dir()
+    args = (num_partitions, scheme, alpha, seed, classes_per_partition)
+    if d is None:
+        return _compute_partitions(labels, *args)
+    lab = np.asarray(labels, dtype=np.int64)
+    key = hashlib.sha256(lab.tobytes() + repr(("v1",) + args).encode()).hexdigest()[:32]
+    path = d / f"{key}.npz"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # one process computes, the others wait and load
+            parts = _load_partitions(path, len(lab), num_partitions)
+            if parts is None:
+                parts = _compute_partitions(labels, *args)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+                np.savez(tmp, offsets=np.cumsum([0] + [len(p) for p in parts]),
+                         idx=np.concatenate(parts) if parts else np.zeros(0, np.int64))
+                os.replace(tmp, path)
+            return parts
+    except OSError:  # read-only home, full disk: compute in this process
+        return _compute_partitions(labels, *args)
+
+
+def _load_partitions(path: Path, n_labels: int, num_partitions: int) -> list[np.ndarray] | None:
+    """The partitions stored at ``path``, or None if absent or not a partitioning of
+    ``n_labels`` examples into ``num_partitions`` (offsets ascending, indices in range)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            offsets, idx = z["offsets"].astype(np.int64), z["idx"].astype(np.int64)
+    except (OSError, KeyError, ValueError):
+        return None
+    if (offsets.shape != (num_partitions + 1,) or offsets[0] != 0 or offsets[-1] != idx.size
+            or np.any(np.diff(offsets) < 0) or idx.size > n_labels
+            or (idx.size and (idx.min() < 0 or idx.max() >= n_labels))):
+        return None
+    return [idx[offsets[i]:offsets[i + 1]] for i in range(num_partitions)]
+
+
+def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float,
+                        seed: int, classes_per_partition: int) -> list[np.ndarray]:
     from datasets import Dataset
     from flwr_datasets.partitioner import (
         DirichletPartitioner, IidPartitioner, PathologicalPartitioner,
