@@ -164,9 +164,9 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
             f"| {'★' if r['pareto'] else ''} |")
     if any("fedlora/v1" in r["wire"] for r in rows):
         lines += ["", "† measured (in some seeds) with wire v1, which also put the codec spec "
-                  "in each message's Array stype: 5 bytes more per fp32 message, 24 per "
-                  "`topk:0.02|affine:4|zstd` message, every other byte the same as v2 "
-                  "(docs/architecture.md, wire versions)."]
+                  "in each message's Array stype: 5 bytes more per fp32 message, 25 per "
+                  "`topk:0.02|affine:4|zstd` message (tests/test_strategy.py measures both), "
+                  "every other byte the same as v2 (docs/architecture.md, wire versions)."]
     if central:
         lines += ["", f"Centralized reference ({central['config']}'s model on the pooled client "
                   f"data, same examples seen, `python benchmarks/run.py {suite} --only "
