@@ -70,6 +70,10 @@ class FedLoraStrategy(FedAvg):
     delta_upload = False
     #: the method's replies are updates already (FLASC, LoRA-A2): ``upload=delta`` is a no-op
     native_delta_upload = False
+    #: how the method's server step weighs the uploads, when it is a function of their mean
+    #: alone (then :mod:`.stream` can aggregate one reply at a time): ``"examples"`` (the
+    #: weight-averaging methods: capped num-examples), ``"equal"`` (FLASC), None (not streamed)
+    stream_weights: str | None = None
 
     def __init__(self, cfg: RunConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
         super().__init__(

@@ -11,6 +11,7 @@ class FullFedAvg(FedLoraStrategy):
     name = "fedavg"
     adapter = False
     delta_upload = True
+    stream_weights = "examples"
 
     def aggregate_updates(self, server_round, state, updates):
         return averaged(self, state, updates)

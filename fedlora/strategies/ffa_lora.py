@@ -18,6 +18,7 @@ class FFALoRA(FedLoraStrategy):
     name = "ffa-lora"
     adapter = True
     delta_upload = True
+    stream_weights = "examples"
 
     def upload_shapes(self, server_round):
         return {k: self.shapes[k] for k in sent_keys(self.shapes)}

@@ -12,6 +12,7 @@ class FLLoRA(FedLoraStrategy):
     name = "fl-lora"
     adapter = True
     delta_upload = True
+    stream_weights = "examples"
 
     def aggregate_updates(self, server_round, state, updates):
         return averaged(self, state, updates)

@@ -50,6 +50,7 @@ class FLASC(FedLoraStrategy):
     name = "flasc"
     adapter = True
     native_delta_upload = True
+    stream_weights = "equal"  # its pseudo-gradient is the plain mean of the deltas
 
     def __init__(self, cfg, shapes) -> None:
         super().__init__(cfg, shapes)
@@ -117,8 +118,11 @@ class FLASC(FedLoraStrategy):
             self._optimizer(state)
         self._checkpoint(server_round)
         n = len(updates)
-        grads = OrderedDict((k, sum(u.tensors[k].astype(np.float64) for u in updates) / n)
-                            for k in self._params)
+        if n == 1 and all(updates[0].tensors[k].dtype == np.float64 for k in self._params):
+            grads = OrderedDict((k, updates[0].tensors[k]) for k in self._params)  # (0 + x) / 1
+        else:
+            grads = OrderedDict((k, sum(u.tensors[k].astype(np.float64) for u in updates) / n)
+                                for k in self._params)
         norm = guard.update_norm(grads)
         if not math.isfinite(norm):
             self.rollback(server_round)

@@ -13,6 +13,7 @@ class FLoCoRA(FedLoraStrategy):
     name = "flocora"
     adapter = True
     delta_upload = True
+    stream_weights = "examples"
 
     def aggregate_updates(self, server_round, state, updates):
         return averaged(self, state, updates)

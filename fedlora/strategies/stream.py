@@ -1,9 +1,10 @@
 """Streaming aggregation: the server's memory is the running sum plus one decoded reply, not
 every reply of the round.
 
-For the methods whose server step is a weighted mean of the uploads (fedavg, flocora, fl-lora,
-ffa-lora: ``delta_upload``) with ``aggregation=mean`` and no central DP, :func:`stream_mean`
-replaces "decode every reply, then bound, then average":
+For the methods whose server step is a function of the uploads' mean — weighted by capped
+num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"``) or plain
+(FLASC's pseudo-gradient: ``"equal"``) — with ``aggregation=mean`` and no central DP,
+:func:`stream_mean` replaces "decode every reply, then bound, then average":
 
 1. every reply's metadata is validated first (``num-examples``, metrics: cheap, no decoding),
    so the capped aggregation weights w_i and their total W are known before any payload is
@@ -18,16 +19,16 @@ replaces "decode every reply, then bound, then average":
    update more than ``RESUM_RATIO`` × the bound would cancel the honest replies' digits in
    float64 (a 1e30 update), so then the sum is formed again from every reply with its scale
    known. Honest rounds clip nobody, so each payload is decoded once;
-4. if replies were dropped after step 1, the sum is rescaled to the survivors' total weight.
+4. if replies were dropped after step 1, the sum is rescaled to the survivors' total weight
+   (FLASC: Σ x_i in float64 divided by the number of survivors, as its own step does).
 
 The method's ``aggregate_updates`` then receives one pseudo-reply holding the weighted mean
 (the mean of one upload is that upload), as with ``aggregation=median`` and central DP. With
 no reply dropped or clipped, the result is bit-identical to the decode-all path.
 
 Not streamed (they need every update, or weigh them their own way): median / trimmed mean,
-central DP (its clipped sum is formed in :mod:`fedlora.privacy`), FLASC (server optimizer on
-the unweighted mean), LoRA-A2 (rank-slice sums), FlexLoRA (SVD of Σ w·BA), HetLoRA (per-node
-ranks from each reply).
+central DP (its clipped sum is formed in :mod:`fedlora.privacy`), LoRA-A2 (rank-slice sums
+with float32 products), FlexLoRA (SVD of Σ w·BA), HetLoRA (per-node ranks from each reply).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ CHUNK = 1 << 16
 
 def streams(strategy: "FedLoraStrategy") -> bool:
     """Whether ``strategy`` aggregates this run by :func:`stream_mean`."""
-    return (bool(strategy.cfg.stream_aggregation) and strategy.delta_upload
+    return (bool(strategy.cfg.stream_aggregation) and strategy.stream_weights is not None
             and strategy.robustness.aggregation == "mean"
             and not (strategy.privacy.enabled and strategy.privacy.central))
 
@@ -91,7 +92,8 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     if not metas:
         return [], None
     cap_weights([u for _, u in metas], g, stats)
-    total = float(sum(u.num_examples for _, u in metas))
+    equal = strategy.stream_weights == "equal"   # FLASC: Σ x_i, divided by the count at the end
+    total = 1.0 if equal else float(sum(u.num_examples for _, u in metas))
     want = {}                                 # node → pipeline, shapes: asked once per node
     shapes = strategy.upload_shapes(server_round)
     acc: "OrderedDict[str, np.ndarray] | None" = None
@@ -132,7 +134,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             acc = OrderedDict((k, np.zeros(v.shape, np.float64)) for k, v in tensors.items())
         stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
         stats.params_up[up.node_id] = int(up.metrics.get("params-up", 0))
-        add(tensors, up.num_examples / total)
+        add(tensors, 1.0 if equal else up.num_examples / total)
         kept.append((msg, up, ref, n))
         del tensors
     bound = guard.norm_bound([n for *_, n in kept], g.update_norm_bound, g.norm_bound_factor)
@@ -147,7 +149,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         scale = guard.clip_scale(n, bound)
         if scale < 1.0 or resum:
             tensors = decode(msg, up)         # decoded and checked before: cannot fail now
-            w = up.num_examples / total
+            w = 1.0 if equal else up.num_examples / total
             if scale < 1.0 and g.norm_bound_action == "reject":
                 if not resum:
                     add(tensors, w, sign=-1.0)
@@ -167,6 +169,10 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     if not survivors or acc is None:
         return survivors, None
     kept_total = float(sum(u.num_examples for u in survivors))
+    if equal:  # float64, as FLASC's own Σ x_i / n (the same sum, in the same order)
+        for v in acc.values():
+            v /= len(survivors)
+        return survivors, ClientUpdate(-1, acc, int(kept_total), {})
     if kept_total != total:                   # 4. replies dropped after their weight was set
         for v in acc.values():
             v *= total / kept_total
