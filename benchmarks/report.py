@@ -170,8 +170,10 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
     if central:
         lines += ["", f"Centralized reference ({central['config']}'s model on the pooled client "
                   f"data, same examples seen, `python benchmarks/run.py {suite} --only "
-                  f"centralized`): accuracy {central['accuracy_mean']:.4f} ± "
-                  f"{central['accuracy_std']:.4f} over {len(central['seeds'])} seed(s)."]
+                  f"centralized`): accuracy "
+                  + (f"{central['accuracy_mean']:.4f} (one seed)." if len(central["seeds"]) < 2
+                     else f"{central['accuracy_mean']:.4f} ± {central['accuracy_std']:.4f} over "
+                          f"{len(central['seeds'])} seeds.")]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     summary = {"suite": suite, "command": f"python benchmarks/run.py {suite}",
                "seeds": seeds, "tolerance": TOLERANCE, "configurations": _json_rows(rows),
