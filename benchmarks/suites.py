@@ -70,6 +70,11 @@ def _vision_conv() -> dict:
         "fedavg-q1-ef": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
                          "codec-up": "affine:1|zstd", "codec-down": "affine:1|zstd",
                          "error-feedback": True},
+        # diagnostic: sparse updates up, dense 2-bit deltas down (is the sparse download what
+        # costs the sparse configurations their points?)
+        "fedavg-up0.02-downq2": {**base, "method": "fedavg", "upload": "delta",
+                                 "download": "delta", "codec-up": "topk:0.02|affine:4|zstd",
+                                 "codec-down": "affine:2|zstd", "error-feedback": True},
         "flocora-r4-q4": {**base, "method": "flocora", "lora-rank": 4, **quant4},
         "fedavg-q8": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
                       "codec-up": "affine:8", "codec-down": "affine:8"},
