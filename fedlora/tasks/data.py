@@ -229,18 +229,22 @@ def _partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float, s
     path = d / f"{key}.npz"
     try:
         d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)   # one process computes, the others wait and load
-            parts = _load_partitions(path, len(lab), num_partitions)
-            if parts is None:
-                parts = _compute_partitions(labels, *args)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        lock = open(d / f"{key}.lock", "w")
+    except OSError:  # read-only home: compute in this process
+        return _compute_partitions(labels, *args)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # one process computes, the others wait and load
+        parts = _load_partitions(path, len(lab), num_partitions)
+        if parts is None:
+            parts = _compute_partitions(labels, *args)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            try:
                 np.savez(tmp, offsets=np.cumsum([0] + [len(p) for p in parts]),
                          idx=np.concatenate(parts) if parts else np.zeros(0, np.int64))
                 os.replace(tmp, path)
-            return parts
-    except OSError:  # read-only home, full disk: compute in this process
-        return _compute_partitions(labels, *args)
+            except OSError:  # full disk: keep what was computed, share nothing
+                tmp.unlink(missing_ok=True)
+        return parts
 
 
 def _load_partitions(path: Path, n_labels: int, num_partitions: int) -> list[np.ndarray] | None:
