@@ -5,8 +5,8 @@ An encoded message travels as ONE Flower ``Array`` (key ``payload``) in an ``Arr
 self-describing: its header names the codec chain (see ``fedlora.compression.payload``), which
 therefore travels once. (Wire v1 also put the spec in the stype, ``fedlora/v1;<spec>``: 5 bytes
 more per fp32 message, 25 per ``topk:0.02|affine:4|zstd`` message; a v1 peer's Array is refused
-with a message naming both versions.) One Array per message instead of one per tensor keeps Flower's per-object overhead (~315 B per
-Array) out of small adapter messages.
+with a message naming both versions.) One Array per message instead of one per tensor keeps
+Flower's per-object overhead (~315 B per Array) out of small adapter messages.
 
 Bytes are measured, not computed: :func:`message_bytes` is the size of the object tree Flower
 1.41 moves for a message's content (Message → RecordDict → records → Array → chunks), the exact

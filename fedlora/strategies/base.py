@@ -107,6 +107,7 @@ class FedLoraStrategy(FedAvg):
             self.delta_upload and cfg.upload == "delta")
         #: differential privacy (``dp-*``; inert when ``dp=off``): see :mod:`fedlora.privacy`
         self.privacy = ServerPrivacy.for_strategy(self)
+        self.keep_records(None)  # the ServerApp gives the recorder (round records: round_end)
 
     def ensure_no_sparsifier(self, up: bool = True, down: bool = False) -> None:
         """For methods that add their own sparsifier (``topk``/``ranks``) to the user's specs:
@@ -324,7 +325,7 @@ class FedLoraStrategy(FedAvg):
         g = self.robustness
         if not updates:
             return updates
-        stream.cap_weights(updates, g, stats)
+        guard.cap_reply_weights(updates, g, stats)
         measured = []
         for u in updates:
             try:
@@ -386,9 +387,10 @@ class FedLoraStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and validate each reply (a bad one is dropped with its node id and reason,
         whatever it raises), bound the valid ones' influence (:meth:`bound_updates`), aggregate
-        — or, for the weight-averaging methods with ``aggregation=mean`` and no central DP, the
-        same one reply at a time into a running weighted sum (:mod:`.stream`). A non-finite aggregate or any failure of the method's step keeps the previous global
-        model and rolls the method's state back (:meth:`rollback`)."""
+        — or, for methods with ``stream_weights`` under ``aggregation=mean`` and no central DP,
+        the same one reply at a time into a running sum (:mod:`.stream`). A non-finite aggregate
+        or any failure of the method's step keeps the previous global model and rolls the
+        method's state back (:meth:`rollback`)."""
         stats = self.stats.setdefault(server_round, RoundStats(server_round))
         accepted: list[Message] = []
         seen: set[Any] = set()
@@ -511,11 +513,10 @@ class FedLoraStrategy(FedAvg):
         resumed loop (:func:`fedlora.checkpoint.run_rounds`) call after each round."""
         def end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
-            recorder = getattr(self, "_recorder", None)
-            if recorder is not None:
+            if self._recorder is not None:
                 def save(records: list[dict]) -> Any:
                     return self._save(server_round, arrays, records)
-                recorder.log_round({**self.round_record(server_round), **(metrics or {})},
+                self._recorder.log_round({**self.round_record(server_round), **(metrics or {})},
                                    checkpoint=save if server_round >= 1 and self._save else None)
             return metrics
         return end
@@ -528,7 +529,7 @@ class FedLoraStrategy(FedAvg):
             rec = empty_record(server_round)
         else:  # + dp_epsilon, ... ({} when dp=off)
             rec = {**s.record(self.tier_of, self.partitions), **self.privacy.record(server_round)}
-        rec["analytic_bytes_up"] = getattr(self, "_analytic_up", 0.0) * rec["clients"]
+        rec["analytic_bytes_up"] = self._analytic_up * rec["clients"]
         return rec
 
 

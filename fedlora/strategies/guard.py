@@ -99,6 +99,18 @@ def cap_weights(counts: Sequence[int], ratio: float, max_examples: int = 0,
 NORM_BLOCK = 1 << 16  # elements per float64 block of update_norm
 
 
+def cap_reply_weights(updates: Sequence[Any], g: "GuardSettings", stats: Any) -> None:
+    """Replace each reply's ``num_examples`` by its capped aggregation weight
+    (:func:`cap_weights` with the run's settings), recording the capped ones in
+    ``stats.capped`` (node, reported, used)."""
+    reported = [u.num_examples for u in updates]
+    used = cap_weights(reported, g.max_weight_ratio, g.max_examples, g.equal_weights)
+    for u, r, w in zip(updates, reported, used):
+        if w != r:
+            stats.capped.append({"node": u.node_id, "reported": r, "used": w})
+        u.num_examples = w
+
+
 def update_norm(tensors: Mapping[str, np.ndarray],
                 reference: Mapping[str, np.ndarray] | None = None) -> float:
     """L2 norm over all tensors of ``tensors − reference`` (of ``tensors`` when no reference),

@@ -2,9 +2,10 @@
 
 Everything here treats a reply as hostile: ``num-examples`` and metrics are validated
 (:func:`positive_examples`, :func:`reply_metrics`), the payload is decoded only with the codec
-chain the server asked of that node (:func:`decode_upload`: the payload header must name it) and into the expected shapes, and values must be finite. Any failure
-raises :class:`MalformedReply` or ``CodecError``; the strategy drops that reply with its node id
-and reason.
+chain the server asked of that node (:func:`decode_upload`: the payload header must name it)
+and into the expected shapes, and values must be finite. Any failure raises
+:class:`MalformedReply` or ``CodecError``; the strategy drops that reply with its node id and
+reason.
 """
 
 from __future__ import annotations

@@ -66,17 +66,6 @@ def streams(strategy: "FedLoraStrategy") -> bool:
             and not (strategy.privacy.enabled and strategy.privacy.central))
 
 
-def cap_weights(updates: list[ClientUpdate], g: guard.GuardSettings, stats: "RoundStats") -> None:
-    """Replace each reply's ``num_examples`` by its capped aggregation weight (see
-    :func:`.guard.cap_weights`), recording the capped ones in ``stats``."""
-    reported = [u.num_examples for u in updates]
-    used = guard.cap_weights(reported, g.max_weight_ratio, g.max_examples, g.equal_weights)
-    for u, r, w in zip(updates, reported, used):
-        if w != r:
-            stats.capped.append({"node": u.node_id, "reported": r, "used": w})
-        u.num_examples = w
-
-
 def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Message],
                 stats: "RoundStats") -> tuple[list[ClientUpdate], ClientUpdate | None]:
     """The round's valid replies (metadata only: their tensors are not kept) and one
@@ -91,7 +80,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             strategy._drop(stats, server_round, msg.metadata.src_node_id, err)
     if not metas:
         return [], None
-    cap_weights([u for _, u in metas], g, stats)
+    guard.cap_reply_weights([u for _, u in metas], g, stats)
     equal = strategy.stream_weights == "equal"   # FLASC: Σ x_i, divided by the count at the end
     total = 1.0 if equal else float(sum(u.num_examples for _, u in metas))
     want = {}                                 # node → pipeline, shapes: asked once per node
