@@ -630,9 +630,26 @@ class Deployment:
 
 
 def _parse_kv(items: list[str]) -> dict[str, Any]:
+    """Run-config overrides ``key=value`` (TOML values). A value that is not TOML is taken as
+    a string: the shell strips the quotes of ``method="flocora"`` before we see it (RunConfig
+    still checks every value's type). A key given twice is an error."""
+    import json
     import tomllib
 
-    return tomllib.loads("\n".join(items)) if items else {}
+    out: dict[str, Any] = {}
+    for item in items:
+        try:
+            kv = tomllib.loads(item)
+        except tomllib.TOMLDecodeError:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not key=value") from None
+            kv = tomllib.loads(f"{key.strip()} = {json.dumps(value)}")
+        for k in kv:
+            if k in out:
+                raise ValueError(f"run-config key {k!r} given twice")
+        out.update(kv)
+    return out
 
 
 RESUME_HELP = ("continue the run in RUN_DIR from its last complete round (its checkpoint's run "

@@ -79,3 +79,22 @@ def test_settings_views_read_every_field_from_the_run_config():
 
     with pytest.raises(AttributeError, match="dp_clipp"):
         settings_view(Typo, cfg)
+
+
+def test_launcher_overrides_take_the_shells_unquoted_strings():
+    """`./run method="flocora"` reaches the launcher as method=flocora (the shell ate the
+    quotes): a non-TOML value is a string; TOML values keep their types; bad items fail."""
+    import pytest
+
+    from fedlora.launch import _parse_kv
+
+    got = _parse_kv(["method=flocora", 'codec-up="affine:4|zstd"', "lora-rank=8", "lr=5e-4",
+                     "augment=false", "data-dir=/tmp/x y"])
+    assert got == {"method": "flocora", "codec-up": "affine:4|zstd", "lora-rank": 8,
+                   "lr": 5e-4, "augment": False, "data-dir": "/tmp/x y"}
+    with pytest.raises(ValueError, match="not key=value"):
+        _parse_kv(["flocora"])
+    with pytest.raises(ValueError, match="given twice"):
+        _parse_kv(["lora-rank=8", "lora-rank=4"])
+    with pytest.raises(ValueError, match="must be float"):
+        RunConfig.from_run_config(_parse_kv(["lr=abc"]))
