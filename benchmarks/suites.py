@@ -75,6 +75,17 @@ def _vision_conv() -> dict:
         "fedavg-up0.02-downq2": {**base, "method": "fedavg", "upload": "delta",
                                  "download": "delta", "codec-up": "topk:0.02|affine:4|zstd",
                                  "codec-down": "affine:2|zstd", "error-feedback": True},
+        # scaled sign (EF-SignSGD's compressor: 1 bit + one mean magnitude per slice), deltas
+        # both ways with client + server error feedback; then top-k 10% of it (sign of the
+        # kept values, gap-coded indices). A node's first (full) download carries weights,
+        # which sign cannot: affine:8|zstd there (10 such downloads per run)
+        "fedavg-sign-ef": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
+                           "codec-up": "sign", "codec-down": "sign",
+                           "codec-down-full": "affine:8|zstd", "error-feedback": True},
+        "fedavg-topk0.1-sign-ef": {**base, "method": "fedavg", "upload": "delta",
+                                   "download": "delta", "codec-up": "topk:0.1|sign|zstd",
+                                   "codec-down": "topk:0.1|sign|zstd",
+                                   "codec-down-full": "affine:8|zstd", "error-feedback": True},
         "flocora-r4-q4": {**base, "method": "flocora", "lora-rank": 4, **quant4},
         "fedavg-q8": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
                       "codec-up": "affine:8", "codec-down": "affine:8"},

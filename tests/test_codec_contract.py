@@ -46,6 +46,7 @@ WIRE_SPECS = [
     "topk:0.3:tensor|affine:3", "topk:0.05:tensor|affine:3|zstd:7", "ranks", "ranks|fp16",
     "ranks|bf16", "ranks|affine:2", "ranks|affine:8", "ranks|zstd", "ranks|bf16|zstd:1",
     "zstd", "zstd:1", "zstd:9", "zstd:19", "zstd|zstd", "fp16|zstd|zstd:1",
+    "sign", "topk:0.1|sign|zstd", "ranks|sign",
 ]
 
 
@@ -153,6 +154,11 @@ WIRE_DIGESTS = {
     "zstd|zstd": ("e82a2f5931e5952d6ed057429485ad6f13f7d1a51d511c1030f39247a8f6d403", 530683),
     "fp16|zstd|zstd:1":
         ("bee5c9be2a1553d453156a6d66cd0153e31bfb7ce4205d6326e373d4ee9f94a9", 278773),
+    # recorded when the ``sign`` codec was added (fedlora/compression/signs.py)
+    "sign": ("7e6152e3c0a76370d01cfc4ea932d46a8de79f227e6a0c374b059ed01ccd5d59", 46648),
+    "topk:0.1|sign|zstd":
+        ("b5bfbe61f92033c2e8851fe47a85a304008465951af79416a84e379235d54768", 10002),
+    "ranks|sign": ("fa491400233eebb274687de952bcb37ff756717b490ca8558775f86438d2af40", 44379),
 }
 
 
@@ -244,11 +250,13 @@ def warm_decoders():
 def test_stage_factors_and_their_product():
     e = {s: parse_spec(s).max_expansion for s in [
         "fp32", "fp16", "bf16", "affine:1", "affine:4", "topk:0.01", "topk:0.25:tensor|bf16",
-        "ranks", "ranks|affine:2", "zstd", "fp16|zstd|zstd", "topk:0.001|affine:1|zstd"]}
+        "ranks", "ranks|affine:2", "zstd", "fp16|zstd|zstd", "topk:0.001|affine:1|zstd",
+        "sign", "ranks|sign"]}
     assert e == {"fp32": 1, "fp16": 2, "bf16": 2, "affine:1": 32, "affine:4": 8,
                  "topk:0.01": 200, "topk:0.25:tensor|bf16": 16, "ranks": 16,
                  "ranks|affine:2": 256, "zstd": 32, "fp16|zstd|zstd": 2048,
-                 "topk:0.001|affine:1|zstd": 4096}  # the last one capped (2000*32*32)
+                 "topk:0.001|affine:1|zstd": 4096,  # capped (2000*32*32)
+                 "sign": 32, "ranks|sign": 512}
 
 
 def ranks_attack(size=2 ** 28) -> tuple[str, bytes, list]:

@@ -22,7 +22,7 @@ from fedlora.compression.payload import MAGIC, _encode_header
 MAX_ELEMENTS = 1 << 20
 SPECS = ["fp32", "fp16", "bf16", "affine:8", "affine:3", "affine:1", "topk:0.1", "topk:0.6",
          "topk:0.2:tensor|affine:4", "ranks", "ranks|affine:2", "topk:0.1|affine:4|zstd", "zstd",
-         "ranks|bf16|zstd:1"]
+         "ranks|bf16|zstd:1", "sign", "topk:0.1|sign|zstd", "ranks|sign"]
 
 
 def tensors(seed=0):
@@ -174,6 +174,12 @@ def test_absurd_declared_sizes_rejected_before_allocating():
     ("affine:8", [("x", (1, 2))], b"\x03" + f32(1.0) + b"\x00" * 3 + b"\x00\x01", "width"),
     ("affine:2", [("x", (1, 3))], b"\x01" + f32(1.0) + b"\x00" + b"\xff", "padding"),
     ("affine:4", [("x", (1, 2))], b"\x01" + f32(1.0) + b"\x00", "truncated"),
+    ("sign", [("x", (1, 2))], f32(-1.0) + b"\x00", "negative or non-finite sign scale"),
+    ("sign", [("x", (3,))], f32(-1.0) + b"\x00", "negative or non-finite sign scale"),
+    ("sign", [("x", (1, 2))], f32(np.nan) + b"\x00", "negative or non-finite sign scale"),
+    ("sign", [("x", (1, 2))], f32(np.inf) + b"\x00", "negative or non-finite sign scale"),
+    ("sign", [("x", (1, 3))], f32(1.0) + b"\x08", "padding"),
+    ("sign", [("x", (2, 3))], f32(1.0), "truncated"),
     # gap varints (2 of 64 kept: the gap section beats the 8-byte bitmap)
     ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x28\x28" + f32(1, 2),
      "index 81 out of range"),

@@ -21,6 +21,7 @@ from fedlora.compression import (
 )
 from fedlora.compression import arrays as compression_arrays
 from fedlora.compression import casts, payload, quantize
+from fedlora.compression.payload import _encode_header as payload_header
 from fedlora.compression.binary import (Reader, leb128_decode, leb128_encode, leb128_size,
                                         pack_bits, unpack_bits, uvarint, uvarint_len)
 
@@ -422,7 +423,8 @@ def test_fp16_saturates_and_bf16_large_uses_same_rounding():
 
 COMPOSED = ["fp32", "fp16", "bf16", "affine:8", "affine:4", "affine:2", "affine:1", "topk:0.1",
             "topk:0.1|affine:4|zstd", "ranks|fp16", "topk:0.05:tensor|bf16", "ranks|affine:2",
-            "topk:0.5|fp16|zstd:9", "ranks|zstd", "topk:1.0", "topk:0.3:tensor|affine:3"]
+            "topk:0.5|fp16|zstd:9", "ranks|zstd", "topk:1.0", "topk:0.3:tensor|affine:3",
+            "sign", "topk:0.1|sign|zstd", "ranks|sign"]
 
 
 def model_tensors(seed, scale=1.0):
@@ -482,7 +484,7 @@ def test_torch_tensors_and_dtypes_accepted():
         parse_spec("fp32").encode({"i": np.arange(3)})
 
 
-@pytest.mark.parametrize("spec", ["fp32", "fp16", "bf16", "affine:4", "topk:0.5", "ranks"])
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "bf16", "affine:4", "topk:0.5", "ranks", "sign"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_input_rejected(spec, bad):
     x = np.ones((4, 5), np.float32)
@@ -610,6 +612,67 @@ def test_many_tensors_in_one_encode_do_not_share_scratch_memory():
         np.testing.assert_array_equal(out[k], alone)
     pipe.encode({k: -x for k, x in t.items()})
     assert whole == first
+
+
+# ------------------------------------------------------------------------------------------
+# sign
+
+
+@SETTINGS
+@given(x=shapes().flatmap(arrays))
+@example(x=np.array([[-1.0, -0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]], np.float32))
+@example(x=np.array([[3e38, -3e38, 3e38]], np.float32))
+def test_sign_decodes_each_slice_to_its_mean_magnitude_times_the_sign(x):
+    payload, out = roundtrip("sign", {"w": x, "v": x.reshape(-1)})
+
+    def want(x2):
+        x2 = x2.astype(np.float64)
+        s = (np.abs(x2).mean(axis=1) if x2.shape[1] else np.zeros(x2.shape[0])).astype(np.float32)
+        return np.where(x2 < 0, -s[:, None], s[:, None]).astype(np.float32)  # 0, -0.0 go "+"
+
+    assert out["w"].tobytes() == want(x.reshape(x.shape[0], -1)).tobytes()
+    assert out["v"].tobytes() == want(x.reshape(1, -1)).tobytes()  # 1-D: one slice
+    # after the header: one float32 scale per slice and one bit per value, nothing else
+    hdr = payload_header("sign", [("w", x.shape), ("v", (x.size,))])
+    bits = (x.size + 7) // 8
+    assert len(payload) == len(hdr) + 4 * x.shape[0] + bits + (4 + bits) * (x.size > 0)
+
+
+def test_sign_scale_is_the_l2_optimal_one_and_beats_affine1():
+    """``s = mean|x|`` minimises ``||x - s*sign(x)||``: error^2 = ||x||^2 - m*s^2 (contractive);
+    any other scale is worse. ``affine:1`` (two levels ``max - min`` apart) is far worse on
+    centred data."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 500)).astype(np.float32)
+    dec = decode_payload(parse_spec("sign").encode({"w": x}))["w"].astype(np.float64)
+    x64 = x.astype(np.float64)
+    err = ((x64 - dec) ** 2).sum(axis=1)
+    s = np.abs(x64).mean(axis=1)
+    np.testing.assert_allclose(err, (x64 ** 2).sum(axis=1) - 500 * s ** 2, rtol=1e-5)
+    assert (err < (1 - 1 / 500) * (x64 ** 2).sum(axis=1)).all()
+    for f in (0.95, 1.05):
+        assert (((x64 - f * dec) ** 2).sum(axis=1) > err).all()
+    aff = decode_payload(parse_spec("affine:1").encode({"w": x}))["w"].astype(np.float64)
+    assert ((x64 - aff) ** 2).sum() > 2 * err.sum()
+
+
+def test_error_feedback_with_sign_tracks_the_sum_of_updates():
+    rng = np.random.default_rng(11)
+    pipe = parse_spec("sign")
+    ef = ErrorFeedback()
+    true_sum = np.zeros((20, 30))
+    sent = np.zeros((20, 30))
+    drift = []
+    for _ in range(60):
+        u = {"w": (0.1 + rng.standard_normal((20, 30)) * 0.05).astype(np.float32)}
+        true_sum += u["w"]
+        comp = ef.compensate(u)
+        dec = pipe.decode(pipe.encode(comp))
+        ef.update(comp, dec)
+        sent += dec["w"]
+        drift.append(np.linalg.norm(true_sum - sent))
+    assert max(drift[20:]) < 1.5 * max(drift[:20])  # the residual stays bounded
+    assert drift[-1] < 0.02 * np.linalg.norm(true_sum)
 
 
 # ------------------------------------------------------------------------------------------

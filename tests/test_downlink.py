@@ -27,7 +27,8 @@ from fedlora.wire import decode_record, encode_record
 from conftest import FakeGrid
 
 SHAPES = {"m.lora_A.weight": (16, 24), "m.lora_B.weight": (32, 16), "fc.bias": (32,)}
-LOSSY = ["affine:4", "topk:0.1|affine:4|zstd", "affine:2", "fp16"]
+LOSSY = ["affine:4", "topk:0.1|affine:4|zstd", "affine:2", "fp16", "sign"]
+FULL = {"sign": "affine:8"}  # a codec for updates only needs a weight codec for full downloads
 
 
 def toy(seed, scale=1.0):
@@ -45,7 +46,7 @@ def node_side(dl, held):
 
 @pytest.mark.parametrize("spec", LOSSY)
 def test_node_ends_exactly_at_server_record_and_error_does_not_accumulate(spec):
-    link = Downlink("delta")
+    link = Downlink("delta", FULL.get(spec, ""))
     pipe = parse_spec(spec)
     targets = [toy(0)]
     for t in range(1, 30):  # a global that keeps moving, as training does
@@ -245,3 +246,25 @@ def test_delta_upload_refused_by_methods_that_need_weights():
     for method in ("flexlora", "hetlora"):
         with pytest.raises(ValueError, match="aggregates client weights"):
             get_method(method).Strategy(RunConfig(method=method, upload="delta"), SHAPES)
+
+
+@pytest.mark.parametrize("kw,why", [
+    ({"codec-up": "sign"}, "use upload='delta'"),
+    ({"tier-codec-up": "fp32,sign", "tier-density": "1,1"}, "use upload='delta'"),
+    ({"codec-down": "sign"}, "use download='delta'"),
+    ({"codec-down": "sign", "download": "delta"}, "set codec-down-full"),
+    ({"codec-down": "affine:4", "download": "delta", "codec-down-full": "sign"},
+     "codec-down-full 'sign' carries weights"),
+    # the default full codec is codec-down without its sparsifier: 'sign|zstd', refused too
+    ({"codec-down": "topk:0.1|sign|zstd", "download": "delta"}, "set codec-down-full"),
+])
+def test_a_codec_for_updates_is_refused_wherever_it_would_carry_weights(kw, why):
+    def make(over):
+        cfg = RunConfig.from_run_config({"method": "fedavg", **over})
+        return get_method("fedavg").Strategy(cfg, SHAPES)
+
+    with pytest.raises(ValueError, match=why):
+        make(kw)
+    # the same chains are accepted where they carry updates
+    make({**kw, "upload": "delta", "download": "delta", "codec-down-full": "affine:8|zstd"})
+

@@ -102,6 +102,10 @@ class ValueCoder(Codec):
     ``0`` means "no slicing" (affine then stores raw float32, as for 1-D tensors)."""
 
     kind = "value"
+    #: the coder only makes sense for updates (deltas), never for weights (``sign``: a weight
+    #: tensor would decode to +-its mean magnitude); the strategy refuses such a chain for
+    #: anything that carries weights
+    for_updates_only: ClassVar[bool] = False
 
     def encode_values(self, x: np.ndarray, groups: int, out: list) -> None:
         raise NotImplementedError

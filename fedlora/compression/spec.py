@@ -5,7 +5,7 @@ A pipeline is a chain of stages written as a spec string, stages separated by ``
 
     [sparsifier] [value coder] [lossless byte stage ...]
     sparsifier   topk:d | topk:d:tensor | ranks            (at most one, first)
-    value coder  fp32 (default) | fp16 | bf16 | affine:b   (at most one)
+    value coder  fp32 (default) | fp16 | bf16 | affine:b | sign   (at most one)
     lossless     zstd | zstd:level                         (any number, last)
 
 Canonical spec (``Pipeline.spec``): stages in that order, whitespace removed, numbers normalised

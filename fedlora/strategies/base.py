@@ -105,9 +105,34 @@ class FedLoraStrategy(FedAvg):
         #: replies are updates (trained − received), not weights
         self.replies_are_deltas = self.native_delta_upload or (
             self.delta_upload and cfg.upload == "delta")
+        self._check_update_only_codecs()
         #: differential privacy (``dp-*``; inert when ``dp=off``): see :mod:`fedlora.privacy`
         self.privacy = ServerPrivacy.for_strategy(self)
         self.keep_records(None)  # the ServerApp gives the recorder (round records: round_end)
+
+    def _check_update_only_codecs(self) -> None:
+        """A value coder for updates only (``sign``) must never carry weights: uploads must be
+        deltas, downloads ``download=delta`` with a ``codec-down-full`` that can carry weights."""
+        def bad(pipe: Pipeline) -> bool:
+            return pipe.value_coder.for_updates_only
+
+        for pipe in (self.codec_up, *self.tier_codec_up):
+            if bad(pipe) and not self.replies_are_deltas:
+                raise ValueError(f"codec-up {pipe.spec!r} encodes updates, not weights: use "
+                                 f"upload='delta' ({self.name} uploads weights otherwise)")
+        full = self.downlink.full_spec
+        if full is not None and bad(full):
+            raise ValueError(f"codec-down-full {full.spec!r} carries weights (a full download); "
+                             "it encodes updates only")
+        for pipe in (self.codec_down, *self.tier_codec_down):
+            if bad(pipe) and self.downlink.mode != "delta":
+                raise ValueError(f"codec-down {pipe.spec!r} encodes updates, not weights: use "
+                                 "download='delta' (a full download carries the weights)")
+            if bad(pipe) and bad(self.downlink.full_pipe(pipe)):
+                raise ValueError(f"codec-down {pipe.spec!r} encodes updates, not weights: set "
+                                 "codec-down-full (the codec of a full download, e.g. "
+                                 "'affine:8|zstd'); its default is codec-down without the "
+                                 "sparsifier")
 
     def ensure_no_sparsifier(self, up: bool = True, down: bool = False) -> None:
         """For methods that add their own sparsifier (``topk``/``ranks``) to the user's specs:
