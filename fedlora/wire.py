@@ -15,10 +15,14 @@ bytes pushed/pulled over HTTP(S) in deployment and the would-be size in simulati
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
+from flwr.app.message.arraychunk import ArrayChunk
+from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as MAX_CHUNK
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 
 from .compression import CodecError, Pipeline, decode_payload, parse_spec
 from .compression.payload import read_header
@@ -73,18 +77,49 @@ def payload_bytes(record: ArrayRecord) -> int:
     return sum(len(record[k].data) for k in record.keys())
 
 
+def _chunk_head(n: int) -> bytes:
+    """Flower 1.41's object head of an ``ArrayChunk`` of ``n`` bytes (type, no children, body
+    length) and the head/body divider: what ``add_header_to_object_body`` prepends."""
+    return (f"ArrayChunk{HEAD_VALUE_DIVIDER}{HEAD_VALUE_DIVIDER}{n}".encode()
+            + HEAD_BODY_DIVIDER)
+
+
+def _prime_chunks(arr: Array) -> None:
+    """Fill Flower's chunk cache of ``arr`` (what ``Array.slice_array`` computes and keeps) with
+    ids hashed straight from the data: Flower's own slicing deflates every chunk into a fresh
+    copy (two, with the header) before hashing it. Same chunks, same ids (tested)."""
+    if "_chunks" in arr.__dict__:
+        return
+    data = memoryview(arr.data)
+    chunks = []
+    for start in range(0, len(data), MAX_CHUNK):
+        view = data[start:start + MAX_CHUNK]
+        h = hashlib.sha256(_chunk_head(len(view)))
+        h.update(view)
+        chunks.append((h.hexdigest(), ArrayChunk(view)))
+    arr.__dict__["_chunks"] = chunks
+
+
 def message_bytes(msg: Message) -> int:
     """Bytes of the object tree Flower serializes for this message's content (wire bytes): the
     sum of ``len(deflate())`` over the unique objects of the tree, as Flower 1.41's
     ``get_all_nested_objects`` collects them (identical chunks travel once). The walk takes
-    each object's id from its parent's ``children`` (an Array's chunk ids are cached when it is
-    sliced), so a payload is hashed once, not again per chunk (``get_all_nested_objects``
-    re-hashes every chunk: half the server's aggregation time for large uploads)."""
+    each object's id from its parent's ``children``; an Array's chunk ids are hashed once,
+    straight from its data (:func:`_prime_chunks`), and a chunk's size is its head plus its
+    data, so a payload is neither copied nor hashed again (``get_all_nested_objects``
+    re-deflates and re-hashes every chunk: half the server's aggregation time for large
+    uploads)."""
     seen: set[str] = set()
     total = 0
+    for record in msg.content.array_records.values():  # before any parent's id needs them
+        for arr in record.values():
+            _prime_chunks(arr)
 
     def walk(obj) -> None:
         nonlocal total
+        if isinstance(obj, ArrayChunk):
+            total += len(_chunk_head(len(obj.data))) + len(obj.data)
+            return
         for cid, child in (obj.children or {}).items():
             if cid not in seen:
                 seen.add(cid)

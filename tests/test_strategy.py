@@ -201,13 +201,22 @@ def test_the_wire_carries_the_codec_spec_once_in_the_payload_header():
         decode_record(v1)
 
 
-def test_message_bytes_equals_flowers_own_object_tree(task_identity):
-    """wire.message_bytes (one hash per chunk) = the size of every unique object Flower's
-    get_all_nested_objects collects, for small, multi-chunk and repeated-chunk payloads."""
+@pytest.mark.parametrize("chunk", [None, 1 << 16])
+def test_message_bytes_equals_flowers_own_object_tree(task_identity, monkeypatch, chunk):
+    """wire.message_bytes (chunk ids hashed once, straight from the data; a chunk's size from
+    its head and length) = the size of every unique object Flower's get_all_nested_objects
+    collects, and the chunks it primes are Flower's own (same ids, same order), for small,
+    multi-chunk and repeated-chunk payloads (Flower's 5 MB chunks, and 64 KiB ones so that a
+    2.4 MB payload of zeros is 37 chunks of which 36 are one object)."""
+    import flwr.app.message.array as flower_array
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+    from fedlora import wire
     from fedlora.wire import message_bytes
 
+    if chunk is not None:
+        monkeypatch.setattr(flower_array, "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", chunk)
+        monkeypatch.setattr(wire, "MAX_CHUNK", chunk)
     zeros = OrderedDict([("w", np.zeros((600, 1000), np.float32))])   # identical chunks
     big = OrderedDict([("w", np.random.default_rng(0).standard_normal((700, 900))
                         .astype(np.float32))])
@@ -219,8 +228,15 @@ def test_message_bytes_equals_flowers_own_object_tree(task_identity):
         fresh = reply_to(Message(RecordDict({"config": ConfigRecord({"a": 1})}),
                                  message_type=MessageType.TRAIN, dst_node_id=3), tensors, 7,
                          spec=spec)
-        flower = sum(len(o.deflate()) for o in get_all_nested_objects(fresh).values())
+        objects = get_all_nested_objects(fresh)
+        flower = sum(len(o.deflate()) for o in objects.values())
         assert message_bytes(msg) == flower > 0
+        ours = msg.content.array_records[ADAPTER_KEY]["payload"].slice_array()  # primed
+        theirs = fresh.content.array_records[ADAPTER_KEY]["payload"].slice_array()
+        assert [i for i, _ in ours] == [i for i, _ in theirs]
+        assert [bytes(c.data) for _, c in ours] == [bytes(c.data) for _, c in theirs]
+        if chunk is not None and spec == "fp32" and tensors is zeros:
+            assert len(ours) > 30 and len({i for i, _ in ours}) == 3  # head, zeros, tail
 
 
 @pytest.mark.parametrize("spec,saved", [("fp32", 5), ("topk:0.02|affine:4|zstd", 25)])

@@ -133,3 +133,47 @@ def test_peak_memory_is_the_sum_plus_one_reply(task_identity, monkeypatch):
         assert arrays is not None and s.round_record(1)["clients"] == 30
     assert peaks[False] > 30 * model_bytes
     assert peaks[True] < 4 * model_bytes, peaks  # issue 16: ≤ 3x the model + one reply
+
+
+# ------------------------------------------------------------------------------------------
+# the compiled passes (fedlora/strategies/kernels.py)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 65_537])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_fused_add_gives_numpys_weighted_sum_and_the_norm_guard_measures(n, dtype, with_ref):
+    """add_and_sumsq: acc is bit for bit numpy's ``acc += w * x.astype(float64)`` (what
+    weighted_mean does), its sum of squares is bit for bit sumsq's (what guard.update_norm
+    takes the root of, on the decode-all path), and both are the exact sum to float64
+    rounding."""
+    from fedlora.strategies import guard, kernels
+
+    rng = np.random.default_rng(n)
+    t = OrderedDict([("a", (rng.standard_normal((n,)) * 3).astype(dtype)),
+                     ("b", rng.standard_normal((3, 5)).astype(dtype))])
+    ref = OrderedDict((k, rng.standard_normal(v.shape).astype(np.float32)) for k, v in t.items()) \
+        if with_ref else None
+    w = 0.37
+    start = OrderedDict((k, rng.standard_normal(v.shape)) for k, v in t.items())
+    acc = OrderedDict((k, v.copy()) for k, v in start.items())
+    ss = kernels.add_and_sumsq(acc, t, w, ref)
+    for k in t:
+        want = start[k].copy()
+        want += w * t[k].astype(np.float64)
+        assert acc[k].tobytes() == want.tobytes()
+    assert ss == kernels.sumsq(t, ref)
+    assert guard.update_norm(t, ref) == np.sqrt(ss)
+    d = [float(x) for k in t for x in (t[k].astype(np.float64) - (
+        ref[k].astype(np.float64) if ref is not None else 0.0)).ravel()]
+    exact = float(np.sum(np.square(np.array(d, np.longdouble)))) if d else 0.0
+    assert ss == pytest.approx(exact, rel=1e-13, abs=0.0)
+
+
+def test_fused_add_refuses_mismatched_shapes():
+    from fedlora.strategies import kernels
+
+    with pytest.raises(ValueError, match="running sum"):
+        kernels.add_and_sumsq({"a": np.zeros(3)}, {"a": np.ones(4, np.float32)}, 1.0)
+    with pytest.raises(ValueError, match="reference"):
+        kernels.sumsq({"a": np.ones(4, np.float32)}, {"a": np.ones(3, np.float32)})

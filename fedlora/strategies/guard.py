@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..config import check_at_least, settings_view
+from . import kernels
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 NORM_ACTIONS = ("clip", "reject")
@@ -96,7 +97,6 @@ def cap_weights(counts: Sequence[int], ratio: float, max_examples: int = 0,
     return w
 
 
-NORM_BLOCK = 1 << 16  # elements per float64 block of update_norm
 
 
 def cap_reply_weights(updates: Sequence[Any], g: "GuardSettings", stats: Any) -> None:
@@ -114,18 +114,9 @@ def cap_reply_weights(updates: Sequence[Any], g: "GuardSettings", stats: Any) ->
 def update_norm(tensors: Mapping[str, np.ndarray],
                 reference: Mapping[str, np.ndarray] | None = None) -> float:
     """L2 norm over all tensors of ``tensors − reference`` (of ``tensors`` when no reference),
-    accumulated in float64."""
-    total = 0.0
-    for k, v in tensors.items():  # in blocks: no model-sized float64 temporary
-        flat = np.ravel(v)
-        ref = None if reference is None else np.ravel(reference[k])
-        for i in range(0, flat.size, NORM_BLOCK):
-            if ref is None:
-                d = np.asarray(flat[i:i + NORM_BLOCK], dtype=np.float64)
-            else:
-                d = np.subtract(flat[i:i + NORM_BLOCK], ref[i:i + NORM_BLOCK], dtype=np.float64)
-            total += float(np.einsum("i,i->", d, d))  # numpy's own loop: no BLAS threads
-    return math.sqrt(total)
+    accumulated in float64 in the fixed order of :func:`fedlora.strategies.kernels.sumsq` (the
+    streamed path measures the same number in its add pass)."""
+    return math.sqrt(kernels.sumsq(tensors, reference))
 
 
 def norm_bound(norms: Sequence[float], absolute: float, factor: float,

@@ -11,8 +11,9 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    (the cap's median is over these replies, including any whose payload then fails to decode:
    such a reply moves the median by one place at most, as it would with a valid payload);
 2. each payload is then decoded, checked (codec, shapes, finite values, the method's own
-   checks), its update norm measured, and w_i/W · x_i added to a float64 running sum, in reply
-   order — exactly the sum :func:`.base.weighted_mean` forms — and freed;
+   checks), and w_i/W · x_i added to a float64 running sum, in reply order — exactly the sum
+   :func:`.base.weighted_mean` forms — with its update norm measured in the same pass
+   (:func:`.kernels.add_and_sumsq`: the number :func:`.guard.update_norm` gives), and freed;
 3. the round's norm bound needs every norm (``norm-bound-factor`` × their median), so it is
    known only after the last reply: a reply over it is decoded once more and its contribution
    corrected (clip: + w_i/W · (clip(x_i) − x_i); reject: − w_i/W · x_i). A correction of an
@@ -42,7 +43,7 @@ import numpy as np
 from flwr.app import Message
 
 from ..wire import payload_bytes
-from . import guard
+from . import guard, kernels
 from .replies import ADAPTER_KEY, ClientUpdate, MalformedReply, decode_tensors, read_reply
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,27 +110,33 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
                 else:
                     out[i:i + CHUNK] -= t
 
-    for msg, up in metas:                     # 2. decode, check, measure, add, free
+    broken = False                            # a non-finite norm after its add (see below)
+    for msg, up in metas:                     # 2. decode, check, add + measure (one pass), free
         try:
             tensors = decode(msg, up)
             ref = strategy.update_reference(server_round, up.node_id)
-            n = guard.update_norm(tensors, ref)
-            if not math.isfinite(n):
-                raise MalformedReply(f"update norm {n} is not finite")
         except Exception as err:
             strategy._drop(stats, server_round, up.node_id, err)
             continue
         if acc is None:
             acc = OrderedDict((k, np.zeros(v.shape, np.float64)) for k, v in tensors.items())
+        try:
+            n = math.sqrt(kernels.add_and_sumsq(acc, tensors, 1.0 if equal else
+                                                up.num_examples / total, ref))
+            if not math.isfinite(n):  # finite float32 values cannot get here; if they did,
+                broken = True         # the sum holds it: formed again below without it
+                raise MalformedReply(f"update norm {n} is not finite")
+        except Exception as err:
+            strategy._drop(stats, server_round, up.node_id, err)
+            continue
         stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
         stats.params_up[up.node_id] = int(up.metrics.get("params-up", 0))
-        add(tensors, 1.0 if equal else up.num_examples / total)
         kept.append((msg, up, ref, n))
         del tensors
     bound = guard.norm_bound([n for *_, n in kept], g.update_norm_bound, g.norm_bound_factor)
     stats.norm_bound = bound
     worst = max((n for *_, n in kept), default=0.0)
-    resum = bound is not None and worst > RESUM_RATIO * bound
+    resum = broken or (bound is not None and worst > RESUM_RATIO * bound)
     if resum:  # correcting a huge addend would cancel the honest digits: sum again, scales known
         for v in acc.values():
             v.fill(0.0)
