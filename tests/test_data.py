@@ -81,6 +81,33 @@ def test_partitions_disjoint_cover_and_deterministic(sample_dir, scheme):
         assert all(len(np.unique(y[p])) <= 2 for p in parts)
 
 
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+@pytest.mark.parametrize("n", [7, 300])
+def test_bulk_partitions_are_exactly_flwr_datasets_load_partition(sample_dir, scheme, n):
+    """The bulk read of every partition (data._compute_partitions) returns, for every
+    partition-id, what flwr-datasets' own ``load_partition`` returns — the same partitioner,
+    read once instead of once per partition (n=7: shards of unequal size; n=300: many empty)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
+                                           PathologicalPartitioner)
+
+    from fedlora.tasks.data import _compute_partitions
+
+    _, y = _sample(sample_dir)
+    labels = tuple(int(v) for v in y)
+    bulk = _compute_partitions(labels, n, scheme, 0.5, 7, 2)
+    ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
+    part = {"iid": lambda: IidPartitioner(n),
+            "dirichlet": lambda: DirichletPartitioner(n, "label", 0.5, min_partition_size=0,
+                                                      self_balancing=False, seed=7),
+            "pathological": lambda: PathologicalPartitioner(
+                n, "label", 2, class_assignment_mode="deterministic", seed=7)}[scheme]()
+    part.dataset = ds.shuffle(seed=7) if scheme == "iid" else ds
+    assert len(bulk) == n
+    for i in range(n):
+        assert bulk[i].tolist() == list(part.load_partition(i)["idx"]), i
+
+
 def test_dirichlet_is_skewed_and_seeded(sample_dir):
     _, y = _sample(sample_dir)
     a = [partition_indices(y, 4, i, "dirichlet", alpha=0.05, seed=1) for i in range(4)]

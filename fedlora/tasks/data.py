@@ -283,5 +283,14 @@ def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: 
     if scheme == "iid":
         ds = ds.shuffle(seed=seed)
     part.dataset = ds
-    return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64)
-            for i in range(num_partitions)]
+    # All partitions at once: ``load_partition(i)`` builds a Dataset per call (~8 ms: 85 s for
+    # 10,000 partitions, 14 min for 100,000). The partitioners' own assignment, read in bulk,
+    # is the same (tests/test_data.py compares with load_partition):
+    if scheme == "iid":  # IidPartitioner: ds.shard(N, i, contiguous=True) of the shuffled data
+        order = np.asarray(ds["idx"], dtype=np.int64)
+        div, mod = divmod(order.size, num_partitions)
+        return [order[div * i + min(i, mod): div * (i + 1) + min(i + 1, mod)]
+                for i in range(num_partitions)]
+    part.load_partition(0)  # Dirichlet / pathological: computes every partition's indices
+    table = part._partition_id_to_indices  # positions in ds, whose "idx" column is the position
+    return [np.asarray(table[i], dtype=np.int64) for i in range(num_partitions)]
