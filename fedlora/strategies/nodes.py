@@ -22,6 +22,8 @@ from .replies import CONFIG_KEY, METRICS_KEY
 
 log = logging.getLogger("flwr.fedlora")
 
+#: more unknown nodes than this at once: the query is slow enough to warn about
+MANY_UNKNOWN = 2000
 MAX_TIER = 1 << 31        # tier / partition-id answers must be integers in [0, MAX_TIER)
 
 
@@ -70,6 +72,10 @@ class NodeDirectory:
         unknown = [n for n in node_ids if n not in self.tiers]
         if not unknown or not self.ask:
             return
+        if len(unknown) > MANY_UNKNOWN:
+            log.warning("asking %d nodes for their tier and partition-id, one query message "
+                        "each (~17 ms a node in Flower's simulation); without tiers, "
+                        "client-sampling='flower' samples without asking", len(unknown))
         queries = [Message(RecordDict({CONFIG_KEY: ConfigRecord({"ask": "tier"})}),
                            message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
         stats.control_bytes += sum(message_bytes(q) for q in queries)
