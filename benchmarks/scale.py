@@ -19,8 +19,11 @@
    per-node query), 10 nodes sampled a round, IID partitions of up to 32 examples, width-8
    model: round-1 time (ServerApp start → record), later rounds' times, and the machine's memory
    in use (MemTotal − MemAvailable, sampled every 0.5 s) at its peak minus before the run:
-   per node = that / N. (``client-sampling=partition`` would first query every node once:
-   ~17 ms a node in Flower 1.41's simulation, so it is for federations of up to ~1,000 nodes.)
+   per node = the difference between the largest and smallest N over their difference in
+   nodes (the fixed part, Ray and its actors, cancels); and, timed apart with Flower's
+   simulation-engine functions, its own start-up work for N nodes (registering nodes and their
+   Contexts, one poll sweep). (``client-sampling=partition`` would first query every node
+   once: ~17 ms a node in Flower 1.41's simulation, so it is for up to ~1,000 nodes.)
 
 Everything runs on this machine as it is: a busy machine stretches every time (the load average
 is printed); the overhead ratio's two sides are measured back to back.
@@ -181,17 +184,84 @@ def launch_parts() -> dict:
 # ------------------------------------------------------------------------- 3. many nodes
 
 
+_ENGINE = r"""
+import json, sys, time
+from flwr.server.superlink.fleet.vce import vce_api as V
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.superlink.federation import NoOpFederationManager
+n, app = int(sys.argv[1]), sys.argv[2]
+sf = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+t = time.perf_counter(); m = V._register_nodes(n, sf); reg = time.perf_counter() - t
+t = time.perf_counter(); V._register_node_info_stores(m, Run.create_empty(1), app_dir=app)
+ctx = time.perf_counter() - t
+st = sf.state()
+t = time.perf_counter()
+for node in m:
+    st.get_message_ins(node_id=node, limit=1)
+sweep = time.perf_counter() - t
+print(json.dumps({"register_nodes_s": reg, "register_contexts_s": ctx, "poll_sweep_s": sweep}))
+"""
+
+
+def engine_parts(n: int) -> dict:
+    """Flower's own start-up work for ``n`` nodes, timed in a fresh process with Flower 1.41's
+    simulation-engine functions: registering the nodes, their Contexts (each reads the app's
+    config from its directory), and one sweep of the engine's poll over every node's inbox
+    (it sweeps every 0.1 s)."""
+    out = subprocess.run([sys.executable, "-c", _ENGINE, str(n), str(ROOT)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def many_nodes(n: int, work: Path) -> dict:
     rc = {**MANY, "min-available-nodes": n, "fraction-train": min(1.0, 10 / n)}
     with PeakMemory() as mem:
         recs, wall = simulate(rc, n, work)
     by = {r["round"]: r for r in recs}
     delta = mem.peak - mem.before
-    return {"nodes": n, "launcher_wall_s": wall, "round0_wall_s": by[0]["wall_s"],
+    return {"nodes": n, "flower_engine_parts": engine_parts(n), "launcher_wall_s": wall, "round0_wall_s": by[0]["wall_s"],
             "round1_wall_s": by[1]["wall_s"], "round1_s": by[1]["round_s"],
             "later_rounds_s": [by[r]["round_s"] for r in sorted(by) if r >= 2],
             "memory_before_mb": mem.before, "memory_peak_mb": mem.peak,
-            "memory_delta_mb": delta, "kb_per_node": 1024 * delta / n}
+            "memory_delta_mb": delta}
+
+
+def render(result: dict) -> list[str]:
+    """The report's lines, from the measured ``result`` (also ``--render`` of a scale.json)."""
+    lines = []
+    p = result["launch_parts"]
+    lines.append("launch parts (fresh process): " + ", ".join(f"{k} {v:.2f}" for k, v in p.items()))
+    o = result.get("overhead")
+    if o:
+        lines.append(
+            f"Flower overhead: simulation {o['simulation_train_s']:.1f} s vs bare local training "
+            f"{o['bare_train_s']:.1f} s over rounds {o['rounds_compared'][0]}.."
+            f"{o['rounds_compared'][-1]} = {o['ratio']:.2f}x (target <= 1.2x: "
+            f"{'met' if o['ratio'] <= 1.2 else 'NOT met'}); central evaluation "
+            f"{o['eval_s_total']:.1f} s separately; round 1 {o['round1_s']:.1f} s")
+    many = result.get("many_nodes", [])
+    for m in many:
+        n = m["nodes"]
+        lines.append(
+            f"{n:>7,} nodes: round 1 done {m['round1_wall_s']:.1f} s after the ServerApp "
+            f"started ({m['launcher_wall_s']:.0f} s whole run), later rounds "
+            f"{', '.join(f'{s:.1f}' for s in m['later_rounds_s'])} s; memory +"
+            f"{m['memory_delta_mb']:.0f} MB"
+            + (f" (target round 1 <= 60 s: {'met' if m['round1_wall_s'] <= 60 else 'NOT met'})"
+               if n >= 100000 else ""))
+        lines.append("         Flower's engine start for them: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in m["flower_engine_parts"].items()))
+    if len(many) >= 2:  # what one more node costs: the fixed part (Ray, actors) cancels
+        lo, hi = min(many, key=lambda m: m["nodes"]), max(many, key=lambda m: m["nodes"])
+        per = 1024 * (hi["memory_delta_mb"] - lo["memory_delta_mb"]) / (hi["nodes"] - lo["nodes"])
+        lines.append(f"memory per node (marginal, {lo['nodes']:,} -> {hi['nodes']:,} nodes): "
+                     f"{per:.1f} KB")
+    lines.append(f"load average {result['load_average_start']:.2f} at the start, "
+                 f"{result['load_average_end']:.2f} at the end")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -201,44 +271,32 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead-rounds", type=int, default=6)
     ap.add_argument("--out", default=str(ROOT / "results" / "scale"))
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--render", action="store_true", help="rewrite scale.txt from scale.json")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.render:
+        result = json.loads((out / "scale.json").read_text())
+        (out / "scale.txt").write_text("\n".join(render(result)) + "\n")
+        print((out / "scale.txt").read_text(), end="")
+        return 0
     work = ROOT / "runs" / ".scale"
     result: dict = {"command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
                     "load_average_start": os.getloadavg()[0]}
-    lines = []
-
-    def say(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-
-    parts = launch_parts()
-    result["launch_parts"] = parts
-    say("launch parts (fresh process): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+    result["launch_parts"] = launch_parts()
+    print(f"launch parts: {result['launch_parts']}", flush=True)
     if not a.skip_overhead:
-        o = overhead(a.overhead_rounds, work)
-        result["overhead"] = o
-        say(f"Flower overhead: simulation {o['simulation_train_s']:.1f} s vs bare local training "
-            f"{o['bare_train_s']:.1f} s over rounds {o['rounds_compared'][0]}.."
-            f"{o['rounds_compared'][-1]} = {o['ratio']:.2f}x (target <= 1.2x: "
-            f"{'met' if o['ratio'] <= 1.2 else 'NOT met'}); central evaluation "
-            f"{o['eval_s_total']:.1f} s separately; round 1 {o['round1_s']:.1f} s")
+        result["overhead"] = overhead(a.overhead_rounds, work)
+        print(f"overhead: {result['overhead']}", flush=True)
     result["many_nodes"] = []
     for n in a.nodes:
-        m = many_nodes(n, work)
-        result["many_nodes"].append(m)
-        say(f"{n:>7,} nodes: round 1 done {m['round1_wall_s']:.1f} s after the ServerApp "
-            f"started ({m['launcher_wall_s']:.0f} s whole run), later rounds "
-            f"{', '.join(f'{s:.1f}' for s in m['later_rounds_s'])} s; memory +"
-            f"{m['memory_delta_mb']:.0f} MB = {m['kb_per_node']:.1f} KB per node"
-            + (f" (target round 1 <= 60 s: {'met' if m['round1_wall_s'] <= 60 else 'NOT met'})"
-               if n >= 100000 else ""))
+        result["many_nodes"].append(many_nodes(n, work))
+        print(f"nodes: {result['many_nodes'][-1]}", flush=True)
     result["load_average_end"] = os.getloadavg()[0]
-    say(f"load average {result['load_average_start']:.2f} at the start, "
-        f"{result['load_average_end']:.2f} at the end")
     (out / "scale.json").write_text(json.dumps(result, indent=2))
+    lines = render(result)
     (out / "scale.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
