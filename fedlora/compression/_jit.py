@@ -24,14 +24,15 @@ import numpy as np
 _MAG_INT = 12582912  # 1.5 * 2**23, see quantize.py
 
 
-def _njit(fn):
+def cached_njit(fn):
+    """numba.njit(nogil, cache): compiled once per machine, where a cache directory is writable."""
     try:
         return numba.njit(nogil=True, cache=True)(fn)
     except RuntimeError:  # pragma: no cover - no writable cache location: compile per process
         return numba.njit(nogil=True)(fn)
 
 
-@_njit
+@cached_njit
 def quantize_range(x, m, inv, madd, lo, hi, i0, i1, u):  # pragma: no cover - compiled
     """``u[i] = clamp(fl(fl(x[i]*inv[r]) + madd[r]), lo, hi) - MAG`` for ``i`` in ``[i0, i1)``,
     ``r = i // m``; returns how many ``t`` were NaN (a NaN/Inf input)."""
@@ -54,7 +55,7 @@ def quantize_range(x, m, inv, madd, lo, hi, i0, i1, u):  # pragma: no cover - co
     return nan
 
 
-@_njit
+@cached_njit
 def dequantize_range(u, m, s, zu, i0, i1, out):  # pragma: no cover - compiled
     """``out[i] = fl(fl(float32(u[i]) - zu[r]) * s[r])`` for ``i`` in ``[i0, i1)``, ``r = i // m``."""
     i = i0

@@ -10,25 +10,19 @@ blocking. The add is ``acc[i] += w * float64(x[i])``: the same IEEE operations, 
 order per element, as :func:`fedlora.strategies.base.weighted_mean` (no fast-math, so LLVM
 never contracts the multiply and add into an FMA), so both paths stay bit-identical.
 
-The kernels release the GIL; compiled code is cached on disk as in ``compression/_jit.py``.
+The kernel releases the GIL; compiled code is cached on disk (``compression/_jit.py``).
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from ..compression._jit import cached_njit
 
 __all__ = ["sumsq", "add_and_sumsq"]
 
 
-def _njit(fn):
-    try:
-        return numba.njit(nogil=True, cache=True)(fn)
-    except RuntimeError:  # pragma: no cover - no writable cache location: compile per process
-        return numba.njit(nogil=True)(fn)
-
-
-@_njit
+@cached_njit
 def _pass(x, ref, has_ref, acc, w, add):  # pragma: no cover - compiled
     """Σ (x − ref)² in float64 (``ref`` ignored unless ``has_ref``); with ``add`` also
     ``acc += w · x`` (float64 product). Eight partial sums, lanes j = i mod 8."""
