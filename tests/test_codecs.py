@@ -578,6 +578,11 @@ def test_every_engine_gives_the_payloads_of_the_plain_numpy_path(monkeypatch, en
          "odd": rng.standard_normal((3, 7, 5)).astype(np.float32)}
     t["far"][1] = 7.0  # a constant slice among big ones
     t["long"][1, 12345] = 40.0  # an outlier
+    short = rng.standard_normal((2000, 20)).astype(np.float32)  # the short-row min/max pass
+    short[::7] = 0.0
+    short[::7, ::3] = -0.0  # rows of signed zeros
+    short[5] = 3.0  # a constant row
+    t["short.lora_B"] = short
     specs = ["affine:8", "affine:3", "affine:1", "bf16", "fp16", "topk:0.1|affine:2",
              "ranks|affine:4"]
     monkeypatch.setattr(quantize, "ENGINE", engine)

@@ -69,3 +69,28 @@ def dequantize_range(u, m, s, zu, i0, i1, out):  # pragma: no cover - compiled
         for k in range(us.size):
             os_[k] = (np.float32(us[k]) - zr) * sr
         i = e
+
+
+@cached_njit
+def row_minmax(x, r0, r1, mn, mx):  # pragma: no cover - compiled
+    """``mn[r], mx[r]`` = min and max of row ``r`` of the 2-D ``x`` (rows of >= 1 value), for
+    ``r`` in ``[r0, r1)``; a NaN anywhere in a row makes both NaN (as numpy's reductions). One
+    pass over short rows (lora_B slices of r values), where torch's / numpy's row reductions
+    pay a per-row set-up."""
+    m = x.shape[1]
+    for r in range(r0, r1):
+        row = x[r]
+        lo = row[0]
+        hi = row[0]
+        for k in range(1, m):
+            v = row[k]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+            if v != v:
+                lo = v
+                hi = v
+                break
+        mn[r] = lo
+        mx[r] = hi
