@@ -95,23 +95,35 @@ def summarize(out: Path, spec: dict) -> list[dict]:
             "curves": [[(r["cum_mb"], r["accuracy"]) for r in e] for e in evals],
             "_evals": evals,
         })
-    base = next((r for r in rows if r["method"] == "fedavg" and r["name"] == "fedavg"),
-                next((r for r in rows if r["method"] == "fedavg"), None))
-    target = base["final_mean"] - TOLERANCE - EPS if base else None
+    fedavg = next((r for r in rows if r["method"] == "fedavg" and r["name"] == "fedavg"),
+                  next((r for r in rows if r["method"] == "fedavg"), None))
+    by_name = {r["name"]: r for r in rows}
+    baselines = spec.get("baselines")  # {config: the config it is compared with}; else FedAvg
     for r in rows:
-        r["ratio_vs_fedavg"] = base["mb"] / r["mb"] if base and r["mb"] else None
-        r["delta_vs_fedavg"] = (r["final_mean"] - base["final_mean"]) if base else None
+        if baselines:
+            r["baseline"] = baselines.get(r["name"])
+            base = by_name.get(r["baseline"])
+        else:
+            base = fedavg
+            r["baseline"] = fedavg["name"] if fedavg else None
+        target = base["final_mean"] - TOLERANCE - EPS if base else None
+        r["ratio"] = base["mb"] / r["mb"] if base and r["mb"] else None
+        r["delta"] = (r["final_mean"] - base["final_mean"]) if base else None
         reached = [mb_to_target(e, target) for e in r["_evals"]] if target is not None else []
         hit = [m for m in reached if m is not None]
-        r["mb_to_fedavg_minus_1pt"] = float(np.mean(hit)) if hit else None
+        r["mb_to_base_minus_1pt"] = float(np.mean(hit)) if hit else None
         r["seeds_reaching"] = len(hit)
-        r["within_1pt"] = (r["delta_vs_fedavg"] is not None
-                           and r["delta_vs_fedavg"] >= -TOLERANCE - EPS)
-    for r in rows:
+        r["within_1pt"] = r["delta"] is not None and r["delta"] >= -TOLERANCE - EPS
+        vs_fedavg = fedavg is not None and not baselines
+        r["ratio_vs_fedavg"] = r["ratio"] if vs_fedavg else None
+        r["delta_vs_fedavg"] = r["delta"] if vs_fedavg else None
+        r["mb_to_fedavg_minus_1pt"] = r["mb_to_base_minus_1pt"] if vs_fedavg else None
+    for r in rows:  # the front among the configurations compared with the same baseline
+        peers = [o for o in rows if o["baseline"] == r["baseline"]]
         r["pareto"] = not any(o is not r and o["final_mean"] >= r["final_mean"]
                               and o["mb"] <= r["mb"]
                               and (o["final_mean"] > r["final_mean"] or o["mb"] < r["mb"])
-                              for o in rows)
+                              for o in peers)
     return rows
 
 
@@ -130,7 +142,8 @@ def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
             "wire", "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
             "mb_control", "wall_s", "ratio_vs_fedavg", "delta_vs_fedavg",
-            "mb_to_fedavg_minus_1pt", "seeds_reaching", "within_1pt", "pareto")
+            "mb_to_fedavg_minus_1pt", "baseline", "ratio", "delta", "mb_to_base_minus_1pt",
+            "seeds_reaching", "within_1pt", "pareto")
     return [{k: r[k] for k in keep} for r in rows]
 
 
@@ -140,27 +153,39 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
     if (out / "centralized.json").exists():
         central = json.loads((out / "centralized.json").read_text())
     seeds = spec.get("seeds")
+    grouped = bool(spec.get("baselines"))
+    who = "its baseline" if grouped else "FedAvg"
+    short = "base" if grouped else "fedavg"
     lines = [f"# {suite}", "",
              f"Made by `python benchmarks/run.py {suite}`; every byte measured on the wire "
              "(Flower message object trees, both directions, all clients, control messages "
              "included). Accuracy: the final round's central evaluation"
              + (f", mean ± std over seeds {seeds}" if seeds else "") + ". "
-             "Ratio = FedAvg's total MB / this configuration's. ★ = on the Pareto front "
-             "(no configuration has both higher accuracy and fewer bytes).", "",
+             f"Ratio = {who}'s total MB / this configuration's. ★ = on the Pareto front "
+             "(no configuration"
+             + (" with the same baseline" if grouped else "")
+             + " has both higher accuracy and fewer bytes).", "",
              "| config | method | codecs (down / up) | rank | seeds | final acc | MB total | MB down "
-             "| MB up | MB to FedAvg−1pt | ratio vs fedavg | Δacc vs fedavg | front |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: r["mb"], reverse=True):
+             f"| MB up | MB to {'base' if grouped else 'FedAvg'}−1pt "
+             + ("| baseline " if grouped else "")
+             + f"| ratio vs {short} | Δacc vs {short} | front |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if grouped else "")
+             + "---|---|---|"]
+    order = (sorted(rows, key=lambda r: (str(r["baseline"]), -r["mb"])) if grouped
+             else sorted(rows, key=lambda r: r["mb"], reverse=True))
+    for r in order:
         esc = r["codecs"].replace("|", chr(92) + "|")
-        reach = (f"{r['mb_to_fedavg_minus_1pt']:.2f} ({r['seeds_reaching']}/{r['seeds_done']})"
-                 if r["mb_to_fedavg_minus_1pt"] is not None else "–")
+        reach = (f"{r['mb_to_base_minus_1pt']:.2f} ({r['seeds_reaching']}/{r['seeds_done']})"
+                 if r["mb_to_base_minus_1pt"] is not None else "–")
         old_wire = "fedlora/v1" in r["wire"]
         lines.append(
             f"| {r['name']}{' †' if old_wire else ''} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
             f"| {r['seeds_done']}/{r['seeds_wanted']} "
             f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
-            f"| {r['mb_up']:.2f} | {reach} | {_f(r['ratio_vs_fedavg'], '.1f')}x "
-            f"| {_f(None if r['delta_vs_fedavg'] is None else 100 * r['delta_vs_fedavg'], '+.2f')} "
+            f"| {r['mb_up']:.2f} | {reach} "
+            + (f"| {r['baseline'] or '–'} " if grouped else "")
+            + f"| {_f(r['ratio'], '.1f')}x "
+            f"| {_f(None if r['delta'] is None else 100 * r['delta'], '+.2f')} "
             f"| {'★' if r['pareto'] else ''} |")
     if any("fedlora/v1" in r["wire"] for r in rows):
         lines += ["", "† measured (in some seeds) with wire v1, which also put the codec spec "

@@ -145,7 +145,11 @@ def _text_conv() -> dict:
             for m in ("ffa-lora", "flexlora"):
                 runs[f"{m}-{tag}"] = {**base, "method": m, "dirichlet-alpha": alpha,
                                       "lora-rank": budget, "rank-budget": budget}
-    return {"nodes": 6, "runs": runs, "target": 0.85, "seeds": [1, 2, 3]}
+    # each configuration is compared with FL+LoRA at the same heterogeneity and rank budget
+    baselines = {name: "fl-lora-" + name.rsplit("-", 2)[-2] + "-" + name.rsplit("-", 1)[-1]
+                 for name in runs}
+    return {"nodes": 6, "runs": runs, "target": 0.85, "seeds": [1, 2, 3],
+            "baselines": baselines}
 
 
 def _text_cpu_e5() -> dict:

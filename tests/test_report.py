@@ -87,3 +87,23 @@ def test_runs_measured_with_wire_v1_are_marked(suite):
     table = (suite / "summary.md").read_text()
     assert "| bad † | flocora |" in table and "| small | flocora |" in table
     assert "wire v1" in table
+
+
+def test_each_configuration_against_its_own_baseline(suite):
+    """A suite with ``baselines`` (text-conv: every method against FL+LoRA at the same
+    heterogeneity and budget) compares each row with its baseline, draws the front among the
+    rows sharing a baseline, and leaves the FedAvg columns empty."""
+    spec = {**SPEC, "baselines": {"fedavg": "fedavg", "small": "fedavg", "bad": "bad"}}
+    rows = {r["name"]: r for r in summarize(suite, spec)}
+    sm, bad = rows["small"], rows["bad"]
+    assert sm["baseline"] == "fedavg" and sm["ratio"] == pytest.approx(50.0)
+    assert sm["delta"] == pytest.approx(-0.01) and sm["mb_to_base_minus_1pt"] == pytest.approx(0.4)
+    assert bad["ratio"] == pytest.approx(1.0) and bad["delta"] == 0.0
+    assert bad["pareto"]  # alone against its own baseline, though FedAvg-small dominate it
+    assert not any(r["pareto"] for r in summarize(suite, SPEC) if r["name"] == "bad")
+    assert all(r["ratio_vs_fedavg"] is None and r["delta_vs_fedavg"] is None
+               for r in rows.values())
+    out = write_report("t", suite, spec)
+    text = (suite / "summary.md").read_text()
+    assert "| baseline |" in text and "| fedavg | 50.0x | -1.00 |" in text
+    assert len(out) == 3
