@@ -86,10 +86,12 @@ def _vision_conv() -> dict:
                                    "download": "delta", "codec-up": "topk:0.1|sign|zstd",
                                    "codec-down": "topk:0.1|sign|zstd",
                                    "codec-down-full": "affine:8|zstd", "error-feedback": True},
-        # FLoCoRA's adapter (r4: 9,230 values, 8.4x fewer than the model) in scaled sign
+        # FLoCoRA's adapter (r4: 9,230 values, 8.4x fewer than the model) in scaled sign, one
+        # scale per tensor (per-slice scales of its 4-value lora_B rows outweigh the sign bits)
         "flocora-r4-sign-ef": {**base, "method": "flocora", "lora-rank": 4, "upload": "delta",
-                               "download": "delta", "codec-up": "sign", "codec-down": "sign",
-                               "codec-down-full": "affine:8|zstd", "error-feedback": True},
+                               "download": "delta", "codec-up": "sign:tensor",
+                               "codec-down": "sign:tensor", "codec-down-full": "affine:8|zstd",
+                               "error-feedback": True},
         "flocora-r4-q4": {**base, "method": "flocora", "lora-rank": 4, **quant4},
         "fedavg-q8": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
                       "codec-up": "affine:8", "codec-down": "affine:8"},

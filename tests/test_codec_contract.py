@@ -46,7 +46,7 @@ WIRE_SPECS = [
     "topk:0.3:tensor|affine:3", "topk:0.05:tensor|affine:3|zstd:7", "ranks", "ranks|fp16",
     "ranks|bf16", "ranks|affine:2", "ranks|affine:8", "ranks|zstd", "ranks|bf16|zstd:1",
     "zstd", "zstd:1", "zstd:9", "zstd:19", "zstd|zstd", "fp16|zstd|zstd:1",
-    "sign", "topk:0.1|sign|zstd", "ranks|sign",
+    "sign", "topk:0.1|sign|zstd", "ranks|sign", "sign:tensor",
 ]
 
 
@@ -159,6 +159,7 @@ WIRE_DIGESTS = {
     "topk:0.1|sign|zstd":
         ("b5bfbe61f92033c2e8851fe47a85a304008465951af79416a84e379235d54768", 10002),
     "ranks|sign": ("fa491400233eebb274687de952bcb37ff756717b490ca8558775f86438d2af40", 44379),
+    "sign:tensor": ("7725eed22ef7eaf5350d0b62e830abb05f43914a68862bc335523797f6983764", 33649),
 }
 
 

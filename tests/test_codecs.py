@@ -424,7 +424,7 @@ def test_fp16_saturates_and_bf16_large_uses_same_rounding():
 COMPOSED = ["fp32", "fp16", "bf16", "affine:8", "affine:4", "affine:2", "affine:1", "topk:0.1",
             "topk:0.1|affine:4|zstd", "ranks|fp16", "topk:0.05:tensor|bf16", "ranks|affine:2",
             "topk:0.5|fp16|zstd:9", "ranks|zstd", "topk:1.0", "topk:0.3:tensor|affine:3",
-            "sign", "topk:0.1|sign|zstd", "ranks|sign"]
+            "sign", "topk:0.1|sign|zstd", "ranks|sign", "sign:tensor"]
 
 
 def model_tensors(seed, scale=1.0):
@@ -641,6 +641,26 @@ def test_sign_decodes_each_slice_to_its_mean_magnitude_times_the_sign(x):
     hdr = payload_header("sign", [("w", x.shape), ("v", (x.size,))])
     bits = (x.size + 7) // 8
     assert len(payload) == len(hdr) + 4 * x.shape[0] + bits + (4 + bits) * (x.size > 0)
+
+
+def test_sign_tensor_has_one_scale_per_tensor():
+    rng = np.random.default_rng(4)
+    t = {"b.lora_B": rng.standard_normal((16, 4, 1, 1)).astype(np.float32),
+         "v": rng.standard_normal(7).astype(np.float32)}
+    payload, out = roundtrip("sign:tensor", t)
+    for k, x in t.items():
+        s = np.float32(np.abs(x.astype(np.float64)).mean())
+        assert out[k].tobytes() == np.where(x < 0, -s, s).astype(np.float32).tobytes()
+    hdr = payload_header("sign:tensor", [(k, v.shape) for k, v in t.items()])
+    assert len(payload) == len(hdr) + (4 + 8) + (4 + 1)  # one scale + the sign bits, each
+    hdr_sign = payload_header("sign", [(k, v.shape) for k, v in t.items()])
+    assert (len(parse_spec("sign").encode(t)) - len(hdr_sign)
+            == len(payload) - len(hdr) + 4 * 15)  # "sign": 16 scales instead of 1 for lora_B
+    pipe = parse_spec("sign:tensor")
+    assert pipe.spec == "sign:tensor" and Pipeline.from_config(pipe.get_config()).spec == pipe.spec
+    for bad in ("sign:slice", "sign:tensor:1"):
+        with pytest.raises(SpecError, match="sign takes"):
+            parse_spec(bad)
 
 
 def test_sign_scale_is_the_l2_optimal_one_and_beats_affine1():

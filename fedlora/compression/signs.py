@@ -15,7 +15,9 @@ unsliced (``groups == 0``: norms, biases, 1-D kept values) is ONE slice, not raw
 is a codec for *updates* (``upload=delta`` / ``download=delta``) with error feedback, where a
 norm's update is as compressible as a conv's, and at ResNet-8 width 16 the raw 1-D tensors would
 be a fifth of the message. (Sent as weights instead of updates it would be useless anyway.)
-Zero (and -0.0) is sent as "+"; a slice of zeros has ``s = 0``.
+Zero (and -0.0) is sent as "+"; a slice of zeros has ``s = 0``. ``sign:tensor``: one slice per
+tensor whatever the hint (a LoRA ``lora_B [C_out, r]`` has ``C_out`` slices of ``r`` values, so
+per-slice scales of a rank-4 adapter outweigh its sign bits).
 
 Value section for ``n`` values in ``g`` slices (``g = groups``, or 1 when ``groups == 0`` and
 ``n > 0``; nothing at all when ``n == 0``)::
@@ -37,7 +39,7 @@ import numpy as np
 from .arrays import as_bytes, check_finite
 from .binary import Reader, pack_bits, packed_len, unpack_bits
 from .codec import ValueCoder, register
-from .errors import CodecError
+from .errors import CodecError, SpecError
 
 __all__ = ["Sign", "sign_scales"]
 
@@ -49,16 +51,41 @@ def sign_scales(x2: np.ndarray) -> np.ndarray:
     return (np.abs(x2).sum(axis=1, dtype=np.float64) / x2.shape[1]).astype(np.float32)
 
 
-def _slices(n: int, groups: int) -> int:
-    return groups if groups > 0 else int(n > 0)
-
-
 @register
 class Sign(ValueCoder):
     """Scaled sign, one bit per value (see the module docstring)."""
 
     codec_id = "sign"
     for_updates_only = True
+
+    def __init__(self, per_tensor: bool = False):
+        self.per_tensor = bool(per_tensor)
+
+    @classmethod
+    def from_args(cls, args):
+        if args == []:
+            return cls()
+        if args == ["tensor"]:
+            return cls(per_tensor=True)
+        raise SpecError("sign takes no argument or 'tensor' (one scale per tensor): "
+                        "sign, sign:tensor")
+
+    def spec_part(self):
+        return "sign:tensor" if self.per_tensor else "sign"
+
+    def get_config(self):
+        return {"id": self.codec_id, "per_tensor": self.per_tensor}
+
+    @classmethod
+    def from_config(cls, cfg):
+        cls.check_config_keys(cfg, ("per_tensor",))
+        per_tensor = cfg.get("per_tensor", False)
+        if not isinstance(per_tensor, bool):
+            raise SpecError(f"sign: per_tensor must be true or false, got {per_tensor!r}")
+        return cls(per_tensor)
+
+    def _slices(self, n: int, groups: int) -> int:
+        return groups if groups > 0 and not self.per_tensor else int(n > 0)
 
     def max_expansion(self):
         return 32.0
@@ -67,10 +94,10 @@ class Sign(ValueCoder):
         return self.max_values_size(x.size, groups)
 
     def max_values_size(self, n, groups):
-        return 4 * _slices(n, groups) + packed_len(n, 1)
+        return 4 * self._slices(n, groups) + packed_len(n, 1)
 
     def encode_values(self, x, groups, out):
-        g = _slices(x.size, groups)
+        g = self._slices(x.size, groups)
         if not g:
             return
         check_finite(x)
@@ -80,7 +107,7 @@ class Sign(ValueCoder):
 
     def decode_values(self, r: Reader, shape, groups, name):
         n = math.prod(shape)
-        g = _slices(n, groups)
+        g = self._slices(n, groups)
         if not g:
             return np.zeros(shape, np.float32)
         if n % g:
