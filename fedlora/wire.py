@@ -117,8 +117,8 @@ def message_bytes(msg: Message) -> int:
 
     def walk(obj) -> None:
         nonlocal total
-        if isinstance(obj, ArrayChunk):
-            total += len(_chunk_head(len(obj.data))) + len(obj.data)
+        if isinstance(obj, ArrayChunk):  # head states len(data), the body is its bytes
+            total += len(_chunk_head(len(obj.data))) + memoryview(obj.data).nbytes
             return
         for cid, child in (obj.children or {}).items():
             if cid not in seen:

@@ -179,6 +179,8 @@ def test_absurd_declared_sizes_rejected_before_allocating():
     ("sign", [("x", (1, 2))], f32(np.nan) + b"\x00", "negative or non-finite sign scale"),
     ("sign", [("x", (1, 2))], f32(np.inf) + b"\x00", "negative or non-finite sign scale"),
     ("sign", [("x", (1, 3))], f32(1.0) + b"\x08", "padding"),
+    ("sign", [("x", (1, 2))], f32(-0.0) + b"\x00", "negative or non-finite sign scale"),
+    ("sign", [("x", (1, 2))], f32(0.0) + b"\x01", "slice of scale 0"),
     ("sign", [("x", (2, 3))], f32(1.0), "truncated"),
     # gap varints (2 of 64 kept: the gap section beats the 8-byte bitmap)
     ("topk:0.03125", [("x", (64,))], uvarint(2) + b"\x01" + uvarint(2) + b"\x28\x28" + f32(1, 2),

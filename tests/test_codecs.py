@@ -643,6 +643,17 @@ def test_sign_decodes_each_slice_to_its_mean_magnitude_times_the_sign(x):
     assert len(payload) == len(hdr) + 4 * x.shape[0] + bits + (4 + bits) * (x.size > 0)
 
 
+@pytest.mark.parametrize("spec", ["fp32", "affine:8", "sign", "ranks|sign", "topk:0.5|sign"])
+def test_edge_shapes_roundtrip(spec):
+    """A 0-d tensor keeps its shape; a LoRA factor with no rank at all encodes (ranks)."""
+    t = {"s": np.float32(-2.5), "e.lora_A": np.zeros((0, 6), np.float32),
+         "e.lora_B": np.zeros((6, 0), np.float32), "w": np.arange(6, dtype=np.float32) - 2}
+    _, out = roundtrip(spec, t)
+    assert out["s"].shape == () and out["e.lora_A"].shape == (0, 6)
+    if spec in ("fp32", "affine:8"):
+        assert float(out["s"]) == -2.5
+
+
 def test_sign_tensor_has_one_scale_per_tensor():
     rng = np.random.default_rng(4)
     t = {"b.lora_B": rng.standard_normal((16, 4, 1, 1)).astype(np.float32),

@@ -170,10 +170,23 @@ def test_fused_add_gives_numpys_weighted_sum_and_the_norm_guard_measures(n, dtyp
     assert ss == pytest.approx(exact, rel=1e-13, abs=0.0)
 
 
-def test_fused_add_refuses_mismatched_shapes():
+def test_fused_add_refuses_mismatched_shapes_before_touching_the_sum():
+    """A bad tensor anywhere in an update leaves the running sum exactly as it was (the checks
+    all run before the first add), and shapes — not only sizes — must match."""
     from fedlora.strategies import kernels
 
-    with pytest.raises(ValueError, match="running sum"):
-        kernels.add_and_sumsq({"a": np.zeros(3)}, {"a": np.ones(4, np.float32)}, 1.0)
+    acc = OrderedDict([("a", np.ones((2, 3))), ("b", np.ones(4))])
+    before = {k: v.copy() for k, v in acc.items()}
+    good_a = np.full((2, 3), 5.0, np.float32)
+    for bad in ({"a": good_a, "b": np.ones(5, np.float32)},        # wrong size, after a good one
+                {"a": good_a.reshape(3, 2), "b": np.ones(4, np.float32)},  # same size, wrong shape
+                {"a": good_a}):                                     # a tensor missing
+        with pytest.raises(ValueError):
+            kernels.add_and_sumsq(acc, bad, 1.0)
+        assert all(np.array_equal(acc[k], before[k]) for k in acc)
     with pytest.raises(ValueError, match="reference"):
-        kernels.sumsq({"a": np.ones(4, np.float32)}, {"a": np.ones(3, np.float32)})
+        kernels.add_and_sumsq(acc, {"a": good_a, "b": np.ones(4, np.float32)}, 1.0,
+                              {"a": np.zeros((2, 3), np.float32)})  # reference without b
+    assert all(np.array_equal(acc[k], before[k]) for k in acc)
+    with pytest.raises(ValueError, match="reference"):
+        kernels.sumsq({"a": np.ones((2, 3), np.float32)}, {"a": np.ones((3, 2), np.float32)})

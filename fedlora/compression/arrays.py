@@ -36,7 +36,7 @@ def to_float32(name, t) -> np.ndarray:
         arr = np.asarray(t)
         if arr.dtype.kind != "f":
             raise CodecError(f"tensor {name!r}: dtype {arr.dtype} is not a float dtype")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(arr.shape)  # (0-d stays 0-d)
     if not arr.dtype.isnative:  # pragma: no cover - big-endian inputs
         arr = arr.astype("<f4")
     return arr

@@ -41,6 +41,8 @@ def rank_axis(name: str, ndim: int) -> int | None:
 
 def _kept_slices(x: np.ndarray, axis: int) -> np.ndarray:
     r = x.shape[axis]
+    if r == 0:  # no rank slice at all (reshape(0, -1) is undefined)
+        return np.zeros(0, np.int64)
     bits = x.view(np.uint32)
     if axis == 0:
         nz = bits.reshape(r, -1).any(axis=1)

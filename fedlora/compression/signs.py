@@ -26,8 +26,9 @@ Value section for ``n`` values in ``g`` slices (``g = groups``, or 1 when ``grou
     signs   ceil(n/8) bytes: bit i (LSB-first, row-major) set iff value i is negative; unused
             high bits of the last byte are zero
 
-The decoder rejects negative or non-finite scales and set padding bits; decoded values are
-``+-s``, so always finite. ``max_expansion``: 32 (one bit in per float32 out).
+The decoder rejects negative (-0.0 included) or non-finite scales, set padding bits and set sign
+bits in a slice of scale 0 (one encoding per message); decoded values are ``+-s``, so always
+finite. ``max_expansion``: 32 (one bit in per float32 out).
 """
 
 from __future__ import annotations
@@ -117,14 +118,17 @@ class Sign(ValueCoder):
             raise CodecError(f"truncated payload: sign section of {name!r} needs {need} bytes, "
                              f"{r.remaining} left")
         s = r.array("<f4", g, f"scales of {name!r}").astype(np.float32)
-        if not (float(s.min()) >= 0 and float(s.max()) < math.inf):  # (NaN fails both)
-            raise CodecError(f"tensor {name!r}: negative or non-finite sign scale")
+        if not (float(s.min()) >= 0 and float(s.max()) < math.inf) or np.signbit(s).any():
+            raise CodecError(f"tensor {name!r}: negative or non-finite sign scale")  # NaN, -0.0
         nb = packed_len(n, 1)
         p = r.array("u1", nb, f"signs of {name!r}")
         used = n - 8 * (nb - 1)
         if used < 8 and int(p[-1]) >> used:
             raise CodecError(f"tensor {name!r}: non-zero padding bits in signs")
         neg = unpack_bits(p, n, 1).reshape(g, -1).view(np.bool_)
+        zero = s == 0
+        if zero.any() and neg[zero].any():  # the encoder sends a zero slice as all "+"
+            raise CodecError(f"tensor {name!r}: sign bits set in a slice of scale 0")
         out = np.empty((g, n // g), np.float32)
         out[...] = s[:, None]
         np.negative(out, out=out, where=neg)

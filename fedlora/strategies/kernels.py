@@ -88,34 +88,36 @@ def _flat(a) -> np.ndarray:
     return a
 
 
-def _ref(reference, k, x):
+def _ref(reference, k, v):
     if reference is None:
         return _NO_REF, False
-    r = _flat(reference[k])
-    if r.size != x.size:
-        raise ValueError(f"{k}: reference has {r.size} values, the update {x.size}")
-    return r, True
+    if k not in reference or np.shape(reference[k]) != np.shape(v):
+        raise ValueError(f"{k}: the reference has no tensor of the update's shape "
+                         f"{np.shape(v)}")
+    return _flat(reference[k]), True
 
 
 def sumsq(tensors, reference=None) -> float:
     """Σ over the tensors (in order) of Σ (x − reference)² in float64 (see the module doc)."""
     total = 0.0
     for k, v in tensors.items():
-        x = _flat(v)
-        r, has = _ref(reference, k, x)
-        total += _pass(x, r, has, _NO_ACC, 0.0, False)
+        r, has = _ref(reference, k, v)
+        total += _pass(_flat(v), r, has, _NO_ACC, 0.0, False)
     return total
 
 
 def add_and_sumsq(acc, tensors, w: float, reference=None) -> float:
     """``acc[k] += w · tensors[k]`` (float64 ``acc``, same shapes) and, in the same pass, what
     :func:`sumsq` returns for ``tensors`` and ``reference``."""
+    work = []
+    for k, v in tensors.items():  # every check before the first add: all or nothing
+        if k not in acc or acc[k].shape != np.shape(v) or acc[k].dtype != np.float64:
+            raise ValueError(f"{k}: no float64 running sum of the update's shape "
+                             f"{np.shape(v)}")
+        work.append((_flat(v), acc[k].reshape(-1), *_ref(reference, k, v)))
+    if len(work) != len(acc):
+        raise ValueError(f"the update has {len(work)} tensors, the running sum {len(acc)}")
     total = 0.0
-    for k, v in tensors.items():
-        x = _flat(v)
-        out = acc[k].reshape(-1)
-        if out.size != x.size or out.dtype != np.float64:
-            raise ValueError(f"{k}: running sum of {out.size} {out.dtype}, update of {x.size}")
-        r, has = _ref(reference, k, x)
+    for x, out, r, has in work:
         total += _pass(x, r, has, out, float(w), True)
     return total

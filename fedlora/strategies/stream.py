@@ -123,10 +123,10 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         try:
             n = math.sqrt(kernels.add_and_sumsq(acc, tensors, 1.0 if equal else
                                                 up.num_examples / total, ref))
-            if not math.isfinite(n):  # finite float32 values cannot get here; if they did,
-                broken = True         # the sum holds it: formed again below without it
+            if not math.isfinite(n):  # finite float32 values cannot get here
                 raise MalformedReply(f"update norm {n} is not finite")
-        except Exception as err:
+        except Exception as err:  # whatever the sum may hold of it: formed again without it
+            broken = True
             strategy._drop(stats, server_round, up.node_id, err)
             continue
         stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
