@@ -7,7 +7,7 @@ of ``m`` values travels as its signs and ``s = mean(|x|)``; it decodes to ``s * 
 ``error-feedback``, server download EF) keeps the sum of what was sent within a bounded residual
 of the sum of the true updates. ``affine:1`` is not this: its two levels lie ``max - min`` apart
 (a slice's whole spread), so on a centred slice most values decode to 0 or to a level near an
-extreme (tests/test_codecs.py measures ~3x the squared error of ``sign`` on Gaussian data).
+extreme (2.8x the squared error of ``sign`` on Gaussian data; tests/test_codecs.py).
 
 Grouping (the ``groups`` hint): one scale per dim-0 slice of a dense tensor with ndim >= 2; after
 ``topk`` the kept values of a tensor form one group. Unlike ``affine``, a tensor the hint leaves
