@@ -108,7 +108,28 @@ def main(argv=None) -> int:
             verdict = f"{'PASS' if ok else 'FAIL'} (>= {TARGETS[spec]:.2f})"
         print(f"{pipe.spec:20s} {t_enc * 1e3:8.2f} {t_dec * 1e3:8.2f} {t_copy / t_enc:7.3f} "
               f"{t_copy / t_dec:7.3f} {comb:7.3f} {len(payload) / fp32_size:7.4f}  {verdict}")
+    if args.layout == "lora":
+        row_minmax_ab(tensors, args.repeats)
     return 1 if failed else 0
+
+
+def row_minmax_ab(tensors, repeats: int) -> None:
+    """The per-row min/max of one ``lora_B`` (short rows): affine's compiled pass against
+    torch's row reductions (what it used before), both best of ``repeats``."""
+    from fedlora.compression import quantize
+
+    b = next(v for k, v in tensors.items() if "lora_B" in k)
+    t_ours = best(lambda: quantize._row_minmax(b), repeats)
+    line = f"per-row min/max of a {list(b.shape)} lora_B: affine's pass {t_ours * 1e3:.2f} ms"
+    try:
+        import torch
+
+        tb = torch.from_numpy(b)
+        t_torch = best(lambda: (torch.amin(tb, dim=1), torch.amax(tb, dim=1)), repeats)
+        line += f", torch.amin + amax {t_torch * 1e3:.2f} ms"
+    except ImportError:
+        pass
+    print(line)
 
 
 if __name__ == "__main__":

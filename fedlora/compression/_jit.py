@@ -75,22 +75,22 @@ def dequantize_range(u, m, s, zu, i0, i1, out):  # pragma: no cover - compiled
 def row_minmax(x, r0, r1, mn, mx):  # pragma: no cover - compiled
     """``mn[r], mx[r]`` = min and max of row ``r`` of the 2-D ``x`` (rows of >= 1 value), for
     ``r`` in ``[r0, r1)``; a NaN anywhere in a row makes both NaN (as numpy's reductions). One
-    pass over short rows (lora_B slices of r values), where torch's / numpy's row reductions
-    pay a per-row set-up."""
+    branch-free pass over short rows (lora_B slices of r values), where torch's / numpy's row
+    reductions pay a per-row set-up; NaN is tracked beside the comparisons, not by leaving the
+    loop, so LLVM can vectorize it."""
     m = x.shape[1]
     for r in range(r0, r1):
         row = x[r]
         lo = row[0]
         hi = row[0]
+        nan = False
         for k in range(1, m):
             v = row[k]
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
-            if v != v:
-                lo = v
-                hi = v
-                break
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
+            nan |= v != v
+        if nan or lo != lo:
+            lo = np.float32(np.nan)
+            hi = lo
         mn[r] = lo
         mx[r] = hi
