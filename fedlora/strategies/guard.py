@@ -97,8 +97,6 @@ def cap_weights(counts: Sequence[int], ratio: float, max_examples: int = 0,
     return w
 
 
-
-
 def cap_reply_weights(updates: Sequence[Any], g: "GuardSettings", stats: Any) -> None:
     """Replace each reply's ``num_examples`` by its capped aggregation weight
     (:func:`cap_weights` with the run's settings), recording the capped ones in

@@ -56,8 +56,6 @@ log = logging.getLogger("flwr.fedlora")
 #: an update this many times over the bound is not corrected in place (float64 cancellation):
 #: the round's sum is formed again with every scale known
 RESUM_RATIO = 1e3
-#: elements per step of the weighted add (its float64 scratch: 512 KiB)
-CHUNK = 1 << 16
 
 
 def streams(strategy: "FedLoraStrategy") -> bool:
@@ -87,7 +85,6 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     want = {}                                 # node → pipeline, shapes: asked once per node
     shapes = strategy.upload_shapes(server_round)
     acc: "OrderedDict[str, np.ndarray] | None" = None
-    scratch = np.empty(CHUNK, np.float64)
     kept: list[tuple[Message, ClientUpdate, Any, float]] = []
 
     def decode(msg: Message, up: ClientUpdate) -> "OrderedDict[str, np.ndarray]":
@@ -97,20 +94,12 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         tensors, up.tensors = up.tensors, OrderedDict()
         return tensors
 
-    def add(tensors, w: float, sign: float = 1.0) -> None:
-        """acc += sign · w · tensors, the product in float64 as in weighted_mean, through a
-        small scratch block (no model-sized temporary)."""
-        for k, v in tensors.items():
-            flat, out = np.ravel(v), acc[k].reshape(-1)
-            for i in range(0, flat.size, CHUNK):
-                t = scratch[: min(CHUNK, flat.size - i)]
-                np.multiply(flat[i:i + CHUNK], w, out=t, dtype=np.float64)
-                if sign > 0:
-                    out[i:i + CHUNK] += t
-                else:
-                    out[i:i + CHUNK] -= t
+    def add(tensors, w: float) -> None:
+        """acc += w · tensors (float64 products, as weighted_mean; a negative w takes a
+        contribution back exactly: acc + (−w)·x is acc − w·x in IEEE arithmetic)."""
+        kernels.add_and_sumsq(acc, tensors, w)
 
-    broken = False                            # a non-finite norm after its add (see below)
+    broken = False                            # an add raised: the sum is formed again
     for msg, up in metas:                     # 2. decode, check, add + measure (one pass), free
         try:
             tensors = decode(msg, up)
@@ -148,7 +137,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             w = 1.0 if equal else up.num_examples / total
             if scale < 1.0 and g.norm_bound_action == "reject":
                 if not resum:
-                    add(tensors, w, sign=-1.0)
+                    add(tensors, -w)
                 strategy._drop(stats, server_round, up.node_id, MalformedReply(
                     f"update norm {n:.6g} is over the bound {bound:.6g}"))
                 continue
