@@ -269,10 +269,17 @@ def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: 
         DirichletPartitioner, IidPartitioner, PathologicalPartitioner,
     )
 
+    # All partitions at once: ``load_partition(i)`` builds a Dataset per call (~8.5 ms each:
+    # 85 s of round 1 at 10,000 nodes). The partitioners' own assignment, read in bulk, is the
+    # same (tests/test_data.py compares with load_partition).
     ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
-    if scheme == "iid":
-        part = IidPartitioner(num_partitions)
-    elif scheme == "dirichlet":
+    if scheme == "iid":  # IidPartitioner: ds.shard(N, i, contiguous=True) of the shuffled data
+        IidPartitioner(num_partitions)  # its own check of N
+        order = np.asarray(ds.shuffle(seed=seed)["idx"], dtype=np.int64)
+        div, mod = divmod(order.size, num_partitions)
+        return [order[div * i + min(i, mod): div * (i + 1) + min(i + 1, mod)]
+                for i in range(num_partitions)]
+    if scheme == "dirichlet":
         part = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0,
                                     self_balancing=False, seed=seed)
     elif scheme == "pathological":
@@ -280,17 +287,7 @@ def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: 
                                        class_assignment_mode="deterministic", seed=seed)
     else:
         raise ValueError(f"partitioner must be iid, dirichlet or pathological, got {scheme!r}")
-    if scheme == "iid":
-        ds = ds.shuffle(seed=seed)
     part.dataset = ds
-    # All partitions at once: ``load_partition(i)`` builds a Dataset per call (~8.5 ms each:
-    # 85 s of round 1 at 10,000 nodes). The partitioners' own assignment, read in bulk, is the
-    # same (tests/test_data.py compares with load_partition):
-    if scheme == "iid":  # IidPartitioner: ds.shard(N, i, contiguous=True) of the shuffled data
-        order = np.asarray(ds["idx"], dtype=np.int64)
-        div, mod = divmod(order.size, num_partitions)
-        return [order[div * i + min(i, mod): div * (i + 1) + min(i + 1, mod)]
-                for i in range(num_partitions)]
-    part.load_partition(0)  # Dirichlet / pathological: computes every partition's indices
+    part.load_partition(0)  # computes every partition's indices
     table = part._partition_id_to_indices  # positions in ds, whose "idx" column is the position
     return [np.asarray(table[i], dtype=np.int64) for i in range(num_partitions)]
