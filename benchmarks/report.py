@@ -54,6 +54,16 @@ def _wire(run_dir: Path) -> str:
         return "fedlora/v1"
 
 
+def _table(run_dir: Path) -> str:
+    """How a run's payloads named their tensors (run-config ``payload-table``; runs from before
+    the key existed spelled the table out: ``names``)."""
+    try:
+        cfg = json.loads((run_dir / "run.json").read_text()).get("config", {})
+    except (OSError, ValueError):
+        return "names"
+    return str(cfg.get("payload-table", "names"))
+
+
 def _codec_text(rc: dict) -> str:
     up = rc.get("codec-up", "fp32") + (" +EF" if rc.get("error-feedback") else "")
     down = rc.get("codec-down", "fp32")
@@ -66,12 +76,13 @@ def summarize(out: Path, spec: dict) -> list[dict]:
     rows = []
     for name, rc in spec["runs"].items():
         rounds_wanted = int(rc.get("num-server-rounds", 5))
-        seeds, wires = [], set()
+        seeds, wires, tables = [], set(), set()
         for d in _seed_dirs(out, name, spec):
             recs = _finished(d, rounds_wanted)
             if recs is not None:
                 seeds.append(recs)
                 wires.add(_wire(d))
+                tables.add(_table(d))
         if not seeds:
             continue
         finals = [s[-1]["accuracy"] for s in seeds]
@@ -83,6 +94,7 @@ def summarize(out: Path, spec: dict) -> list[dict]:
                      rc.get("rank-budget") if rc.get("method") == "lora-a2" else
                      rc.get("lora-rank")),
             "run_config": rc, "seeds_done": len(seeds), "wire": sorted(wires),
+            "tables": sorted(tables),
             "seeds_wanted": len(spec.get("seeds") or [None]),
             "rounds": seeds[0][-1]["round"],
             "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
@@ -140,7 +152,7 @@ def _acc(r: dict) -> str:
 
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
-            "wire", "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
+            "wire", "tables", "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
             "mb_control", "wall_s", "ratio_vs_fedavg", "delta_vs_fedavg",
             "mb_to_fedavg_minus_1pt", "baseline", "ratio", "delta", "mb_to_base_minus_1pt",
             "seeds_reaching", "within_1pt", "pareto")
@@ -154,6 +166,12 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         central = json.loads((out / "centralized.json").read_text())
     seeds = spec.get("seeds")
     grouped = bool(spec.get("baselines"))
+    # ‡ marks format-1 (spelled-out tensor table) rows, where a table mixes the two formats
+    mixed = len({t for r in rows for t in r["tables"]}) > 1
+
+    def named(r: dict) -> bool:
+        return mixed and "names" in r["tables"]
+
     who = "its baseline" if grouped else "FedAvg"
     short = "base" if grouped else "fedavg"
     lines = [f"# {suite}", "",
@@ -177,9 +195,9 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         esc = r["codecs"].replace("|", chr(92) + "|")
         reach = (f"{r['mb_to_base_minus_1pt']:.2f} ({r['seeds_reaching']}/{r['seeds_done']})"
                  if r["mb_to_base_minus_1pt"] is not None else "–")
-        old_wire = "fedlora/v1" in r["wire"]
+        marks = (" †" if "fedlora/v1" in r["wire"] else "") + (" ‡" if named(r) else "")
         lines.append(
-            f"| {r['name']}{' †' if old_wire else ''} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
+            f"| {r['name']}{marks} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
             f"| {r['seeds_done']}/{r['seeds_wanted']} "
             f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} "
@@ -192,6 +210,13 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
                   "in each message's Array stype: 5 bytes more per fp32 message, 25 per "
                   "`topk:0.02|affine:4|zstd` message (tests/test_strategy.py measures both), "
                   "every other byte the same as v2 (docs/architecture.md, wire versions)."]
+    if any(named(r) for r in rows):
+        lines += ["", "‡ measured (in some seeds) with payload format 1, whose header spells out "
+                  "the tensor table (names and shapes) where format 2 (`payload-table=digest`, "
+                  "the default since 2026-12-01) sends an 8-byte digest of it: 696 bytes more "
+                  "per ResNet-8 (w16) FedAvg message, 1,082 per FLoCoRA r4 message, every other "
+                  "byte the same (tests/test_payload_digest.py; docs/architecture.md, wire "
+                  "versions)."]
     if central:
         lines += ["", f"Centralized reference ({central['config']}'s model on the pooled client "
                   f"data, same examples seen, `python benchmarks/run.py {suite} --only "

@@ -18,7 +18,7 @@ from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
                               arrays_to_state, state_to_arrays)
 from .strategies.downlink import Copy, client_apply
 from .tasks import make_task
-from .wire import decode_record, encode_record, payload_bytes
+from .wire import by_digest, decode_record, encode_record, payload_bytes
 
 app = ClientApp()
 
@@ -33,12 +33,12 @@ def _expected_shapes(task, adapter: bool) -> dict[str, tuple[int, ...]]:
     return shapes(state_to_numpy(travelling_state(task.new_model(adapter))))
 
 
-def _error_feedback(context: Context, upload, pipe: Pipeline):
+def _error_feedback(context: Context, upload, pipe: Pipeline, digest: bool):
     """Add the stored residual, encode, keep the new residual in the node's state."""
     stored = context.state.array_records.get(EF_KEY)
     ef = ErrorFeedback.from_state_dict(arrays_to_state(stored) if stored else {})
     compensated = ef.compensate(upload)
-    record = encode_record(compensated, pipe)
+    record = encode_record(compensated, pipe, digest)
     ef.update(compensated, decode_record(record, expected={k: np.shape(v)
                                                            for k, v in compensated.items()}))
     context.state[EF_KEY] = state_to_arrays(ef.state_dict())
@@ -79,10 +79,11 @@ def train(msg: Message, context: Context) -> Message:
         data_dir=str(nc.get("data-dir", "")), state=context.state, codec_up=codec_up)
     res = method.client_train(cr)
     res = privatize(res, conf)  # dp: clip (+ local noise) the update before the codec
+    digest = by_digest(cfg.payload_table)
     if cfg.error_feedback:
-        record = _error_feedback(context, res.upload, codec_up)
+        record = _error_feedback(context, res.upload, codec_up, digest)
     else:
-        record = encode_record(res.upload, codec_up)
+        record = encode_record(res.upload, codec_up, digest)
     metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
                             "payload-up": payload_bytes(record)})
     return Message(RecordDict({ADAPTER_KEY: record, METRICS_KEY: metrics}), reply_to=msg)

@@ -67,6 +67,7 @@ class RunConfig:
     upload: str = "weights"
     download: str = "full"
     codec_down_full: str = ""
+    payload_table: str = "digest"
     delta_max_nodes: int = 10000
     # --- robustness ---
     max_weight_ratio: float = 3.0

@@ -31,12 +31,26 @@ STYPE = "fedlora/v2"
 PAYLOAD_KEY = "payload"
 
 
-def encode_record(tensors: Mapping[str, np.ndarray], pipe: "Pipeline | str") -> ArrayRecord:
+TABLES = ("digest", "names")
+
+
+def by_digest(payload_table: str) -> bool:
+    """Run-config ``payload-table``: ``digest`` (payload format 2: 8 bytes stand for the tensor
+    names and shapes both sides know) or ``names`` (format 1: the table spelled out)."""
+    if payload_table not in TABLES:
+        raise ValueError(f"run-config 'payload-table' must be one of {TABLES}, got "
+                         f"{payload_table!r}")
+    return payload_table == "digest"
+
+
+def encode_record(tensors: Mapping[str, np.ndarray], pipe: "Pipeline | str",
+                  digest: bool = False) -> ArrayRecord:
     """Encode ``tensors`` with a codec chain (a parsed :class:`Pipeline`, or a spec string)
-    into a one-Array ArrayRecord."""
+    into a one-Array ArrayRecord; ``digest``: the tensor table as a digest (the receiver decodes
+    with the expected shapes)."""
     if not isinstance(pipe, Pipeline):
         pipe = parse_spec(pipe)
-    return payload_record(pipe.encode(tensors))
+    return payload_record(pipe.encode(tensors, by_digest=digest))
 
 
 def payload_record(payload: bytes) -> ArrayRecord:

@@ -120,7 +120,7 @@ def f32(*v):
 
 
 @pytest.mark.parametrize("bad,why", [
-    (b"XYZ\x01", "magic"), (MAGIC + b"\x02", "version"), (MAGIC + b"\x00", "version"),
+    (b"XYZ\x01", "magic"), (MAGIC + b"\x03", "version"), (MAGIC + b"\x00", "version"),
     (MAGIC + b"\x01" + uvarint(3) + b"lz4" + uvarint(0), "unknown codec"),
     (MAGIC + b"\x01" + uvarint(8) + b"affine:9" + uvarint(0), "1..8"),
     (MAGIC + b"\x01" + uvarint(8) + b"fp32|zst" + uvarint(0), "unknown codec"),

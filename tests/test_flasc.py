@@ -96,7 +96,7 @@ def test_download_is_topk_by_weight_and_bytes_scale_with_density(task_identity):
         msgs, _, _ = round_trip(s, {1: 0}, state, [toy(1, 0.1)])
         rec = s.round_record(1)
         down_bytes[d], up_bytes[d] = rec["bytes_down"], rec["bytes_up"]
-        down = decode_record(msgs[0].content[ADAPTER_KEY])
+        down = decode_record(msgs[0].content[ADAPTER_KEY], expected=SHAPES)
         if d < 1:
             mask = topk_mask(state, d)
             for k in SHAPES:   # exactly the largest-|weight| entries, values unchanged

@@ -52,7 +52,7 @@ def configure(s, rnd, state, nodes, grid=None):
 def honest(s, msg, rnd, seed, scale=0.01):
     """What a well-behaved node uploads: a small update of what it received (FLASC, LoRA-A2:
     the update itself)."""
-    received = decode_record(msg.content[ADAPTER_KEY])
+    received = decode_record(msg.content[ADAPTER_KEY], expected=SHAPES)
     rng = np.random.default_rng(seed)
     out = OrderedDict()
     for k, shape in s.upload_shapes(rnd).items():

@@ -89,6 +89,21 @@ def test_runs_measured_with_wire_v1_are_marked(suite):
     assert "wire v1" in table
 
 
+def test_runs_with_spelled_out_tensor_tables_are_marked_where_formats_mix(suite):
+    """Runs whose run.json config has no ``payload-table`` (before the digest format) are
+    ``names``; where a table mixes them with ``digest`` runs, they carry ‡ and the footnote."""
+    write_report("s", suite, SPEC)
+    assert "‡" not in (suite / "summary.md").read_text()  # all format 1: nothing to tell apart
+    for seed in (1, 2):
+        (suite / f"runs/small/seed-{seed}/run.json").write_text(json.dumps(
+            {"wire": "fedlora/v2", "config": {"payload-table": "digest"}}))
+    rows = {r["name"]: r for r in write_report("s", suite, SPEC)}
+    assert rows["small"]["tables"] == ["digest"] and rows["bad"]["tables"] == ["names"]
+    table = (suite / "summary.md").read_text()
+    assert "| bad ‡ | flocora |" in table and "| small | flocora |" in table
+    assert "payload format 1" in table
+
+
 def test_each_configuration_against_its_own_baseline(suite):
     """A suite with ``baselines`` (text-conv: every method against FL+LoRA at the same
     heterogeneity and budget) compares each row with its baseline, draws the front among the

@@ -32,7 +32,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from ..compression import Pipeline, parse_spec
 from ..config import RunConfig, split_list
 from ..privacy import ServerPrivacy
-from ..wire import decode_record, encode_record, message_bytes, payload_bytes, payload_record
+from ..wire import (by_digest, decode_record, encode_record, message_bytes, payload_bytes,
+                    payload_record)
 from . import guard, stream
 from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for the methods)
 from .downlink import Downlink
@@ -96,7 +97,8 @@ class FedLoraStrategy(FedAvg):
         #: tiers and partition-ids by node id, learnt with a query message; partition sampling
         self.nodes = NodeDirectory(cfg.seed, self.uses_tiers or self.samples_partitions,
                                    cfg.round_timeout)
-        self.downlink = Downlink(cfg.download, cfg.codec_down_full, cfg.delta_max_nodes)
+        self.downlink = Downlink(cfg.download, cfg.codec_down_full, cfg.delta_max_nodes,
+                                 by_digest(cfg.payload_table))
         if cfg.upload not in ("weights", "delta"):
             raise ValueError(f"run-config 'upload' must be 'weights' or 'delta', got {cfg.upload!r}")
         if cfg.upload == "delta" and not (self.delta_upload or self.native_delta_upload):
@@ -507,15 +509,18 @@ class FedLoraStrategy(FedAvg):
         SuperLink restart; after a simulation restart they have new ids, so the saved entries
         simply never match (tiers and partitions are asked again, the downlink serves the
         unknown nodes in full)."""
-        from .downlink import Copy
+        from .downlink import Copy, digest
+
+        def copy(st) -> Copy:  # digests recomputed: checkpoints from before they were
+            st = OrderedDict(st)  # order-free (2026-12-01) resume with matching ones
+            return Copy(st, digest(st))
 
         if state.get("method") != self.name:
             raise ValueError(f"checkpoint of method {state.get('method')!r}, not {self.name!r}")
         self.nodes.load_state_dict(state)
         dl, saved = self.downlink, state["downlink"]
-        dl.held = OrderedDict((int(n), Copy(OrderedDict(st), str(d))) for n, st, d in saved["held"])
-        dl.pending = {int(n): (int(rnd), Copy(OrderedDict(st), str(d)))
-                      for n, rnd, st, d in saved["pending"]}
+        dl.held = OrderedDict((int(n), copy(st)) for n, st, _ in saved["held"])
+        dl.pending = {int(n): (int(rnd), copy(st)) for n, rnd, st, _ in saved["pending"]}
         last, ok = saved["settle"]
         if dl.delta:
             dl.settle(int(last), {int(n) for n in ok})

@@ -38,10 +38,11 @@ MODES = ("full", "delta")
 
 
 def digest(state: Mapping[str, np.ndarray]) -> str:
-    """A 128-bit digest of a state's names, shapes and float32 bytes, in order."""
+    """A 128-bit digest of a state's names, shapes and float32 bytes, in name order (the node may
+    hold its tensors in another order than the server's record)."""
     h = hashlib.blake2b(digest_size=16)
-    for k, v in state.items():
-        a = np.ascontiguousarray(v, dtype=np.float32)
+    for k in sorted(state):
+        a = np.ascontiguousarray(state[k], dtype=np.float32)
         h.update(k.encode())
         h.update(repr(a.shape).encode())
         h.update(a.tobytes())
@@ -79,7 +80,8 @@ class Download:
 class Downlink:
     """Per-node download encoder and record keeper (see the module docstring)."""
 
-    def __init__(self, mode: str = "full", full_spec: str = "", max_nodes: int = 10000) -> None:
+    def __init__(self, mode: str = "full", full_spec: str = "", max_nodes: int = 10000,
+                 by_digest: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"run-config 'download' must be one of {MODES}, got {mode!r}")
         if max_nodes < 1:
@@ -87,6 +89,7 @@ class Downlink:
         self.mode = mode
         self.full_spec = parse_spec(full_spec) if full_spec else None
         self.max_nodes = int(max_nodes)
+        self.by_digest = bool(by_digest)  # payload format 2: the tensor table as a digest
         self.held: "OrderedDict[int, Copy]" = OrderedDict()      # node → committed copy
         self.pending: dict[int, tuple[int, Copy]] = {}            # node → (round, sent copy)
         self._cache: dict[tuple, Download] = {}
@@ -126,7 +129,7 @@ class Downlink:
         if not self.delta:
             key = ("full", pipe.spec, variant)
             if key not in self._cache:
-                payload = pipe.encode(target)
+                payload = pipe.encode(target, by_digest=self.by_digest)
                 self._cache[key] = Download(payload, pipe.spec, "full", "", None)  # type: ignore[arg-type]
             return self._cache[key]
         held = self.held.get(node)
@@ -136,7 +139,7 @@ class Downlink:
             full = self.full_pipe(pipe)
             key = ("full", full.spec, variant)
             if key not in self._cache:
-                payload = full.encode(target)
+                payload = full.encode(target, by_digest=self.by_digest)
                 got = decode_payload(payload, expected={k: v.shape for k, v in target.items()})
                 state = OrderedDict((k, np.asarray(got[k], np.float32)) for k in target)
                 self._cache[key] = Download(payload, full.spec, "full", "",
@@ -147,7 +150,7 @@ class Downlink:
             if key not in self._cache:
                 diff = OrderedDict((k, np.asarray(target[k], np.float32) - held.state[k])
                                    for k in target)
-                payload = pipe.encode(diff)
+                payload = pipe.encode(diff, by_digest=self.by_digest)
                 got = decode_payload(payload, expected={k: v.shape for k, v in diff.items()})
                 state = apply_delta(held.state, OrderedDict((k, got[k]) for k in diff))
                 self._cache[key] = Download(payload, pipe.spec, "delta", held.digest,
