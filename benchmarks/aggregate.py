@@ -38,7 +38,7 @@ from fedlora.config import RunConfig  # noqa: E402
 from fedlora.strategies import get_method  # noqa: E402
 from fedlora.strategies.base import ADAPTER_KEY, METRICS_KEY, state_to_arrays  # noqa: E402
 from fedlora.tasks import make_task  # noqa: E402
-from fedlora.wire import payload_record  # noqa: E402
+from fedlora.wire import by_digest, payload_record  # noqa: E402
 
 MODEL = {"model": "resnet18", "feature-maps": 64, "lora-rank": 64}
 CONFIGS = {  # name: (run config, streamed?) — what the issue measured, both paths
@@ -87,7 +87,8 @@ def replies_for(rc: dict, n: int, glob: "OrderedDict[str, np.ndarray]", shapes):
         for k, shape in s.upload_shapes(1).items():
             d = (1e-3 * rng.standard_normal(shape)).astype(np.float32)
             up[k] = d if s.replies_are_deltas else glob[k] + d
-        out.append((m, s.upload_pipeline(1, node).encode(up)))
+        out.append((m, s.upload_pipeline(1, node).encode(  # as a node encodes it
+            up, by_digest=by_digest(s.cfg.payload_table))))
     return out
 
 

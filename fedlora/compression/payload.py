@@ -84,6 +84,7 @@ Adding a stage: state its factor in :meth:`Codec.max_expansion` and keep rule 4 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -217,17 +218,24 @@ def read_header(payload, max_elements: int = DEFAULT_MAX_ELEMENTS,
     return pipe, table, r
 
 
+@functools.lru_cache(maxsize=64)
+def _sorted_table(items: tuple) -> tuple[tuple, int, bytes]:
+    """``expected``'s table in name order, its element count and its digest (a server decodes
+    every reply of a round against the same expected tensors)."""
+    table = tuple(sorted(items))
+    return table, sum(math.prod(shape) for _, shape in table), table_digest(table)
+
+
 def _digest_table(got: bytes, expected, max_elements: int):
     """The table a version-2 header stands for: ``expected``'s, sorted by name, if its digest is
     the one the payload carries (None without ``expected``)."""
     if expected is None:
         return None
-    table = sorted((str(k), tuple(int(d) for d in v)) for k, v in expected.items())
-    total = sum(math.prod(shape) for _, shape in table)
+    table, total, want = _sorted_table(tuple((str(k), tuple(int(d) for d in v))
+                                             for k, v in expected.items()))
     if total > max_elements:
         raise CodecError(f"the expected tensors hold {total} elements, over "
                          f"max_elements={max_elements}")
-    want = table_digest(table)
     if got != want:
         raise CodecError(f"payload names its tensors by table digest {got.hex()}, the "
                          f"{len(table)} expected tensors have digest {want.hex()}: sender and "
