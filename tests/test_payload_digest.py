@@ -182,3 +182,25 @@ def test_a_round_with_digest_tables_is_the_same_round_minus_the_table_bytes(task
     # Flower's Array also states the payload's length: a shorter payload can save a varint byte
     assert all(0 <= n - d - saved <= 1 for n, d in zip(n_down + n_up, d_down + d_up))
     assert d_rec["bytes_up"] < n_rec["bytes_up"] and d_rec["bytes_down"] < n_rec["bytes_down"]
+
+
+def test_a_reply_whose_digest_names_other_tensors_is_dropped_and_the_round_survives(task_identity):
+    """A node that sends a format-2 reply for tensors the server does not expect (here one
+    renamed): dropped with the digest mismatch as its reason, the others aggregated."""
+    cfg = RunConfig(method="flocora", min_train_nodes=1, min_available_nodes=1,
+                    fraction_train=1.0, upload="delta", codec_up="affine:8")
+    s = get_method("flocora").Strategy(cfg, SHAPES)
+    state = OrderedDict((k, np.zeros(v, np.float32)) for k, v in SHAPES.items())
+    msgs = list(s.configure_train(1, state_to_arrays(state), ConfigRecord(), FakeGrid([1, 2])))
+    good = OrderedDict((k, np.full(v, 0.01, np.float32)) for k, v in SHAPES.items())
+    bad = OrderedDict(("b.lora_A.weight2" if k == "b.lora_A.weight" else k, v)
+                      for k, v in good.items())
+    replies = [Message(RecordDict({ADAPTER_KEY: encode_record(t, "affine:8", digest=True),
+                                   METRICS_KEY: MetricRecord({"num-examples": 10,
+                                                              "train-loss": 1.0})}), reply_to=m)
+               for m, t in zip(msgs, (good, bad))]
+    arrays, _ = s.aggregate_train(1, replies)
+    rec = s.round_record(1)
+    assert rec["dropped"] == 1 and "table digest" in rec["dropped_reasons"][0]["reason"]
+    out = arrays_to_state(arrays)
+    np.testing.assert_allclose(out["a.fc.bias"], 0.01, atol=1e-4)  # the good update alone

@@ -3,7 +3,9 @@ PYTHONPATH and every train reply its ClientApp process sends is poisoned after t
 ClientApp made it — the update's values times 1e4 plus 1 (finite, huge), re-encoded with the codec
 the server asked for (so only the server's bounds can stop it), and ``num-examples`` = 1e15 (a
 weight takeover). The honest code is not changed: Flower's ``ClientApp.__call__`` is wrapped when
-this interpreter starts, as a node operator who controls their machine could do."""
+this interpreter starts, as a node operator who controls their machine could do. The node spells
+its payloads' tensor tables out (payload format 1) whatever ``payload-table`` says, so it can read
+and rewrite them without knowing the shapes; a server must accept either format."""
 
 import os
 import sys
@@ -17,6 +19,9 @@ if os.environ.get("FEDLORA_TEST_HOSTILE") == "1":
         _honest = _client_app.ClientApp.__call__
 
         def _poisoned(self, message, context):
+            honest_app = sys.modules.get("fedlora.client_app")
+            if honest_app is not None:
+                honest_app.by_digest = lambda payload_table: False  # format-1 payloads
             reply = _honest(self, message, context)
             try:
                 if message.metadata.message_type == "train" and not reply.has_error():
