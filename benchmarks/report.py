@@ -172,6 +172,13 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
     def named(r: dict) -> bool:
         return mixed and "names" in r["tables"]
 
+    def schedule(r: dict) -> str:
+        rc = r["run_config"]
+        return f"{rc.get('num-server-rounds', 5)}×{rc.get('local-epochs', 1)}"
+
+    # a rounds × local-epochs column where configurations differ in it
+    sched = len({schedule(r) for r in rows}) > 1
+
     who = "its baseline" if grouped else "FedAvg"
     short = "base" if grouped else "fedavg"
     lines = [f"# {suite}", "",
@@ -183,11 +190,14 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
              "(no configuration"
              + (" with the same baseline" if grouped else "")
              + " has both higher accuracy and fewer bytes).", "",
-             "| config | method | codecs (down / up) | rank | seeds | final acc | MB total | MB down "
+             "| config | method | codecs (down / up) | rank "
+             + ("| rounds × epochs " if sched else "")
+             + "| seeds | final acc | MB total | MB down "
              f"| MB up | MB to {'base' if grouped else 'FedAvg'}−1pt "
              + ("| baseline " if grouped else "")
              + f"| ratio vs {short} | Δacc vs {short} | front |",
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if grouped else "")
+             + ("---|" if sched else "")
              + "---|---|---|"]
     order = (sorted(rows, key=lambda r: (str(r["baseline"]), -r["mb"])) if grouped
              else sorted(rows, key=lambda r: r["mb"], reverse=True))
@@ -198,7 +208,8 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         marks = (" †" if "fedlora/v1" in r["wire"] else "") + (" ‡" if named(r) else "")
         lines.append(
             f"| {r['name']}{marks} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
-            f"| {r['seeds_done']}/{r['seeds_wanted']} "
+            + (f"| {schedule(r)} " if sched else "")
+            + f"| {r['seeds_done']}/{r['seeds_wanted']} "
             f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} "
             + (f"| {r['baseline'] or '–'} " if grouped else "")

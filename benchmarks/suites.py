@@ -94,6 +94,17 @@ def _vision_conv() -> dict:
         "fedavg-q8": {**base, "method": "fedavg", "upload": "delta", "download": "delta",
                       "codec-up": "affine:8", "codec-down": "affine:8"},
         "flocora-r16-q4": {**base, "method": "flocora", "lora-rank": 16, **quant4},
+        # the same examples seen in 40 rounds of 5 local epochs (cosine over 40 rounds): fewer,
+        # larger updates, each still one sign bit a value; FedAvg on that schedule beside it, so
+        # the schedule's share of the ratio is measured, not assumed
+        "fedavg-sign-ef-r40e5": {**base, "method": "fedavg", **signed("sign"),
+                                 "num-server-rounds": 40, "local-epochs": 5},
+        "fedavg-r40e5": {**base, "method": "fedavg", "num-server-rounds": 40, "local-epochs": 5},
+        # 50 rounds of 4 epochs, one scale a tensor (per-slice scales are 1.5 kB of a 12 kB
+        # message) and 4-bit first downloads (10 a run; at 8 bits they are 0.7 MB of ~6)
+        "fedavg-signt-ef-r50e4": {**base, "method": "fedavg", **signed("sign:tensor"),
+                                  "codec-down-full": "affine:4|zstd", "num-server-rounds": 50,
+                                  "local-epochs": 4},
         "flasc-r4-d0.1": {**base, "method": "flasc", "lora-rank": 4, "density-down": 0.1,
                           "density-up": 0.1, "codec-up": "affine:4|zstd",
                           "codec-down": "affine:4|zstd", "server-opt": "avg"},

@@ -122,3 +122,15 @@ def test_each_configuration_against_its_own_baseline(suite):
     text = (suite / "summary.md").read_text()
     assert "| baseline |" in text and "| fedavg | 50.0x | -1.00 |" in text
     assert len(out) == 3
+
+
+def test_a_rounds_by_epochs_column_appears_only_where_schedules_differ(suite):
+    write_report("s", suite, SPEC)
+    assert "rounds × epochs" not in (suite / "summary.md").read_text()
+    spec = {**SPEC, "runs": {**SPEC["runs"], "small": {**SPEC["runs"]["small"],
+                                                       "local-epochs": 3}}}
+    write_report("s", suite, spec)
+    table = (suite / "summary.md").read_text()
+    assert "| rounds × epochs |" in table
+    assert "| small | flocora | `Δ affine:4 / affine:4` | 4 | 4×3 |" in table
+    assert "| bad | flocora | `fp32 / fp32` | – | 4×1 |" in table
