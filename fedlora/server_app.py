@@ -22,7 +22,7 @@ from .config import RunConfig
 from .results import Recorder
 from .strategies import get_method
 from .strategies.base import ADAPTER_KEY, arrays_to_state, state_to_arrays
-from .wire import STYPE, encode_record, message_bytes
+from .wire import STYPE, by_digest, encode_record, message_bytes
 from .tasks import make_task
 
 app = ServerApp()
@@ -72,7 +72,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         "analytic_bytes_per_message_fp32": flocora_analytic_bits(init, 32) / 8,
         "analytic_bytes_per_message_up": flocora_analytic_bits(init, affine_bits(strategy.codec_up)) / 8,
         "fedavg_bytes_per_message": 4 * full_params,
-        "fedavg_message_bytes": fedavg_message_bytes(task),
+        "fedavg_message_bytes": fedavg_message_bytes(task, by_digest(cfg.payload_table)),
     }
     # resume (run-config `resume`): the run folder and the checkpoint to continue from
     run_dir, resumed = checkpoint.find_resume(cfg, resolve_run_dir(cfg))
@@ -140,11 +140,12 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     return summary
 
 
-def fedavg_message_bytes(task) -> int:
+def fedavg_message_bytes(task, digest: bool = False) -> int:
     """Measured size of one FedAvg message: the full model (frozen base included) in fp32,
-    encoded and framed exactly as fedlora's messages are."""
+    encoded and framed exactly as fedlora's messages are (``digest``: payload format 2, as the
+    run's own messages)."""
     full = state_to_numpy(task.base().state_dict())
-    msg = Message(RecordDict({ADAPTER_KEY: encode_record(full, "fp32")}),
+    msg = Message(RecordDict({ADAPTER_KEY: encode_record(full, "fp32", digest)}),
                   message_type=MessageType.TRAIN, dst_node_id=1)
     return message_bytes(msg)
 
