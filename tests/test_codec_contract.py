@@ -180,6 +180,29 @@ def test_payload_bytes_are_unchanged(spec, wire_sets):
     assert (digest, size) == WIRE_DIGESTS[spec], spec
 
 
+# payload format 2 (the tensor table as a digest), recorded when it was added: its header and
+# body order pinned the same way (the values are format 1's: tests/test_payload_digest.py)
+DIGEST_TABLE_WIRE = {
+    "fp32": ("f712b543b2a6810011a72ea1cb27137cef130fc4e0640f9ed95a02b7ad413398", 1066839),
+    "affine:4": ("c0968ae936b723ab6246694f7f260ae1691a930c0a8f965eae2cb6a1d25e3be8", 324857),
+    "topk:0.1|affine:4|zstd":
+        ("0748aed7359da75372cfbfe51dd5b45011e9a37224b33f477d90bebf3f2b1356", 101689),
+    "ranks|sign": ("d63af5df48d73cfefc93e197c39aff7da084a23367444db4afa584457d0ee30b", 44197),
+    "sign:tensor": ("0ecfa96419337c2cbfe6ea8fd75d82318ff531f8dfc23aea5c4324261f6b7ab3", 33467),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(DIGEST_TABLE_WIRE))
+def test_digest_table_payload_bytes_are_unchanged(spec, wire_sets):
+    h, total = hashlib.sha256(), 0
+    for tensors in wire_sets:
+        p = parse_spec(spec).encode(tensors, by_digest=True)
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+        total += len(p)
+    assert (h.hexdigest(), total) == DIGEST_TABLE_WIRE[spec]
+
+
 @pytest.mark.parametrize("spec", WIRE_SPECS)
 def test_legit_payloads_decode_without_expected_shapes(spec, wire_sets):
     """Every spec's payloads decode with no side information (rule 2 does not refuse them) to
