@@ -16,6 +16,7 @@ bytes pushed/pulled over HTTP(S) in deployment and the would-be size in simulati
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
@@ -98,6 +99,33 @@ def _chunk_head(n: int) -> bytes:
             + HEAD_BODY_DIVIDER)
 
 
+# (id(payload), chunk size) → (payload, its chunk ids)
+_IDS: "OrderedDict[tuple[int, int], tuple[bytes, list[str]]]" = OrderedDict()
+_IDS_KEPT = 8
+
+
+def _chunk_ids(data) -> list[str]:
+    """Flower's ids of the chunks of ``data``. One payload object sent to many nodes (a round's
+    shared download) is hashed once: the last few ``bytes`` objects' ids are kept, with a
+    reference to the object so that its ``id`` cannot be reused while it is cached."""
+    key = (id(data), MAX_CHUNK)
+    hit = _IDS.get(key) if isinstance(data, bytes) else None
+    if hit is not None and hit[0] is data:
+        return hit[1]
+    view = memoryview(data)
+    ids = []
+    for start in range(0, len(view), MAX_CHUNK):
+        part = view[start:start + MAX_CHUNK]
+        h = hashlib.sha256(_chunk_head(len(part)))
+        h.update(part)
+        ids.append(h.hexdigest())
+    if isinstance(data, bytes):
+        _IDS[key] = (data, ids)
+        while len(_IDS) > _IDS_KEPT:
+            _IDS.popitem(last=False)
+    return ids
+
+
 def _prime_chunks(arr: Array) -> None:
     """Fill Flower's chunk cache of ``arr`` (what ``Array.slice_array`` computes and keeps) with
     ids hashed straight from the data: Flower's own slicing deflates every chunk into a fresh
@@ -105,13 +133,8 @@ def _prime_chunks(arr: Array) -> None:
     if "_chunks" in arr.__dict__:
         return
     data = memoryview(arr.data)
-    chunks = []
-    for start in range(0, len(data), MAX_CHUNK):
-        view = data[start:start + MAX_CHUNK]
-        h = hashlib.sha256(_chunk_head(len(view)))
-        h.update(view)
-        chunks.append((h.hexdigest(), ArrayChunk(view)))
-    arr.__dict__["_chunks"] = chunks
+    arr.__dict__["_chunks"] = [(cid, ArrayChunk(data[i * MAX_CHUNK:(i + 1) * MAX_CHUNK]))
+                               for i, cid in enumerate(_chunk_ids(arr.data))]
 
 
 def message_bytes(msg: Message) -> int:

@@ -9,6 +9,7 @@ import pytest
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageType,
                       MetricRecord, RecordDict)
 
+from fedlora.compression import parse_spec
 from fedlora.config import RunConfig
 from fedlora.strategies import get_method
 from fedlora.strategies.base import (ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays)
@@ -199,6 +200,33 @@ def test_the_wire_carries_the_codec_spec_once_in_the_payload_header():
                                        data=bytes(arr.data))})
     with pytest.raises(CodecError, match="wire version 'fedlora/v2'"):
         decode_record(v1)
+
+
+def test_one_download_payload_sent_to_many_nodes_is_hashed_once(task_identity, monkeypatch):
+    """configure_train gives every node with the same held copy the same payload object: its
+    chunk ids are computed once (the hash of a 9 MB download per node was most of a 100-node
+    round's configure_train), and they are the ids a fresh hash of an equal copy gives."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from fedlora import wire
+    from fedlora.wire import message_bytes, payload_record
+
+    calls = []  # fedlora's own chunk hashes (Flower's object ids use hashlib too)
+    monkeypatch.setattr(wire, "hashlib", SimpleNamespace(
+        sha256=lambda *a: calls.append(1) or hashlib.sha256(*a)))
+    payload = parse_spec("fp32").encode(toy(4))
+    msgs = [Message(RecordDict({ADAPTER_KEY: payload_record(payload)}),
+                    message_type=MessageType.TRAIN, dst_node_id=n) for n in range(1, 6)]
+    sizes = {message_bytes(m) for m in msgs}
+    assert len(sizes) == 1 and len(calls) == 1
+    copy = bytes(bytearray(payload))  # equal content, another object: hashed again, same ids
+    other = Message(RecordDict({ADAPTER_KEY: payload_record(copy)}),
+                    message_type=MessageType.TRAIN, dst_node_id=9)
+    assert message_bytes(other) in sizes and len(calls) == 2
+    ids = [[i for i, _ in m.content.array_records[ADAPTER_KEY]["payload"].slice_array()]
+           for m in (msgs[0], msgs[-1], other)]
+    assert ids[0] == ids[1] == ids[2]
 
 
 @pytest.mark.parametrize("chunk", [None, 1 << 16])
