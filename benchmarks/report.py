@@ -104,6 +104,9 @@ def summarize(out: Path, spec: dict) -> list[dict]:
             "mb_up": float(np.mean([s[-1]["cum_mb_up"] for s in seeds])),
             "mb_control": float(np.mean([s[-1].get("cum_mb_control", 0.0) for s in seeds])),
             "wall_s": float(np.mean([s[-1].get("wall_s", 0.0) for s in seeds])),
+            # differential privacy: ε spent by the end (the accountant's, at the run's δ)
+            "epsilon": (max(float(s[-1]["dp_epsilon"]) for s in seeds)
+                        if all(s[-1].get("dp_epsilon") is not None for s in seeds) else None),
             "curves": [[(r["cum_mb"], r["accuracy"]) for r in e] for e in evals],
             "_evals": evals,
         })
@@ -153,7 +156,7 @@ def _acc(r: dict) -> str:
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
             "wire", "tables", "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
-            "mb_control", "wall_s", "ratio_vs_fedavg", "delta_vs_fedavg",
+            "mb_control", "wall_s", "epsilon", "ratio_vs_fedavg", "delta_vs_fedavg",
             "mb_to_fedavg_minus_1pt", "baseline", "ratio", "delta", "mb_to_base_minus_1pt",
             "seeds_reaching", "within_1pt", "pareto")
     return [{k: r[k] for k in keep} for r in rows]
@@ -176,8 +179,9 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         rc = r["run_config"]
         return f"{rc.get('num-server-rounds', 5)}×{rc.get('local-epochs', 1)}"
 
-    # a rounds × local-epochs column where configurations differ in it
+    # a rounds × local-epochs column where configurations differ in it; ε where any has DP
     sched = len({schedule(r) for r in rows}) > 1
+    dp = any(r["epsilon"] is not None for r in rows)
 
     who = "its baseline" if grouped else "FedAvg"
     short = "base" if grouped else "fedavg"
@@ -192,12 +196,13 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
              + " has both higher accuracy and fewer bytes).", "",
              "| config | method | codecs (down / up) | rank "
              + ("| rounds × epochs " if sched else "")
+             + ("| ε " if dp else "")
              + "| seeds | final acc | MB total | MB down "
              f"| MB up | MB to {'base' if grouped else 'FedAvg'}−1pt "
              + ("| baseline " if grouped else "")
              + f"| ratio vs {short} | Δacc vs {short} | front |",
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if grouped else "")
-             + ("---|" if sched else "")
+             + ("---|" if sched else "") + ("---|" if dp else "")
              + "---|---|---|"]
     order = (sorted(rows, key=lambda r: (str(r["baseline"]), -r["mb"])) if grouped
              else sorted(rows, key=lambda r: r["mb"], reverse=True))
@@ -209,6 +214,7 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         lines.append(
             f"| {r['name']}{marks} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
             + (f"| {schedule(r)} " if sched else "")
+            + (f"| {_f(r['epsilon'], '.2f')} " if dp else "")
             + f"| {r['seeds_done']}/{r['seeds_wanted']} "
             f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} "

@@ -236,7 +236,14 @@ def _dp_vision() -> dict:
         for eps in (8, 2):
             runs[f"{tag}-eps{eps}"] = {**rc, **central, "dp-target-epsilon": float(eps)}
     return {"nodes": spec["nodes"], "runs": runs, "target": spec["target"],
-            "seeds": spec["seeds"]}
+            "seeds": spec["seeds"], "baselines": _without_dp(runs, ("flocora", "flasc"))}
+
+
+def _without_dp(runs: dict, tags) -> dict:
+    """Each DP configuration's baseline: its method's ``<tag>-eps-inf`` (reports then give the
+    accuracy DP costs, in points)."""
+    return {name: f"{tag}-eps-inf" for name in runs for tag in tags
+            if name.startswith(f"{tag}-")}
 
 
 def _dp_text() -> dict:
@@ -274,7 +281,7 @@ def _dp_text() -> dict:
                 **rc, "dp": "local", "dp-mechanism": "laplace", "dp-clip": clip_l1,
                 "dp-noise-multiplier": grad_clip * lr / (eps * clip_l1)}
     return {"nodes": spec["nodes"], "runs": runs, "target": spec["target"],
-            "seeds": spec["seeds"]}
+            "seeds": spec["seeds"], "baselines": _without_dp(runs, methods)}
 
 
 SUITES["dp-vision"] = _dp_vision

@@ -134,3 +134,19 @@ def test_a_rounds_by_epochs_column_appears_only_where_schedules_differ(suite):
     assert "| rounds × epochs |" in table
     assert "| small | flocora | `Δ affine:4 / affine:4` | 4 | 4×3 |" in table
     assert "| bad | flocora | `fp32 / fp32` | – | 4×1 |" in table
+
+
+def test_an_epsilon_column_where_runs_spent_a_privacy_budget(suite):
+    """Runs whose last record carries ``dp_epsilon`` report it (the largest over seeds); other
+    rows show –; suites without DP have no such column."""
+    write_report("s", suite, SPEC)
+    assert "| ε |" not in (suite / "summary.md").read_text()
+    for seed, eps in ((1, 7.9), (2, 8.0)):
+        path = suite / f"runs/small/seed-{seed}/rounds.jsonl"
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        recs[-1]["dp_epsilon"] = eps
+        path.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    rows = {r["name"]: r for r in write_report("s", suite, SPEC)}
+    assert rows["small"]["epsilon"] == 8.0 and rows["bad"]["epsilon"] is None
+    table = (suite / "summary.md").read_text()
+    assert "| ε |" in table and "| 4 | 8.00 | 2/2 |" in table and "| – | – | 2/2 |" in table
