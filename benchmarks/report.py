@@ -155,8 +155,9 @@ def _acc(r: dict) -> str:
 
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
-            "wire", "tables", "rounds", "final_mean", "final_std", "finals", "mb", "mbs", "mb_down", "mb_up",
-            "mb_control", "wall_s", "epsilon", "ratio_vs_fedavg", "delta_vs_fedavg",
+            "wire", "tables", "rounds", "final_mean", "final_std", "finals", "mb", "mbs",
+            "mb_down", "mb_up", "mb_control", "wall_s", "epsilon", "ratio_vs_fedavg",
+            "delta_vs_fedavg",
             "mb_to_fedavg_minus_1pt", "baseline", "ratio", "delta", "mb_to_base_minus_1pt",
             "seeds_reaching", "within_1pt", "pareto")
     return [{k: r[k] for k in keep} for r in rows]

@@ -136,16 +136,22 @@ def _encode_table(table) -> list[bytes]:
 def table_digest(table) -> bytes:
     """The version-2 header's stand-in for ``table`` (``(name, shape)`` pairs): BLAKE2b-64 of
     the version-1 table encoding of the pairs sorted by name."""
-    ordered = sorted((str(name), tuple(int(d) for d in shape)) for name, shape in table)
+    return _sorted_digest(sorted((str(name), tuple(int(d) for d in shape))
+                                for name, shape in table))
+
+
+def _sorted_digest(ordered) -> bytes:
+    """:func:`table_digest` of a table already in name order."""
     return hashlib.blake2b(b"".join(_encode_table(ordered)), digest_size=DIGEST_BYTES).digest()
 
 
 def _encode_header(spec: str, table: list[tuple[str, tuple[int, ...]]],
                    by_digest: bool = False) -> bytes:
+    """The header; with ``by_digest`` the table must already be in name order (``encode``)."""
     sb = spec.encode("utf-8")
     version = DIGEST_VERSION if by_digest else FORMAT_VERSION
     parts = [MAGIC, bytes([version]), uvarint(len(sb)), sb]
-    parts += [table_digest(table)] if by_digest else _encode_table(table)
+    parts += [_sorted_digest(table)] if by_digest else _encode_table(table)
     return b"".join(parts)
 
 
@@ -223,7 +229,7 @@ def _sorted_table(items: tuple) -> tuple[tuple, int, bytes]:
     """``expected``'s table in name order, its element count and its digest (a server decodes
     every reply of a round against the same expected tensors)."""
     table = tuple(sorted(items))
-    return table, sum(math.prod(shape) for _, shape in table), table_digest(table)
+    return table, sum(math.prod(shape) for _, shape in table), _sorted_digest(table)
 
 
 def _digest_table(got: bytes, expected, max_elements: int):
