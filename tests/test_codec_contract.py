@@ -35,7 +35,9 @@ MiB = 1 << 20
 # ------------------------------------------------------------------------------------------
 # 1. the wire bytes
 
-# every codec spec used in tests/test_codecs.py and tests/test_codec_fuzz.py (canonical forms)
+# every codec spec used in tests/test_codecs.py and tests/test_codec_fuzz.py (canonical forms),
+# but lowrank's: its factors come from LAPACK's SVD, whose last bits depend on the CPU's kernels
+# (its decoder is bit-reproducible: tests/test_lowrank.py)
 WIRE_SPECS = [
     "fp32", "fp16", "bf16", "affine:1", "affine:2", "affine:3", "affine:4", "affine:5",
     "affine:6", "affine:7", "affine:8", "topk:0.001", "topk:0.01", "topk:0.02|affine:8",
@@ -269,12 +271,13 @@ def test_stage_factors_and_their_product():
     e = {s: parse_spec(s).max_expansion for s in [
         "fp32", "fp16", "bf16", "affine:1", "affine:4", "topk:0.01", "topk:0.25:tensor|bf16",
         "ranks", "ranks|affine:2", "zstd", "fp16|zstd|zstd", "topk:0.001|affine:1|zstd",
-        "sign", "ranks|sign"]}
+        "sign", "ranks|sign", "lowrank:2", "lowrank:2|affine:4|zstd"]}
     assert e == {"fp32": 1, "fp16": 2, "bf16": 2, "affine:1": 32, "affine:4": 8,
                  "topk:0.01": 200, "topk:0.25:tensor|bf16": 16, "ranks": 16,
                  "ranks|affine:2": 256, "zstd": 32, "fp16|zstd|zstd": 2048,
                  "topk:0.001|affine:1|zstd": 4096,  # capped (2000*32*32)
-                 "sign": 32, "ranks|sign": 512}
+                 "sign": 32, "ranks|sign": 512, "lowrank:2": 64,
+                 "lowrank:2|affine:4|zstd": 4096}  # capped (64*8*32)
 
 
 def ranks_attack(size=2 ** 28) -> tuple[str, bytes, list]:
@@ -348,7 +351,7 @@ def lora_message(n_layers=4, r=16, width=16384, kept=4, seed=0):
 
 LEGIT = ["fp32", "fp16", "bf16", "affine:1", "affine:4", "affine:8", "topk:0.01",
          "topk:0.1|affine:4|zstd", "topk:0.05:tensor|bf16", "ranks", "ranks|affine:2", "zstd",
-         "ranks|bf16|zstd:1"]
+         "ranks|bf16|zstd:1", "lowrank:2", "lowrank:4|affine:4|zstd"]
 
 
 @pytest.fixture(scope="module")

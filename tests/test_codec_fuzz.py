@@ -22,7 +22,8 @@ from fedlora.compression.payload import MAGIC, _encode_header
 MAX_ELEMENTS = 1 << 20
 SPECS = ["fp32", "fp16", "bf16", "affine:8", "affine:3", "affine:1", "topk:0.1", "topk:0.6",
          "topk:0.2:tensor|affine:4", "ranks", "ranks|affine:2", "topk:0.1|affine:4|zstd", "zstd",
-         "ranks|bf16|zstd:1", "sign", "topk:0.1|sign|zstd", "ranks|sign", "sign:tensor"]
+         "ranks|bf16|zstd:1", "sign", "topk:0.1|sign|zstd", "ranks|sign", "sign:tensor",
+         "lowrank:1", "lowrank:2|affine:4|zstd", "lowrank:1|sign"]
 
 
 def tensors(seed=0):

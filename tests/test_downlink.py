@@ -27,8 +27,9 @@ from fedlora.wire import decode_record, encode_record
 from conftest import FakeGrid
 
 SHAPES = {"m.lora_A.weight": (16, 24), "m.lora_B.weight": (32, 16), "fc.bias": (32,)}
-LOSSY = ["affine:4", "topk:0.1|affine:4|zstd", "affine:2", "fp16", "sign"]
-FULL = {"sign": "affine:8"}  # a codec for updates only needs a weight codec for full downloads
+LOSSY = ["affine:4", "topk:0.1|affine:4|zstd", "affine:2", "fp16", "sign", "lowrank:2|affine:4"]
+# a codec for updates only needs a weight codec for full downloads
+FULL = {"sign": "affine:8", "lowrank:2|affine:4": "affine:8"}
 
 
 def toy(seed, scale=1.0):
@@ -257,6 +258,11 @@ def test_delta_upload_refused_by_methods_that_need_weights():
      "codec-down-full 'sign' carries weights"),
     # the default full codec is codec-down without its sparsifier: 'sign|zstd', refused too
     ({"codec-down": "topk:0.1|sign|zstd", "download": "delta"}, "set codec-down-full"),
+    # lowrank (a sparsifier) is for updates only too: a weight matrix cut to rank r
+    ({"codec-up": "lowrank:2|affine:4"}, "use upload='delta'"),
+    ({"codec-down": "lowrank:2|affine:4"}, "use download='delta'"),
+    ({"codec-down": "affine:4", "download": "delta", "codec-down-full": "lowrank:1"},
+     "codec-down-full 'lowrank:1' carries weights"),
 ])
 def test_a_codec_for_updates_is_refused_wherever_it_would_carry_weights(kw, why):
     def make(over):

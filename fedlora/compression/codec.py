@@ -51,6 +51,10 @@ class Codec:
 
     codec_id: ClassVar[str] = ""
     kind: ClassVar[str] = ""  # "sparsifier" | "value" | "lossless"
+    #: the stage only makes sense for updates (deltas), never for weights (``sign``: a weight
+    #: tensor would decode to +-its mean magnitude; ``lowrank``: a weight matrix cut to rank r);
+    #: the strategy refuses a chain with such a stage for anything that carries weights
+    for_updates_only: ClassVar[bool] = False
 
     @classmethod
     def from_args(cls, args: list[str]) -> "Codec":
@@ -102,10 +106,6 @@ class ValueCoder(Codec):
     ``0`` means "no slicing" (affine then stores raw float32, as for 1-D tensors)."""
 
     kind = "value"
-    #: the coder only makes sense for updates (deltas), never for weights (``sign``: a weight
-    #: tensor would decode to +-its mean magnitude); the strategy refuses such a chain for
-    #: anything that carries weights
-    for_updates_only: ClassVar[bool] = False
 
     def encode_values(self, x: np.ndarray, groups: int, out: list) -> None:
         raise NotImplementedError

@@ -27,7 +27,7 @@ memory contract below before touching (or decompressing) the body. Every count i
 implied by the header shapes plus the section's own small fields, so the body is self-delimiting
 and any trailing byte is an error. The per-tensor sections (codec parameters: index coding, kept
 ranks, scales/zero-points) are documented in each codec's module: ``sparsify.py``, ``ranks.py``,
-``quantize.py``, ``casts.py``, ``lossless.py``. With no sparsifier, a tensor's raw section is just
+``quantize.py``, ``casts.py``, ``lowrank.py``, ``lossless.py``. With no sparsifier, a tensor's raw section is just
 its value section. Spec grammar: ``spec.py``.
 
 Decoding is hardened for untrusted input: any malformed payload raises :class:`CodecError`
@@ -59,6 +59,8 @@ of the float32 tensors a decode returns.
                                  (smaller messages fit in the 1 MiB allowance)
    ``ranks``             16      policy: the kept rank slices average at least 1/16 of the
                                  factors (a LoRA-A2 budget of 1 rank in 16 still fits)
+   ``lowrank:r``         64      policy: a ``d x d`` matrix in rank ``r`` expands ``d/2r``
+                                 times (ResNet-8's widest conv at rank 2: 29x)
    ``zstd`` (each)       32      policy: float data compresses far less
    ====================  ======  ==========================================================
 
@@ -300,6 +302,11 @@ class Pipeline:
         for st in self.lossless:
             e *= st.max_expansion()
         return min(float(e), float(MAX_EXPANSION))
+
+    @property
+    def for_updates_only(self) -> bool:
+        """Whether a stage of the chain encodes updates only (``sign``, ``lowrank``)."""
+        return any(st.for_updates_only for st in self.stages)
 
     def with_sparsifier(self, sparsifier: "Sparsifier | None") -> "Pipeline":
         """This chain with its sparsifier stage replaced by ``sparsifier`` (None: removed), e.g.

@@ -4,8 +4,8 @@ A pipeline is a chain of stages written as a spec string, stages separated by ``
 ``id[:arg[:arg]]``::
 
     [sparsifier] [value coder] [lossless byte stage ...]
-    sparsifier   topk:d | topk:d:tensor | ranks            (at most one, first)
-    value coder  fp32 (default) | fp16 | bf16 | affine:b | sign   (at most one)
+    sparsifier   topk:d | topk:d:tensor | ranks | lowrank:r   (at most one, first)
+    value coder  fp32 (default) | fp16 | bf16 | affine:b | sign | sign:tensor   (at most one)
     lossless     zstd | zstd:level                         (any number, last)
 
 Canonical spec (``Pipeline.spec``): stages in that order, whitespace removed, numbers normalised

@@ -113,10 +113,11 @@ class FedLoraStrategy(FedAvg):
         self.keep_records(None)  # the ServerApp gives the recorder (round records: round_end)
 
     def _check_update_only_codecs(self) -> None:
-        """A value coder for updates only (``sign``) must never carry weights: uploads must be
-        deltas, downloads ``download=delta`` with a ``codec-down-full`` that can carry weights."""
+        """A chain for updates only (``sign``, ``lowrank``) must never carry weights: uploads must
+        be deltas, downloads ``download=delta`` with a ``codec-down-full`` that can carry
+        weights."""
         def bad(pipe: Pipeline) -> bool:
-            return pipe.value_coder.for_updates_only
+            return pipe.for_updates_only
 
         for pipe in (self.codec_up, *self.tier_codec_up):
             if bad(pipe) and not self.replies_are_deltas:
