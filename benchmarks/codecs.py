@@ -9,7 +9,8 @@
 Every time is the best of ``--repeats`` runs after a warm-up; the copy baseline is ``np.copyto`` of
 the same 40 MB buffer into a preallocated one, measured in the same run. Ratios are ``copy_time /
 codec_time`` (higher is faster; 1.0 = memcpy speed), combined = ``copy_time / (encode + decode)``;
-size is the payload size relative to ``fp32``. Targets: ``affine:8`` combined >= 0.25; ``topk``
+size is the payload size relative to ``fp32``. Targets: ``affine:8`` combined >= 0.25 (lora) and
+>= 0.30 (matrix); ``topk``
 (index coding included) combined >= 0.10. Exit status 1 when a target fails. The load average is
 printed: other processes competing for the cores make every number worse.
 """
@@ -31,6 +32,8 @@ N = 10_000_000
 SPECS = ["fp32", "fp16", "bf16", "affine:8", "affine:4", "affine:2", "topk:0.1", "topk:0.01",
          "topk:0.1|affine:4", "ranks", "zstd"]
 TARGETS = {"affine:8": 0.25, "topk:0.1": 0.10, "topk:0.01": 0.10, "topk:0.1|affine:4": 0.10}
+# issue 16: affine:8 >= 0.25x on the lora layout, >= 0.30x on the matrix layout
+LAYOUT_TARGETS = {"matrix": {"affine:8": 0.30}, "lora": {}}
 
 
 def make_tensors(layout: str, seed: int = 0):
@@ -91,6 +94,7 @@ def main(argv=None) -> int:
           f"{'comb x':>7s} {'size':>7s}  target")
     fp32_size = None
     failed = False
+    targets = {**TARGETS, **LAYOUT_TARGETS[args.layout]}
     for spec in SPECS:
         pipe = parse_spec(spec)
         payload = pipe.encode(tensors)
@@ -102,10 +106,10 @@ def main(argv=None) -> int:
         t_dec = best(lambda: decode_payload(payload, expected=shapes), args.repeats)
         comb = t_copy / (t_enc + t_dec)
         verdict = ""
-        if spec in TARGETS:
-            ok = comb >= TARGETS[spec]
+        if spec in targets:
+            ok = comb >= targets[spec]
             failed |= not ok
-            verdict = f"{'PASS' if ok else 'FAIL'} (>= {TARGETS[spec]:.2f})"
+            verdict = f"{'PASS' if ok else 'FAIL'} (>= {targets[spec]:.2f})"
         print(f"{pipe.spec:20s} {t_enc * 1e3:8.2f} {t_dec * 1e3:8.2f} {t_copy / t_enc:7.3f} "
               f"{t_copy / t_dec:7.3f} {comb:7.3f} {len(payload) / fp32_size:7.4f}  {verdict}")
     if args.layout == "lora":

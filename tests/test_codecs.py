@@ -600,6 +600,59 @@ def test_every_engine_gives_the_payloads_of_the_plain_numpy_path(monkeypatch, en
             np.testing.assert_array_equal(out[k], decoded[s][k])
 
 
+def short_rows_cases():
+    """(g, m) arrays of short rows (m < 256, >= 2**15 values: the fused ``affine_rows`` path)
+    with every kind of row the parameters treat apart."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((4096, 16)) * 1e-2).astype(np.float32)
+    x[1] = 0.0
+    x[2] = -0.0
+    x[3] = 2.5                      # constant rows: positive, negative, subnormal, huge
+    x[4] = -7.0
+    x[5] = 1e-45
+    x[6] = -3e38
+    x[7] = np.linspace(1e7, 1e7 + 4, 16)        # |z - qmin| >= 2**22: the float64 path
+    x[8] = np.linspace(-1e-38, 1e-38, 16)       # subnormal spread: the scale's floors
+    x[9] = np.linspace(-1e30, 1e30, 16)
+    x[10] = np.float32(1e-3) * np.arange(16)    # ties at the range ends
+    x[11, ::2] = 3e-39
+    yield x
+    yield (rng.standard_normal((2048, 40)) * 1e-3 + 5).astype(np.float32)
+    yield rng.integers(-3, 4, (300, 200)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_fused_short_row_quantizer_is_bit_identical_to_the_general_path(monkeypatch, bits):
+    """``_jit.affine_rows`` (min/max, parameters and values of each short row in one pass) gives
+    the scales, zero-points and values of the general path (numpy parameters, separate passes),
+    and refuses NaN / Inf / near-FLT_MAX rows with the same errors."""
+    pytest.importorskip("numba")
+    jit = quantize._jit()
+    assert jit is not None
+    for x in short_rows_cases():
+        fused = quantize._quantize_short_rows(jit, x, bits)
+        with monkeypatch.context() as mp:
+            mp.setattr(quantize, "_TORCH_MIN", 1 << 40)  # quantize_groups: the general path
+            s, z, u = quantize.quantize_groups(x, bits)
+            general = (s.copy(), z.copy(), u[: x.size].copy())
+        assert fused[0].tobytes() == general[0].tobytes()
+        assert np.array_equal(fused[1], general[1])
+        assert fused[2][: x.size].tobytes() == general[2].tobytes()
+        assert not fused[2][x.size:].any()  # the padding to a multiple of 8
+    for bad, why in ((np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"),
+                     (3.4e38, "float32 limit")):
+        x = np.zeros((4096, 16), np.float32)
+        x[100, 3] = bad
+        if bad == 3.4e38:
+            x[100, 4] = -3.4e38
+        with pytest.raises(CodecError, match=why):
+            quantize._quantize_short_rows(jit, x, bits)
+        with monkeypatch.context() as mp:
+            mp.setattr(quantize, "_TORCH_MIN", 1 << 40)
+            with pytest.raises(CodecError, match=why):
+                quantize.quantize_groups(x, bits)
+
+
 def test_many_tensors_in_one_encode_do_not_share_scratch_memory():
     """Each tensor's quantized bytes come from per-encode scratch memory: a payload of many
     tensors must equal the concatenation of the tensors' own value sections (a reused buffer

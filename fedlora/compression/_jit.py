@@ -94,3 +94,81 @@ def row_minmax(x, r0, r1, mn, mx):  # pragma: no cover - compiled
             hi = lo
         mn[r] = lo
         mx[r] = hi
+
+
+@cached_njit
+def affine_rows(x, bits, r0, r1, s_out, z_out, u):  # pragma: no cover - compiled
+    """All of ``quantize_groups`` for rows ``[r0, r1)`` of a 2-D ``x`` of short rows (lora_B
+    slices of r values) in one pass per row while the row is in L1: min/max, the parameters of
+    ``quantize.affine_params`` (the same float64 / float32 operations in the same order),
+    ``_overflow_bound``'s check, then the values into ``u`` (flat, row-major) as ``quantize_range``
+    (and the exact float64 path for a row with ``|z - qmin| >= 2^22``; constant rows set
+    directly, as ``quantize_groups`` does). Returns flags: 1 a row held NaN/Inf, 2 a row's grid
+    would overflow float32 (its values are then not written)."""
+    m = x.shape[1]
+    qmin = -(1 << (bits - 1))
+    qmax = (1 << (bits - 1)) - 1
+    levels = (1 << bits) - 1
+    kk0 = float(1 << (bits - 1))
+    tiny = np.float32(1.1754943508222875e-38)
+    limit = 3.4028234663852886e38 * (1.0 - 2.0 ** -20)
+    lo32 = np.float32(_MAG_INT)
+    hi32 = np.float32(_MAG_INT + levels)
+    flags = 0
+    for r in range(r0, r1):
+        row = x[r]
+        lo = row[0]
+        hi = row[0]
+        nan = False
+        for k in range(1, m):
+            v = row[k]
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
+            nan |= v != v
+        if nan or not (np.isfinite(lo) and np.isfinite(hi)):
+            flags |= 1
+            continue
+        mn = np.float64(lo)
+        mx = np.float64(hi)
+        us = u[r * m:(r + 1) * m]
+        if mn == mx:
+            kk = kk0 if abs(mn) / kk0 >= tiny else 1.0
+            s = np.float32(abs(mn) / kk) if mn != 0 else np.float32(1.0)
+            z = qmax - kk if mn > 0 else (qmin + kk if mn < 0 else float(qmin))
+        else:
+            s64 = (mx - mn) / levels
+            s = np.float32(s64)
+            if np.float64(s) < s64:
+                s = np.float32(np.nextafter(s, np.float32(np.inf)))
+            amax = max(abs(mn), abs(mx))
+            s = max(s, np.float32(amax * 2.0 ** -30))
+            s = max(s, tiny)
+            z = np.rint(qmin - mn / np.float64(s))
+        zi = np.int64(z)
+        far = float(max(abs(qmin - zi), abs(qmax - zi))) * np.float64(s)
+        s_out[r] = s
+        z_out[r] = zi
+        if far > limit:
+            flags |= 2
+            continue
+        if mn == mx:
+            c = np.uint8(levels) if mn > 0 else np.uint8(0)
+            for k in range(m):
+                us[k] = c
+            continue
+        inv = np.float32(1.0) / s
+        zu = zi - qmin
+        if abs(zu) >= (1 << 22):  # far from zero for its spread: exact float64 rounding
+            for k in range(m):
+                t = np.rint(np.float64(row[k] * inv) + np.float64(zu))
+                t = 0.0 if t < 0.0 else t
+                t = levels if t > levels else t
+                us[k] = np.uint8(t)
+            continue
+        ma = np.float32(np.float64(zu) + 12582912.0)
+        for k in range(m):
+            t = row[k] * inv + ma
+            t = lo32 if t < lo32 else t
+            t = hi32 if t > hi32 else t
+            us[k] = np.uint8(np.int32(t) - np.int32(_MAG_INT))
+    return flags

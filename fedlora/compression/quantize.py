@@ -49,9 +49,9 @@ scales, bad widths, non-zero padding bits, and parameters whose decoded range wo
 float32, so decoded values are always finite.
 
 Implementation: per-slice min/max run numpy's SIMD reductions over a small thread pool (for short
-slices, < 256 values, e.g. lora_B rows, where numpy pays a per-row overhead: one compiled pass per
-row range with numba, else torch's row reductions). The
-element-wise passes run, by ``ENGINE`` (``FEDLORA_CODEC_ENGINE``): ``auto`` (default) numba's
+slices, < 256 values, e.g. lora_B rows, where numpy pays a per-row overhead: with numba, one
+compiled pass per row range does all of it, min/max, parameters and values, while the row is in
+L1 (``_jit.affine_rows``); else torch's row reductions). The element-wise passes run, by ``ENGINE`` (``FEDLORA_CODEC_ENGINE``): ``auto`` (default) numba's
 fused one-pass kernels from ``_jit.py`` when numba imports, else numpy ufuncs on cache-sized
 blocks; ``numba``; ``numpy``; ``torch`` (its OpenMP kernels, big tensors only). All engines compute
 the same IEEE operations in the same order, so the payload bytes and decoded values do not depend
@@ -344,6 +344,10 @@ def _zero_width(z: np.ndarray) -> int:
 
 def quantize_groups(x2: np.ndarray, bits: int):
     """Quantize a (g, m) float32 array: returns ``(scales f32[g], zeros i64[g], u uint8 flat)``."""
+    g, m = x2.shape
+    jit = _jit()
+    if 0 < m < 256 and g > 1 and x2.size >= _TORCH_MIN and jit is not None:
+        return _quantize_short_rows(jit, np.ascontiguousarray(x2), bits)
     mn, mx = _row_minmax(x2)
     if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
         raise CodecError("input contains NaN or Inf")
@@ -361,6 +365,26 @@ def quantize_groups(x2: np.ndarray, bits: int):
         u2 = u[: x2.size].reshape(-1, m)
         c = mn[const]
         u2[const] = np.where(c > 0, (1 << bits) - 1, 0).astype(np.uint8)[:, None]
+    return s, z, u
+
+
+def _quantize_short_rows(jit, x2: np.ndarray, bits: int):
+    """:func:`quantize_groups` of many short rows (lora_B slices of r values) by one compiled
+    pass per row range (``_jit.affine_rows``): each row's min/max, parameters and values while it
+    is in L1, where the general path makes five passes over per-row arrays in numpy. The same
+    operations, so the same bytes (tests/test_codecs.py compares the two)."""
+    g, m = x2.shape
+    n = g * m
+    u = scratch(n + (-n) % 8)
+    u[n:] = 0
+    s = np.empty(g, np.float32)
+    z = np.empty(g, np.int64)
+    flags = run_parallel(lambda a, b: jit.affine_rows(x2, bits, a, b, s, z, u), g,
+                         min_per_part=max(1, (1 << 17) // m))
+    if any(f & 1 for f in flags):
+        raise CodecError("input contains NaN or Inf")
+    if any(f & 2 for f in flags):
+        raise CodecError("values too close to the float32 limit for affine quantization")
     return s, z, u
 
 
