@@ -78,22 +78,28 @@ def row_minmax(x, r0, r1, mn, mx):  # pragma: no cover - compiled
     branch-free pass over short rows (lora_B slices of r values), where torch's / numpy's row
     reductions pay a per-row set-up; NaN is tracked beside the comparisons, not by leaving the
     loop, so LLVM can vectorize it."""
-    m = x.shape[1]
     for r in range(r0, r1):
-        row = x[r]
-        lo = row[0]
-        hi = row[0]
-        nan = False
-        for k in range(1, m):
-            v = row[k]
-            lo = v if v < lo else lo
-            hi = v if v > hi else hi
-            nan |= v != v
-        if nan or lo != lo:
+        lo, hi, nan = _row_range(x[r])
+        if nan:
             lo = np.float32(np.nan)
             hi = lo
         mn[r] = lo
         mx[r] = hi
+
+
+@cached_njit
+def _row_range(row):  # pragma: no cover - compiled
+    """(min, max, whether the row holds a NaN) of a 1-D row of >= 1 value, branch-free (NaN is
+    tracked beside the comparisons, so LLVM can vectorize the loop)."""
+    lo = row[0]
+    hi = row[0]
+    nan = lo != lo
+    for k in range(1, row.size):
+        v = row[k]
+        lo = v if v < lo else lo
+        hi = v if v > hi else hi
+        nan |= v != v
+    return lo, hi, nan
 
 
 @cached_njit
@@ -117,14 +123,7 @@ def affine_rows(x, bits, r0, r1, s_out, z_out, u):  # pragma: no cover - compile
     flags = 0
     for r in range(r0, r1):
         row = x[r]
-        lo = row[0]
-        hi = row[0]
-        nan = False
-        for k in range(1, m):
-            v = row[k]
-            lo = v if v < lo else lo
-            hi = v if v > hi else hi
-            nan |= v != v
+        lo, hi, nan = _row_range(row)
         if nan or not (np.isfinite(lo) and np.isfinite(hi)):
             flags |= 1
             continue
