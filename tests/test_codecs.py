@@ -653,6 +653,34 @@ def test_fused_short_row_quantizer_is_bit_identical_to_the_general_path(monkeypa
                 quantize.quantize_groups(x, bits)
 
 
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_compiled_bit_packing_is_the_numpy_layout(bits):
+    """``_jit.pack_groups`` / ``unpack_groups`` (8 values <-> ``bits`` bytes) write and read
+    exactly ``binary.pack_bits``'s bytes at every width; ``quantize._pack`` / ``_unpack`` (the
+    kernels split across threads for 3, 5, 6, 7 bits, numpy's shifts for 1, 2, 4) too, for
+    lengths that end inside a group."""
+    pytest.importorskip("numba")
+    from fedlora.compression.binary import pack_bits, unpack_bits
+
+    jit = quantize._jit()
+    rng = np.random.default_rng(bits)
+    for n in (1 << 15, (1 << 15) + 5, 100_003):
+        vals = rng.integers(0, 1 << bits, n).astype(np.uint8)
+        padded = np.zeros(n + (-n) % 8, np.uint8)
+        padded[:n] = vals
+        want = pack_bits(vals, bits)
+        groups = padded.size // 8
+        direct = np.empty(groups * bits, np.uint8)
+        jit.pack_groups(padded, bits, 0, groups, direct)
+        assert direct[: want.size].tobytes() == want.tobytes(), (bits, n)
+        assert quantize._pack(padded, n, bits).tobytes() == want.tobytes(), (bits, n)
+        back = np.zeros(padded.size, np.uint8)
+        jit.unpack_groups(direct, bits, 0, groups, back)
+        assert back[:n].tobytes() == vals.tobytes()
+        assert quantize._unpack(want, n, bits).tobytes() == vals.tobytes()
+        assert unpack_bits(want, n, bits).tobytes() == vals.tobytes()
+
+
 def test_many_tensors_in_one_encode_do_not_share_scratch_memory():
     """Each tensor's quantized bytes come from per-encode scratch memory: a payload of many
     tensors must equal the concatenation of the tensors' own value sections (a reused buffer

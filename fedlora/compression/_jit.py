@@ -171,3 +171,29 @@ def affine_rows(x, bits, r0, r1, s_out, z_out, u):  # pragma: no cover - compile
             t = hi32 if t > hi32 else t
             us[k] = np.uint8(np.int32(t) - np.int32(_MAG_INT))
     return flags
+
+
+@cached_njit
+def pack_groups(u, bits, g0, g1, out):  # pragma: no cover - compiled
+    """Bit-pack groups ``[g0, g1)`` of 8 ``uint8`` values ``< 2**bits`` (``bits`` in 1..7): group
+    ``g``'s values ``u[8g : 8g+8]`` become the ``bits`` bytes ``out[g*bits : (g+1)*bits]``, value
+    ``j`` at bits ``[bits*j, bits*(j+1))`` of their little-endian integer (``binary.pack_bits``'s
+    LSB-first layout)."""
+    for g in range(g0, g1):
+        w = np.uint64(0)
+        for j in range(8):
+            w |= np.uint64(u[8 * g + j]) << np.uint64(bits * j)
+        for k in range(bits):
+            out[g * bits + k] = np.uint8((w >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+
+@cached_njit
+def unpack_groups(p, bits, g0, g1, u):  # pragma: no cover - compiled
+    """Inverse of :func:`pack_groups` for groups ``[g0, g1)``."""
+    mask = np.uint64((1 << bits) - 1)
+    for g in range(g0, g1):
+        w = np.uint64(0)
+        for k in range(bits):
+            w |= np.uint64(p[g * bits + k]) << np.uint64(8 * k)
+        for j in range(8):
+            u[8 * g + j] = np.uint8((w >> np.uint64(bits * j)) & mask)

@@ -93,6 +93,7 @@ _CHUNK = 1 << 20       # elements per element-wise block (torch path)
 _NP_CHUNK = 1 << 16    # elements per block (numpy path, stays in L2)
 _TORCH_MIN = 1 << 15
 _PARAM_BLOCK = 1 << 16  # slices per block when checking decoded parameters
+_BYTE_WIDTHS = (1, 2, 4, 8)  # bit widths numpy packs with word-wide shifts
 # element-wise engine: "auto" (default) = numba's fused one-pass kernels (``_jit.py``) when numba
 # imports, else numpy; "numba"; "numpy" = numpy ufuncs on cache-sized blocks over a small thread
 # pool; "torch" = torch's OpenMP kernels on 1M-element blocks (big tensors only). Identical IEEE
@@ -334,6 +335,37 @@ def _dequantize(u: np.ndarray, s: np.ndarray, zu: np.ndarray, shape, g: int) -> 
     return out
 
 
+def _pack(u: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """``pack_bits(u, bits)[:packed_len(n, bits)]`` for the quantized values ``u`` (flat, zero
+    padded to a multiple of 8). Widths that divide a byte (1, 2, 4, 8) keep numpy's word-wide
+    shifts (already near memory speed); the others (3, 5, 6, 7), where numpy assembles 64-bit
+    words in eight passes, are compiled and split across threads when numba runs
+    (``_jit.pack_groups``, the same bytes: 3x faster at 3 bits)."""
+    jit = _jit()
+    if jit is None or bits in _BYTE_WIDTHS or n < _TORCH_MIN or u.size % 8:
+        return pack_bits(u, bits)[: packed_len(n, bits)]
+    groups = u.size // 8
+    out = scratch(groups * bits)
+    run_parallel(lambda a, b: jit.pack_groups(u, bits, a, b, out), groups,
+                 min_per_part=1 << 15)
+    return out[: packed_len(n, bits)]
+
+
+def _unpack(p: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """``unpack_bits(p, n, bits)``; for the widths :func:`_pack` compiles, the whole groups of 8
+    values by ``_jit.unpack_groups`` across threads, the last partial group by numpy."""
+    jit = _jit()
+    if jit is None or bits in _BYTE_WIDTHS or n < _TORCH_MIN:
+        return unpack_bits(p, n, bits)
+    full = n // 8
+    u = np.empty(n, np.uint8)
+    run_parallel(lambda a, b: jit.unpack_groups(p, bits, a, b, u), full,
+                 min_per_part=1 << 15)
+    if n > 8 * full:  # the tail starts on a byte boundary: 8 * full * bits bits
+        u[8 * full:] = unpack_bits(p[full * bits:], n - 8 * full, bits)
+    return u
+
+
 def _zero_width(z: np.ndarray) -> int:
     lo, hi = (int(z.min()), int(z.max())) if z.size else (0, 0)
     for w in (1, 2, 4):
@@ -447,7 +479,7 @@ class Affine(ValueCoder):
         out.append(bytes([zw]))
         out.append(as_bytes(s.astype("<f4")))
         out.append(as_bytes(z.astype(f"<i{zw}")))
-        out.append(as_bytes(pack_bits(u, self.bits)[: packed_len(x.size, self.bits)]))
+        out.append(as_bytes(_pack(u, x.size, self.bits)))
 
     # -- decode -----------------------------------------------------------------------------
     def decode_values(self, r: Reader, shape, groups, name):
@@ -475,7 +507,7 @@ class Affine(ValueCoder):
         used = n * b - 8 * (nb - 1)
         if nb and used < 8 and int(p[-1]) >> used:
             raise CodecError(f"tensor {name!r}: non-zero padding bits in packed values")
-        u = unpack_bits(p, n, b)
+        u = _unpack(p, n, b)
         return _dequantize(u, s, _zero_offsets(z, -(1 << (b - 1))), shape, groups)
 
 
