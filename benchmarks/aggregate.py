@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--replies", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "results" / "aggregate"))
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="configurations whose name starts with one of these (a quick look; "
+                         "writes nothing)")
     a = ap.parse_args(argv)
     import logging
 
@@ -151,6 +154,8 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for name, (rc, streamed) in CONFIGS.items():
+        if a.only is not None and not any(name.startswith(o) for o in a.only):
+            continue
         replies = replies_for(rc, a.replies, glob, shapes)
         aggregate_once(rc, a.replies, glob, shapes, replies)  # warm-up (numba, caches)
         times = [aggregate_once(rc, a.replies, glob, shapes, replies)[0]
@@ -169,6 +174,8 @@ def main(argv=None) -> int:
         print(f"{name:44s} {row['seconds_min']:.3f} s (max {row['seconds_max']:.3f}) "
               f"= {row['ratio_vs_np_add']:.1f}x np.add | peak {row['peak_x_model']:.2f}x the "
               f"model | reply {reply_bytes / 1e6:.2f} MB{tgt}", flush=True)
+    if a.only is not None:
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aggregate.json").write_text(json.dumps({

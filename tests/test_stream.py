@@ -190,3 +190,113 @@ def test_fused_add_refuses_mismatched_shapes_before_touching_the_sum():
     assert all(np.array_equal(acc[k], before[k]) for k in acc)
     with pytest.raises(ValueError, match="reference"):
         kernels.sumsq({"a": np.ones((2, 3), np.float32)}, {"a": np.ones((3, 2), np.float32)})
+
+
+# ------------------------------------------------------------------------------------------
+# decoding straight into the sum (kernels.sections_add_and_sumsq, stream step 2a)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_sections_into_the_sum_give_the_bits_of_decoding_each_reply(bits, with_ref):
+    """Five replies of affine:b payloads added from their sections, tile by tile (tensors of
+    several tiles, a tail that is not a multiple of 8, short lora_B rows, a raw 1-D tensor),
+    give the float64 sum and the per-reply sums of squares of add_and_sumsq over the decoded
+    tensors, bit for bit, at every bit width (the 8-bit, 4-bit and straddling-field paths)."""
+    from fedlora.compression import parse_spec
+    from fedlora.strategies import kernels
+
+    rng = np.random.default_rng(bits)
+    shapes = OrderedDict([("l.lora_A.weight", (5, 9001)), ("l.lora_B.weight", (4099, 5)),
+                          ("norm.weight", (37,)), ("tiny", (3, 3))])
+    pipe = parse_spec(f"affine:{bits}")
+    ref = OrderedDict((k, rng.standard_normal(s).astype(np.float32)) for k, s in shapes.items()) \
+        if with_ref else None
+    payloads = [pipe.encode(OrderedDict((k, (rng.standard_normal(s) * (q + 1)).astype(
+        np.float32)) for k, s in shapes.items())) for q in range(5)]
+    weights = [0.1, 0.3, 0.05, 0.25, 0.3]
+    want = OrderedDict((k, np.zeros(s)) for k, s in shapes.items())
+    want_ss = [kernels.add_and_sumsq(want, pipe.decode(p, expected=shapes), w, ref)
+               for p, w in zip(payloads, weights)]
+    got = OrderedDict((k, np.zeros(s)) for k, s in shapes.items())
+    secs = [pipe.sections(p, shapes) for p in payloads]
+    assert {s["l.lora_A.weight"].kind for s in secs} == {"affine"}
+    assert secs[0]["norm.weight"].kind == "dense"  # 1-D: raw float32, a view of the payload
+    got_ss = kernels.sections_add_and_sumsq(got, secs, weights,
+                                            [np.frombuffer(p, np.uint8) for p in payloads], ref)
+    assert got_ss == want_ss
+    for k in shapes:
+        assert got[k].tobytes() == want[k].tobytes(), k
+
+
+def test_sections_are_checked_as_a_decode_checks(task_identity):
+    """Pipeline.sections makes every check decode makes, with the same errors: another chain,
+    wrong shapes, a bad scale, set padding bits, trailing bytes; values() is decode's output."""
+    from fedlora.compression import CodecError, parse_spec
+
+    shapes = OrderedDict([("w", (4, 10)), ("b", (3,))])
+    t = OrderedDict([("w", np.arange(40, dtype=np.float32).reshape(4, 10)),
+                     ("b", np.ones(3, np.float32))])
+    pipe = parse_spec("affine:3")
+    good = pipe.encode(t)
+    secs = pipe.sections(good, shapes)
+    dec = pipe.decode(good, expected=shapes)
+    for k in shapes:
+        assert secs[k].values(shapes[k]).tobytes() == dec[k].tobytes()
+    bad_scale = bytearray(good)
+    head = len(good) - (1 + 4 * 5 + 15 + 12)  # w's section: zw, 4 scales, 4 zeros, 15 bytes
+    bad_scale[head + 1:head + 5] = np.float32(-1).tobytes()
+    cases = [(parse_spec("affine:4").encode(t), "encoded with"),
+             (good + b"\x00", "trailing"),
+             (bytes(bad_scale), "non-positive affine scale")]
+    for payload, why in cases:
+        for fn in (lambda p: pipe.sections(p, shapes),
+                   lambda p: pipe.decode(p, expected=shapes)):
+            with pytest.raises(CodecError, match=why):
+                fn(payload)
+    with pytest.raises(CodecError, match="shape"):
+        pipe.sections(parse_spec("affine:3").encode(
+            OrderedDict([("w", np.ones((5, 8), np.float32)), ("b", np.ones(3, np.float32))]),
+            by_digest=False), shapes)
+    with pytest.raises(NotImplementedError):
+        parse_spec("affine:4|zstd").sections(good, shapes)
+
+
+def test_stream_decodes_dense_affine_replies_into_the_sum_and_falls_back_otherwise(
+        task_identity, monkeypatch):
+    """A round of affine:4 replies (broadcast reference) goes through step 2a; top-k replies
+    and a method with its own validate_update through step 2b; both bit-identical to
+    decode-all (test_honest_round_is_bit_identical_to_decoding_every_reply covers the rest)."""
+    from fedlora.strategies import kernels
+
+    calls = []
+    real = kernels.sections_add_and_sumsq
+    monkeypatch.setattr(kernels, "sections_add_and_sumsq",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def replies(s, msgs):
+        return [reply(m, honest(s, m, 1, i), n=n) for i, (m, n) in enumerate(zip(msgs, (10, 5, 40,
+                                                                                       10, 12)))]
+
+    for spec, sectioned in (("affine:4", True), ("fp32", True), ("topk:0.5|affine:4", False),
+                            ("affine:4|zstd", False)):
+        calls.clear()
+        (a, ra, _), (b, rb, _) = both("flocora", replies, codec_up=spec)
+        assert bool(calls) is sectioned, spec
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+        assert ra["clients"] == rb["clients"] == 5
+    # a hostile reply among them is dropped with a decode's error, the rest still sectioned
+    calls.clear()
+
+    def with_bad(s, msgs):
+        out = replies(s, msgs)
+        out[2] = reply(msgs[2], honest(s, msgs[2], 1, 2), spec="affine:8")
+        return out
+
+    (a, ra, _), (b, rb, _) = both("flocora", with_bad, codec_up="affine:4")
+    assert calls and ra["clients"] == rb["clients"] == 4
+    assert ra["dropped_reasons"] == rb["dropped_reasons"] and "affine:8" in str(
+        ra["dropped_reasons"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

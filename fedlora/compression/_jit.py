@@ -197,3 +197,23 @@ def unpack_groups(p, bits, g0, g1, u):  # pragma: no cover - compiled
             w |= np.uint64(p[g * bits + k]) << np.uint64(8 * k)
         for j in range(8):
             u[8 * g + j] = np.uint8((w >> np.uint64(bits * j)) & mask)
+
+
+@cached_njit
+def affine_section_params(s, z, bits, zu):  # pragma: no cover - compiled
+    """The checks and offsets of a decoded affine section's parameters in one pass: returns
+    (every scale finite and > 0, ``quantize._overflow_bound(s, z, bits)``) and writes
+    ``zu[r] = float32(z[r] - qmin)`` (``quantize._zero_offsets``) — the same operations, for a
+    server that reads thousands of small sections a round."""
+    qmin = -(1 << (bits - 1))
+    qmax = (1 << (bits - 1)) - 1
+    ok = True
+    bound = 0.0
+    for r in range(s.size):
+        sr = s[r]
+        ok &= (sr > 0) and (sr < np.inf)
+        zr = np.int64(z[r])
+        far = np.float64(max(abs(qmin - zr), abs(qmax - zr))) * np.float64(sr)
+        bound = far if far > bound else bound
+        zu[r] = np.float32(zr - qmin)
+    return ok, bound

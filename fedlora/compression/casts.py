@@ -17,7 +17,7 @@ import numpy as np
 
 from .arrays import _torch, as_bytes, check_finite
 from .binary import Reader
-from .codec import ValueCoder, register
+from .codec import DenseSection, ValueCoder, register
 from .errors import CodecError
 
 _TORCH_MIN = 1 << 15  # below this many values numpy is faster than a torch kernel launch
@@ -51,11 +51,12 @@ class Fp32(_FixedWidth):
         out.append(as_bytes(np.ascontiguousarray(x, dtype="<f4")))
 
     def decode_values(self, r: Reader, shape, groups, name):
+        return self.read_section(r, shape, groups, name).values(shape)
+
+    def read_section(self, r: Reader, shape, groups, name):
         raw = r.array("<f4", math.prod(shape), f"fp32 values of {name!r}")
         check_finite(raw, f"tensor {name!r} (fp32 values)")
-        out = np.empty(shape, dtype=np.float32)
-        out.reshape(-1)[...] = raw
-        return out
+        return DenseSection(raw)  # a view of the payload: DenseSection.values copies it
 
 
 class _TwoByteCast(_FixedWidth):

@@ -21,7 +21,7 @@ from .binary import Reader
 from .errors import SpecError
 
 __all__ = ["Codec", "Sparsifier", "ValueCoder", "LosslessCodec", "Dense", "slice_groups",
-           "register", "registered_ids", "codec_class"]
+           "register", "registered_ids", "codec_class", "Section", "DenseSection"]
 
 _REGISTRY: dict[str, type["Codec"]] = {}
 
@@ -119,6 +119,39 @@ class ValueCoder(Codec):
     def decode_values(self, r: Reader, shape: tuple[int, ...], groups: int,
                       name: str) -> np.ndarray:
         raise NotImplementedError
+
+    def read_section(self, r: Reader, shape: tuple[int, ...], groups: int,
+                     name: str) -> "Section":
+        """The value section, checked exactly as :meth:`decode_values` checks it, where a coder
+        can leave the float32 values unformed (``affine``: its scales, zero-points and packed
+        bytes, for a consumer that decodes into a running sum). Default: the decoded values."""
+        return DenseSection(self.decode_values(r, shape, groups, name).reshape(-1))
+
+
+class Section:
+    """A checked value section of ``n`` values (:meth:`ValueCoder.read_section`)."""
+
+    kind: ClassVar[str] = ""
+    n: int
+
+    def values(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The float32 values, as :meth:`ValueCoder.decode_values` returns them."""
+        raise NotImplementedError
+
+
+class DenseSection(Section):
+    """Values already in float32 (flat, finite; possibly a read-only view of the payload)."""
+
+    kind = "dense"
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.n = int(x.size)
+
+    def values(self, shape):
+        out = np.empty(shape, np.float32)
+        out.reshape(-1)[...] = self.x
+        return out
 
 
 class Sparsifier(Codec):

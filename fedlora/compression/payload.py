@@ -96,7 +96,7 @@ import numpy as np
 
 from .arrays import to_float32
 from .binary import Reader, uvarint, uvarint_len
-from .codec import Dense, LosslessCodec, Sparsifier, ValueCoder
+from .codec import Dense, LosslessCodec, Section, Sparsifier, ValueCoder, slice_groups
 from .errors import CodecError, SpecError
 from .runtime import scratch_scope
 from .spec import MAX_SPEC_BYTES, chain_of, parse_stages, stages_from_config
@@ -394,6 +394,19 @@ class Pipeline:
         arguments and the memory contract are those of :func:`decode_payload`."""
         return _decode(payload, expected, max_elements, self)
 
+    def sections(self, payload, expected: Mapping[str, Sequence[int]],
+                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Section]:
+        """The checked value sections of a payload of this dense chain (no sparsifier, no
+        lossless stage; NotImplementedError otherwise), in ``expected``'s order: every check
+        :meth:`decode` makes, the same CodecErrors, but the values left unformed where the
+        value coder allows (``affine``: :class:`~.quantize.AffineSection`), so a consumer can
+        decode them straight into a running sum (``strategies/stream.py``). ``section.values(
+        shape)`` is what :meth:`decode` returns for that tensor."""
+        if self.sparsifier is not None or self.lossless:
+            raise NotImplementedError(f"{self.spec!r}: sections are for dense chains without "
+                                      "lossless stages")
+        return _sections(payload, expected, max_elements, self)
+
     def _decode_body(self, r: Reader, table) -> dict[str, np.ndarray]:
         sp = self.sparsifier or _DENSE
         vc = self.value_coder
@@ -425,16 +438,37 @@ def parse_spec(spec: str | Pipeline) -> Pipeline:
     return Pipeline(parse_stages(spec), _spec_text=spec)
 
 
+def _open(payload, expected, max_elements, pipe: Pipeline | None):
+    """``read_header`` plus the checks every decode makes before the body: the chain is
+    ``pipe``'s (when given) and the table is known. ``(pipeline, table, reader)``."""
+    got, table, r = read_header(payload, int(max_elements), expected)
+    if pipe is not None and got.spec != pipe.spec:
+        raise CodecError(f"payload was encoded with {got.spec!r}, this pipeline is "
+                         f"{pipe.spec!r}")
+    if table is None:
+        raise CodecError("payload names its tensors by a digest of their table; decoding "
+                         "it needs the expected names and shapes")
+    return got, table, r
+
+
+def _sections(payload, expected, max_elements, pipe: Pipeline) -> dict[str, Section]:
+    try:
+        _, table, r = _open(payload, expected, max_elements, pipe)
+        _check_expected(table, expected)
+        vc = pipe.value_coder
+        out = {name: vc.read_section(r, shape, slice_groups(shape), name)
+               for name, shape in table}
+        r.done("body")
+        return {name: out[name] for name in expected}
+    except CodecError:
+        raise
+    except Exception as err:  # defence in depth, as _decode
+        raise CodecError(f"unexpected decoder failure ({type(err).__name__}: {err})") from err
+
+
 def _decode(payload, expected, max_elements, pipe: Pipeline | None) -> dict[str, np.ndarray]:
     try:
-        max_elements = int(max_elements)
-        got, table, r = read_header(payload, max_elements, expected)
-        if pipe is not None and got.spec != pipe.spec:
-            raise CodecError(f"payload was encoded with {got.spec!r}, this pipeline is "
-                             f"{pipe.spec!r}")
-        if table is None:
-            raise CodecError("payload names its tensors by a digest of their table; decoding "
-                             "it needs the expected names and shapes")
+        got, table, r = _open(payload, expected, max_elements, pipe)
         if expected is None:
             _check_expansion(got, table, r.end)
             return got._decode_body(r, table)

@@ -80,11 +80,11 @@ import numpy as np
 from .arrays import FLT_MAX, _torch, as_bytes
 from .binary import Reader, pack_bits, packed_len, unpack_bits
 from .casts import Fp32
-from .codec import ValueCoder, register
+from .codec import Section, ValueCoder, register
 from .errors import CodecError, SpecError
 from .runtime import run_parallel, scratch
 
-__all__ = ["Affine", "affine_params", "quantize_groups"]
+__all__ = ["Affine", "AffineSection", "affine_params", "quantize_groups"]
 
 _MAG = 12582912.0  # 1.5 * 2**23: float32 x + _MAG rounds x to an integer in the low mantissa bits
 _TINY = float(np.finfo(np.float32).tiny)
@@ -483,10 +483,15 @@ class Affine(ValueCoder):
 
     # -- decode -----------------------------------------------------------------------------
     def decode_values(self, r: Reader, shape, groups, name):
+        return self.read_section(r, shape, groups, name).values(shape)
+
+    def read_section(self, r: Reader, shape, groups, name):
+        """The section checked (parameters, padding bits) without forming the values: an
+        :class:`AffineSection` (a :class:`DenseSection` of raw float32 when ``groups == 0``)."""
         n = math.prod(shape)
         b = self.bits
         if groups == 0:
-            return _RAW.decode_values(r, shape, groups, name)
+            return _RAW.read_section(r, shape, groups, name)
         if groups <= 0 or n % groups:
             raise CodecError(f"tensor {name!r}: {n} values do not split into {groups} slices")
         zw = r.u8(f"zero-point width of {name!r}")
@@ -498,17 +503,41 @@ class Affine(ValueCoder):
                              f"{r.remaining} left")
         s = r.array("<f4", groups, f"scales of {name!r}").astype(np.float32)
         z = r.array(f"<i{zw}", groups, f"zero-points of {name!r}")  # read-only view
-        if not (float(s.min()) > 0 and float(s.max()) < math.inf):  # (NaN fails both)
+        jit = _jit() if groups <= _PARAM_BLOCK else None
+        if jit is not None:  # one compiled pass (a server reads thousands of sections a round)
+            zu = np.empty(groups, np.float32)
+            ok, bound = jit.affine_section_params(s, z, b, zu)
+        else:
+            ok = float(s.min()) > 0 and float(s.max()) < math.inf  # (NaN fails both)
+            bound = _overflow_bound(s, z, b) if ok else 0.0
+        if not ok:
             raise CodecError(f"tensor {name!r}: non-finite or non-positive affine scale")
-        if _overflow_bound(s, z, b) > _OVERFLOW_LIMIT:
+        if bound > _OVERFLOW_LIMIT:
             raise CodecError(f"tensor {name!r}: affine parameters overflow float32")
+        if jit is None:
+            zu = _zero_offsets(z, -(1 << (b - 1)))
         nb = packed_len(n, b)
         p = r.array("u1", nb, f"packed values of {name!r}")
         used = n * b - 8 * (nb - 1)
         if nb and used < 8 and int(p[-1]) >> used:
             raise CodecError(f"tensor {name!r}: non-zero padding bits in packed values")
-        u = _unpack(p, n, b)
-        return _dequantize(u, s, _zero_offsets(z, -(1 << (b - 1))), shape, groups)
+        return AffineSection(s, zu, p, n, groups, b)
+
+
+class AffineSection(Section):
+    """A checked ``affine:b`` section: value ``i`` is ``fl(fl(u_i - zu[r]) * s[r])`` with ``u_i``
+    the ``b``-bit field ``i`` of ``p`` (LSB-first) and ``r = i // (n / groups)``; every such value
+    is finite (the overflow check)."""
+
+    kind = "affine"
+
+    def __init__(self, s, zu, p, n: int, groups: int, bits: int) -> None:
+        self.s, self.zu, self.p = s, zu, p
+        self.n, self.groups, self.bits = n, groups, bits
+
+    def values(self, shape):
+        return _dequantize(_unpack(self.p, self.n, self.bits), self.s, self.zu, shape,
+                           self.groups)
 
 
 _RAW = Fp32()  # the value section of an ungrouped (1-D) tensor: raw float32

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..compression._jit import cached_njit
 
-__all__ = ["sumsq", "add_and_sumsq"]
+__all__ = ["sumsq", "add_and_sumsq", "sections_add_and_sumsq"]
 
 
 @cached_njit
@@ -121,3 +121,198 @@ def add_and_sumsq(acc, tensors, w: float, reference=None) -> float:
     for x, out, r, has in work:
         total += _pass(x, r, has, out, float(w), True)
     return total
+
+
+# ------------------------------------------------------------------------------------------
+# decoding straight into the running sum: every reply of a round at once, tile by tile
+
+
+_TILE = 1 << 14  # elements per tile: the float64 sum tile (128 KB) stays in L2 across replies
+
+
+@cached_njit
+def _affine_values(p, bits, m, s, zu, i0, i1, out):  # pragma: no cover - compiled
+    """``out[k - i0]`` = value ``k`` of an affine section (``AffineSection``: ``b``-bit field
+    ``k`` of ``p``, row ``k // m``), ``fl(fl(u - zu[r]) * s[r])`` as ``_jit.dequantize_range``
+    computes it, for ``k`` in ``[i0, i1)``."""
+    mask = (1 << bits) - 1
+    i = i0
+    while i < i1:
+        r = i // m
+        e = min(i1, (r + 1) * m)
+        sr = s[r]
+        zr = zu[r]
+        if bits == 8:
+            for k in range(i, e):
+                out[k - i0] = (np.float32(p[k]) - zr) * sr
+        elif bits == 4:
+            k = i
+            if k & 1 and k < e:  # a row that starts on a high nibble
+                out[k - i0] = (np.float32(p[k >> 1] >> 4) - zr) * sr
+                k += 1
+            o = out[k - i0:]
+            b = p[k >> 1:]
+            pairs = (e - k) >> 1
+            for j in range(pairs):  # two values a byte, low nibble first
+                byte = b[j]
+                o[2 * j] = (np.float32(byte & 15) - zr) * sr
+                o[2 * j + 1] = (np.float32(byte >> 4) - zr) * sr
+            k += 2 * pairs
+            if k < e:
+                out[k - i0] = (np.float32(p[k >> 1] & 15) - zr) * sr
+        else:
+            for k in range(i, e):
+                pos = k * bits
+                j = pos >> 3
+                sh = pos & 7
+                v = np.int64(p[j])
+                if sh + bits > 8:
+                    v |= np.int64(p[j + 1]) << 8
+                out[k - i0] = (np.float32((v >> sh) & mask) - zr) * sr
+        i = e
+
+
+@cached_njit
+def _lanes(x, ref, has_ref, acc, w, lanes):  # pragma: no cover - compiled
+    """:func:`_pass` over one tile that starts at a multiple of 8 of its tensor, its eight lane
+    sums (and, in a tensor's last tile, the tail's) carried in ``lanes[0:9]`` across tiles, so
+    the lanes see the same additions in the same order as one :func:`_pass` of the tensor."""
+    n = x.size
+    s0, s1, s2, s3 = lanes[0], lanes[1], lanes[2], lanes[3]
+    s4, s5, s6, s7 = lanes[4], lanes[5], lanes[6], lanes[7]
+    i = 0
+    while i + 8 <= n:
+        d0 = np.float64(x[i])
+        d1 = np.float64(x[i + 1])
+        d2 = np.float64(x[i + 2])
+        d3 = np.float64(x[i + 3])
+        d4 = np.float64(x[i + 4])
+        d5 = np.float64(x[i + 5])
+        d6 = np.float64(x[i + 6])
+        d7 = np.float64(x[i + 7])
+        acc[i] += w * d0
+        acc[i + 1] += w * d1
+        acc[i + 2] += w * d2
+        acc[i + 3] += w * d3
+        acc[i + 4] += w * d4
+        acc[i + 5] += w * d5
+        acc[i + 6] += w * d6
+        acc[i + 7] += w * d7
+        if has_ref:
+            d0 -= np.float64(ref[i])
+            d1 -= np.float64(ref[i + 1])
+            d2 -= np.float64(ref[i + 2])
+            d3 -= np.float64(ref[i + 3])
+            d4 -= np.float64(ref[i + 4])
+            d5 -= np.float64(ref[i + 5])
+            d6 -= np.float64(ref[i + 6])
+            d7 -= np.float64(ref[i + 7])
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+        s4 += d4 * d4
+        s5 += d5 * d5
+        s6 += d6 * d6
+        s7 += d7 * d7
+        i += 8
+    t = lanes[8]
+    while i < n:
+        d = np.float64(x[i])
+        acc[i] += w * d
+        if has_ref:
+            d -= np.float64(ref[i])
+        t += d * d
+        i += 1
+    lanes[0], lanes[1], lanes[2], lanes[3] = s0, s1, s2, s3
+    lanes[4], lanes[5], lanes[6], lanes[7] = s4, s5, s6, s7
+    lanes[8] = t
+
+
+@cached_njit
+def _affine_tensor(payloads, offs, bits, m, S, ZU, ref, has_ref, acc, W, lanes,
+                   tmp):  # pragma: no cover - compiled
+    """One tensor of every reply into ``acc``: for each tile, for each reply ``q`` in order,
+    its values (packed at ``payloads[q][offs[q]:]``) decoded into ``tmp`` and added with weight
+    ``W[q]``, its lanes in ``lanes[q]``. Returns nothing; the caller combines the lanes."""
+    n = acc.size
+    nb = (n * bits + 7) // 8
+    for t0 in range(0, n, tmp.size):
+        t1 = min(n, t0 + tmp.size)
+        x = tmp[: t1 - t0]
+        for q in range(W.size):
+            p = payloads[q][offs[q]:offs[q] + nb]
+            _affine_values(p, bits, m, S[q], ZU[q], t0, t1, x)
+            _lanes(x, ref[t0:t1] if has_ref else ref, has_ref, acc[t0:t1], W[q], lanes[q])
+
+
+def _combine(lanes) -> float:
+    """:func:`_pass`'s final sum of its lanes and its tail."""
+    s = [float(v) for v in lanes]
+    return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + s[8]
+
+
+def sections_add_and_sumsq(acc, replies, weights, payloads, reference=None) -> list[float]:
+    """What :func:`add_and_sumsq` gives for each reply in turn (``acc[k] += w_q · x_q[k]`` in
+    reply order; per reply the sum of squares of ``x_q − reference``, tensor after tensor, the
+    same float64 operations in the same order, so the same bits), from the replies' checked
+    value sections (``Pipeline.sections``) instead of their decoded tensors: an ``affine``
+    tensor is decoded tile by tile into a small buffer and added while the sum's tile is in
+    cache, every reply in turn, so neither a reply's dense copy nor a pass of the whole float64
+    sum per reply is paid. ``payloads[q]``: reply ``q``'s payload as a uint8 array, the memory
+    its sections view. Tensors are split across the codec threads (each tensor's lanes are
+    formed by one thread, in order)."""
+    from numba.typed import List
+
+    from ..compression.runtime import run_parallel
+
+    names = list(acc)
+    for secs in replies:
+        if list(secs) != names:
+            raise ValueError(f"a reply's sections {list(secs)[:3]}... are not the running "
+                             f"sum's tensors {names[:3]}...")
+    nrep = len(replies)
+    sums = np.zeros((nrep, len(names)))
+    w = np.asarray(weights, np.float64)
+    bufs = List()
+    for p in payloads:
+        bufs.append(p)
+
+    def tensor(j: int) -> None:
+        k = names[j]
+        out = acc[k].reshape(-1)
+        ref, has = _ref(reference, k, acc[k])
+        secs = [r[k] for r in replies]
+        kinds = {(s.kind, getattr(s, "bits", 0)) for s in secs}
+        if len(kinds) == 1 and secs[0].kind == "affine" and out.size:
+            lanes = np.zeros((nrep, 9))
+            offs = np.array([s.p.ctypes.data - payloads[q].ctypes.data
+                             for q, s in enumerate(secs)], np.int64)
+            nb = secs[0].p.size
+            for q, s in enumerate(secs):  # the kernel reads payloads[q][off:off+nb] unchecked
+                if not (s.p.size == nb and 0 <= offs[q] <= payloads[q].size - nb):
+                    raise ValueError(f"{k}: reply {q}'s packed values are not inside its payload")
+            S = np.stack([s.s for s in secs])
+            ZU = np.stack([s.zu for s in secs])
+            m = out.size // secs[0].groups
+            _affine_tensor(bufs, offs, secs[0].bits, m, S, ZU, ref, has, out, w, lanes,
+                           np.empty(min(_TILE, out.size), np.float32))
+            for q in range(nrep):
+                sums[q, j] = _combine(lanes[q])
+            return
+        for q, s in enumerate(secs):  # dense (raw fp32 views) or mixed: one pass per reply
+            x = s.x if s.kind == "dense" else s.values(acc[k].shape).reshape(-1)
+            sums[q, j] = _pass(x, ref, has, out, float(w[q]), True)
+
+    def part(a: int, b: int) -> None:
+        for j in range(a, b):
+            tensor(j)
+
+    run_parallel(part, len(names), min_per_part=1)
+    totals = []
+    for q in range(nrep):
+        total = 0.0
+        for j in range(len(names)):
+            total += float(sums[q, j])
+        totals.append(total)
+    return totals

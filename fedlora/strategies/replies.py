@@ -125,10 +125,37 @@ def decode_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
     for k, v in tensors.items():
         if not np.all(np.isfinite(v)):
             raise MalformedReply(f"{k} holds NaN/Inf")
+    _check_params_up(up, shapes)
+    return OrderedDict(tensors)
+
+
+def _check_params_up(up: ClientUpdate, shapes: Mapping[str, tuple[int, ...]]) -> None:
     most = sum(math.prod(s) for s in shapes.values())
     if not 0 <= up.metrics.get("params-up", 0.0) <= most:
         raise MalformedReply(f"params-up {up.metrics['params-up']!r} is outside [0, {most}]")
-    return OrderedDict(tensors)
+
+
+#: value coders whose sections are finite by construction (``fp32`` checks, ``affine``'s
+#: overflow check bounds every value), so :func:`section_tensors` needs no NaN/Inf pass
+SECTION_CODERS = ("fp32", "affine")
+
+
+def sections_apply(want: Pipeline) -> bool:
+    """Whether replies of chain ``want`` can be read as sections (:func:`section_tensors`)."""
+    return (want.sparsifier is None and not want.lossless
+            and want.value_coder.codec_id in SECTION_CODERS)
+
+
+def section_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
+                    shapes: Mapping[str, tuple[int, ...]]) -> tuple[bytes, "OrderedDict"]:
+    """:func:`decode_tensors` without forming the values, for a chain :func:`sections_apply`
+    admits: ``(payload, {name: section})``, every check made (the codec, the shapes, the
+    section parameters, finite values, ``params-up``), the same errors; the sections view
+    ``payload``."""
+    payload = record_payload(msg.content.array_records[ADAPTER_KEY])
+    secs = want.sections(payload, shapes)
+    _check_params_up(up, shapes)
+    return payload, OrderedDict(secs)
 
 
 def decode_reply(msg: Message, want: Pipeline, shapes: Mapping[str, tuple[int, ...]]

@@ -44,7 +44,8 @@ from flwr.app import Message
 
 from ..wire import payload_bytes
 from . import guard, kernels
-from .replies import ADAPTER_KEY, ClientUpdate, MalformedReply, decode_tensors, read_reply
+from .replies import (ADAPTER_KEY, ClientUpdate, MalformedReply, decode_tensors, read_reply,
+                      section_tensors, sections_apply)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import FedLoraStrategy
@@ -63,6 +64,34 @@ def streams(strategy: "FedLoraStrategy") -> bool:
     return (bool(strategy.cfg.stream_aggregation) and strategy.stream_weights is not None
             and strategy.robustness.aggregation == "mean"
             and not (strategy.privacy.enabled and strategy.privacy.central))
+
+
+def _sectioned(strategy: "FedLoraStrategy", server_round: int, metas, want: dict, shapes,
+               stats: "RoundStats"):
+    """Step 2a's replies: when every reply's chain is one :func:`.replies.sections_apply`
+    admits, the method checks nothing of its own (``validate_update``) and every node was
+    sent the same reference (None for delta uploads, else one broadcast model): ``[(msg, up,
+    payload, sections, ref)]`` for the replies whose sections pass every check (the others
+    dropped here, with the errors a decode gives), and no reply left for step 2b. Otherwise
+    ``[]`` and ``metas`` unchanged."""
+    from .base import FedLoraStrategy
+
+    if type(strategy).validate_update is not FedLoraStrategy.validate_update or not metas:
+        return [], metas
+    pipes = [want.setdefault(up.node_id, strategy.upload_pipeline(server_round, up.node_id))
+             for _, up in metas]
+    refs = [strategy.update_reference(server_round, up.node_id) for _, up in metas]
+    if not all(sections_apply(p) for p in pipes) or any(r is not refs[0] for r in refs):
+        return [], metas
+    out = []
+    for (msg, up), pipe, ref in zip(metas, pipes, refs):
+        try:
+            payload, secs = section_tensors(msg, up, pipe, shapes)
+        except Exception as err:
+            strategy._drop(stats, server_round, up.node_id, err)
+            continue
+        out.append((msg, up, payload, secs, ref))
+    return out, []
 
 
 def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Message],
@@ -100,7 +129,32 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         kernels.add_and_sumsq(acc, tensors, w)
 
     broken = False                            # an add raised: the sum is formed again
-    for msg, up in metas:                     # 2. decode, check, add + measure (one pass), free
+
+    def keep(msg: Message, up: ClientUpdate, ref, n: float) -> None:
+        stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
+        stats.params_up[up.node_id] = int(up.metrics.get("params-up", 0))
+        kept.append((msg, up, ref, n))
+
+    # 2a. dense affine / fp32 replies sharing one reference: every check first, then decoded
+    # straight into the sum tile by tile (kernels.sections_add_and_sumsq: the same bits)
+    sectioned, metas = _sectioned(strategy, server_round, metas, want, shapes, stats)
+    if sectioned:
+        acc = OrderedDict((k, np.zeros(v, np.float64)) for k, v in shapes.items())
+        weights = [1.0 if equal else up.num_examples / total for _, up, *_ in sectioned]
+        sums = kernels.sections_add_and_sumsq(
+            acc, [secs for *_, secs, _ in sectioned], weights,
+            [np.frombuffer(payload, np.uint8) for _, _, payload, _, _ in sectioned],
+            sectioned[0][-1])
+        for (msg, up, *_, ref), ss in zip(sectioned, sums):
+            n = math.sqrt(ss)
+            if not math.isfinite(n):  # finite float32 values cannot get here
+                broken = True
+                strategy._drop(stats, server_round, up.node_id,
+                               MalformedReply(f"update norm {n} is not finite"))
+                continue
+            keep(msg, up, ref, n)
+        sectioned = None                      # the sections (~1x the model in small arrays)
+    for msg, up in metas:                     # 2b. decode, check, add + measure (one pass), free
         try:
             tensors = decode(msg, up)
             ref = strategy.update_reference(server_round, up.node_id)
@@ -118,9 +172,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             broken = True
             strategy._drop(stats, server_round, up.node_id, err)
             continue
-        stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
-        stats.params_up[up.node_id] = int(up.metrics.get("params-up", 0))
-        kept.append((msg, up, ref, n))
+        keep(msg, up, ref, n)
         del tensors
     bound = guard.norm_bound([n for *_, n in kept], g.update_norm_bound, g.norm_bound_factor)
     stats.norm_bound = bound
