@@ -14,6 +14,14 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    checks), and w_i/W · x_i added to a float64 running sum, in reply order — exactly the sum
    :func:`.base.weighted_mean` forms — with its update norm measured in the same pass
    (:func:`.kernels.add_and_sumsq`: the number :func:`.guard.update_norm` gives), and freed;
+   When every reply's chain is dense ``affine:b`` / ``fp32`` (no sparsifier, no lossless
+   stage), the method has no checks of its own and every node was sent the same reference,
+   step 2 runs on all replies at once instead: each payload is checked section by section
+   (``Pipeline.sections``: every check a decode makes, the same errors) without forming its
+   values, then :func:`.kernels.sections_add_and_sumsq` decodes each tensor tile by tile
+   into a small buffer and adds it, every reply in turn, while the sum's tile is in cache —
+   the same float64 operations per element and per norm lane, so the same bits, without a
+   dense copy of any reply or a pass over the whole float64 sum per reply;
 3. the round's norm bound needs every norm (``norm-bound-factor`` × their median), so it is
    known only after the last reply: a reply over it is decoded once more and its contribution
    corrected (clip: + w_i/W · (clip(x_i) − x_i); reject: − w_i/W · x_i). A correction of an
