@@ -61,6 +61,17 @@ def round_trip(strategy, tiers, state, deltas):
     return msgs, replies, arrays_to_state(arrays)
 
 
+def test_avg_step_is_torch_sgd_at_lr_1_bit_for_bit(task_identity):
+    """server-opt avg applies the mean delta with numpy (torch's OpenMP kernels stall beside
+    busy nodes); it is exactly torch's SGD(lr=1) step on −mean, which server-opt sgd runs."""
+    state, deltas = toy(0), [toy(i, 0.1) for i in (1, 2, 3)]
+    outs = [round_trip(flasc(density_up=0.1, **kw), {1: 0, 2: 0, 3: 0}, state, deltas)[2]
+            for kw in ({"server_opt": "avg"}, {"server_opt": "sgd", "server_lr": 1.0})]
+    for k in SHAPES:
+        assert outs[0][k].tobytes() == outs[1][k].tobytes()
+        assert not np.array_equal(outs[0][k], state[k])
+
+
 def test_sparse_mean_equals_dense_on_union_support(task_identity):
     s = flasc(server_opt="avg", density_up=0.1)
     state, deltas = toy(0), [toy(i, 0.1) for i in (1, 2, 3)]
