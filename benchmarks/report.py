@@ -146,6 +146,14 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
+def _eps(v) -> str:
+    """ε as measured: two decimals where it is a usable guarantee, scientific notation where it
+    is not (APPFL-level local noise buys ε ≈ 10^7 over a run)."""
+    if v is None:
+        return "–"
+    return format(v, ".2f") if v < 1000 else format(v, ".1e")
+
+
 def _acc(r: dict) -> str:
     """Mean ± std over seeds; one seed has no spread to show."""
     if r["seeds_done"] < 2:
@@ -215,7 +223,7 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         lines.append(
             f"| {r['name']}{marks} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
             + (f"| {schedule(r)} " if sched else "")
-            + (f"| {_f(r['epsilon'], '.2f')} " if dp else "")
+            + (f"| {_eps(r['epsilon'])} " if dp else "")
             + f"| {r['seeds_done']}/{r['seeds_wanted']} "
             f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} "
