@@ -261,10 +261,12 @@ def test_flasc_avg_sgd_rejected_round_rolls_back(task_identity, opt):
     assert after is not None and all(np.all(np.isfinite(v)) for v in after.values())
 
 
-def test_flasc_base_keep_previous_path_rolls_back(task_identity, monkeypatch):
+@pytest.mark.parametrize("opt", ["adamw", "avg"])
+def test_flasc_base_keep_previous_path_rolls_back(task_identity, monkeypatch, opt):
     """The base class's own guard (a non-finite aggregate keeps the previous global) calls the
-    method's rollback: FLASC's parameters and AdamW state equal those before the round."""
-    s = make("flasc")
+    method's rollback: FLASC's parameters and AdamW state equal those before the round (avg,
+    which keeps no checkpoint, takes them back from the global the round was configured with)."""
+    s = make("flasc", server_opt=opt)
     g = toy(0)
     s1 = _flasc_round(s, 1, g, (1, 2))
     before = _flasc_snapshot(s)

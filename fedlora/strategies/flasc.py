@@ -113,10 +113,13 @@ class FLASC(FedLoraStrategy):
         within the round's update-norm bound (the mean of bounded updates is), and the step must
         leave parameters and optimizer state finite; otherwise RejectRound, after restoring
         parameters and optimizer state exactly (an AdamW second moment driven to inf would
-        freeze every later step)."""
+        freeze every later step). ``server-opt=avg`` has no optimizer state and is checked
+        before the parameters take it, so it needs no checkpoint copy of the model."""
         if self._params is None:
             self._optimizer(state)
-        self._checkpoint(server_round)
+        avg = self.cfg.server_opt == "avg"
+        if not avg:  # avg is checked before it is applied: nothing to restore
+            self._checkpoint(server_round)
         n = len(updates)
         if n == 1 and all(updates[0].tensors[k].dtype == np.float64 for k in self._params):
             grads = OrderedDict((k, updates[0].tensors[k]) for k in self._params)  # (0 + x) / 1
@@ -133,10 +136,17 @@ class FLASC(FedLoraStrategy):
             self.rollback(server_round)
             raise RejectRound(f"FLASC pseudo-gradient norm {norm:.6g} is over the round's "
                               f"bound {bound:.6g}")
-        if self.cfg.server_opt == "avg":  # SGD at lr 1 on −(mean delta), no state: p + mean,
-            for k, p in self._params.items():   # the same IEEE addition by numpy (see _finite)
-                a = p.detach().numpy()
-                np.add(a, grads[k].astype(np.float32), out=a)
+        if avg:  # SGD at lr 1 on −(mean delta), no state: p + mean, the same IEEE addition by
+            # numpy (see _finite), formed in the arrays this round returns and checked before
+            # the parameters take it: no checkpoint copy of the model, and no rollback to do
+            new = OrderedDict()
+            for k, p in self._params.items():
+                new[k] = np.add(p.detach().numpy(), grads[k].astype(np.float32))
+                if not _finite_array(new[k]):
+                    raise RejectRound(f"the server avg step made {k} non-finite")
+            for k, p in self._params.items():
+                np.copyto(p.detach().numpy(), new[k])
+            return new
         else:
             for k, p in self._params.items():
                 p.grad = torch.from_numpy(-grads[k].astype(np.float32))
@@ -188,6 +198,12 @@ class FLASC(FedLoraStrategy):
 
     def rollback(self, server_round: int) -> None:
         """Restore parameters and optimizer state to before ``server_round``'s step."""
+        if self.cfg.server_opt == "avg" and self._params is not None and self._global:
+            # no checkpoint (see aggregate_updates): avg's parameters are the global this round
+            # was configured with, which the base class keeps when it rejects the round
+            for k, p in self._params.items():
+                np.copyto(p.detach().numpy(), self._global[k])
+            return
         saved = getattr(self, "_saved", None)
         if saved is None or saved[0] != server_round or self._params is None:
             return
@@ -240,7 +256,11 @@ Strategy = FLASC
 
 def _finite(t: "torch.Tensor") -> bool:
     """Whether every value of a CPU float tensor is finite (two SIMD reductions; NaN fails)."""
-    a = t.detach().numpy()
+    return _finite_array(t.detach().numpy())
+
+
+def _finite_array(a: np.ndarray) -> bool:
+    """:func:`_finite` of a numpy array."""
     return a.size == 0 or (math.isfinite(float(a.min())) and math.isfinite(float(a.max())))
 
 
