@@ -88,15 +88,22 @@ def test_a_reply_that_fails_to_decode_after_its_weight_was_counted(task_identity
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("density", [1.0, 0.25])
-def test_flasc_streams_its_plain_mean_bit_identically(task_identity, density):
+@pytest.mark.parametrize("density", [1.0, 0.25, 0.05])
+def test_flasc_streams_its_plain_mean_bit_identically(task_identity, density, monkeypatch):
     """FLASC's pseudo-gradient (Σ x_i / n in float64, then the server optimizer): the streamed
-    sum is the same sum in the same order, so the new global is bit-identical."""
+    sum is the same sum in the same order, added at the kept positions only (no dense copy of
+    a reply: every reply goes through kernels.sparse_add_and_sumsq), so the new global is
+    bit-identical. At density 1 the chain has no top-k and replies take the dense path."""
     def replies(s, msgs):
         return [reply(m, honest(s, m, 1, i), n=n)
                 for i, (m, n) in enumerate(zip(msgs, (10, 5, 40, 10, 12)))]
 
+    calls = []
+    real = stream.kernels.sparse_add_and_sumsq
+    monkeypatch.setattr(stream.kernels, "sparse_add_and_sumsq",
+                        lambda *a: calls.append(1) or real(*a))
     (a, ra, _), (b, rb, _) = both("flasc", replies, density_up=density, server_opt="adamw")
+    assert len(calls) == (5 if density < 1 else 0)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert ra["clients"] == rb["clients"] == 5 and ra["rejected"] == rb["rejected"] == ""
@@ -300,3 +307,57 @@ def test_stream_decodes_dense_affine_replies_into_the_sum_and_falls_back_otherwi
         ra["dropped_reasons"])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("density", [0.5, 0.03, 1.0])
+def test_sparse_add_is_the_dense_add_bit_for_bit(density):
+    """kernels.sparse_add_and_sumsq on a top-k payload's sections (bitmap mode at 0.5, gap
+    varints at 0.03, every value at 1.0; tensors whose size is not a multiple of 8, one that
+    keeps nothing) adds exactly what add_and_sumsq adds for the decoded dense tensors, into a
+    running sum that already holds another reply, and returns the same sum of squares."""
+    from fedlora.compression import parse_spec
+    from fedlora.strategies import kernels
+
+    rng = np.random.default_rng(3)
+    t = OrderedDict([("a", rng.standard_normal((37, 29)).astype(np.float32)),
+                     ("b", rng.standard_normal(1003).astype(np.float32)),
+                     ("c", (1e-9 * rng.standard_normal(13)).astype(np.float32))])
+    pipe = parse_spec(f"topk:{density}")
+    payload = pipe.encode(t)
+    shapes = {k: v.shape for k, v in t.items()}
+    secs = pipe.sparse_sections(payload, shapes)
+    modes = {type(s.where).__name__ if s.where is None else s.where.dtype.name
+             for s in secs.values()}
+    assert modes == ({"NoneType"} if density == 1.0 else
+                     {"bool", "NoneType"} if density == 0.5 else {"int64", "NoneType"})
+    dense = pipe.decode(payload, shapes)
+    start = OrderedDict((k, rng.standard_normal(v.shape)) for k, v in t.items())
+    acc1 = OrderedDict((k, v.copy()) for k, v in start.items())
+    acc2 = OrderedDict((k, v.copy()) for k, v in start.items())
+    s1 = kernels.add_and_sumsq(acc1, dense, 0.3)
+    s2 = kernels.sparse_add_and_sumsq(acc2, secs, 0.3)
+    assert s1 == s2
+    for k in t:
+        assert acc1[k].tobytes() == acc2[k].tobytes()
+        np.testing.assert_array_equal(secs[k].values(shapes[k]), dense[k])
+
+
+def test_sparse_add_refuses_sections_that_do_not_fit(task_identity):
+    """Positions outside the tensor, or a bitmap with more set bits than values, raise (the
+    reader refuses both; the kernel reads no memory past its arrays)."""
+    from fedlora.compression.sparsify import SparseSection
+    from fedlora.strategies import kernels
+
+    acc = OrderedDict([("a", np.zeros(10))])
+    vals = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.sparse_add_and_sumsq(acc, {"a": SparseSection(np.array([3, 10]), vals, 10)}, 1.0)
+    with pytest.raises(ValueError, match="outside"):  # unsorted: the ends look in range
+        kernels.sparse_add_and_sumsq(acc, {"a": SparseSection(np.array([3, 99, 4]),
+                                                              np.ones(3, np.float32), 10)}, 1.0)
+    mask = np.zeros(10, bool)
+    mask[[1, 2, 3]] = True
+    with pytest.raises(ValueError, match="set bits"):
+        kernels.sparse_add_and_sumsq(acc, {"a": SparseSection(mask, vals, 10)}, 1.0)
+    with pytest.raises(ValueError, match="not the running sum"):
+        kernels.sparse_add_and_sumsq(acc, {"b": SparseSection(None, vals, 2)}, 1.0)

@@ -407,7 +407,27 @@ class Pipeline:
                                       "lossless stages")
         return _sections(payload, expected, max_elements, self)
 
-    def _decode_body(self, r: Reader, table) -> dict[str, np.ndarray]:
+    def sparse_sections(self, payload, expected: Mapping[str, Sequence[int]],
+                        max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Section]:
+        """The checked sections of a payload of a ``topk`` chain (lossless stages allowed;
+        NotImplementedError for any other sparsifier), in ``expected``'s order: every check
+        :meth:`decode` makes, the same CodecErrors, but each tensor's kept values left where
+        they are (:class:`~.sparsify.SparseSection`: positions and values), so a consumer can
+        add them straight into a running sum (``strategies/stream.py``). ``section.values(
+        shape)`` is what :meth:`decode` returns for that tensor."""
+        if getattr(self.sparsifier, "read_sparse", None) is None:
+            raise NotImplementedError(f"{self.spec!r}: sparse sections are for topk chains")
+        try:
+            _, table, r = _open(payload, expected, max_elements, self)
+            _check_expected(table, expected)
+            out = self._decode_body(r, table, sparse=True)
+            return {name: out[name] for name in expected}
+        except CodecError:
+            raise
+        except Exception as err:  # defence in depth, as _decode
+            raise CodecError(f"unexpected decoder failure ({type(err).__name__}: {err})") from err
+
+    def _decode_body(self, r: Reader, table, sparse: bool = False) -> dict[str, Any]:
         sp = self.sparsifier or _DENSE
         vc = self.value_coder
         bound = sum(sp.max_size(name, shape, vc) for name, shape in table)
@@ -422,7 +442,7 @@ class Pipeline:
                 raise CodecError(f"{st.spec_part()} produced {len(data)} bytes, header says "
                                  f"{raw_len}")
             r = Reader(data)
-        out = sp.decode_all(r, table, vc)
+        out = sp.read_sparse(r, table, vc) if sparse else sp.decode_all(r, table, vc)
         r.done("body")
         return out
 

@@ -37,11 +37,11 @@ import numpy as np
 from .arrays import as_bytes, check_finite, to_float32
 from .binary import (Reader, leb128_decode, leb128_encode, pack_bitmap, unpack_bitmask, uvarint,
                      uvarint_len)
-from .codec import Sparsifier, register
+from .codec import Section, Sparsifier, register
 from .errors import CodecError, SpecError
 from .runtime import run_parallel, scratch_arrays
 
-__all__ = ["TopK", "topk_mask", "topk_indices", "topk_select"]
+__all__ = ["SparseSection", "TopK", "topk_mask", "topk_indices", "topk_select"]
 
 _EXACT_MAX = 1 << 15   # below this many elements: one stable argsort
 _SAMPLE = 1 << 16
@@ -336,6 +336,14 @@ class TopK(Sparsifier):
 
     # -- decode -----------------------------------------------------------------------------
     def decode_all(self, r: Reader, table, vc):
+        return {name: sec.values(shape)
+                for (name, shape), sec in zip(table, self.read_sparse(r, table, vc).values())}
+
+    def read_sparse(self, r: Reader, table, vc) -> dict[str, "SparseSection"]:
+        """Every tensor's section checked as :meth:`decode_all` checks it (the same
+        CodecErrors), its kept values decoded but not scattered: ``{name:``
+        :class:`SparseSection` ``}``, so a consumer can add them straight into a running sum
+        (``strategies/stream.py``)."""
         total_k = _density_k(self.density, sum(math.prod(s) for _, s in table))
         got = 0
         out = {}
@@ -378,14 +386,28 @@ class TopK(Sparsifier):
                 else:
                     raise CodecError(f"tensor {name!r}: unknown index mode {mode}")
             groups = 1 if (len(shape) >= 2 and k > 0) else 0
-            vals = vc.decode_values(r, (k,), groups, name)
-            if k == n:
-                out[name] = vals.reshape(shape)
-            else:
-                dense = np.zeros(shape, np.float32)
-                if k:
-                    _scatter(dense.reshape(-1), where, vals)
-                out[name] = dense
+            out[name] = SparseSection(where, vc.decode_values(r, (k,), groups, name), n)
         if not self.per_tensor and got != total_k:
             raise CodecError(f"kept counts add up to {got}, topk:{self.density!r} keeps {total_k}")
         return out
+
+
+class SparseSection(Section):
+    """A checked ``topk`` section: ``n`` values of which the ``k`` kept ones are ``vals`` (flat
+    float32, finite as the value coder guarantees) at ``where`` — a bool mask of ``n`` (bitmap
+    mode), sorted int64 indices (gap mode), or None when every value (``k == n``) or none is
+    kept."""
+
+    kind = "sparse"
+
+    def __init__(self, where: np.ndarray | None, vals: np.ndarray, n: int) -> None:
+        self.where, self.vals, self.n = where, vals, int(n)
+
+    def values(self, shape):
+        """The dense tensor, as ``TopK.decode_all`` returns it (the dropped entries zero)."""
+        if self.vals.size == self.n:
+            return self.vals.reshape(shape)
+        dense = np.zeros(shape, np.float32)
+        if self.vals.size:
+            _scatter(dense.reshape(-1), self.where, self.vals)
+        return dense

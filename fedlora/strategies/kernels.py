@@ -19,7 +19,7 @@ import numpy as np
 
 from ..compression._jit import cached_njit
 
-__all__ = ["sumsq", "add_and_sumsq", "sections_add_and_sumsq"]
+__all__ = ["sumsq", "add_and_sumsq", "sections_add_and_sumsq", "sparse_add_and_sumsq"]
 
 
 @cached_njit
@@ -120,6 +120,93 @@ def add_and_sumsq(acc, tensors, w: float, reference=None) -> float:
     total = 0.0
     for x, out, r, has in work:
         total += _pass(x, r, has, out, float(w), True)
+    return total
+
+
+# ------------------------------------------------------------------------------------------
+# a top-k reply straight into the running sum: only its kept values are touched
+
+
+@cached_njit
+def _index_pass(idx, vals, n, acc, w, lanes):  # pragma: no cover - compiled
+    """:func:`_pass` (no reference, with the add) of the dense tensor of ``n`` values that is
+    zero except ``vals`` at the sorted positions ``idx``, touching only those: a dropped entry
+    adds ``w·0 = +0`` to ``acc`` and ``0`` to its lane, which changes neither (a float64 sum
+    that starts at +0 and adds finite values is never −0), and the kept ones are added in the
+    same order into the same lane (``i mod 8``, or the tail past the last full 8), so the
+    same bits."""
+    n8 = n - n % 8
+    for j in range(idx.size):
+        i = idx[j]
+        if i < 0 or i >= n:  # outside the tensor (the reader refuses that): stop, say where
+            return j
+        d = np.float64(vals[j])
+        acc[i] += w * d
+        if i < n8:
+            lanes[i % 8] += d * d
+        else:
+            lanes[8] += d * d
+    return idx.size
+
+
+@cached_njit
+def _mask_pass(mask, vals, acc, w, lanes):  # pragma: no cover - compiled
+    """:func:`_index_pass` with the kept positions given as a bool mask (bitmap mode)."""
+    n = mask.size
+    n8 = n - n % 8
+    j = 0
+    for i in range(n):
+        if mask[i]:
+            if j == vals.size:  # more bits set than values (the reader refuses that)
+                return j + 1
+            d = np.float64(vals[j])
+            j += 1
+            acc[i] += w * d
+            if i < n8:
+                lanes[i % 8] += d * d
+            else:
+                lanes[8] += d * d
+    return j
+
+
+def sparse_add_and_sumsq(acc, sections, w: float) -> float:
+    """What :func:`add_and_sumsq` (no reference) gives for the dense tensors of ``sections``
+    (``{name: SparseSection}``, the running sum's tensors in its order), without forming them:
+    each tensor's kept values are added at their positions (``_index_pass``), a tensor kept
+    whole by the dense pass. The same float64 operations in the same order, so the same bits;
+    every check before the first add (all or nothing), except a bitmap whose set bits are not
+    its values' count (which ``TopK.read_sparse`` refuses): that raises after adding, and the
+    caller forms the sum again."""
+    work = []
+    if list(sections) != list(acc):
+        raise ValueError(f"the update's tensors {list(sections)[:3]}... are not the running "
+                         f"sum's {list(acc)[:3]}...")
+    for k, sec in sections.items():
+        out = acc[k].reshape(-1)
+        v = np.ravel(sec.vals)
+        if acc[k].dtype != np.float64 or sec.n != out.size or v.dtype != np.float32 or not (
+                v.size == out.size or (sec.where is not None and (
+                    sec.where.size == out.size if sec.where.dtype == np.bool_
+                    else sec.where.size == v.size)) or v.size == 0):
+            raise ValueError(f"{k}: the section does not fit a float64 running sum of "
+                             f"{out.size} values")
+        if v.size and v.size < out.size and sec.where.dtype != np.bool_ and not (
+                0 <= int(sec.where[0]) and int(sec.where[-1]) < out.size):
+            raise ValueError(f"{k}: kept positions outside the tensor's {out.size} values")
+        work.append((sec.where, v, out))
+    total = 0.0
+    for where, v, out in work:
+        if v.size == out.size:
+            total += _pass(v, _NO_REF, False, out, float(w), True)
+            continue
+        lanes = np.zeros(9)
+        if v.size:
+            if where.dtype == np.bool_:
+                if _mask_pass(where, v, out, float(w), lanes) != v.size:
+                    raise ValueError("a bitmap's set bits are not its kept values")
+            elif _index_pass(where, v, out.size, out, float(w), lanes) != v.size:
+                raise ValueError("kept positions outside the tensor")
+        total += _combine(lanes)
     return total
 
 

@@ -146,6 +146,26 @@ def sections_apply(want: Pipeline) -> bool:
             and want.value_coder.codec_id in SECTION_CODERS)
 
 
+def sparse_apply(want: Pipeline) -> bool:
+    """Whether replies of chain ``want`` can be read as top-k sections
+    (:func:`sparse_tensors`)."""
+    return getattr(want.sparsifier, "read_sparse", None) is not None
+
+
+def sparse_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
+                   shapes: Mapping[str, tuple[int, ...]]) -> "OrderedDict":
+    """:func:`decode_tensors` for a chain :func:`sparse_apply` admits, without scattering the
+    kept values into dense tensors: ``{name: SparseSection}``, every check made (the codec,
+    the shapes, finite values, ``params-up``), the same errors."""
+    secs = want.sparse_sections(record_payload(msg.content.array_records[ADAPTER_KEY]), shapes)
+    if want.value_coder.codec_id not in SECTION_CODERS:
+        for k, sec in secs.items():
+            if not np.all(np.isfinite(sec.vals)):
+                raise MalformedReply(f"{k} holds NaN/Inf")
+    _check_params_up(up, shapes)
+    return OrderedDict(secs)
+
+
 def section_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
                     shapes: Mapping[str, tuple[int, ...]]) -> tuple[bytes, "OrderedDict"]:
     """:func:`decode_tensors` without forming the values, for a chain :func:`sections_apply`

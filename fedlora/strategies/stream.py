@@ -21,7 +21,11 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    values, then :func:`.kernels.sections_add_and_sumsq` decodes each tensor tile by tile
    into a small buffer and adds it, every reply in turn, while the sum's tile is in cache —
    the same float64 operations per element and per norm lane, so the same bits, without a
-   dense copy of any reply or a pass over the whole float64 sum per reply;
+   dense copy of any reply or a pass over the whole float64 sum per reply. A ``topk`` reply
+   with no reference to subtract and no checks of the method's own (FLASC's uploads, an
+   ``upload=delta`` top-k of fl-lora) is read as positions and kept values
+   (``Pipeline.sparse_sections``, every check a decode makes) and
+   :func:`.kernels.sparse_add_and_sumsq` adds only those: no dense copy of it, the same bits;
 3. the round's norm bound needs every norm (``norm-bound-factor`` × their median), so it is
    known only after the last reply: a reply over it is decoded once more and its contribution
    corrected (clip: + w_i/W · (clip(x_i) − x_i); reject: − w_i/W · x_i). A correction of an
@@ -53,7 +57,7 @@ from flwr.app import Message
 from ..wire import payload_bytes
 from . import guard, kernels
 from .replies import (ADAPTER_KEY, ClientUpdate, MalformedReply, decode_tensors, read_reply,
-                      section_tensors, sections_apply)
+                      section_tensors, sections_apply, sparse_apply, sparse_tensors)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import FedLoraStrategy
@@ -72,6 +76,12 @@ def streams(strategy: "FedLoraStrategy") -> bool:
     return (bool(strategy.cfg.stream_aggregation) and strategy.stream_weights is not None
             and strategy.robustness.aggregation == "mean"
             and not (strategy.privacy.enabled and strategy.privacy.central))
+
+
+def _base_validate():
+    from .base import FedLoraStrategy
+
+    return FedLoraStrategy.validate_update
 
 
 def _sectioned(strategy: "FedLoraStrategy", server_round: int, metas, want: dict, shapes,
@@ -162,18 +172,24 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
                 continue
             keep(msg, up, ref, n)
         sectioned = None                      # the sections (~1x the model in small arrays)
+    plain = type(strategy).validate_update is _base_validate()
     for msg, up in metas:                     # 2b. decode, check, add + measure (one pass), free
         try:
-            tensors = decode(msg, up)
             ref = strategy.update_reference(server_round, up.node_id)
+            pipe = want.setdefault(up.node_id, strategy.upload_pipeline(server_round, up.node_id))
+            # a top-k update (no reference to subtract, no checks of the method's own) is added
+            # at its kept positions only: no dense copy of it (kernels.sparse_add_and_sumsq)
+            sparse = ref is None and plain and sparse_apply(pipe)
+            tensors = sparse_tensors(msg, up, pipe, shapes) if sparse else decode(msg, up)
         except Exception as err:
             strategy._drop(stats, server_round, up.node_id, err)
             continue
         if acc is None:
-            acc = OrderedDict((k, np.zeros(v.shape, np.float64)) for k, v in tensors.items())
+            acc = OrderedDict((k, np.zeros(v, np.float64)) for k, v in shapes.items())
         try:
-            n = math.sqrt(kernels.add_and_sumsq(acc, tensors, 1.0 if equal else
-                                                up.num_examples / total, ref))
+            w = 1.0 if equal else up.num_examples / total
+            n = math.sqrt(kernels.sparse_add_and_sumsq(acc, tensors, w) if sparse else
+                          kernels.add_and_sumsq(acc, tensors, w, ref))
             if not math.isfinite(n):  # finite float32 values cannot get here
                 raise MalformedReply(f"update norm {n} is not finite")
         except Exception as err:  # whatever the sum may hold of it: formed again without it
