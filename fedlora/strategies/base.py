@@ -481,6 +481,7 @@ class FedLoraStrategy(FedAvg):
             self.rollback(server_round)
             return None, None
         stats.train_metrics = train_metrics(updates)
+        to_aggregate = mean = None  # the float64 mean (2x the model) goes before the copy out
         return state_to_arrays(new_state), MetricRecord(stats.train_metrics)
 
     # ---------------------------------------------------------------- checkpoints (resume)

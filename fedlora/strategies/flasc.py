@@ -96,6 +96,14 @@ class FLASC(FedLoraStrategy):
         return {"flasc-freeze": self.cfg.flasc_freeze}
 
     # ------------------------------------------------------------------ server step
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self._params is None and self._global is not None:
+            # the server optimizer's dense parameters are kept across rounds, as the global
+            # is: made once, when the model is first known, not inside an aggregation
+            self._optimizer(self._global)
+        return messages
+
     def _optimizer(self, state) -> None:
         self._params = OrderedDict((k, torch.from_numpy(np.array(v, dtype=np.float32)))
                                    for k, v in state.items())
