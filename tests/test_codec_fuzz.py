@@ -258,3 +258,77 @@ def test_non_bytes_and_empty_inputs(bad):
         decode_payload(bad)
     with pytest.raises(CodecError):
         parse_spec("fp32").decode(bad)
+
+
+FLAT_SPECS = ["topk:0.1", "topk:0.6", "topk:0.2:tensor", "topk:0.05|zstd", "topk:1.0"]
+
+
+def _sparse_outcome(pipe, payload, shapes, flat):
+    """("ok", {name: dense values}) or ("error", message) of Pipeline.sparse_sections."""
+    try:
+        out = pipe.sparse_sections(payload, shapes, flat=flat)
+    except CodecError as err:
+        assert not str(err).startswith("unexpected decoder failure"), str(err)
+        return "error", str(err)
+    if flat:
+        assert type(out).__name__ == "FlatSparse"
+        out = out.sections()
+    return "ok", {k: out[k].values(shapes[k]).tobytes() for k in shapes}
+
+
+@pytest.mark.parametrize("spec", FLAT_SPECS)
+def test_the_compiled_topk_reader_accepts_exactly_what_read_sparse_accepts(spec, monkeypatch):
+    """The compiled reader of whole topk|fp32 bodies (TopK.read_flat) against the Python
+    reader (read_sparse) on a valid payload with bitmap and gap tensors, every truncation and
+    every single-byte mutation of it: the same verdict, the same error message (a refused body
+    is read again by read_sparse), the same values where both accept; trailing bytes too.
+    The valid payload is read by the compiled pass alone (read_sparse not called), so the test
+    covers it."""
+    from fedlora.compression.sparsify import TopK
+
+    rng = np.random.default_rng(5)
+    t = dict(tensors(1))
+    t["big"] = rng.standard_normal((40, 25)).astype(np.float32)  # gap varints at 0.05 / 0.1
+    shapes = {k: v.shape for k, v in t.items()}
+    pipe = parse_spec(spec)
+    p = pipe.encode(t)
+    slow_calls = []
+    real = TopK.read_sparse
+    monkeypatch.setattr(TopK, "read_sparse", lambda *a: slow_calls.append(1) or real(*a))
+    assert _sparse_outcome(pipe, p, shapes, True) == _sparse_outcome(pipe, p, shapes, False)
+    assert _sparse_outcome(pipe, p, shapes, True)[0] == "ok" and len(slow_calls) == 1
+    cases = [p[:cut] for cut in range(len(p))] + [p + b"\x00", p + p[-5:]]
+    for pos in range(len(p)):
+        for new in {p[pos] ^ 0x01, p[pos] ^ 0x80, 0x00, 0xFF, (p[pos] + 1) & 0xFF}:
+            if new != p[pos]:
+                cases.append(p[:pos] + bytes([new]) + p[pos + 1:])
+    for pos in range(len(p)):  # a set bit moved within its byte (bitmaps: onto padding bits)
+        for a in range(8):
+            for b in range(a + 1, 8):
+                if (p[pos] >> a & 1) != (p[pos] >> b & 1):
+                    cases.append(p[:pos] + bytes([p[pos] ^ (1 << a | 1 << b)]) + p[pos + 1:])
+    verdicts = {"ok": 0, "error": 0}
+    for case in cases:
+        fast = _sparse_outcome(pipe, case, shapes, True)
+        assert fast == _sparse_outcome(pipe, case, shapes, False)
+        verdicts[fast[0]] += 1
+    assert verdicts["error"] > 0 and verdicts["ok"] > 0
+
+
+def test_the_compiled_topk_reader_refuses_gaps_no_smaller_than_the_bitmap(monkeypatch):
+    """A gap-varint index section that is not smaller than the tensor's bitmap (an encoder
+    never sends one) is refused by both readers, with read_sparse's message."""
+    from fedlora.compression import sparsify
+
+    t = {"w": np.arange(1, 81, dtype=np.float32).reshape(4, 20)}
+    shapes = {"w": (4, 20)}
+    pipe = parse_spec("topk:0.5")
+
+    def gaps_always(idx, n):
+        enc = sparsify.leb128_encode(sparsify.gaps_of(idx))
+        return 1, sparsify.uvarint_len(enc.size) + enc.size, enc
+
+    monkeypatch.setattr(sparsify, "_index_choice", gaps_always)
+    bad = pipe.encode(t)  # keeps 40 of 80: 41 bytes of gaps against a 10-byte bitmap
+    fast, slow = (_sparse_outcome(pipe, bad, shapes, f) for f in (True, False))
+    assert fast == slow and fast[0] == "error" and "not smaller than" in fast[1]

@@ -92,15 +92,15 @@ def test_a_reply_that_fails_to_decode_after_its_weight_was_counted(task_identity
 def test_flasc_streams_its_plain_mean_bit_identically(task_identity, density, monkeypatch):
     """FLASC's pseudo-gradient (Σ x_i / n in float64, then the server optimizer): the streamed
     sum is the same sum in the same order, added at the kept positions only (no dense copy of
-    a reply: every reply goes through kernels.sparse_add_and_sumsq), so the new global is
-    bit-identical. At density 1 the chain has no top-k and replies take the dense path."""
+    a reply: FLASC's fp32 top-k replies go through kernels.flat_add_and_sumsq), so the new
+    global is bit-identical. At density 1 the chain has no top-k and replies take the dense path."""
     def replies(s, msgs):
         return [reply(m, honest(s, m, 1, i), n=n)
                 for i, (m, n) in enumerate(zip(msgs, (10, 5, 40, 10, 12)))]
 
     calls = []
-    real = stream.kernels.sparse_add_and_sumsq
-    monkeypatch.setattr(stream.kernels, "sparse_add_and_sumsq",
+    real = stream.kernels.flat_add_and_sumsq
+    monkeypatch.setattr(stream.kernels, "flat_add_and_sumsq",
                         lambda *a: calls.append(1) or real(*a))
     (a, ra, _), (b, rb, _) = both("flasc", replies, density_up=density, server_opt="adamw")
     assert len(calls) == (5 if density < 1 else 0)
@@ -340,6 +340,23 @@ def test_sparse_add_is_the_dense_add_bit_for_bit(density):
     for k in t:
         assert acc1[k].tobytes() == acc2[k].tobytes()
         np.testing.assert_array_equal(secs[k].values(shapes[k]), dense[k])
+    # the whole reply in flat arrays (one compiled pass), into a one-buffer running sum, with
+    # the expected order not the payload's: the same bits, the norm summed in the sum's order
+    flat = pipe.sparse_sections(payload, shapes, flat=True)
+    assert type(flat).__name__ == "FlatSparse"
+    order = ["c", "a", "b"]
+    acc3 = kernels.zeros_sum(OrderedDict((k, shapes[k]) for k in order))
+    for k in order:
+        acc3[k][...] = start[k]
+    acc4 = OrderedDict((k, start[k].copy()) for k in order)
+    s3 = kernels.flat_add_and_sumsq(acc3, flat, 0.3)
+    s4 = kernels.add_and_sumsq(acc4, OrderedDict((k, dense[k]) for k in order), 0.3)
+    assert s3 == s4
+    for k in t:
+        assert acc3[k].tobytes() == acc4[k].tobytes() == acc1[k].tobytes()
+    back = flat.sections()
+    for k in t:
+        np.testing.assert_array_equal(back[k].values(shapes[k]), dense[k])
 
 
 def test_sparse_add_refuses_sections_that_do_not_fit(task_identity):
@@ -361,3 +378,15 @@ def test_sparse_add_refuses_sections_that_do_not_fit(task_identity):
         kernels.sparse_add_and_sumsq(acc, {"a": SparseSection(mask, vals, 10)}, 1.0)
     with pytest.raises(ValueError, match="not the running sum"):
         kernels.sparse_add_and_sumsq(acc, {"b": SparseSection(None, vals, 2)}, 1.0)
+    from fedlora.compression.sparsify import FlatSparse
+
+    acc = kernels.zeros_sum({"a": (10,)})
+    bad = FlatSparse(["a"], np.array([10]), np.array([2]), np.array([3, 10]), vals)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.flat_add_and_sumsq(acc, bad, 1.0)
+    over = FlatSparse(["a"], np.array([10]), np.array([3]), np.array([1, 2, 3]), vals)
+    with pytest.raises(ValueError, match="more kept values"):
+        kernels.flat_add_and_sumsq(acc, over, 1.0)
+    with pytest.raises(ValueError, match="not the running sum"):
+        kernels.flat_add_and_sumsq(acc, FlatSparse(["b"], np.array([2]), np.array([2]),
+                                                   np.array([0, 1]), vals), 1.0)

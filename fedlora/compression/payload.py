@@ -408,26 +408,28 @@ class Pipeline:
         return _sections(payload, expected, max_elements, self)
 
     def sparse_sections(self, payload, expected: Mapping[str, Sequence[int]],
-                        max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Section]:
+                        max_elements: int = DEFAULT_MAX_ELEMENTS, flat: bool = False):
         """The checked sections of a payload of a ``topk`` chain (lossless stages allowed;
         NotImplementedError for any other sparsifier), in ``expected``'s order: every check
         :meth:`decode` makes, the same CodecErrors, but each tensor's kept values left where
         they are (:class:`~.sparsify.SparseSection`: positions and values), so a consumer can
         add them straight into a running sum (``strategies/stream.py``). ``section.values(
-        shape)`` is what :meth:`decode` returns for that tensor."""
+        shape)`` is what :meth:`decode` returns for that tensor. With ``flat`` and ``fp32``
+        values: one :class:`~.sparsify.FlatSparse` (every tensor in flat arrays, in the
+        payload's table order; ``TopK.read_flat``) instead of the dict."""
         if getattr(self.sparsifier, "read_sparse", None) is None:
             raise NotImplementedError(f"{self.spec!r}: sparse sections are for topk chains")
         try:
             _, table, r = _open(payload, expected, max_elements, self)
             _check_expected(table, expected)
-            out = self._decode_body(r, table, sparse=True)
-            return {name: out[name] for name in expected}
+            out = self._decode_body(r, table, sparse="flat" if flat else True)
+            return out if not isinstance(out, dict) else {name: out[name] for name in expected}
         except CodecError:
             raise
         except Exception as err:  # defence in depth, as _decode
             raise CodecError(f"unexpected decoder failure ({type(err).__name__}: {err})") from err
 
-    def _decode_body(self, r: Reader, table, sparse: bool = False) -> dict[str, Any]:
+    def _decode_body(self, r: Reader, table, sparse: bool | str = False) -> Any:
         sp = self.sparsifier or _DENSE
         vc = self.value_coder
         bound = sum(sp.max_size(name, shape, vc) for name, shape in table)
@@ -442,7 +444,11 @@ class Pipeline:
                 raise CodecError(f"{st.spec_part()} produced {len(data)} bytes, header says "
                                  f"{raw_len}")
             r = Reader(data)
-        out = sp.read_sparse(r, table, vc) if sparse else sp.decode_all(r, table, vc)
+        out = None
+        if sparse == "flat":
+            out = sp.read_flat(r, table, vc)
+        if out is None:
+            out = sp.read_sparse(r, table, vc) if sparse else sp.decode_all(r, table, vc)
         r.done("body")
         return out
 

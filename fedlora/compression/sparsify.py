@@ -41,7 +41,7 @@ from .codec import Section, Sparsifier, register
 from .errors import CodecError, SpecError
 from .runtime import run_parallel, scratch_arrays
 
-__all__ = ["SparseSection", "TopK", "topk_mask", "topk_indices", "topk_select"]
+__all__ = ["FlatSparse", "SparseSection", "TopK", "topk_mask", "topk_indices", "topk_select"]
 
 _EXACT_MAX = 1 << 15   # below this many elements: one stable argsort
 _SAMPLE = 1 << 16
@@ -389,6 +389,66 @@ class TopK(Sparsifier):
             out[name] = SparseSection(where, vc.decode_values(r, (k,), groups, name), n)
         if not self.per_tensor and got != total_k:
             raise CodecError(f"kept counts add up to {got}, topk:{self.density!r} keeps {total_k}")
+        return out
+
+
+    def read_flat(self, r: Reader, table, vc) -> "FlatSparse | None":
+        """:meth:`read_sparse` of the whole rest of ``r`` (the body: nothing may follow it)
+        into flat arrays, for ``fp32`` values (None for any other value coder): one compiled
+        pass makes every check (``_sparse_jit``); a body it refuses is read by
+        :meth:`read_sparse`, which raises the CodecError naming what was wrong."""
+        if vc.codec_id != "fp32":
+            return None
+        from ._sparse_jit import scan_topk_fp32
+
+        ns = np.array([math.prod(shape) for _, shape in table], np.int64)
+        total_k = _density_k(self.density, int(ns.sum()))
+        wants = np.array([_density_k(self.density, int(n)) for n in ns], np.int64)
+        cap = int(wants.sum()) if self.per_tensor else total_k
+        idx, vals = np.empty(cap, np.int64), np.empty(cap, "<u4")
+        kept = np.zeros(ns.size, np.int64)
+        buf = np.frombuffer(r.buf, np.uint8)
+        if scan_topk_fp32(buf, r.pos, r.end, ns, self.per_tensor, wants, total_k, idx,
+                          vals.view(np.uint8), vals, kept):
+            r.pos = r.end
+            return FlatSparse([name for name, _ in table], ns, kept, idx, vals.view("<f4"))
+        secs = self.read_sparse(r, table, vc)  # raises what is wrong (this reader is strict)
+        r.done("body")
+        return FlatSparse.of(table, secs)
+
+
+class FlatSparse:
+    """A checked ``topk|fp32`` body in flat arrays: tensor t (``names[t]``, ``ns[t]`` values)
+    keeps ``kept[t]`` values; they are the next ``kept[t]`` entries of ``vals`` (float32,
+    finite) at the tensor-local sorted positions of ``idx`` (int64), tensor after tensor."""
+
+    kind = "sparse-flat"
+
+    def __init__(self, names, ns, kept, idx, vals) -> None:
+        self.names, self.ns, self.kept, self.idx, self.vals = names, ns, kept, idx, vals
+
+    @classmethod
+    def of(cls, table, secs: "dict[str, SparseSection]") -> "FlatSparse":
+        idx, vals = [], []
+        for (name, _), sec in ((t, secs[t[0]]) for t in table):
+            k = sec.vals.size
+            w = sec.where
+            idx.append(np.arange(k, dtype=np.int64) if k == sec.n or k == 0 else
+                       np.flatnonzero(w) if w.dtype == np.bool_ else np.asarray(w, np.int64))
+            vals.append(np.ravel(sec.vals).astype(np.float32, copy=False))
+        return cls([name for name, _ in table],
+                   np.array([math.prod(shape) for _, shape in table], np.int64),
+                   np.array([v.size for v in vals], np.int64),
+                   np.concatenate(idx) if idx else np.zeros(0, np.int64),
+                   np.concatenate(vals) if vals else np.zeros(0, np.float32))
+
+    def sections(self) -> "dict[str, SparseSection]":
+        """The same values as ``{name: SparseSection}`` (:meth:`TopK.read_sparse`'s form)."""
+        out, j = {}, 0
+        for name, n, k in zip(self.names, self.ns.tolist(), self.kept.tolist()):
+            out[name] = SparseSection(None if k in (0, n) else self.idx[j:j + k],
+                                      self.vals[j:j + k], n)
+            j += k
         return out
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..compression._jit import cached_njit
 
-__all__ = ["sumsq", "add_and_sumsq", "sections_add_and_sumsq", "sparse_add_and_sumsq"]
+__all__ = ["sumsq", "add_and_sumsq", "sections_add_and_sumsq", "sparse_add_and_sumsq",
+           "flat_add_and_sumsq", "zeros_sum"]
 
 
 @cached_njit
@@ -207,6 +208,103 @@ def sparse_add_and_sumsq(acc, sections, w: float) -> float:
             elif _index_pass(where, v, out.size, out, float(w), lanes) != v.size:
                 raise ValueError("kept positions outside the tensor")
         total += _combine(lanes)
+    return total
+
+
+@cached_njit
+def _flat_pass(idx, vals, kept, offs, ns, acc, w, sums):  # pragma: no cover - compiled
+    """:func:`_index_pass` of every tensor of a ``FlatSparse`` at once (tensor t's values at
+    ``acc[offs[t]:]``), its lanes combined as :func:`_combine` does into ``sums[t]``. False
+    (after adding) where a position is outside its tensor or the counts overrun the arrays."""
+    j = 0
+    for t in range(kept.size):
+        n = ns[t]
+        n8 = n - n % 8
+        base = offs[t]
+        k = kept[t]
+        if k < 0 or j + k > idx.size or j + k > vals.size:
+            return False
+        s = np.zeros(9)
+        for c in range(k):
+            i = idx[j]
+            if i < 0 or i >= n:
+                return False
+            d = np.float64(vals[j])
+            j += 1
+            acc[base + i] += w * d
+            if i < n8:
+                s[i % 8] += d * d
+            else:
+                s[8] += d * d
+        sums[t] = (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + s[8]
+    return True
+
+
+def zeros_sum(shapes) -> "OrderedDict[str, np.ndarray]":
+    """A float64 running sum of zeros for tensors of ``shapes``, in order: views of one flat
+    buffer (what :func:`flat_add_and_sumsq` adds into without a call per tensor)."""
+    from collections import OrderedDict
+
+    sizes = [int(np.prod(v)) for v in shapes.values()]
+    buf = np.zeros(sum(sizes), np.float64)
+    out, o = OrderedDict(), 0
+    for (k, shape), n in zip(shapes.items(), sizes):
+        out[k] = buf[o:o + n].reshape(shape)
+        o += n
+    return out
+
+
+def _layout(acc):
+    """``(flat buffer, {name: offset})`` when every tensor of ``acc`` is a view of one
+    contiguous float64 buffer (:func:`zeros_sum`), else None."""
+    first = next(iter(acc.values()), None)
+    buf = getattr(first, "base", None)
+    if (buf is None or buf.dtype != np.float64 or buf.ndim != 1
+            or not buf.flags.c_contiguous or not buf.flags.writeable):
+        return None
+    start = buf.__array_interface__["data"][0]
+    offs = {}
+    for k, v in acc.items():
+        o, rem = divmod(v.__array_interface__["data"][0] - start, 8)
+        if (v.base is not buf or rem or not v.flags.c_contiguous or v.dtype != np.float64
+                or o < 0 or o + v.size > buf.size):
+            return None
+        offs[k] = o
+    return buf, offs
+
+
+def flat_add_and_sumsq(acc, flat, w: float) -> float:
+    """:func:`sparse_add_and_sumsq` of a ``FlatSparse`` (``compression.sparsify``: a whole
+    checked top-k reply in flat arrays) in one compiled call when ``acc`` is a
+    :func:`zeros_sum`; the same float64 operations, and the tensors' sums of squares added in
+    ``acc``'s order, so the same bits. Checks before the first add, except positions outside
+    a tensor (which the reader refuses): that raises after adding, and the caller forms the
+    sum again."""
+    names = list(flat.names)
+    if sorted(names) != sorted(acc) or len(names) != len(acc):
+        raise ValueError(f"the update's tensors {names[:3]}... are not the running sum's "
+                         f"{list(acc)[:3]}...")
+    layout = _layout(acc)
+    if layout is None:
+        secs = flat.sections()
+        return sparse_add_and_sumsq(acc, {k: secs[k] for k in acc}, w)
+    buf, where = layout
+    ns = np.asarray(flat.ns, np.int64)
+    if any(int(n) != acc[k].size for k, n in zip(names, ns.tolist())):
+        raise ValueError("the update's tensor sizes are not the running sum's")
+    idx = np.asarray(flat.idx)
+    vals = np.asarray(flat.vals)
+    kept = np.asarray(flat.kept, np.int64)
+    if idx.dtype != np.int64 or vals.dtype != np.float32 or kept.size != len(names):
+        raise ValueError("the update's flat arrays are not int64 positions and float32 values")
+    offs = np.array([where[k] for k in names], np.int64)
+    sums = np.zeros(len(names))
+    if not _flat_pass(idx, vals, kept, offs, ns, buf, float(w), sums):
+        raise ValueError("kept positions outside a tensor, or more kept values than sent")
+    by_name = dict(zip(names, sums.tolist()))
+    total = 0.0
+    for k in acc:
+        total += by_name[k]
     return total
 
 

@@ -153,11 +153,16 @@ def sparse_apply(want: Pipeline) -> bool:
 
 
 def sparse_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
-                   shapes: Mapping[str, tuple[int, ...]]) -> "OrderedDict":
+                   shapes: Mapping[str, tuple[int, ...]], flat: bool = False):
     """:func:`decode_tensors` for a chain :func:`sparse_apply` admits, without scattering the
     kept values into dense tensors: ``{name: SparseSection}``, every check made (the codec,
-    the shapes, finite values, ``params-up``), the same errors."""
-    secs = want.sparse_sections(record_payload(msg.content.array_records[ADAPTER_KEY]), shapes)
+    the shapes, finite values, ``params-up``), the same errors. With ``flat``, a ``fp32``
+    chain's reply comes as one ``FlatSparse`` (``Pipeline.sparse_sections``)."""
+    secs = want.sparse_sections(record_payload(msg.content.array_records[ADAPTER_KEY]), shapes,
+                                flat=flat)
+    if not isinstance(secs, dict):  # FlatSparse: its reader checked every value finite
+        _check_params_up(up, shapes)
+        return secs
     if want.value_coder.codec_id not in SECTION_CODERS:
         for k, sec in secs.items():
             if not np.all(np.isfinite(sec.vals)):

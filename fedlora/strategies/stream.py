@@ -25,7 +25,10 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    with no reference to subtract and no checks of the method's own (FLASC's uploads, an
    ``upload=delta`` top-k of fl-lora) is read as positions and kept values
    (``Pipeline.sparse_sections``, every check a decode makes) and
-   :func:`.kernels.sparse_add_and_sumsq` adds only those: no dense copy of it, the same bits;
+   :func:`.kernels.sparse_add_and_sumsq` adds only those: no dense copy of it, the same bits.
+   With ``fp32`` values (FLASC's default) the whole reply is read by one compiled pass into
+   flat arrays (``TopK.read_flat``) and added by one (:func:`.kernels.flat_add_and_sumsq`,
+   into a sum whose tensors share one buffer: :func:`.kernels.zeros_sum`), not tensor by tensor;
 3. the round's norm bound needs every norm (``norm-bound-factor`` × their median), so it is
    known only after the last reply: a reply over it is decoded once more and its contribution
    corrected (clip: + w_i/W · (clip(x_i) − x_i); reject: − w_i/W · x_i). A correction of an
@@ -157,7 +160,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     # straight into the sum tile by tile (kernels.sections_add_and_sumsq: the same bits)
     sectioned, metas = _sectioned(strategy, server_round, metas, want, shapes, stats)
     if sectioned:
-        acc = OrderedDict((k, np.zeros(v, np.float64)) for k, v in shapes.items())
+        acc = kernels.zeros_sum(shapes)
         weights = [1.0 if equal else up.num_examples / total for _, up, *_ in sectioned]
         sums = kernels.sections_add_and_sumsq(
             acc, [secs for *_, secs, _ in sectioned], weights,
@@ -180,16 +183,19 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             # a top-k update (no reference to subtract, no checks of the method's own) is added
             # at its kept positions only: no dense copy of it (kernels.sparse_add_and_sumsq)
             sparse = ref is None and plain and sparse_apply(pipe)
-            tensors = sparse_tensors(msg, up, pipe, shapes) if sparse else decode(msg, up)
+            tensors = (sparse_tensors(msg, up, pipe, shapes, flat=True) if sparse
+                       else decode(msg, up))
         except Exception as err:
             strategy._drop(stats, server_round, up.node_id, err)
             continue
         if acc is None:
-            acc = OrderedDict((k, np.zeros(v, np.float64)) for k, v in shapes.items())
+            acc = kernels.zeros_sum(shapes)
         try:
             w = 1.0 if equal else up.num_examples / total
-            n = math.sqrt(kernels.sparse_add_and_sumsq(acc, tensors, w) if sparse else
-                          kernels.add_and_sumsq(acc, tensors, w, ref))
+            n = math.sqrt(kernels.add_and_sumsq(acc, tensors, w, ref) if not sparse else
+                          kernels.sparse_add_and_sumsq(acc, tensors, w)
+                          if isinstance(tensors, dict) else
+                          kernels.flat_add_and_sumsq(acc, tensors, w))
             if not math.isfinite(n):  # finite float32 values cannot get here
                 raise MalformedReply(f"update norm {n} is not finite")
         except Exception as err:  # whatever the sum may hold of it: formed again without it
