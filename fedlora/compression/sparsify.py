@@ -391,12 +391,12 @@ class TopK(Sparsifier):
             raise CodecError(f"kept counts add up to {got}, topk:{self.density!r} keeps {total_k}")
         return out
 
-
     def read_flat(self, r: Reader, table, vc) -> "FlatSparse | None":
         """:meth:`read_sparse` of the whole rest of ``r`` (the body: nothing may follow it)
-        into flat arrays, for ``fp32`` values (None for any other value coder): one compiled
-        pass makes every check (``_sparse_jit``); a body it refuses is read by
-        :meth:`read_sparse`, which raises the CodecError naming what was wrong."""
+        into flat arrays, for ``fp32`` values: one compiled pass makes every check
+        (``_sparse_jit``). None, with ``r`` unread, for any other value coder and for a body
+        the pass refuses: :meth:`read_sparse` then reads it and raises the CodecError naming
+        what was wrong."""
         if vc.codec_id != "fp32":
             return None
         from ._sparse_jit import scan_topk_fp32
@@ -412,9 +412,7 @@ class TopK(Sparsifier):
                           vals.view(np.uint8), vals, kept):
             r.pos = r.end
             return FlatSparse([name for name, _ in table], ns, kept, idx, vals.view("<f4"))
-        secs = self.read_sparse(r, table, vc)  # raises what is wrong (this reader is strict)
-        r.done("body")
-        return FlatSparse.of(table, secs)
+        return None
 
 
 class FlatSparse:
@@ -426,21 +424,6 @@ class FlatSparse:
 
     def __init__(self, names, ns, kept, idx, vals) -> None:
         self.names, self.ns, self.kept, self.idx, self.vals = names, ns, kept, idx, vals
-
-    @classmethod
-    def of(cls, table, secs: "dict[str, SparseSection]") -> "FlatSparse":
-        idx, vals = [], []
-        for (name, _), sec in ((t, secs[t[0]]) for t in table):
-            k = sec.vals.size
-            w = sec.where
-            idx.append(np.arange(k, dtype=np.int64) if k == sec.n or k == 0 else
-                       np.flatnonzero(w) if w.dtype == np.bool_ else np.asarray(w, np.int64))
-            vals.append(np.ravel(sec.vals).astype(np.float32, copy=False))
-        return cls([name for name, _ in table],
-                   np.array([math.prod(shape) for _, shape in table], np.int64),
-                   np.array([v.size for v in vals], np.int64),
-                   np.concatenate(idx) if idx else np.zeros(0, np.int64),
-                   np.concatenate(vals) if vals else np.zeros(0, np.float32))
 
     def sections(self) -> "dict[str, SparseSection]":
         """The same values as ``{name: SparseSection}`` (:meth:`TopK.read_sparse`'s form)."""

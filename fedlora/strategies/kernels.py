@@ -15,6 +15,8 @@ The kernel releases the GIL; compiled code is cached on disk (``compression/_jit
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from ..compression._jit import cached_njit
@@ -219,23 +221,13 @@ def _flat_pass(idx, vals, kept, offs, ns, acc, w, sums):  # pragma: no cover - c
     j = 0
     for t in range(kept.size):
         n = ns[t]
-        n8 = n - n % 8
-        base = offs[t]
         k = kept[t]
         if k < 0 or j + k > idx.size or j + k > vals.size:
             return False
         s = np.zeros(9)
-        for c in range(k):
-            i = idx[j]
-            if i < 0 or i >= n:
-                return False
-            d = np.float64(vals[j])
-            j += 1
-            acc[base + i] += w * d
-            if i < n8:
-                s[i % 8] += d * d
-            else:
-                s[8] += d * d
+        if _index_pass(idx[j:j + k], vals[j:j + k], n, acc[offs[t]:offs[t] + n], w, s) != k:
+            return False
+        j += k
         sums[t] = (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + s[8]
     return True
 
@@ -243,8 +235,6 @@ def _flat_pass(idx, vals, kept, offs, ns, acc, w, sums):  # pragma: no cover - c
 def zeros_sum(shapes) -> "OrderedDict[str, np.ndarray]":
     """A float64 running sum of zeros for tensors of ``shapes``, in order: views of one flat
     buffer (what :func:`flat_add_and_sumsq` adds into without a call per tensor)."""
-    from collections import OrderedDict
-
     sizes = [int(np.prod(v)) for v in shapes.values()]
     buf = np.zeros(sum(sizes), np.float64)
     out, o = OrderedDict(), 0
@@ -281,7 +271,7 @@ def flat_add_and_sumsq(acc, flat, w: float) -> float:
     a tensor (which the reader refuses): that raises after adding, and the caller forms the
     sum again."""
     names = list(flat.names)
-    if sorted(names) != sorted(acc) or len(names) != len(acc):
+    if sorted(names) != sorted(acc):
         raise ValueError(f"the update's tensors {names[:3]}... are not the running sum's "
                          f"{list(acc)[:3]}...")
     layout = _layout(acc)

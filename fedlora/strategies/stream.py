@@ -137,9 +137,14 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     acc: "OrderedDict[str, np.ndarray] | None" = None
     kept: list[tuple[Message, ClientUpdate, Any, float]] = []
 
+    def pipeline(up: ClientUpdate):
+        """The codec chain the server asked of this node (made once a node and round)."""
+        if up.node_id not in want:
+            want[up.node_id] = strategy.upload_pipeline(server_round, up.node_id)
+        return want[up.node_id]
+
     def decode(msg: Message, up: ClientUpdate) -> "OrderedDict[str, np.ndarray]":
-        pipe = want.setdefault(up.node_id, strategy.upload_pipeline(server_round, up.node_id))
-        up.tensors = decode_tensors(msg, up, pipe, shapes)
+        up.tensors = decode_tensors(msg, up, pipeline(up), shapes)
         strategy.validate_update(server_round, up)
         tensors, up.tensors = up.tensors, OrderedDict()
         return tensors
@@ -179,11 +184,10 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     for msg, up in metas:                     # 2b. decode, check, add + measure (one pass), free
         try:
             ref = strategy.update_reference(server_round, up.node_id)
-            pipe = want.setdefault(up.node_id, strategy.upload_pipeline(server_round, up.node_id))
             # a top-k update (no reference to subtract, no checks of the method's own) is added
             # at its kept positions only: no dense copy of it (kernels.sparse_add_and_sumsq)
-            sparse = ref is None and plain and sparse_apply(pipe)
-            tensors = (sparse_tensors(msg, up, pipe, shapes, flat=True) if sparse
+            sparse = ref is None and plain and sparse_apply(pipeline(up))
+            tensors = (sparse_tensors(msg, up, pipeline(up), shapes, flat=True) if sparse
                        else decode(msg, up))
         except Exception as err:
             strategy._drop(stats, server_round, up.node_id, err)
