@@ -45,6 +45,7 @@ CONFIGS = {  # name: (run config, streamed?) — what the issue measured, both p
     "flocora affine:4 (streamed)": ({"method": "flocora", "codec-up": "affine:4"}, True),
     "flocora affine:4 (decode-all)": ({"method": "flocora", "codec-up": "affine:4",
                                        "stream-aggregation": False}, False),
+    "fl-lora affine:4 (streamed)": ({"method": "fl-lora", "codec-up": "affine:4"}, True),
     "fl-lora Δ topk:0.1|affine:4 (streamed)": ({"method": "fl-lora", "upload": "delta",
                                                "codec-up": "topk:0.1|affine:4"}, True),
     "fl-lora Δ topk:0.1|affine:4 (decode-all)": ({"method": "fl-lora", "upload": "delta",
@@ -55,7 +56,8 @@ CONFIGS = {  # name: (run config, streamed?) — what the issue measured, both p
     "flasc top-k 0.1 (decode-all)": ({"method": "flasc", "density-up": 0.1,
                                       "server-opt": "avg", "stream-aggregation": False}, False),
 }
-TARGET_S = {"flocora affine:4 (streamed)": 0.25, "flasc top-k 0.1 (streamed)": 0.4}
+TARGET_S = {"flocora affine:4 (streamed)": 0.25, "fl-lora affine:4 (streamed)": 0.25,
+            "flasc top-k 0.1 (streamed)": 0.4}
 
 
 class Nodes:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE as MAX_CHUNK
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
@@ -137,7 +137,52 @@ def _prime_chunks(arr: Array) -> None:
                                for i, cid in enumerate(_chunk_ids(arr.data))]
 
 
-def message_bytes(msg: Message) -> int:
+def _stand_in(msg: Message) -> Message:
+    """A copy of ``msg`` whose deflated objects have the lengths of the real ones, with no
+    chunk hashed: each Array is replaced by one over the same data whose chunk ids are
+    stand-ins — 64 hex digits like a SHA-256, equal exactly when the chunks' bytes are
+    (compared, not hashed) — and its parents by records holding those. Every id in Flower's
+    tree is 64 hex digits whatever it hashes to, so every object deflates to the same length
+    and the same objects are unique. ``msg`` itself is not touched."""
+    if not msg.has_content() or not msg.content.array_records:
+        return msg
+    known: dict[int, list[tuple[memoryview, str]]] = {}  # chunk length → (bytes, stand-in)
+
+    def chunk_id(part: memoryview) -> str:
+        same = known.setdefault(len(part), [])
+        for other, cid in same:
+            if other[:64] == part[:64] and np.array_equal(np.frombuffer(other, np.uint8),
+                                                           np.frombuffer(part, np.uint8)):
+                return cid
+        cid = f"{sum(len(v) for v in known.values()):064x}"
+        same.append((part, cid))
+        return cid
+
+    def array(arr: Array) -> Array:
+        out = Array.__new__(Array)
+        out.__dict__.update({k: v for k, v in arr.__dict__.items()
+                             if k not in ("_chunks", "_object_id")})
+        data = memoryview(arr.data).cast("B")
+        parts = [data[i:i + MAX_CHUNK] for i in range(0, len(data), MAX_CHUNK)]
+        out.__dict__["_chunks"] = [(chunk_id(p), ArrayChunk(p)) for p in parts]
+        out.__dict__["_is_dirty"] = True
+        return out
+
+    def record(rec: ArrayRecord) -> ArrayRecord:
+        out = ArrayRecord()  # (ArrayRecord(dict) would copy each Array, dropping its chunks)
+        for k, a in rec.items():
+            out[k] = array(a)
+        return out
+
+    content = RecordDict({name: record(rec) if isinstance(rec, ArrayRecord) else rec
+                          for name, rec in msg.content.items()})
+    out = Message.__new__(Message)
+    out.__dict__.update({k: v for k, v in msg.__dict__.items() if k != "_object_id"})
+    out.__dict__["_content"] = content
+    return out
+
+
+def message_bytes(msg: Message, hashed: bool = True) -> int:
     """Bytes of the object tree Flower serializes for this message's content (wire bytes): the
     sum of ``len(deflate())`` over the unique objects of the tree, as Flower 1.41's
     ``get_all_nested_objects`` collects them (identical chunks travel once). The walk takes
@@ -145,7 +190,12 @@ def message_bytes(msg: Message) -> int:
     straight from its data (:func:`_prime_chunks`), and a chunk's size is its head plus its
     data, so a payload is neither copied nor hashed again (``get_all_nested_objects``
     re-deflates and re-hashes every chunk: half the server's aggregation time for large
-    uploads)."""
+    uploads). ``hashed=False``, for a received message (whose chunk ids nobody will need):
+    no chunk is hashed at all (:func:`_stand_in`: the same bytes, tested against Flower's own
+    tree), and the message is left as it was; a message about to be sent is hashed, so that
+    Flower's push finds its chunks primed."""
+    if not hashed:
+        msg = _stand_in(msg)
     seen: set[str] = set()
     total = 0
     for record in msg.content.array_records.values():  # before any parent's id needs them

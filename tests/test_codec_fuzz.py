@@ -315,6 +315,86 @@ def test_the_compiled_topk_reader_accepts_exactly_what_read_sparse_accepts(spec,
     assert verdicts["error"] > 0 and verdicts["ok"] > 0
 
 
+def _dense_outcome(pipe, payload, shapes, flat):
+    """("ok", {name: values}) or ("error", message) of Pipeline.sections."""
+    try:
+        out = pipe.sections(payload, shapes, flat=flat)
+    except CodecError as err:
+        assert not str(err).startswith("unexpected decoder failure"), str(err)
+        return "error", str(err)
+    if flat:
+        assert type(out).__name__ == "FlatDense"
+        out = out.sections()
+    return "ok", {k: out[k].values(shapes[k]).tobytes() for k in shapes}
+
+
+@pytest.mark.parametrize("spec", ["affine:4", "affine:3", "affine:8", "fp32"])
+def test_the_compiled_dense_reader_accepts_exactly_what_read_section_accepts(spec, monkeypatch):
+    """The compiled reader of whole dense affine / fp32 bodies (ValueCoder.read_flat) against
+    the Python reader (read_section, tensor by tensor) on a valid payload with 1-, 2- and
+    4-byte zero-points, raw 1-D tensors and padding bits, every truncation and every
+    single-byte mutation of it (scales made 0, negative, NaN, Inf, overflowing; widths; padding
+    bits set), trailing bytes too: the same verdict, the same error message (a refused body is
+    read again by read_section), the same values where both accept. The valid payload is read
+    by the compiled pass alone (read_section not called), so the test covers it."""
+    from fedlora.compression import quantize
+    from fedlora.compression.casts import Fp32
+
+    rng = np.random.default_rng(7)
+    t = dict(tensors(2))
+    for name, start in (("z2", 100.0), ("z4", 1e4)):  # 2- and 4-byte zero-points (3-8 bits)
+        t[name] = np.stack([np.linspace(start, start + 1, 7),
+                            np.linspace(-1, 1, 7)]).astype(np.float32)
+    t["odd"] = rng.standard_normal((3, 5)).astype(np.float32)  # 15 fields: padding bits
+    shapes = {k: v.shape for k, v in t.items()}
+    pipe = parse_spec(spec)
+    p = pipe.encode(t)
+    slow_calls = []
+    for cls in (quantize.Affine, Fp32):
+        real = cls.read_section
+        monkeypatch.setattr(cls, "read_section",
+                            lambda *a, _real=real: slow_calls.append(1) or _real(*a))
+    assert _dense_outcome(pipe, p, shapes, True)[0] == "ok" and not slow_calls
+    assert _dense_outcome(pipe, p, shapes, True) == _dense_outcome(pipe, p, shapes, False)
+    cases = [p[:cut] for cut in range(len(p))] + [p + b"\x00", p + p[-5:]]
+    for pos in range(len(p)):
+        for new in {p[pos] ^ 0x01, p[pos] ^ 0x80, 0x00, 0xFF, 0x7F, (p[pos] + 1) & 0xFF}:
+            if new != p[pos]:
+                cases.append(p[:pos] + bytes([new]) + p[pos + 1:])
+    verdicts = {"ok": 0, "error": 0}
+    for case in cases:
+        fast = _dense_outcome(pipe, case, shapes, True)
+        assert fast == _dense_outcome(pipe, case, shapes, False)
+        verdicts[fast[0]] += 1
+    assert verdicts["error"] > 0 and verdicts["ok"] > 0
+
+
+@pytest.mark.parametrize("spec", ["affine:3", "fp32"])
+def test_flat_sections_from_the_python_reader_are_the_compiled_readers(spec):
+    """FlatDense.of (what Pipeline.sections(flat=True) returns if the compiled pass refused a
+    body the Python reader accepts) holds the same offsets, scales and zero offsets as the
+    compiled pass, so the sum it feeds is the same."""
+    from fedlora.compression.binary import Reader
+    from fedlora.compression.codec import FlatDense
+    from fedlora.compression.payload import _open
+
+    t = dict(tensors(4))
+    shapes = {k: v.shape for k, v in t.items()}
+    pipe = parse_spec(spec)
+    p = pipe.encode(t, by_digest=False)
+    fast = pipe.sections(p, shapes, flat=True)
+    _, table, r = _open(p, shapes, 1 << 30, pipe)
+    assert isinstance(r, Reader)
+    names = [name for name, _ in table]
+    slow = FlatDense.of(names, pipe.sections(p, shapes), getattr(pipe.value_coder, "bits", 0),
+                        np.frombuffer(r.buf, np.uint8))
+    assert slow.names == fast.names == names
+    for a in ("ns", "groups", "offs", "S", "ZU"):
+        assert np.array_equal(getattr(slow, a), getattr(fast, a)), a
+    gofs = fast.groups > 0  # (a raw tensor's group offset is never read)
+    assert np.array_equal(slow.gofs[gofs], fast.gofs[gofs])
+
+
 def test_the_compiled_topk_reader_refuses_gaps_no_smaller_than_the_bitmap(monkeypatch):
     """A gap-varint index section that is not smaller than the tensor's bitmap (an encoder
     never sends one) is refused by both readers, with read_sparse's message."""

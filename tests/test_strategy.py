@@ -235,7 +235,8 @@ def test_message_bytes_equals_flowers_own_object_tree(task_identity, monkeypatch
     its head and length) = the size of every unique object Flower's get_all_nested_objects
     collects, and the chunks it primes are Flower's own (same ids, same order), for small,
     multi-chunk and repeated-chunk payloads (Flower's 5 MB chunks, and 64 KiB ones so that a
-    2.4 MB payload of zeros is 37 chunks of which 36 are one object)."""
+    2.4 MB payload of zeros is 37 chunks of which 36 are one object); ``hashed=False`` (a
+    received reply) gives the same count without hashing a chunk or priming the Array."""
     import flwr.app.message.array as flower_array
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -256,9 +257,25 @@ def test_message_bytes_equals_flowers_own_object_tree(task_identity, monkeypatch
         fresh = reply_to(Message(RecordDict({"config": ConfigRecord({"a": 1})}),
                                  message_type=MessageType.TRAIN, dst_node_id=3), tensors, 7,
                          spec=spec)
+        received = reply_to(Message(RecordDict({"config": ConfigRecord({"a": 1})}),
+                                    message_type=MessageType.TRAIN, dst_node_id=3), tensors, 7,
+                            spec=spec)
         objects = get_all_nested_objects(fresh)
         flower = sum(len(o.deflate()) for o in objects.values())
         assert message_bytes(msg) == flower > 0
+        # a received reply is measured without hashing a chunk, and not touched
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(wire, "_chunk_ids", lambda d: calls.append(1) or [])
+            assert message_bytes(received, hashed=False) == flower and not calls
+        assert "_chunks" not in received.content.array_records[ADAPTER_KEY]["payload"].__dict__
+        # two records holding equal payloads (other bytes objects): one Array object, as Flower
+        data = received.content.array_records[ADAPTER_KEY]["payload"].data
+        twice = Message(RecordDict({"a": wire.payload_record(bytes(data)),
+                                    "b": wire.payload_record(bytes(bytearray(data)))}),
+                        message_type=MessageType.TRAIN, dst_node_id=3)
+        assert message_bytes(twice, hashed=False) == sum(
+            len(o.deflate()) for o in get_all_nested_objects(twice).values())
         ours = msg.content.array_records[ADAPTER_KEY]["payload"].slice_array()  # primed
         theirs = fresh.content.array_records[ADAPTER_KEY]["payload"].slice_array()
         assert [i for i, _ in ours] == [i for i, _ in theirs]

@@ -177,6 +177,32 @@ def test_fused_add_gives_numpys_weighted_sum_and_the_norm_guard_measures(n, dtyp
     assert ss == pytest.approx(exact, rel=1e-13, abs=0.0)
 
 
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_the_norm_is_eight_lanes_in_order_across_blocks(with_ref):
+    """The sum of squares is defined, not left to the compiler: lane j adds (x_i − ref_i)² for
+    i ≡ j (mod 8) in order of i, the squares past the last full 8 go to a ninth, and the lanes
+    are combined pairwise — across _pass's blocks and the tiles of the sectioned path alike
+    (a tensor of two blocks and a tail; scalar Python float64 is the reference)."""
+    from fedlora.strategies import kernels
+
+    n = 2 * kernels._BLOCK + 13
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 4)).astype(np.float32)
+    ref = rng.standard_normal(n).astype(np.float32) if with_ref else None
+    lanes = [0.0] * 9
+    n8 = n - n % 8
+    for i, v in enumerate(x.tolist()):
+        d = v - (float(ref[i]) if with_ref else 0.0)
+        lanes[i % 8 if i < n8 else 8] += d * d
+    want = (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))) + lanes[8]
+    refs = {"a": ref} if with_ref else None
+    assert kernels.sumsq({"a": x}, refs) == want
+    acc = {"a": np.zeros(n)}
+    assert kernels.add_and_sumsq(acc, {"a": x}, 0.5, refs) == want
+    assert acc["a"].tobytes() == (0.5 * x.astype(np.float64)).tobytes()
+
+
 def test_fused_add_refuses_mismatched_shapes_before_touching_the_sum():
     """A bad tensor anywhere in an update leaves the running sum exactly as it was (the checks
     all run before the first add), and shapes — not only sizes — must match."""
@@ -226,19 +252,20 @@ def test_sections_into_the_sum_give_the_bits_of_decoding_each_reply(bits, with_r
     want_ss = [kernels.add_and_sumsq(want, pipe.decode(p, expected=shapes), w, ref)
                for p, w in zip(payloads, weights)]
     got = OrderedDict((k, np.zeros(s)) for k, s in shapes.items())
-    secs = [pipe.sections(p, shapes) for p in payloads]
-    assert {s["l.lora_A.weight"].kind for s in secs} == {"affine"}
-    assert secs[0]["norm.weight"].kind == "dense"  # 1-D: raw float32, a view of the payload
-    got_ss = kernels.sections_add_and_sumsq(got, secs, weights,
-                                            [np.frombuffer(p, np.uint8) for p in payloads], ref)
+    flats = [pipe.sections(p, shapes, flat=True) for p in payloads]
+    secs = flats[0].sections()
+    assert secs["l.lora_A.weight"].kind == "affine"
+    assert secs["norm.weight"].kind == "dense"  # 1-D: raw float32, a view of the payload
+    got_ss = kernels.sections_add_and_sumsq(got, flats, weights, ref)
     assert got_ss == want_ss
     for k in shapes:
         assert got[k].tobytes() == want[k].tobytes(), k
 
 
 def test_sections_are_checked_as_a_decode_checks(task_identity):
-    """Pipeline.sections makes every check decode makes, with the same errors: another chain,
-    wrong shapes, a bad scale, set padding bits, trailing bytes; values() is decode's output."""
+    """Pipeline.sections (one by one and flat) makes every check decode makes, with the same
+    errors: another chain, wrong shapes, a bad scale, trailing bytes; values() is decode's
+    output."""
     from fedlora.compression import CodecError, parse_spec
 
     shapes = OrderedDict([("w", (4, 10)), ("b", (3,))])
@@ -258,6 +285,7 @@ def test_sections_are_checked_as_a_decode_checks(task_identity):
              (bytes(bad_scale), "non-positive affine scale")]
     for payload, why in cases:
         for fn in (lambda p: pipe.sections(p, shapes),
+                   lambda p: pipe.sections(p, shapes, flat=True),
                    lambda p: pipe.decode(p, expected=shapes)):
             with pytest.raises(CodecError, match=why):
                 fn(payload)

@@ -217,3 +217,86 @@ def affine_section_params(s, z, bits, zu):  # pragma: no cover - compiled
         bound = far if far > bound else bound
         zu[r] = np.float32(zr - qmin)
     return ok, bound
+
+
+_EXP32 = np.uint32(0x7F800000)  # float32 exponent bits: all set = Inf or NaN
+
+
+@cached_njit
+def _u32(b, o):  # pragma: no cover - compiled
+    """The little-endian uint32 at ``b[o:o + 4]``."""
+    return (np.uint32(b[o]) | (np.uint32(b[o + 1]) << np.uint32(8))
+            | (np.uint32(b[o + 2]) << np.uint32(16)) | (np.uint32(b[o + 3]) << np.uint32(24)))
+
+
+@cached_njit
+def scan_affine(b, pos, end, ns, groups, bits, limit, S, ZU, offs,
+                gofs):  # pragma: no cover - compiled
+    """Check the body ``b[pos:end]`` of a dense ``affine:bits`` (``bits == 0``: ``fp32``)
+    chain whose tensors have ``ns`` values split into ``groups`` slices (0: raw float32) and
+    record it, making every check ``read_section`` makes, tensor after tensor: raw values
+    finite; zero-point width 1, 2 or 4; the section inside the body; scales finite and > 0;
+    the overflow bound (``affine_section_params``) at most ``limit``; zero padding bits; no
+    byte after the last section. Tensor ``t``'s values start at ``b[offs[t]]``; its scales
+    (``S``, float32) and zero offsets ``float32(z − qmin)`` (``ZU``) are entries
+    ``gofs[t]:gofs[t] + groups[t]``. Returns False where ``read_section`` would (or might)
+    refuse the body."""
+    qmin = -(1 << (bits - 1)) if bits else 0
+    qmax = (1 << (bits - 1)) - 1 if bits else 0
+    S8 = S.view(np.uint8)
+    g0 = 0
+    for t in range(ns.size):
+        n = ns[t]
+        g = groups[t]
+        gofs[t] = g0
+        if bits == 0 or g == 0:
+            if 4 * n > end - pos:
+                return False
+            for i in range(n):
+                if (_u32(b, pos + 4 * i) & _EXP32) == _EXP32:
+                    return False
+            offs[t] = pos
+            pos += 4 * n
+            continue
+        if g < 0 or n % g:
+            return False
+        if pos >= end:
+            return False
+        zw = np.int64(b[pos])
+        pos += 1
+        if zw != 1 and zw != 2 and zw != 4:
+            return False
+        nb = (n * bits + 7) // 8
+        if g * (4 + zw) + nb > end - pos:
+            return False
+        S8[4 * g0:4 * (g0 + g)] = b[pos:pos + 4 * g]
+        pos += 4 * g
+        bound = 0.0
+        for r in range(g):
+            sr = S[g0 + r]
+            if not (sr > 0 and sr < np.inf):
+                return False
+            o = pos + zw * r
+            if zw == 1:
+                z = np.int64(b[o])
+                z -= 256 if z >= 128 else 0
+            elif zw == 2:
+                z = np.int64(b[o]) | (np.int64(b[o + 1]) << 8)
+                z -= 65536 if z >= 32768 else 0
+            else:
+                z = np.int64(_u32(b, o))
+                z -= 4294967296 if z >= 2147483648 else 0
+            far = np.float64(max(abs(qmin - z), abs(qmax - z))) * np.float64(sr)
+            bound = far if far > bound else bound
+            ZU[g0 + r] = np.float32(z - qmin)
+        if bound > limit:
+            return False
+        pos += zw * g
+        if nb:
+            used = n * bits - 8 * (nb - 1)
+            if used < 8 and (np.int64(b[pos + nb - 1]) >> used) != 0:
+                return False
+        offs[t] = pos
+        pos += nb
+        g0 += g
+    return pos == end

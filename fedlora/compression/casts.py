@@ -58,6 +58,11 @@ class Fp32(_FixedWidth):
         check_finite(raw, f"tensor {name!r} (fp32 values)")
         return DenseSection(raw)  # a view of the payload: DenseSection.values copies it
 
+    def read_flat(self, r: Reader, table):
+        from .quantize import read_flat_sections  # (quantize imports this module)
+
+        return read_flat_sections(r, table, 0)
+
 
 class _TwoByteCast(_FixedWidth):
     """The 16-bit casts: a subclass supplies the conversions and the exponent mask that marks

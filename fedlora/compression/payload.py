@@ -96,7 +96,8 @@ import numpy as np
 
 from .arrays import to_float32
 from .binary import Reader, uvarint, uvarint_len
-from .codec import Dense, LosslessCodec, Section, Sparsifier, ValueCoder, slice_groups
+from .codec import (Dense, FlatDense, LosslessCodec, Section, Sparsifier, ValueCoder,
+                    slice_groups)
 from .errors import CodecError, SpecError
 from .runtime import scratch_scope
 from .spec import MAX_SPEC_BYTES, chain_of, parse_stages, stages_from_config
@@ -395,17 +396,19 @@ class Pipeline:
         return _decode(payload, expected, max_elements, self)
 
     def sections(self, payload, expected: Mapping[str, Sequence[int]],
-                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Section]:
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, flat: bool = False):
         """The checked value sections of a payload of this dense chain (no sparsifier, no
         lossless stage; NotImplementedError otherwise), in ``expected``'s order: every check
         :meth:`decode` makes, the same CodecErrors, but the values left unformed where the
         value coder allows (``affine``: :class:`~.quantize.AffineSection`), so a consumer can
         decode them straight into a running sum (``strategies/stream.py``). ``section.values(
-        shape)`` is what :meth:`decode` returns for that tensor."""
+        shape)`` is what :meth:`decode` returns for that tensor. With ``flat``: one
+        :class:`~.codec.FlatDense` (every section in flat arrays, in the payload's table order;
+        read by one compiled pass where the value coder has one, ``ValueCoder.read_flat``)."""
         if self.sparsifier is not None or self.lossless:
             raise NotImplementedError(f"{self.spec!r}: sections are for dense chains without "
                                       "lossless stages")
-        return _sections(payload, expected, max_elements, self)
+        return _sections(payload, expected, max_elements, self, flat)
 
     def sparse_sections(self, payload, expected: Mapping[str, Sequence[int]],
                         max_elements: int = DEFAULT_MAX_ELEMENTS, flat: bool = False):
@@ -477,14 +480,20 @@ def _open(payload, expected, max_elements, pipe: Pipeline | None):
     return got, table, r
 
 
-def _sections(payload, expected, max_elements, pipe: Pipeline) -> dict[str, Section]:
+def _sections(payload, expected, max_elements, pipe: Pipeline, flat: bool = False):
     try:
         _, table, r = _open(payload, expected, max_elements, pipe)
         _check_expected(table, expected)
         vc = pipe.value_coder
+        got = vc.read_flat(r, table) if flat else None
+        if got is not None:
+            return got
         out = {name: vc.read_section(r, shape, slice_groups(shape), name)
                for name, shape in table}
         r.done("body")
+        if flat:  # refused by the compiled pass, accepted here (none is known): this answer
+            return FlatDense.of([name for name, _ in table], out,
+                                getattr(vc, "bits", 0), np.frombuffer(r.buf, np.uint8))
         return {name: out[name] for name in expected}
     except CodecError:
         raise

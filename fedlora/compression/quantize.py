@@ -80,7 +80,7 @@ import numpy as np
 from .arrays import FLT_MAX, _torch, as_bytes
 from .binary import Reader, pack_bits, packed_len, unpack_bits
 from .casts import Fp32
-from .codec import Section, ValueCoder, register
+from .codec import FlatDense, Section, ValueCoder, register, slice_groups
 from .errors import CodecError, SpecError
 from .runtime import run_parallel, scratch
 
@@ -485,6 +485,9 @@ class Affine(ValueCoder):
     def decode_values(self, r: Reader, shape, groups, name):
         return self.read_section(r, shape, groups, name).values(shape)
 
+    def read_flat(self, r: Reader, table):
+        return read_flat_sections(r, table, self.bits)
+
     def read_section(self, r: Reader, shape, groups, name):
         """The section checked (parameters, padding bits) without forming the values: an
         :class:`AffineSection` (a :class:`DenseSection` of raw float32 when ``groups == 0``)."""
@@ -522,6 +525,27 @@ class Affine(ValueCoder):
         if nb and used < 8 and int(p[-1]) >> used:
             raise CodecError(f"tensor {name!r}: non-zero padding bits in packed values")
         return AffineSection(s, zu, p, n, groups, b)
+
+
+def read_flat_sections(r: Reader, table, bits: int) -> "FlatDense | None":
+    """:meth:`ValueCoder.read_flat` for ``affine:bits`` (``bits == 0``: ``fp32``): the rest of
+    ``r`` checked by one compiled pass (``_jit.scan_affine``: every check ``read_section``
+    makes) into a :class:`FlatDense`; None, with ``r`` unread, without numba or when the pass
+    refuses the body."""
+    jit = _jit()
+    if jit is None:
+        return None
+    ns = np.array([math.prod(shape) for _, shape in table], np.int64)
+    groups = np.array([slice_groups(shape) if bits else 0 for _, shape in table], np.int64)
+    total = int(groups.sum())
+    S, ZU = np.empty(total, np.float32), np.empty(total, np.float32)
+    offs, gofs = np.zeros(ns.size, np.int64), np.zeros(ns.size, np.int64)
+    buf = np.frombuffer(r.buf, np.uint8)
+    if not jit.scan_affine(buf, r.pos, r.end, ns, groups, bits, _OVERFLOW_LIMIT, S, ZU, offs,
+                           gofs):
+        return None
+    r.pos = r.end
+    return FlatDense([name for name, _ in table], ns, groups, bits, buf, offs, gofs, S, ZU)
 
 
 class AffineSection(Section):

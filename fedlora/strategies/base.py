@@ -436,7 +436,7 @@ class FedLoraStrategy(FedAvg):
                 if node in seen:
                     raise MalformedReply("a second reply from this node in the round")
                 seen.add(node)
-                stats.received[node] = message_bytes(msg)
+                stats.received[node] = message_bytes(msg, hashed=False)  # received: no chunk hashed
                 if stats.sent and node not in stats.sent:
                     raise MalformedReply("the node was not sent a train message this round")
                 accepted.append(msg)

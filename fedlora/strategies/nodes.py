@@ -90,7 +90,7 @@ class NodeDirectory:
                 if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
                     log.warning("node %s did not report its tier; using tier 0", node)
                     continue
-                stats.control_bytes += message_bytes(reply)
+                stats.control_bytes += message_bytes(reply, hashed=False)
                 self._read_answer(stats, node, reply.content.metric_records[METRICS_KEY])
             except Exception as err:  # never let a node's answer stop the round
                 ours = node in unknown

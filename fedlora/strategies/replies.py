@@ -172,15 +172,15 @@ def sparse_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
 
 
 def section_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
-                    shapes: Mapping[str, tuple[int, ...]]) -> tuple[bytes, "OrderedDict"]:
+                    shapes: Mapping[str, tuple[int, ...]]):
     """:func:`decode_tensors` without forming the values, for a chain :func:`sections_apply`
-    admits: ``(payload, {name: section})``, every check made (the codec, the shapes, the
-    section parameters, finite values, ``params-up``), the same errors; the sections view
-    ``payload``."""
-    payload = record_payload(msg.content.array_records[ADAPTER_KEY])
-    secs = want.sections(payload, shapes)
+    admits: the payload's sections in flat form (``FlatDense``, viewing the payload), every
+    check made (the codec, the shapes, the section parameters, finite values, ``params-up``),
+    the same errors."""
+    flat = want.sections(record_payload(msg.content.array_records[ADAPTER_KEY]), shapes,
+                         flat=True)
     _check_params_up(up, shapes)
-    return payload, OrderedDict(secs)
+    return flat
 
 
 def decode_reply(msg: Message, want: Pipeline, shapes: Mapping[str, tuple[int, ...]]

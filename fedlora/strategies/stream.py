@@ -16,10 +16,11 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    (:func:`.kernels.add_and_sumsq`: the number :func:`.guard.update_norm` gives), and freed;
    When every reply's chain is dense ``affine:b`` / ``fp32`` (no sparsifier, no lossless
    stage), the method has no checks of its own and every node was sent the same reference,
-   step 2 runs on all replies at once instead: each payload is checked section by section
-   (``Pipeline.sections``: every check a decode makes, the same errors) without forming its
-   values, then :func:`.kernels.sections_add_and_sumsq` decodes each tensor tile by tile
-   into a small buffer and adds it, every reply in turn, while the sum's tile is in cache —
+   step 2 runs on all replies at once instead: each payload is checked by one compiled pass
+   (``Pipeline.sections(flat=True)``: every check a decode makes, the same errors) without
+   forming its values, then :func:`.kernels.sections_add_and_sumsq` decodes each tensor tile
+   by tile into a small buffer and adds it, every reply in turn, while the sum's tile is in
+   cache —
    the same float64 operations per element and per norm lane, so the same bits, without a
    dense copy of any reply or a pass over the whole float64 sum per reply. A ``topk`` reply
    with no reference to subtract and no checks of the method's own (FLASC's uploads, an
@@ -92,7 +93,7 @@ def _sectioned(strategy: "FedLoraStrategy", server_round: int, metas, want: dict
     """Step 2a's replies: when every reply's chain is one :func:`.replies.sections_apply`
     admits, the method checks nothing of its own (``validate_update``) and every node was
     sent the same reference (None for delta uploads, else one broadcast model): ``[(msg, up,
-    payload, sections, ref)]`` for the replies whose sections pass every check (the others
+    flat sections, ref)]`` for the replies whose sections pass every check (the others
     dropped here, with the errors a decode gives), and no reply left for step 2b. Otherwise
     ``[]`` and ``metas`` unchanged."""
     from .base import FedLoraStrategy
@@ -107,11 +108,11 @@ def _sectioned(strategy: "FedLoraStrategy", server_round: int, metas, want: dict
     out = []
     for (msg, up), pipe, ref in zip(metas, pipes, refs):
         try:
-            payload, secs = section_tensors(msg, up, pipe, shapes)
+            flat = section_tensors(msg, up, pipe, shapes)
         except Exception as err:
             strategy._drop(stats, server_round, up.node_id, err)
             continue
-        out.append((msg, up, payload, secs, ref))
+        out.append((msg, up, flat, ref))
     return out, []
 
 
@@ -167,10 +168,8 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     if sectioned:
         acc = kernels.zeros_sum(shapes)
         weights = [1.0 if equal else up.num_examples / total for _, up, *_ in sectioned]
-        sums = kernels.sections_add_and_sumsq(
-            acc, [secs for *_, secs, _ in sectioned], weights,
-            [np.frombuffer(payload, np.uint8) for _, _, payload, _, _ in sectioned],
-            sectioned[0][-1])
+        sums = kernels.sections_add_and_sumsq(acc, [flat for *_, flat, _ in sectioned],
+                                              weights, sectioned[0][-1])
         for (msg, up, *_, ref), ss in zip(sectioned, sums):
             n = math.sqrt(ss)
             if not math.isfinite(n):  # finite float32 values cannot get here
