@@ -1,6 +1,6 @@
 """Codec throughput vs a plain memory copy, on 10M float32 values.
 
-    python benchmarks/codecs.py [--layout matrix|lora] [--repeats 15]
+    python benchmarks/codecs.py [--layout matrix|lora] [--repeats 15] [--runs 5]
 
 ``matrix`` (default): one ``[10000, 1000]`` tensor (10000 affine slices of 1000 values).
 ``lora``: 4 layers of LoRA factors ``lora_A [40, 31250]`` and ``lora_B [31250, 40]`` (8 x 1.25M =
@@ -11,8 +11,10 @@ the same 40 MB buffer into a preallocated one, measured in the same run. Ratios 
 codec_time`` (higher is faster; 1.0 = memcpy speed), combined = ``copy_time / (encode + decode)``;
 size is the payload size relative to ``fp32``. Targets: ``affine:8`` combined >= 0.25 (lora) and
 >= 0.30 (matrix); ``topk``
-(index coding included) combined >= 0.10. Exit status 1 when a target fails. The load average is
-printed: other processes competing for the cores make every number worse.
+(index coding included) combined >= 0.10. ``--runs N`` repeats the whole measurement (copy
+baseline included) N times and judges each codec by its worst run (the row printed is that
+run's; ``runs`` lists every run's combined ratio). Exit status 1 when a target fails. The load
+average is printed: other processes competing for the cores make every number worse.
 """
 
 from __future__ import annotations
@@ -66,14 +68,28 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
+def measure(tensors, shapes, buf, repeats: int) -> dict:
+    """One run: the copy baseline and every codec's best encode / decode time and size."""
+    dst = np.empty_like(buf)
+    out = {"copy": best(lambda: np.copyto(dst, buf), repeats)}
+    for spec in SPECS:
+        pipe = parse_spec(spec)
+        payload = pipe.encode(tensors)
+        decoded = decode_payload(payload, expected=shapes)
+        assert list(decoded) == list(tensors)
+        t_enc = best(lambda: pipe.encode(tensors), repeats)
+        t_dec = best(lambda: decode_payload(payload, expected=shapes), repeats)
+        out[spec] = (pipe.spec, t_enc, t_dec, len(payload))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", choices=["lora", "matrix"], default="matrix")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args(argv)
     buf, tensors = make_tensors(args.layout)
-    dst = np.empty_like(buf)
-    t_copy = best(lambda: np.copyto(dst, buf), args.repeats)
     shapes = {k: v.shape for k, v in tensors.items()}
     from fedlora.compression import quantize
     jit = quantize._jit()
@@ -88,30 +104,30 @@ def main(argv=None) -> int:
           f"{buf.nbytes / 1e6:.0f} MB)"
           f"; {accel}; {os.cpu_count()} CPUs")
     print(f"load average before the run: {os.getloadavg()[0]:.2f}")
-    print(f"copy baseline (np.copyto): {t_copy * 1e3:.2f} ms = "
-          f"{buf.nbytes / t_copy / 1e9:.1f} GB/s")
+    runs = [measure(tensors, shapes, buf, args.repeats) for _ in range(max(1, args.runs))]
+    copies = [r["copy"] for r in runs]
+    print(f"copy baseline (np.copyto): {min(copies) * 1e3:.2f}-{max(copies) * 1e3:.2f} ms over "
+          f"{len(runs)} run(s) = {buf.nbytes / max(copies) / 1e9:.1f}-"
+          f"{buf.nbytes / min(copies) / 1e9:.1f} GB/s")
     print(f"{'codec':20s} {'enc ms':>8s} {'dec ms':>8s} {'enc x':>7s} {'dec x':>7s} "
-          f"{'comb x':>7s} {'size':>7s}  target")
-    fp32_size = None
+          f"{'comb x':>7s} {'size':>7s}  target" + ("  runs (comb x)" if len(runs) > 1 else ""))
+    fp32_size = runs[0][SPECS[0]][3]
     failed = False
     targets = {**TARGETS, **LAYOUT_TARGETS[args.layout]}
     for spec in SPECS:
-        pipe = parse_spec(spec)
-        payload = pipe.encode(tensors)
-        out = decode_payload(payload, expected=shapes)
-        assert list(out) == list(tensors)
-        if fp32_size is None:
-            fp32_size = len(payload)
-        t_enc = best(lambda: pipe.encode(tensors), args.repeats)
-        t_dec = best(lambda: decode_payload(payload, expected=shapes), args.repeats)
-        comb = t_copy / (t_enc + t_dec)
+        combs = [r["copy"] / (r[spec][1] + r[spec][2]) for r in runs]
+        worst = min(range(len(runs)), key=lambda i: combs[i])
+        t_copy = runs[worst]["copy"]
+        name, t_enc, t_dec, size = runs[worst][spec]
+        comb = combs[worst]
         verdict = ""
         if spec in targets:
             ok = comb >= targets[spec]
             failed |= not ok
             verdict = f"{'PASS' if ok else 'FAIL'} (>= {targets[spec]:.2f})"
-        print(f"{pipe.spec:20s} {t_enc * 1e3:8.2f} {t_dec * 1e3:8.2f} {t_copy / t_enc:7.3f} "
-              f"{t_copy / t_dec:7.3f} {comb:7.3f} {len(payload) / fp32_size:7.4f}  {verdict}")
+        every = ("  " + " ".join(f"{c:.3f}" for c in combs)) if len(runs) > 1 else ""
+        print(f"{name:20s} {t_enc * 1e3:8.2f} {t_dec * 1e3:8.2f} {t_copy / t_enc:7.3f} "
+              f"{t_copy / t_dec:7.3f} {comb:7.3f} {size / fp32_size:7.4f}  {verdict:15s}{every}")
     if args.layout == "lora":
         row_minmax_ab(tensors, args.repeats)
     return 1 if failed else 0

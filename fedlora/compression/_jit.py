@@ -102,15 +102,20 @@ def _row_range(row):  # pragma: no cover - compiled
     return lo, hi, nan
 
 
+_ROW_BLOCK = 64  # rows whose parameters affine_rows computes together
+
+
 @cached_njit
 def affine_rows(x, bits, r0, r1, s_out, z_out, u):  # pragma: no cover - compiled
     """All of ``quantize_groups`` for rows ``[r0, r1)`` of a 2-D ``x`` of short rows (lora_B
-    slices of r values) in one pass per row while the row is in L1: min/max, the parameters of
-    ``quantize.affine_params`` (the same float64 / float32 operations in the same order),
-    ``_overflow_bound``'s check, then the values into ``u`` (flat, row-major) as ``quantize_range``
-    (and the exact float64 path for a row with ``|z - qmin| >= 2^22``; constant rows set
-    directly, as ``quantize_groups`` does). Returns flags: 1 a row held NaN/Inf, 2 a row's grid
-    would overflow float32 (its values are then not written)."""
+    slices of r values), a block of 64 rows at a time: each row's min/max while it is in L1,
+    then the block's parameters of ``quantize.affine_params`` (the same float64 / float32
+    operations in the same order) in loops across the rows that LLVM vectorizes (one row at a
+    time, its dependent divisions were half the time), ``_overflow_bound``'s check, then the
+    values into ``u`` (flat, row-major) as ``quantize_range`` (and the exact float64 path for a
+    row with ``|z - qmin| >= 2^22``; constant rows set directly, as ``quantize_groups`` does).
+    Returns flags: 1 a row held NaN/Inf, 2 a row's grid would overflow float32 (its values are
+    then not written)."""
     m = x.shape[1]
     qmin = -(1 << (bits - 1))
     qmax = (1 << (bits - 1)) - 1
@@ -120,56 +125,76 @@ def affine_rows(x, bits, r0, r1, s_out, z_out, u):  # pragma: no cover - compile
     limit = 3.4028234663852886e38 * (1.0 - 2.0 ** -20)
     lo32 = np.float32(_MAG_INT)
     hi32 = np.float32(_MAG_INT + levels)
+    MN = np.empty(_ROW_BLOCK)
+    MX = np.empty(_ROW_BLOCK)
+    BAD = np.zeros(_ROW_BLOCK, np.bool_)
+    S64 = np.empty(_ROW_BLOCK)
+    S = np.empty(_ROW_BLOCK, np.float32)
+    Sbits = S.view(np.int32)
+    Z = np.empty(_ROW_BLOCK)
     flags = 0
-    for r in range(r0, r1):
-        row = x[r]
-        lo, hi, nan = _row_range(row)
-        if nan or not (np.isfinite(lo) and np.isfinite(hi)):
-            flags |= 1
-            continue
-        mn = np.float64(lo)
-        mx = np.float64(hi)
-        us = u[r * m:(r + 1) * m]
-        if mn == mx:
-            kk = kk0 if abs(mn) / kk0 >= tiny else 1.0
-            s = np.float32(abs(mn) / kk) if mn != 0 else np.float32(1.0)
-            z = qmax - kk if mn > 0 else (qmin + kk if mn < 0 else float(qmin))
-        else:
-            s64 = (mx - mn) / levels
-            s = np.float32(s64)
-            if np.float64(s) < s64:
-                s = np.float32(np.nextafter(s, np.float32(np.inf)))
-            amax = max(abs(mn), abs(mx))
-            s = max(s, np.float32(amax * 2.0 ** -30))
-            s = max(s, tiny)
-            z = np.rint(qmin - mn / np.float64(s))
-        zi = np.int64(z)
-        far = float(max(abs(qmin - zi), abs(qmax - zi))) * np.float64(s)
-        s_out[r] = s
-        z_out[r] = zi
-        if far > limit:
-            flags |= 2
-            continue
-        if mn == mx:
-            c = np.uint8(levels) if mn > 0 else np.uint8(0)
+    for b0 in range(r0, r1, _ROW_BLOCK):
+        nb = min(_ROW_BLOCK, r1 - b0)
+        for j in range(nb):
+            lo, hi, nan = _row_range(x[b0 + j])
+            bad = nan or not (np.isfinite(lo) and np.isfinite(hi))
+            BAD[j] = bad
+            MN[j] = 0.0 if bad else np.float64(lo)  # (a bad row's parameters are not used)
+            MX[j] = 1.0 if bad else np.float64(hi)
+        # a non-constant row's parameters, every row of the block at once (a constant row's
+        # are replaced below): s = float32((mx - mn) / levels) rounded up, at least
+        # amax * 2^-30 and the smallest normal; z = rint(qmin - mn / s)
+        for j in range(nb):
+            S64[j] = (MX[j] - MN[j]) / levels
+            S[j] = np.float32(S64[j])
+        for j in range(nb):  # nextafter(s, +inf) of a finite s >= 0: its bits + 1
+            Sbits[j] += np.int32(np.float64(S[j]) < S64[j])
+        for j in range(nb):
+            amax = max(abs(MN[j]), abs(MX[j]))
+            S[j] = max(max(S[j], np.float32(amax * 2.0 ** -30)), tiny)
+        for j in range(nb):
+            Z[j] = np.rint(qmin - MN[j] / np.float64(S[j]))
+        for j in range(nb):
+            r = b0 + j
+            if BAD[j]:
+                flags |= 1
+                continue
+            mn = MN[j]
+            s = S[j]
+            z = Z[j]
+            if mn == MX[j]:
+                kk = kk0 if abs(mn) / kk0 >= tiny else 1.0
+                s = np.float32(abs(mn) / kk) if mn != 0 else np.float32(1.0)
+                z = qmax - kk if mn > 0 else (qmin + kk if mn < 0 else float(qmin))
+            zi = np.int64(z)
+            far = float(max(abs(qmin - zi), abs(qmax - zi))) * np.float64(s)
+            s_out[r] = s
+            z_out[r] = zi
+            if far > limit:
+                flags |= 2
+                continue
+            us = u[r * m:(r + 1) * m]
+            if mn == MX[j]:
+                c = np.uint8(levels) if mn > 0 else np.uint8(0)
+                for k in range(m):
+                    us[k] = c
+                continue
+            row = x[r]
+            inv = np.float32(1.0) / s
+            zu = zi - qmin
+            if abs(zu) >= (1 << 22):  # far from zero for its spread: exact float64 rounding
+                for k in range(m):
+                    t = np.rint(np.float64(row[k] * inv) + np.float64(zu))
+                    t = 0.0 if t < 0.0 else t
+                    t = levels if t > levels else t
+                    us[k] = np.uint8(t)
+                continue
+            ma = np.float32(np.float64(zu) + 12582912.0)
             for k in range(m):
-                us[k] = c
-            continue
-        inv = np.float32(1.0) / s
-        zu = zi - qmin
-        if abs(zu) >= (1 << 22):  # far from zero for its spread: exact float64 rounding
-            for k in range(m):
-                t = np.rint(np.float64(row[k] * inv) + np.float64(zu))
-                t = 0.0 if t < 0.0 else t
-                t = levels if t > levels else t
-                us[k] = np.uint8(t)
-            continue
-        ma = np.float32(np.float64(zu) + 12582912.0)
-        for k in range(m):
-            t = row[k] * inv + ma
-            t = lo32 if t < lo32 else t
-            t = hi32 if t > hi32 else t
-            us[k] = np.uint8(np.int32(t) - np.int32(_MAG_INT))
+                t = row[k] * inv + ma
+                t = lo32 if t < lo32 else t
+                t = hi32 if t > hi32 else t
+                us[k] = np.uint8(np.int32(t) - np.int32(_MAG_INT))
     return flags
 
 
