@@ -263,17 +263,43 @@ def test_non_bytes_and_empty_inputs(bad):
 FLAT_SPECS = ["topk:0.1", "topk:0.6", "topk:0.2:tensor", "topk:0.05|zstd", "topk:1.0"]
 
 
-def _sparse_outcome(pipe, payload, shapes, flat):
-    """("ok", {name: dense values}) or ("error", message) of Pipeline.sparse_sections."""
+def _outcome(read, payload, shapes, flat, flat_kind):
+    """("ok", {name: dense values}) or ("error", message) of ``read`` (a Pipeline's
+    sparse_sections or sections); with ``flat`` its answer must be a ``flat_kind``."""
     try:
-        out = pipe.sparse_sections(payload, shapes, flat=flat)
+        out = read(payload, shapes, flat=flat)
     except CodecError as err:
         assert not str(err).startswith("unexpected decoder failure"), str(err)
         return "error", str(err)
     if flat:
-        assert type(out).__name__ == "FlatSparse"
+        assert type(out).__name__ == flat_kind
         out = out.sections()
     return "ok", {k: out[k].values(shapes[k]).tobytes() for k in shapes}
+
+
+def _mutants(p: bytes, *extra: int) -> list[bytes]:
+    """Every truncation of ``p``, two with trailing bytes, and every single-byte mutation
+    (low / high bit flipped, 0x00, 0xFF, + 1, and ``extra`` values)."""
+    cases = [p[:cut] for cut in range(len(p))] + [p + b"\x00", p + p[-5:]]
+    for pos in range(len(p)):
+        for new in {p[pos] ^ 0x01, p[pos] ^ 0x80, 0x00, 0xFF, (p[pos] + 1) & 0xFF, *extra}:
+            if new != p[pos]:
+                cases.append(p[:pos] + bytes([new]) + p[pos + 1:])
+    return cases
+
+
+def _same_verdicts(outcome, pipe, cases, shapes) -> None:
+    """The compiled reader (flat) and the Python one agree on every case; both verdicts occur."""
+    verdicts = {"ok": 0, "error": 0}
+    for case in cases:
+        fast = outcome(pipe, case, shapes, True)
+        assert fast == outcome(pipe, case, shapes, False)
+        verdicts[fast[0]] += 1
+    assert verdicts["error"] > 0 and verdicts["ok"] > 0
+
+
+def _sparse_outcome(pipe, payload, shapes, flat):
+    return _outcome(pipe.sparse_sections, payload, shapes, flat, "FlatSparse")
 
 
 @pytest.mark.parametrize("spec", FLAT_SPECS)
@@ -297,35 +323,17 @@ def test_the_compiled_topk_reader_accepts_exactly_what_read_sparse_accepts(spec,
     monkeypatch.setattr(TopK, "read_sparse", lambda *a: slow_calls.append(1) or real(*a))
     assert _sparse_outcome(pipe, p, shapes, True) == _sparse_outcome(pipe, p, shapes, False)
     assert _sparse_outcome(pipe, p, shapes, True)[0] == "ok" and len(slow_calls) == 1
-    cases = [p[:cut] for cut in range(len(p))] + [p + b"\x00", p + p[-5:]]
-    for pos in range(len(p)):
-        for new in {p[pos] ^ 0x01, p[pos] ^ 0x80, 0x00, 0xFF, (p[pos] + 1) & 0xFF}:
-            if new != p[pos]:
-                cases.append(p[:pos] + bytes([new]) + p[pos + 1:])
+    cases = _mutants(p)
     for pos in range(len(p)):  # a set bit moved within its byte (bitmaps: onto padding bits)
         for a in range(8):
             for b in range(a + 1, 8):
                 if (p[pos] >> a & 1) != (p[pos] >> b & 1):
                     cases.append(p[:pos] + bytes([p[pos] ^ (1 << a | 1 << b)]) + p[pos + 1:])
-    verdicts = {"ok": 0, "error": 0}
-    for case in cases:
-        fast = _sparse_outcome(pipe, case, shapes, True)
-        assert fast == _sparse_outcome(pipe, case, shapes, False)
-        verdicts[fast[0]] += 1
-    assert verdicts["error"] > 0 and verdicts["ok"] > 0
+    _same_verdicts(_sparse_outcome, pipe, cases, shapes)
 
 
 def _dense_outcome(pipe, payload, shapes, flat):
-    """("ok", {name: values}) or ("error", message) of Pipeline.sections."""
-    try:
-        out = pipe.sections(payload, shapes, flat=flat)
-    except CodecError as err:
-        assert not str(err).startswith("unexpected decoder failure"), str(err)
-        return "error", str(err)
-    if flat:
-        assert type(out).__name__ == "FlatDense"
-        out = out.sections()
-    return "ok", {k: out[k].values(shapes[k]).tobytes() for k in shapes}
+    return _outcome(pipe.sections, payload, shapes, flat, "FlatDense")
 
 
 @pytest.mark.parametrize("spec", ["affine:4", "affine:3", "affine:8", "fp32"])
@@ -356,17 +364,7 @@ def test_the_compiled_dense_reader_accepts_exactly_what_read_section_accepts(spe
                             lambda *a, _real=real: slow_calls.append(1) or _real(*a))
     assert _dense_outcome(pipe, p, shapes, True)[0] == "ok" and not slow_calls
     assert _dense_outcome(pipe, p, shapes, True) == _dense_outcome(pipe, p, shapes, False)
-    cases = [p[:cut] for cut in range(len(p))] + [p + b"\x00", p + p[-5:]]
-    for pos in range(len(p)):
-        for new in {p[pos] ^ 0x01, p[pos] ^ 0x80, 0x00, 0xFF, 0x7F, (p[pos] + 1) & 0xFF}:
-            if new != p[pos]:
-                cases.append(p[:pos] + bytes([new]) + p[pos + 1:])
-    verdicts = {"ok": 0, "error": 0}
-    for case in cases:
-        fast = _dense_outcome(pipe, case, shapes, True)
-        assert fast == _dense_outcome(pipe, case, shapes, False)
-        verdicts[fast[0]] += 1
-    assert verdicts["error"] > 0 and verdicts["ok"] > 0
+    _same_verdicts(_dense_outcome, pipe, _mutants(p, 0x7F), shapes)
 
 
 @pytest.mark.parametrize("spec", ["affine:3", "fp32"])
