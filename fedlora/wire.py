@@ -138,25 +138,18 @@ def _prime_chunks(arr: Array) -> None:
 
 
 def _stand_in(msg: Message) -> Message:
-    """A copy of ``msg`` whose deflated objects have the lengths of the real ones, with no
-    chunk hashed: each Array is replaced by one over the same data whose chunk ids are
-    stand-ins — 64 hex digits like a SHA-256, equal exactly when the chunks' bytes are
-    (compared, not hashed) — and its parents by records holding those. Every id in Flower's
-    tree is 64 hex digits whatever it hashes to, so every object deflates to the same length
-    and the same objects are unique. ``msg`` itself is not touched."""
+    """A copy of ``msg`` whose deflated objects have the lengths of the real ones, with no chunk
+    hashed when the message holds one chunk in all (any reply under Flower's 5 MiB chunk size):
+    each Array is replaced by one over the same data whose chunk ids are given, not computed —
+    a stand-in of 64 hex digits like a SHA-256 for a lone chunk (nothing to be equal to), the
+    real SHA-256 ids otherwise (so that equal chunks are one object, as in Flower's tree, at a
+    cost linear in the bytes whatever a node sends) — and its parents by records holding those.
+    Every id in Flower's tree is 64 hex digits whatever it hashes to, so every object deflates
+    to the same length and the same objects are unique. ``msg`` itself is not touched."""
     if not msg.has_content() or not msg.content.array_records:
         return msg
-    known: dict[int, list[tuple[memoryview, str]]] = {}  # chunk length → (bytes, stand-in)
-
-    def chunk_id(part: memoryview) -> str:
-        same = known.setdefault(len(part), [])
-        for other, cid in same:
-            if other[:64] == part[:64] and np.array_equal(np.frombuffer(other, np.uint8),
-                                                           np.frombuffer(part, np.uint8)):
-                return cid
-        cid = f"{sum(len(v) for v in known.values()):064x}"
-        same.append((part, cid))
-        return cid
+    arrays = [a for rec in msg.content.array_records.values() for a in rec.values()]
+    lone = sum(-(-len(memoryview(a.data).cast("B")) // MAX_CHUNK) for a in arrays) <= 1
 
     def array(arr: Array) -> Array:
         out = Array.__new__(Array)
@@ -164,7 +157,8 @@ def _stand_in(msg: Message) -> Message:
                              if k not in ("_chunks", "_object_id")})
         data = memoryview(arr.data).cast("B")
         parts = [data[i:i + MAX_CHUNK] for i in range(0, len(data), MAX_CHUNK)]
-        out.__dict__["_chunks"] = [(chunk_id(p), ArrayChunk(p)) for p in parts]
+        ids = ["0" * 64] * len(parts) if lone else _chunk_ids(arr.data)
+        out.__dict__["_chunks"] = [(cid, ArrayChunk(p)) for cid, p in zip(ids, parts)]
         out.__dict__["_is_dirty"] = True
         return out
 
@@ -190,10 +184,10 @@ def message_bytes(msg: Message, hashed: bool = True) -> int:
     straight from its data (:func:`_prime_chunks`), and a chunk's size is its head plus its
     data, so a payload is neither copied nor hashed again (``get_all_nested_objects``
     re-deflates and re-hashes every chunk: half the server's aggregation time for large
-    uploads). ``hashed=False``, for a received message (whose chunk ids nobody will need):
-    no chunk is hashed at all (:func:`_stand_in`: the same bytes, tested against Flower's own
-    tree), and the message is left as it was; a message about to be sent is hashed, so that
-    Flower's push finds its chunks primed."""
+    uploads). ``hashed=False``, for a received message (whose chunk ids nobody will need): a
+    message of one chunk is counted without hashing it (:func:`_stand_in`: the same bytes,
+    tested against Flower's own tree), and the message is left as it was; a message about to
+    be sent is hashed, so that Flower's push finds its chunks primed."""
     if not hashed:
         msg = _stand_in(msg)
     seen: set[str] = set()

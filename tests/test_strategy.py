@@ -263,14 +263,15 @@ def test_message_bytes_equals_flowers_own_object_tree(task_identity, monkeypatch
         objects = get_all_nested_objects(fresh)
         flower = sum(len(o.deflate()) for o in objects.values())
         assert message_bytes(msg) == flower > 0
-        # a received reply is measured without hashing a chunk, and not touched
-        calls = []
+        # a received reply of one chunk is measured without hashing it; none is touched
+        calls, real = [], wire._chunk_ids
         with monkeypatch.context() as m:
-            m.setattr(wire, "_chunk_ids", lambda d: calls.append(1) or [])
-            assert message_bytes(received, hashed=False) == flower and not calls
+            m.setattr(wire, "_chunk_ids", lambda d: calls.append(1) or real(d))
+            assert message_bytes(received, hashed=False) == flower
+        data = received.content.array_records[ADAPTER_KEY]["payload"].data
+        assert bool(calls) is (len(data) > wire.MAX_CHUNK)
         assert "_chunks" not in received.content.array_records[ADAPTER_KEY]["payload"].__dict__
         # two records holding equal payloads (other bytes objects): one Array object, as Flower
-        data = received.content.array_records[ADAPTER_KEY]["payload"].data
         twice = Message(RecordDict({"a": wire.payload_record(bytes(data)),
                                     "b": wire.payload_record(bytes(bytearray(data)))}),
                         message_type=MessageType.TRAIN, dst_node_id=3)
