@@ -260,7 +260,9 @@ def test_non_bytes_and_empty_inputs(bad):
         parse_spec("fp32").decode(bad)
 
 
-FLAT_SPECS = ["topk:0.1", "topk:0.6", "topk:0.2:tensor", "topk:0.05|zstd", "topk:1.0"]
+FLAT_SPECS = ["topk:0.1", "topk:0.6", "topk:0.2:tensor", "topk:0.05|zstd", "topk:1.0",
+              "topk:0.1|affine:4", "topk:0.6|affine:3", "topk:0.2:tensor|affine:8",
+              "topk:1.0|affine:1"]
 
 
 def _outcome(read, payload, shapes, flat, flat_kind):
@@ -304,10 +306,11 @@ def _sparse_outcome(pipe, payload, shapes, flat):
 
 @pytest.mark.parametrize("spec", FLAT_SPECS)
 def test_the_compiled_topk_reader_accepts_exactly_what_read_sparse_accepts(spec, monkeypatch):
-    """The compiled reader of whole topk|fp32 bodies (TopK.read_flat) against the Python
-    reader (read_sparse) on a valid payload with bitmap and gap tensors, every truncation and
-    every single-byte mutation of it: the same verdict, the same error message (a refused body
-    is read again by read_sparse), the same values where both accept; trailing bytes too.
+    """The compiled reader of whole topk bodies (TopK.read_flat; fp32 and affine values)
+    against the Python reader (read_sparse) on a valid payload with bitmap and gap tensors,
+    every truncation and every single-byte mutation of it: the same verdict, the same error
+    message (a refused body is read again by read_sparse), the same values where both accept;
+    trailing bytes too.
     The valid payload is read by the compiled pass alone (read_sparse not called), so the test
     covers it."""
     from fedlora.compression.sparsify import TopK

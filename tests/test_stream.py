@@ -34,14 +34,19 @@ def both(method, replies_of, **kw):
     return out
 
 
+@pytest.mark.parametrize("codec", ["affine:8", "topk:0.3|affine:4"])
 @pytest.mark.parametrize("upload", ["weights", "delta"])
 @pytest.mark.parametrize("method", AVERAGING)
-def test_honest_round_is_bit_identical_to_decoding_every_reply(task_identity, method, upload):
+def test_honest_round_is_bit_identical_to_decoding_every_reply(task_identity, method, upload,
+                                                               codec):
+    """Streamed = decode-all, bit for bit: dense affine replies (sectioned when every node holds
+    the same model), top-k affine deltas (read by the compiled top-k reader, added at their
+    positions) and top-k weights (decoded one by one)."""
     def replies(s, msgs):  # unequal weights, one capped (40 > 3 x median 10)
         return [reply(m, honest(s, m, 1, i), n=n)
                 for i, (m, n) in enumerate(zip(msgs, (10, 5, 40, 10, 12)))]
 
-    (a, ra, ma), (b, rb, mb) = both(method, replies, upload=upload, codec_up="affine:8")
+    (a, ra, ma), (b, rb, mb) = both(method, replies, upload=upload, codec_up=codec)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert ra["capped_weights"] == rb["capped_weights"] != []

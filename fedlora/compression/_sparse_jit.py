@@ -1,9 +1,12 @@
-"""The compiled reader of a whole ``topk`` body with ``fp32`` values (``TopK.read_flat``).
+"""The compiled reader of a whole ``topk`` body with ``fp32`` or ``affine:b`` values
+(``TopK.read_flat``).
 
 One pass over the body bytes makes every check :meth:`~.sparsify.TopK.read_sparse` makes (kept
 counts, index modes, bitmap padding and popcount, canonical gap varints within the tensor, the
-gap section smaller than the bitmap, finite values, no trailing byte) and writes the kept
-positions and the values' bit patterns into flat arrays: no Python call per tensor. It answers
+gap section smaller than the bitmap, finite values — for ``affine``: the zero-point width, a
+finite positive scale, the overflow bound, zero padding bits — no trailing byte) and writes the
+kept positions and the values (fp32: their bit patterns; affine: decoded, as
+``AffineSection.values`` decodes them) into flat arrays: no Python call per tensor. It answers
 only "accepted" or "refused"; a refused body is read again by ``read_sparse``, which raises the
 error naming what was wrong (and whose answer is taken if it accepts: this reader may be
 stricter, never looser).
@@ -15,7 +18,7 @@ import numpy as np
 
 from ._jit import cached_njit
 
-__all__ = ["scan_topk_fp32"]
+__all__ = ["scan_topk"]
 
 _EXP = np.uint32(0x7F800000)  # float32 exponent bits: all set = Inf or NaN
 
@@ -47,14 +50,70 @@ def _uvarint(b, pos, end, limit):  # pragma: no cover - compiled
 
 
 @cached_njit
-def scan_topk_fp32(b, pos, end, ns, per_tensor, wants, total_k, idx, vals8, vals,
-                   kept):  # pragma: no cover - compiled
-    """Check the topk|fp32 body ``b[pos:end]`` of the tensors of ``ns`` elements; write tensor
-    t's ``kept[t]`` sorted positions (tensor-local) to ``idx`` and its values' bytes to
-    ``vals8`` (``vals`` is the same memory as uint32, native = little-endian), tensor after
+def _affine_values(b, pos, end, k, bits, limit, out):  # pragma: no cover - compiled
+    """The ``affine:bits`` section of ``k`` values (one slice: zero-point width, scale, zero
+    point, packed values) at ``b[pos:end]`` checked as ``Affine.read_section`` checks it and
+    decoded into ``out[:k]`` (``fl(fl(u - zu) * s)``): the position after it, or -1."""
+    if pos >= end:
+        return -1
+    zw = np.int64(b[pos])
+    pos += 1
+    if zw != 1 and zw != 2 and zw != 4:
+        return -1
+    nb = (k * bits + 7) // 8
+    if 4 + zw + nb > end - pos:
+        return -1
+    sb = np.empty(1, np.float32)  # the scale's 4 bytes, read as a float32
+    sb.view(np.uint8)[:] = b[pos:pos + 4]
+    s = sb[0]
+    if not (s > 0 and s < np.inf):
+        return -1
+    o = pos + 4
+    if zw == 1:
+        z = np.int64(b[o])
+        z -= 256 if z >= 128 else 0
+    elif zw == 2:
+        z = np.int64(b[o]) | (np.int64(b[o + 1]) << 8)
+        z -= 65536 if z >= 32768 else 0
+    else:
+        z = (np.int64(b[o]) | (np.int64(b[o + 1]) << 8) | (np.int64(b[o + 2]) << 16)
+             | (np.int64(b[o + 3]) << 24))
+        z -= 4294967296 if z >= 2147483648 else 0
+    qmin = -(1 << (bits - 1))
+    qmax = (1 << (bits - 1)) - 1
+    if np.float64(max(abs(qmin - z), abs(qmax - z))) * np.float64(s) > limit:
+        return -1
+    zu = np.float32(z - qmin)
+    p = o + zw
+    if nb:
+        used = k * bits - 8 * (nb - 1)
+        if used < 8 and (np.int64(b[p + nb - 1]) >> used) != 0:
+            return -1
+    mask = (1 << bits) - 1
+    for c in range(k):
+        q = c * bits
+        j = p + (q >> 3)
+        sh = q & 7
+        v = np.int64(b[j])
+        if sh + bits > 8:
+            v |= np.int64(b[j + 1]) << 8
+        out[c] = (np.float32((v >> sh) & mask) - zu) * s
+    return p + nb
+
+
+@cached_njit
+def scan_topk(b, pos, end, ns, twod, per_tensor, wants, total_k, idx, vals8, vals, kept,
+              bits, limit):  # pragma: no cover - compiled
+    """Check the topk body ``b[pos:end]`` of the tensors of ``ns`` elements (``twod[t]``: the
+    tensor has two or more dimensions), its values ``fp32`` (``bits == 0``) or ``affine:bits``
+    (one slice per 2-D tensor, raw float32 for 1-D ones, as ``read_sparse`` reads them, overflow
+    bound ``limit``); write tensor t's ``kept[t]`` sorted positions (tensor-local) to ``idx``
+    and its values to ``vals8`` (``vals`` is the same memory as uint32, native =
+    little-endian: raw values' bytes copied, affine ones decoded to float32), tensor after
     tensor. Returns False where ``read_sparse`` would
     (or might) refuse the body; ``idx`` and ``vals`` hold the kept values of either
     ``wants`` (per tensor) or ``total_k`` (global)."""
+    valf = vals.view(np.float32)
     got = 0
     j = 0
     for t in range(ns.size):
@@ -125,6 +184,13 @@ def scan_topk_fp32(b, pos, end, ns, per_tensor, wants, total_k, idx, vals8, vals
         elif k == n:
             for c in range(k):
                 idx[j + c] = c
+        if bits and twod[t] and k > 0:
+            pos = _affine_values(b, pos, end, k, bits, limit, valf[j:j + k])
+            if pos < 0:
+                return False
+            kept[t] = k
+            j += k
+            continue
         if end - pos < 4 * k:
             return False
         src = b[pos:pos + 4 * k]

@@ -417,8 +417,8 @@ class Pipeline:
         :meth:`decode` makes, the same CodecErrors, but each tensor's kept values left where
         they are (:class:`~.sparsify.SparseSection`: positions and values), so a consumer can
         add them straight into a running sum (``strategies/stream.py``). ``section.values(
-        shape)`` is what :meth:`decode` returns for that tensor. With ``flat`` and ``fp32``
-        values: one :class:`~.sparsify.FlatSparse` (every tensor in flat arrays, in the
+        shape)`` is what :meth:`decode` returns for that tensor. With ``flat`` and ``fp32`` or
+        ``affine`` values: one :class:`~.sparsify.FlatSparse` (every tensor in flat arrays, in the
         payload's table order; ``TopK.read_flat``) instead of the dict."""
         if getattr(self.sparsifier, "read_sparse", None) is None:
             raise NotImplementedError(f"{self.spec!r}: sparse sections are for topk chains")

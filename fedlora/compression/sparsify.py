@@ -393,30 +393,33 @@ class TopK(Sparsifier):
 
     def read_flat(self, r: Reader, table, vc) -> "FlatSparse | None":
         """:meth:`read_sparse` of the whole rest of ``r`` (the body: nothing may follow it)
-        into flat arrays, for ``fp32`` values: one compiled pass makes every check
-        (``_sparse_jit``). None, with ``r`` unread, for any other value coder and for a body
-        the pass refuses: :meth:`read_sparse` then reads it and raises the CodecError naming
-        what was wrong."""
-        if vc.codec_id != "fp32":
+        into flat arrays, for ``fp32`` or ``affine`` values: one compiled pass makes every
+        check (``_sparse_jit``). None, with ``r`` unread, for any other value coder and for a
+        body the pass refuses: :meth:`read_sparse` then reads it and raises the CodecError
+        naming what was wrong."""
+        if vc.codec_id not in ("fp32", "affine"):
             return None
-        from ._sparse_jit import scan_topk_fp32
+        from ._sparse_jit import scan_topk
+        from .quantize import _OVERFLOW_LIMIT
 
         ns = np.array([math.prod(shape) for _, shape in table], np.int64)
+        twod = np.array([len(shape) >= 2 for _, shape in table], np.bool_)
         total_k = _density_k(self.density, int(ns.sum()))
         wants = np.array([_density_k(self.density, int(n)) for n in ns], np.int64)
         cap = int(wants.sum()) if self.per_tensor else total_k
         idx, vals = np.empty(cap, np.int64), np.empty(cap, "<u4")
         kept = np.zeros(ns.size, np.int64)
         buf = np.frombuffer(r.buf, np.uint8)
-        if scan_topk_fp32(buf, r.pos, r.end, ns, self.per_tensor, wants, total_k, idx,
-                          vals.view(np.uint8), vals, kept):
+        if scan_topk(buf, r.pos, r.end, ns, twod, self.per_tensor, wants, total_k, idx,
+                     vals.view(np.uint8), vals, kept, getattr(vc, "bits", 0),
+                     _OVERFLOW_LIMIT):
             r.pos = r.end
             return FlatSparse([name for name, _ in table], ns, kept, idx, vals.view("<f4"))
         return None
 
 
 class FlatSparse:
-    """A checked ``topk|fp32`` body in flat arrays: tensor t (``names[t]``, ``ns[t]`` values)
+    """A checked ``topk`` body (``fp32`` or ``affine`` values) in flat arrays: tensor t (``names[t]``, ``ns[t]`` values)
     keeps ``kept[t]`` values; they are the next ``kept[t]`` entries of ``vals`` (float32,
     finite) at the tensor-local sorted positions of ``idx`` (int64), tensor after tensor."""
 

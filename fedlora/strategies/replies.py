@@ -156,8 +156,8 @@ def sparse_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
                    shapes: Mapping[str, tuple[int, ...]], flat: bool = False):
     """:func:`decode_tensors` for a chain :func:`sparse_apply` admits, without scattering the
     kept values into dense tensors: ``{name: SparseSection}``, every check made (the codec,
-    the shapes, finite values, ``params-up``), the same errors. With ``flat``, a ``fp32``
-    chain's reply comes as one ``FlatSparse`` (``Pipeline.sparse_sections``)."""
+    the shapes, finite values, ``params-up``), the same errors. With ``flat``, a reply of
+    ``fp32`` or ``affine`` values comes as one ``FlatSparse`` (``Pipeline.sparse_sections``)."""
     secs = want.sparse_sections(record_payload(msg.content.array_records[ADAPTER_KEY]), shapes,
                                 flat=flat)
     if not isinstance(secs, dict):  # FlatSparse: its reader checked every value finite
