@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -601,8 +602,8 @@ def test_every_engine_gives_the_payloads_of_the_plain_numpy_path(monkeypatch, en
 
 
 def short_rows_cases():
-    """(g, m) arrays of short rows (m < 256, >= 2**15 values: the fused ``affine_rows`` path)
-    with every kind of row the parameters treat apart."""
+    """(g, m) arrays of short rows (m < 256) and long ones (>= 2**15 values: the fused
+    ``affine_rows`` path) with every kind of row the parameters treat apart."""
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((4096, 16)) * 1e-2).astype(np.float32)
     x[1] = 0.0
@@ -619,6 +620,16 @@ def short_rows_cases():
     yield x
     yield (rng.standard_normal((2048, 40)) * 1e-3 + 5).astype(np.float32)
     yield rng.integers(-3, 4, (300, 200)).astype(np.float32)
+    # long rows (min/max by int keys): the same kinds of row
+    y = (rng.standard_normal((12, 3000)) * 1e-2).astype(np.float32)
+    y[1] = 0.0
+    y[2, ::2] = -0.0               # zeros of both signs
+    y[3] = 2.5
+    y[4] = -1e-45
+    y[5] = np.linspace(1e7, 1e7 + 4, 3000)
+    y[6] = np.linspace(-1e30, 1e30, 3000)
+    y[7, 5] = -np.float32(3e38)
+    yield y
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -639,12 +650,13 @@ def test_fused_short_row_quantizer_is_bit_identical_to_the_general_path(monkeypa
         assert np.array_equal(fused[1], general[1])
         assert fused[2][: x.size].tobytes() == general[2].tobytes()
         assert not fused[2][x.size:].any()  # the padding to a multiple of 8
-    for bad, why in ((np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"),
-                     (3.4e38, "float32 limit")):
-        x = np.zeros((4096, 16), np.float32)
-        x[100, 3] = bad
+    for (bad, why), shape in itertools.product(
+            ((np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"), (-np.inf, "NaN or Inf"),
+             (3.4e38, "float32 limit")), ((4096, 16), (16, 5000))):
+        x = np.zeros(shape, np.float32)
+        x[5, 3] = bad
         if bad == 3.4e38:
-            x[100, 4] = -3.4e38
+            x[5, 4] = -3.4e38
         with pytest.raises(CodecError, match=why):
             quantize._quantize_short_rows(jit, x, bits)
         with monkeypatch.context() as mp:

@@ -378,7 +378,7 @@ def quantize_groups(x2: np.ndarray, bits: int):
     """Quantize a (g, m) float32 array: returns ``(scales f32[g], zeros i64[g], u uint8 flat)``."""
     g, m = x2.shape
     jit = _jit()
-    if 0 < m < 256 and g > 1 and x2.size >= _TORCH_MIN and jit is not None:
+    if m > 0 and g > 1 and x2.size >= _TORCH_MIN and jit is not None:
         return _quantize_short_rows(jit, np.ascontiguousarray(x2), bits)
     mn, mx = _row_minmax(x2)
     if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
@@ -401,10 +401,12 @@ def quantize_groups(x2: np.ndarray, bits: int):
 
 
 def _quantize_short_rows(jit, x2: np.ndarray, bits: int):
-    """:func:`quantize_groups` of many short rows (lora_B slices of r values) by one compiled
-    pass per row range (``_jit.affine_rows``): each row's min/max, parameters and values while it
-    is in L1, where the general path makes five passes over per-row arrays in numpy. The same
-    operations, so the same bytes (tests/test_codecs.py compares the two)."""
+    """:func:`quantize_groups` of a tensor of several rows (lora_B slices of r values, lora_A
+    rows of a layer's width, any matrix) by one compiled pass per row range
+    (``_jit.affine_rows``): each row's min/max, parameters and values while it is in L1/L2,
+    where the general path makes five passes over per-row arrays in numpy (2-3x slower on
+    short, long and matrix rows alike). The same operations, so the same bytes
+    (tests/test_codecs.py compares the two)."""
     g, m = x2.shape
     n = g * m
     u = scratch(n + (-n) % 8)
