@@ -151,9 +151,10 @@ def main(argv=None) -> int:
         ref_times.append(time.perf_counter() - t)
     ref = min(ref_times[1:])
     del dense
+    load_start = os.getloadavg()[0]
     print(f"{a.replies} uploads of {size:,} values ({model_bytes / 1e6:.1f} MB fp32); "
           f"reference np.add of {a.replies} dense arrays: {ref:.3f} s; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"load average {load_start:.2f}", flush=True)
     rows = []
     for name, (rc, streamed) in CONFIGS.items():
         if a.only is not None and not any(name.startswith(o) for o in a.only):
@@ -170,21 +171,37 @@ def main(argv=None) -> int:
                "peak_x_model": peak / model_bytes, "reply_bytes": reply_bytes,
                "target_s": TARGET_S.get(name)}
         rows.append(row)
-        tgt = (f"  target ≤ {row['target_s']} s: "
-               f"{'met' if row['seconds_min'] <= row['target_s'] else 'NOT met'}"
-               if row["target_s"] else "")
-        print(f"{name:44s} {row['seconds_min']:.3f} s (max {row['seconds_max']:.3f}) "
-              f"= {row['ratio_vs_np_add']:.1f}x np.add | peak {row['peak_x_model']:.2f}x the "
-              f"model | reply {reply_bytes / 1e6:.2f} MB{tgt}", flush=True)
+        print(line(row), flush=True)
     if a.only is not None:
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "aggregate.json").write_text(json.dumps({
-        "command": "python benchmarks/aggregate.py", "replies": a.replies, "values": size,
-        "model_bytes": model_bytes, "np_add_seconds": ref, "repeats": a.repeats,
-        "load_average": os.getloadavg()[0], "rows": rows}, indent=2))
+    result = {"command": "python benchmarks/aggregate.py", "replies": a.replies, "values": size,
+              "model_bytes": model_bytes, "np_add_seconds": ref, "repeats": a.repeats,
+              "load_average_start": load_start, "load_average": os.getloadavg()[0],
+              "rows": rows}
+    (out / "aggregate.json").write_text(json.dumps(result, indent=2))
+    (out / "aggregate.txt").write_text("\n".join(render(result)) + "\n")
     return 0
+
+
+def line(row: dict) -> str:
+    """One configuration's printed line."""
+    tgt = (f"  target ≤ {row['target_s']} s: "
+           f"{'met' if row['seconds_min'] <= row['target_s'] else 'NOT met'}"
+           if row["target_s"] else "")
+    return (f"{row['config']:44s} {row['seconds_min']:.3f} s (max {row['seconds_max']:.3f}) "
+            f"= {row['ratio_vs_np_add']:.1f}x np.add | peak {row['peak_x_model']:.2f}x the "
+            f"model | reply {row['reply_bytes'] / 1e6:.2f} MB{tgt}")
+
+
+def render(result: dict) -> list[str]:
+    """``aggregate.txt``: what the run printed, from ``aggregate.json``."""
+    size, reps = result["values"], result["replies"]
+    load = result.get("load_average_start", result["load_average"])
+    return [f"{reps} uploads of {size:,} values ({result['model_bytes'] / 1e6:.1f} MB fp32); "
+            f"reference np.add of {reps} dense arrays: {result['np_add_seconds']:.3f} s; "
+            f"load average {load:.2f}"] + [line(r) for r in result["rows"]]
 
 
 if __name__ == "__main__":
