@@ -18,7 +18,7 @@ import numpy as np
 
 from ._jit import cached_njit
 
-__all__ = ["scan_topk"]
+__all__ = ["scan_topk", "at_least"]
 
 _EXP = np.uint32(0x7F800000)  # float32 exponent bits: all set = Inf or NaN
 
@@ -209,3 +209,18 @@ def scan_topk(b, pos, end, ns, twod, per_tensor, wants, total_k, idx, vals8, val
     if not per_tensor and got != total_k:
         return False
     return pos == end
+
+
+@cached_njit
+def at_least(bits, t, mask):  # pragma: no cover - compiled
+    """``mask[i] = |x_i| >= t`` for the float32 values whose bit patterns are ``bits`` (int32)
+    and a threshold ``t >= 0`` given by its bit pattern, compared as integers (for finite
+    values the order of ``|x|`` is the order of its bits): one pass LLVM vectorizes, where numpy
+    makes three (abs, max for the NaN/Inf check, compare). Returns whether any value was NaN or
+    Inf (its mask entry is then meaningless)."""
+    bad = np.int32(0)
+    for i in range(bits.size):
+        b = bits[i] & np.int32(0x7FFFFFFF)
+        bad |= np.int32(b >= np.int32(0x7F800000))
+        mask[i] = b >= t
+    return bad != 0

@@ -127,28 +127,42 @@ def _candidates(f: np.ndarray, t_lo: np.float32, frac: float = 1.0):
     idx_all, val_all, mag_all = scratch_arrays(sum(caps), np.int64, np.float32, np.float32)
     offs = np.concatenate([[0], np.cumsum(caps)]).tolist()
 
+    jit = _jit_kernels()
+    t_bits = np.asarray(t_lo, np.float32).view(np.int32)
+
     def part(lo, hi):
         tmp = np.empty(min(_CHUNK, f.size), np.float32)
+        mask = np.empty(min(_CHUNK, f.size), np.bool_) if jit is not None else None
         out = ([], [], [])
         for c in range(lo, hi):
             c0 = c * _CHUNK
             c1 = min(f.size, c0 + _CHUNK)
             src = f[c0:c1]
-            a = tmp[: c1 - c0]
-            np.abs(src, out=a)
-            if not a.max() <= _FMAX:
-                raise CodecError("input contains NaN or Inf")
-            i = np.flatnonzero(a >= t_lo)
+            if jit is not None and src.flags.c_contiguous:  # one compiled pass, same entries
+                if jit.at_least(src.view(np.int32), t_bits, mask[: c1 - c0]):
+                    raise CodecError("input contains NaN or Inf")
+                i = np.flatnonzero(mask[: c1 - c0])
+                a = None
+            else:
+                a = tmp[: c1 - c0]
+                np.abs(src, out=a)
+                if not a.max() <= _FMAX:
+                    raise CodecError("input contains NaN or Inf")
+                i = np.flatnonzero(a >= t_lo)
             n_i = i.size
             if n_i <= caps[c]:
                 s0 = offs[c]
                 ii, vv, mm = (idx_all[s0:s0 + n_i], val_all[s0:s0 + n_i],
                               mag_all[s0:s0 + n_i])
                 np.take(src, i, out=vv)
-                np.take(a, i, out=mm)
+                if a is None:
+                    np.abs(vv, out=mm)
+                else:
+                    np.take(a, i, out=mm)
                 np.add(i, c0, out=ii)
             else:
-                ii, vv, mm = i + c0, src[i], a[i]
+                ii, vv = i + c0, src[i]
+                mm = np.abs(vv) if a is None else a[i]
             out[0].append(ii)
             out[1].append(vv)
             out[2].append(mm)
@@ -156,6 +170,17 @@ def _candidates(f: np.ndarray, t_lo: np.float32, frac: float = 1.0):
 
     res = run_parallel(part, nchunks, min_per_part=4)
     return tuple([x for r in res for x in r[j]] for j in range(3))
+
+
+def _jit_kernels():
+    """``_sparse_jit`` when the affine engine uses numba (``quantize._jit``), else None."""
+    from .quantize import _jit
+
+    if _jit() is None:
+        return None
+    from . import _sparse_jit
+
+    return _sparse_jit
 
 
 def _kth_largest(v: np.ndarray, k: int) -> np.float32:
