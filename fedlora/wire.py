@@ -126,24 +126,37 @@ def _chunk_ids(data) -> list[str]:
     return ids
 
 
-def _prime_chunks(arr: Array) -> None:
+def _memo_ids(data, memo: dict) -> list[str]:
+    """:func:`_chunk_ids` of ``data`` once per data object within one count (``memo``: id →
+    (data, ids), holding the data so its id stays its own): Flower's inflate gives every key
+    of a record its own Array over one shared ``bytes``, so a message may name one payload
+    many times for ~80 bytes each, and the 8-entry cache alone would hash it every time."""
+    hit = memo.get(id(data))
+    if hit is None or hit[0] is not data:
+        hit = memo[id(data)] = (data, _chunk_ids(data))
+    return hit[1]
+
+
+def _prime_chunks(arr: Array, memo: dict | None = None) -> None:
     """Fill Flower's chunk cache of ``arr`` (what ``Array.slice_array`` computes and keeps) with
     ids hashed straight from the data: Flower's own slicing deflates every chunk into a fresh
     copy (two, with the header) before hashing it. Same chunks, same ids (tested)."""
     if "_chunks" in arr.__dict__:
         return
     data = memoryview(arr.data)
+    ids = _memo_ids(arr.data, {} if memo is None else memo)
     arr.__dict__["_chunks"] = [(cid, ArrayChunk(data[i * MAX_CHUNK:(i + 1) * MAX_CHUNK]))
-                               for i, cid in enumerate(_chunk_ids(arr.data))]
+                               for i, cid in enumerate(ids)]
 
 
-def _stand_in(msg: Message) -> Message:
+def _stand_in(msg: Message, memo: dict) -> Message:
     """A copy of ``msg`` whose deflated objects have the lengths of the real ones, with no chunk
     hashed when the message holds one chunk in all (any reply under Flower's 5 MiB chunk size):
     each Array is replaced by one over the same data whose chunk ids are given, not computed —
     a stand-in of 64 hex digits like a SHA-256 for a lone chunk (nothing to be equal to), the
-    real SHA-256 ids otherwise (so that equal chunks are one object, as in Flower's tree, at a
-    cost linear in the bytes whatever a node sends) — and its parents by records holding those.
+    real SHA-256 ids otherwise (so that equal chunks are one object, as in Flower's tree; each
+    data object hashed once however many Arrays name it: :func:`_memo_ids`) — and its parents
+    by records holding those.
     Every id in Flower's tree is 64 hex digits whatever it hashes to, so every object deflates
     to the same length and the same objects are unique. ``msg`` itself is not touched."""
     if not msg.has_content() or not msg.content.array_records:
@@ -157,7 +170,7 @@ def _stand_in(msg: Message) -> Message:
                              if k not in ("_chunks", "_object_id")})
         data = memoryview(arr.data).cast("B")
         parts = [data[i:i + MAX_CHUNK] for i in range(0, len(data), MAX_CHUNK)]
-        ids = ["0" * 64] * len(parts) if lone else _chunk_ids(arr.data)
+        ids = ["0" * 64] * len(parts) if lone else _memo_ids(arr.data, memo)
         out.__dict__["_chunks"] = [(cid, ArrayChunk(p)) for cid, p in zip(ids, parts)]
         out.__dict__["_is_dirty"] = True
         return out
@@ -188,13 +201,14 @@ def message_bytes(msg: Message, hashed: bool = True) -> int:
     message of one chunk is counted without hashing it (:func:`_stand_in`: the same bytes,
     tested against Flower's own tree), and the message is left as it was; a message about to
     be sent is hashed, so that Flower's push finds its chunks primed."""
+    memo: dict = {}
     if not hashed:
-        msg = _stand_in(msg)
+        msg = _stand_in(msg, memo)
     seen: set[str] = set()
     total = 0
     for record in msg.content.array_records.values():  # before any parent's id needs them
         for arr in record.values():
-            _prime_chunks(arr)
+            _prime_chunks(arr, memo)
 
     def walk(obj) -> None:
         nonlocal total

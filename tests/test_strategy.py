@@ -285,6 +285,35 @@ def test_message_bytes_equals_flowers_own_object_tree(task_identity, monkeypatch
             assert len(ours) > 30 and len({i for i, _ in ours}) == 3  # head, zeros, tail
 
 
+def test_a_received_payload_named_many_times_is_hashed_once(task_identity, monkeypatch):
+    """A node can name one payload under many keys for ~80 wire bytes each, and Flower's
+    inflate gives every key its own Array over the same bytes: counting the reply hashes each
+    data object once (nine distinct payloads interleaved 20 times: 9 hashes, not 180, so
+    the 8-entry id cache is not what bounds it), and the count is Flower's own."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    from fedlora import wire
+
+    rng = np.random.default_rng(3)
+    arrays = [Array(dtype="uint8", shape=(1024,), stype="x", data=rng.bytes(1024))
+              for _ in range(9)]
+    rec = ArrayRecord()
+    for r in range(20):
+        for i, a in enumerate(arrays):
+            rec[f"k{r}_{i}"] = a
+    sent = Message(RecordDict({ADAPTER_KEY: rec}), message_type=MessageType.TRAIN,
+                   dst_node_id=3)
+    contents = {k: o.deflate() for k, o in get_all_nested_objects(sent).items()}
+    flower = sum(len(c) for c in contents.values())
+    received = inflate_object_from_contents(sent.object_id, contents)  # (consumes contents)
+    calls, real = [], wire._chunk_ids
+    monkeypatch.setattr(wire, "_chunk_ids", lambda d: calls.append(1) or real(d))
+    wire._IDS.clear()
+    assert wire.message_bytes(received, hashed=False) == flower
+    assert len(calls) == 9
+
+
 @pytest.mark.parametrize("spec,saved", [("fp32", 5), ("topk:0.02|affine:4|zstd", 25)])
 def test_wire_v2_saves_the_repeated_spec_bytes(task_identity, spec, saved):
     """What the v1 footnote of the reports says: a v1 message (spec also in the stype) is 5
