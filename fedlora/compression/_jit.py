@@ -279,6 +279,19 @@ def _u32(b, o):  # pragma: no cover - compiled
 
 
 @cached_njit
+def zero_point(b, o, zw):  # pragma: no cover - compiled
+    """The little-endian signed integer of ``zw`` (1, 2 or 4) bytes at ``b[o:]``."""
+    if zw == 1:
+        z = np.int64(b[o])
+        return z - 256 if z >= 128 else z
+    if zw == 2:
+        z = np.int64(b[o]) | (np.int64(b[o + 1]) << 8)
+        return z - 65536 if z >= 32768 else z
+    z = np.int64(_u32(b, o))
+    return z - 4294967296 if z >= 2147483648 else z
+
+
+@cached_njit
 def scan_affine(b, pos, end, ns, groups, bits, limit, S, ZU, offs,
                 gofs):  # pragma: no cover - compiled
     """Check the body ``b[pos:end]`` of a dense ``affine:bits`` (``bits == 0``: ``fp32``)
@@ -325,16 +338,7 @@ def scan_affine(b, pos, end, ns, groups, bits, limit, S, ZU, offs,
             sr = S[g0 + r]
             if not (sr > 0 and sr < np.inf):
                 return False
-            o = pos + zw * r
-            if zw == 1:
-                z = np.int64(b[o])
-                z -= 256 if z >= 128 else 0
-            elif zw == 2:
-                z = np.int64(b[o]) | (np.int64(b[o + 1]) << 8)
-                z -= 65536 if z >= 32768 else 0
-            else:
-                z = np.int64(_u32(b, o))
-                z -= 4294967296 if z >= 2147483648 else 0
+            z = zero_point(b, pos + zw * r, zw)
             far = np.float64(max(abs(qmin - z), abs(qmax - z))) * np.float64(sr)
             bound = far if far > bound else bound
             ZU[g0 + r] = np.float32(z - qmin)

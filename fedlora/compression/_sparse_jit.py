@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import cached_njit
+from ._jit import cached_njit, zero_point
 
 __all__ = ["scan_topk", "at_least"]
 
@@ -69,16 +69,7 @@ def _affine_values(b, pos, end, k, bits, limit, out):  # pragma: no cover - comp
     if not (s > 0 and s < np.inf):
         return -1
     o = pos + 4
-    if zw == 1:
-        z = np.int64(b[o])
-        z -= 256 if z >= 128 else 0
-    elif zw == 2:
-        z = np.int64(b[o]) | (np.int64(b[o + 1]) << 8)
-        z -= 65536 if z >= 32768 else 0
-    else:
-        z = (np.int64(b[o]) | (np.int64(b[o + 1]) << 8) | (np.int64(b[o + 2]) << 16)
-             | (np.int64(b[o + 3]) << 24))
-        z -= 4294967296 if z >= 2147483648 else 0
+    z = zero_point(b, o, zw)
     qmin = -(1 << (bits - 1))
     qmax = (1 << (bits - 1)) - 1
     if np.float64(max(abs(qmin - z), abs(qmax - z))) * np.float64(s) > limit:
