@@ -27,9 +27,10 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    ``upload=delta`` top-k of fl-lora) is read as positions and kept values
    (``Pipeline.sparse_sections``, every check a decode makes) and
    :func:`.kernels.sparse_add_and_sumsq` adds only those: no dense copy of it, the same bits.
-   With ``fp32`` values (FLASC's default) the whole reply is read by one compiled pass into
-   flat arrays (``TopK.read_flat``) and added by one (:func:`.kernels.flat_add_and_sumsq`,
-   into a sum whose tensors share one buffer: :func:`.kernels.zeros_sum`), not tensor by tensor;
+   With ``fp32`` values (FLASC's default) or ``affine`` ones the whole reply is read by one
+   compiled pass into flat arrays (``TopK.read_flat``) and added by one
+   (:func:`.kernels.flat_add_and_sumsq`, into a sum whose tensors share one buffer:
+   :func:`.kernels.zeros_sum`), not tensor by tensor;
 3. the round's norm bound needs every norm (``norm-bound-factor`` × their median), so it is
    known only after the last reply: a reply over it is decoded once more and its contribution
    corrected (clip: + w_i/W · (clip(x_i) − x_i); reject: − w_i/W · x_i). A correction of an
