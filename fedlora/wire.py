@@ -137,14 +137,14 @@ def _memo_ids(data, memo: dict) -> list[str]:
     return hit[1]
 
 
-def _prime_chunks(arr: Array, memo: dict | None = None) -> None:
+def _prime_chunks(arr: Array, memo: dict) -> None:
     """Fill Flower's chunk cache of ``arr`` (what ``Array.slice_array`` computes and keeps) with
     ids hashed straight from the data: Flower's own slicing deflates every chunk into a fresh
     copy (two, with the header) before hashing it. Same chunks, same ids (tested)."""
     if "_chunks" in arr.__dict__:
         return
     data = memoryview(arr.data)
-    ids = _memo_ids(arr.data, {} if memo is None else memo)
+    ids = _memo_ids(arr.data, memo)
     arr.__dict__["_chunks"] = [(cid, ArrayChunk(data[i * MAX_CHUNK:(i + 1) * MAX_CHUNK]))
                                for i, cid in enumerate(ids)]
 

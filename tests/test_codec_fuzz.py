@@ -387,8 +387,7 @@ def test_flat_sections_from_the_python_reader_are_the_compiled_readers(spec):
     _, table, r = _open(p, shapes, 1 << 30, pipe)
     assert isinstance(r, Reader)
     names = [name for name, _ in table]
-    slow = FlatDense.of(names, pipe.sections(p, shapes), getattr(pipe.value_coder, "bits", 0),
-                        np.frombuffer(r.buf, np.uint8))
+    slow = FlatDense.of(names, pipe.sections(p, shapes), np.frombuffer(r.buf, np.uint8))
     assert slow.names == fast.names == names
     for a in ("ns", "groups", "offs", "S", "ZU"):
         assert np.array_equal(getattr(slow, a), getattr(fast, a)), a

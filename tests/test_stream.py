@@ -190,7 +190,7 @@ def test_the_norm_is_eight_lanes_in_order_across_blocks(with_ref):
     (a tensor of two blocks and a tail; scalar Python float64 is the reference)."""
     from fedlora.strategies import kernels
 
-    n = 2 * kernels._BLOCK + 13
+    n = 2 * kernels._TILE + 13
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 4)).astype(np.float32)
     ref = rng.standard_normal(n).astype(np.float32) if with_ref else None

@@ -178,9 +178,11 @@ class FlatDense:
         self.buf, self.offs, self.gofs, self.S, self.ZU = buf, offs, gofs, S, ZU
 
     @classmethod
-    def of(cls, names, sections, bits: int, buf: np.ndarray) -> "FlatDense":
+    def of(cls, names, sections, buf: np.ndarray) -> "FlatDense":
         """The same form from sections read one by one (views of ``buf``): a body the compiled
-        pass refused and :meth:`ValueCoder.read_section` accepted (none is known)."""
+        pass refused and :meth:`ValueCoder.read_section` accepted (none is known). The bit
+        width is the affine sections' (one value coder wrote them all; 0 when none is)."""
+        bits = next((s.bits for s in sections.values() if s.kind == "affine"), 0)
         base = buf.ctypes.data
         ns, groups, offs, S, ZU = [], [], [], [], []
         for name in names:

@@ -96,8 +96,7 @@ import numpy as np
 
 from .arrays import to_float32
 from .binary import Reader, uvarint, uvarint_len
-from .codec import (Dense, FlatDense, LosslessCodec, Section, Sparsifier, ValueCoder,
-                    slice_groups)
+from .codec import Dense, FlatDense, LosslessCodec, Sparsifier, ValueCoder, slice_groups
 from .errors import CodecError, SpecError
 from .runtime import scratch_scope
 from .spec import MAX_SPEC_BYTES, chain_of, parse_stages, stages_from_config
@@ -492,8 +491,7 @@ def _sections(payload, expected, max_elements, pipe: Pipeline, flat: bool = Fals
                for name, shape in table}
         r.done("body")
         if flat:  # refused by the compiled pass, accepted here (none is known): this answer
-            return FlatDense.of([name for name, _ in table], out,
-                                getattr(vc, "bits", 0), np.frombuffer(r.buf, np.uint8))
+            return FlatDense.of([name for name, _ in table], out, np.frombuffer(r.buf, np.uint8))
         return {name: out[name] for name in expected}
     except CodecError:
         raise

@@ -444,9 +444,10 @@ class TopK(Sparsifier):
 
 
 class FlatSparse:
-    """A checked ``topk`` body (``fp32`` or ``affine`` values) in flat arrays: tensor t (``names[t]``, ``ns[t]`` values)
-    keeps ``kept[t]`` values; they are the next ``kept[t]`` entries of ``vals`` (float32,
-    finite) at the tensor-local sorted positions of ``idx`` (int64), tensor after tensor."""
+    """A checked ``topk`` body (``fp32`` or ``affine`` values) in flat arrays: tensor t
+    (``names[t]``, ``ns[t]`` values) keeps ``kept[t]`` values; they are the next ``kept[t]``
+    entries of ``vals`` (float32, finite) at the tensor-local sorted positions of ``idx``
+    (int64), tensor after tensor."""
 
     kind = "sparse-flat"
 

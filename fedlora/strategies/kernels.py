@@ -25,7 +25,8 @@ __all__ = ["sumsq", "add_and_sumsq", "sections_add_and_sumsq", "sparse_add_and_s
            "flat_add_and_sumsq", "zeros_sum"]
 
 
-_BLOCK = 1 << 14  # elements per block of _pass (a multiple of 8): its squares stay in L2
+_TILE = 1 << 14  # elements per block of _pass / tile of the sectioned sum (a multiple of 8):
+#                  its float64 squares or sum (128 KB) stay in L2
 
 
 @cached_njit
@@ -82,9 +83,9 @@ def _pass(x, ref, has_ref, acc, w, add):  # pragma: no cover - compiled
     block."""
     n = x.size
     lanes = np.zeros(9)
-    sq = np.empty(min(n, _BLOCK) + 8)
-    for b0 in range(0, n, _BLOCK):
-        b1 = min(n, b0 + _BLOCK)
+    sq = np.empty(min(n, _TILE) + 8)
+    for b0 in range(0, n, _TILE):
+        b1 = min(n, b0 + _TILE)
         _lanes(x[b0:b1], ref[b0:b1] if has_ref else ref, has_ref,
                acc[b0:b1] if add else acc, w, add, lanes, sq)
     return _combine(lanes)
@@ -312,7 +313,6 @@ def flat_add_and_sumsq(acc, flat, w: float) -> float:
 # decoding straight into the running sum: every reply of a round at once, tile by tile
 
 
-_TILE = 1 << 14  # elements per tile: the float64 sum tile (128 KB) stays in L2 across replies
 
 
 @cached_njit

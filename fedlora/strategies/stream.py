@@ -20,9 +20,8 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    (``Pipeline.sections(flat=True)``: every check a decode makes, the same errors) without
    forming its values, then :func:`.kernels.sections_add_and_sumsq` decodes each tensor tile
    by tile into a small buffer and adds it, every reply in turn, while the sum's tile is in
-   cache —
-   the same float64 operations per element and per norm lane, so the same bits, without a
-   dense copy of any reply or a pass over the whole float64 sum per reply. A ``topk`` reply
+   cache — the same float64 operations per element and per norm lane, so the same bits,
+   without a dense copy of any reply or a pass over the whole float64 sum per reply. A ``topk`` reply
    with no reference to subtract and no checks of the method's own (FLASC's uploads, an
    ``upload=delta`` top-k of fl-lora) is read as positions and kept values
    (``Pipeline.sparse_sections``, every check a decode makes) and
