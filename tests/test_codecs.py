@@ -255,6 +255,42 @@ def test_topk_large_threshold_path_is_exact(per_tensor, d, kind):
         np.testing.assert_array_equal(got[name].reshape(-1), m)
 
 
+@pytest.mark.parametrize("nan_at", [None, 300_000, 520_000])
+def test_topk_candidates_beyond_their_slot_are_all_kept(monkeypatch, nan_at):
+    """A chunk's candidate slot is sized from the values the strided sample saw there; a
+    cluster of large values the sample steps over overflows it, and the compiled pass goes on
+    after the last one it stored: the selection must still equal the reference, and a NaN on
+    either side of the overflow point must still be refused."""
+    from fedlora.compression import _sparse_jit
+
+    rng = np.random.default_rng(3)
+    n = 600_000  # three chunks; the sample takes positions 4 + 9j
+    x = rng.standard_normal(n).astype(np.float32)
+    pos = np.arange(262_144, 524_288)
+    pos = pos[pos % 9 != 4][:60_000]  # chunk 1, never sampled
+    x[pos] = (4.0 + rng.random(pos.size)).astype(np.float32)
+    if nan_at is not None:
+        x[nan_at] = np.nan
+    overflows = []
+    real = _sparse_jit.candidates
+
+    def spy(*args):
+        got = real(*args)
+        overflows.append(got == -2)
+        return got
+
+    monkeypatch.setattr(_sparse_jit, "candidates", spy)
+    if nan_at is not None:
+        with pytest.raises(CodecError, match="NaN or Inf"):
+            parse_spec("topk:0.1").encode({"w": x})
+        # before the overflow point the pass refuses at once; after it, the pass that goes on
+        assert any(overflows) == (nan_at == 520_000)
+        return
+    got = topk_mask({"w": x}, 0.1)["w"]
+    assert any(overflows)  # the slot really overflowed
+    np.testing.assert_array_equal(got, reference_topk([x], n // 10)[0])
+
+
 def test_topk_index_coding_picks_smaller():
     n = 4000
     x = np.arange(1, n + 1, dtype=np.float32).reshape(40, 100)
@@ -585,7 +621,10 @@ def test_every_engine_gives_the_payloads_of_the_plain_numpy_path(monkeypatch, en
     short[5] = 3.0  # a constant row
     t["short.lora_B"] = short
     specs = ["affine:8", "affine:3", "affine:1", "bf16", "fp16", "topk:0.1|affine:2",
-             "ranks|affine:4"]
+             "ranks|affine:4",
+             # top-k's compiled selection, bitmap packing and dense decode (bitmaps, gap
+             # varints, all-kept and none-kept tensors) against numpy's
+             "topk:0.1", "topk:0.005", "topk:0.3:tensor|affine:3", "topk:0.02:tensor"]
     monkeypatch.setattr(quantize, "ENGINE", engine)
     with_engine = {s: parse_spec(s).encode(t) for s in specs}
     decoded = {s: decode_payload(p) for s, p in with_engine.items()}

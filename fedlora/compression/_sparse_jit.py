@@ -15,12 +15,60 @@ stricter, never looser).
 from __future__ import annotations
 
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ._jit import cached_njit, zero_point
 
-__all__ = ["scan_topk", "at_least"]
+__all__ = ["scan_topk", "candidates", "keep_at_least", "band", "pack_bitmap", "scatter"]
 
 _EXP = np.uint32(0x7F800000)  # float32 exponent bits: all set = Inf or NaN
+_ABS = np.int32(0x7FFFFFFF)  # float32 bits without the sign: |x|, ordered as |x| for finite x
+
+
+def _byte_tables():
+    """For every byte value: its set bits' positions (LSB first, padded with 0) and their count."""
+    pos = np.zeros((256, 8), np.int64)
+    cnt = np.zeros(256, np.int64)
+    for byte in range(256):
+        for bit in range(8):
+            if byte >> bit & 1:
+                pos[byte, cnt[byte]] = bit
+                cnt[byte] += 1
+    return pos, cnt
+
+
+_BIT_POS, _BIT_CNT = _byte_tables()
+
+
+@cached_njit
+def _bitmap_positions(b, pos, nbm, n, k, idx, j):  # pragma: no cover - compiled
+    """The set bits of the ``nbm``-byte bitmap ``b[pos:]`` (LSB-first) of ``n`` positions,
+    written in order to ``idx[j:]``: how many, or -1 when a padding bit (position >= n) is set
+    or there are more than ``k``. Eight positions per byte from a table, written whole while
+    ``idx`` has room for them (the tail past the count is overwritten or unused)."""
+    used = n - 8 * (nbm - 1)
+    if nbm and used < 8 and (np.int64(b[pos + nbm - 1]) >> used) != 0:
+        return -1
+    room = idx.size - j
+    c = 0
+    for q in range(nbm):
+        byte = b[pos + q]
+        if byte == 0:
+            continue
+        cnt = _BIT_CNT[byte]
+        base = 8 * q
+        if c + 8 <= room:
+            for s in range(8):
+                idx[j + c + s] = base + _BIT_POS[byte, s]
+        else:
+            if c + cnt > room:
+                return -1
+            for s in range(cnt):
+                idx[j + c + s] = base + _BIT_POS[byte, s]
+        c += cnt
+        if c > k:
+            return -1
+    return c
 
 
 @cached_njit
@@ -130,18 +178,7 @@ def scan_topk(b, pos, end, ns, twod, per_tensor, wants, total_k, idx, vals8, val
             if mode == 0:  # bitmap, LSB-first; padding bits clear; popcount = k
                 if end - pos < nbm:
                     return False
-                c = 0
-                for q in range(nbm):
-                    byte = np.int64(b[pos + q])
-                    if byte == 0:
-                        continue
-                    for bit in range(8):
-                        if (byte >> bit) & 1:
-                            i = 8 * q + bit
-                            if i >= n or c >= k:
-                                return False
-                            idx[j + c] = i
-                            c += 1
+                c = _bitmap_positions(b, pos, nbm, n, k, idx, j)
                 if c != k:
                     return False
                 pos += nbm
@@ -203,15 +240,96 @@ def scan_topk(b, pos, end, ns, twod, per_tensor, wants, total_k, idx, vals8, val
 
 
 @cached_njit
-def at_least(bits, t, mask):  # pragma: no cover - compiled
-    """``mask[i] = |x_i| >= t`` for the float32 values whose bit patterns are ``bits`` (int32)
-    and a threshold ``t >= 0`` given by its bit pattern, compared as integers (for finite
-    values the order of ``|x|`` is the order of its bits): one pass LLVM vectorizes, where numpy
-    makes three (abs, max for the NaN/Inf check, compare). Returns whether any value was NaN or
-    Inf (its mask entry is then meaningless)."""
+def candidates(bits, t, base, idx, val):  # pragma: no cover - compiled
+    """The entries with ``|x| >= t`` of the float32 values whose bit patterns are ``bits``
+    (int32), ``t >= 0`` given by its bit pattern and compared as an integer (for finite values
+    the order of ``|x|`` is the order of its bits): their positions plus ``base`` into ``idx``
+    and their bit patterns into ``val``, in order. Returns how many; -1 when a value is NaN or
+    Inf; -2 when there are more than ``idx.size``: the arrays then hold the first ``idx.size``
+    of them and every value up to the last one written was checked (go on after it).
+
+    Per block of 64 values one word of comparison bits (a loop LLVM vectorizes), then one
+    step per set bit (trailing-zero count): ~4x numpy's compare + ``flatnonzero`` + ``take``
+    at a tenth kept."""
+    n = bits.size
     bad = np.int32(0)
-    for i in range(bits.size):
-        b = bits[i] & np.int32(0x7FFFFFFF)
+    c = 0
+    for w in range(n // 64):
+        blk = bits[64 * w:64 * w + 64]
+        word = np.uint64(0)
+        for q in range(64):
+            b = blk[q] & _ABS
+            bad |= np.int32(b >= np.int32(0x7F800000))
+            word |= np.uint64(b >= t) << np.uint64(q)
+        c = _set_bits(word, blk, base + 64 * w, idx, val, c)
+        if c < 0:
+            return -1 if bad else -2
+    blk = bits[n - n % 64:]  # the tail
+    word = np.uint64(0)
+    for q in range(blk.size):
+        b = blk[q] & _ABS
         bad |= np.int32(b >= np.int32(0x7F800000))
-        mask[i] = b >= t
-    return bad != 0
+        word |= np.uint64(b >= t) << np.uint64(q)
+    c = _set_bits(word, blk, base + n - n % 64, idx, val, c)
+    if c < 0:
+        return -1 if bad else -2
+    return -1 if bad else c
+
+
+@cached_njit
+def _set_bits(word, blk, base, idx, val, c):  # pragma: no cover - compiled
+    """Append ``base + q`` and ``blk[q]`` for each set bit ``q`` of ``word`` to ``idx``/``val``
+    at ``c``: the new end, or -1 when they are full."""
+    while word:
+        if c >= idx.size:
+            return -1
+        q = trailing_zeros(word)
+        idx[c] = base + q
+        val[c] = blk[q]
+        c += 1
+        word &= word - np.uint64(1)
+    return c
+
+
+@cached_njit
+def keep_at_least(ii, vv, t, oi, ov, pos):  # pragma: no cover - compiled
+    """Append the entries ``(ii[q], vv[q])`` with ``|x| >= t`` (``vv``: float32 bit patterns as
+    int32, finite; ``t >= 0`` by its bit pattern) to ``oi``/``ov`` at ``pos``, in order: the
+    new end. Branchless (every entry is written, the end moves past the kept ones), so ``oi``
+    and ``ov`` need room for ``pos + ii.size`` entries."""
+    for q in range(ii.size):
+        oi[pos] = ii[q]
+        ov[pos] = vv[q]
+        pos += (vv[q] & _ABS) >= t
+    return pos
+
+
+@cached_njit
+def band(vv, hi, out, nb):  # pragma: no cover - compiled
+    """For the float32 bit patterns ``vv`` (int32, finite): how many have ``|x| > hi``; the
+    others' ``|x|`` (bit patterns) are appended to ``out`` at ``nb`` (room for ``nb +
+    vv.size``). ``(above, new end)``."""
+    above = 0
+    for q in range(vv.size):
+        m = vv[q] & _ABS
+        out[nb] = m
+        nb += m <= hi
+        above += m > hi
+    return above, nb
+
+
+@cached_njit
+def pack_bitmap(idx, nbytes):  # pragma: no cover - compiled
+    """The LSB-first bitmap (``nbytes`` bytes) of the positions ``idx`` (each < 8 * nbytes)."""
+    out = np.zeros(nbytes, np.uint8)
+    for c in range(idx.size):
+        i = idx[c]
+        out[i >> 3] |= np.uint8(1 << (i & 7))
+    return out
+
+
+@cached_njit
+def scatter(idx, vals, out):  # pragma: no cover - compiled
+    """``out[idx] = vals`` (``idx`` within ``out``)."""
+    for c in range(idx.size):
+        out[idx[c]] = vals[c]

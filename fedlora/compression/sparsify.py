@@ -108,61 +108,72 @@ def _exact(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray
     return out
 
 
-def _candidates(f: np.ndarray, t_lo: np.float32, frac: float = 1.0):
+def _candidates(f: np.ndarray, t_lo: np.float32, frac: float | list[float] = 1.0):
     """Per cache-sized chunk of flat ``f`` (in order): indices, signed values and magnitudes of the
-    entries with ``|x| >= t_lo`` (three lists of arrays); rejects NaN/Inf. Split over the pool.
+    entries with ``|x| >= t_lo`` (three lists of arrays; a chunk read by the compiled pass has
+    None for its magnitudes: ``_kth_value`` and ``keep_at_least`` read them from the values'
+    bits); rejects NaN/Inf. Split over the pool.
 
-    ``frac`` (the expected kept fraction) sizes one slot per chunk in the encode's scratch memory,
-    taken here before the split (scratch is per thread); a chunk that overflows its slot gets
-    fresh arrays. Fresh multi-MB arrays per encode cost more in page faults than the selection."""
+    ``frac`` (the expected kept fraction, or one per chunk) sizes one slot per chunk in the
+    encode's scratch memory, taken here before the split (scratch is per thread); a chunk that
+    overflows its slot gets fresh arrays. Fresh multi-MB arrays per encode cost more in page
+    faults than the selection."""
     if f.size == 0:
         return [], [], []
     nchunks = -(-f.size // _CHUNK)
-    if frac > 0.5:  # dense selections (the sample-missed fallback): no slots, fresh arrays
-        frac = 0.0
     caps = []
     for c in range(nchunks):
         m = min(_CHUNK, f.size - c * _CHUNK)
-        caps.append(min(m, int(frac * m * 1.25) + 8 * int(math.sqrt(m)) + 256) if frac else 0)
-    idx_all, val_all, mag_all = scratch_arrays(sum(caps), np.int64, np.float32, np.float32)
-    offs = np.concatenate([[0], np.cumsum(caps)]).tolist()
-
+        fr = frac[c] if isinstance(frac, list) else frac
+        # dense selections (the sample-missed fallback): no slots, fresh arrays
+        caps.append(min(m, int(fr * m * 1.25) + 8 * int(math.sqrt(m)) + 256)
+                    if fr <= 0.5 else 0)
     jit = _jit_kernels()
-    t_bits = np.asarray(t_lo, np.float32).view(np.int32)
+    idx_all, val_all, *mag_all = scratch_arrays(sum(caps), np.int64, np.float32,
+                                                *([np.float32] if jit is None else []))
+    mag_all = mag_all[0] if mag_all else None
+    offs = np.concatenate([[0], np.cumsum(caps)]).tolist()
+    t_bits = _bits(t_lo)
 
     def part(lo, hi):
-        tmp = np.empty(min(_CHUNK, f.size), np.float32)
-        mask = np.empty(min(_CHUNK, f.size), np.bool_) if jit is not None else None
+        tmp = np.empty(min(_CHUNK, f.size), np.float32) if jit is None else None
         out = ([], [], [])
         for c in range(lo, hi):
             c0 = c * _CHUNK
             c1 = min(f.size, c0 + _CHUNK)
             src = f[c0:c1]
-            if jit is not None and src.flags.c_contiguous:  # one compiled pass, same entries
-                if jit.at_least(src.view(np.int32), t_bits, mask[: c1 - c0]):
+            if jit is not None:  # one compiled pass, same entries (magnitudes: None)
+                ii, vv = idx_all[offs[c]:offs[c + 1]], val_all[offs[c]:offs[c + 1]]
+                n_i = jit.candidates(src.view(np.int32), t_bits, c0, ii, vv.view(np.int32))
+                if n_i == -2:  # more than the slot holds: fresh arrays, going on after it
+                    n_i = ii.size
+                    ii = np.concatenate([ii, np.empty(c1 - c0 - n_i, np.int64)])
+                    vv = np.concatenate([vv, np.empty(c1 - c0 - n_i, np.float32)])
+                    at = int(ii[n_i - 1]) + 1 if n_i else c0
+                    more = jit.candidates(src[at - c0:].view(np.int32), t_bits, at,
+                                          ii[n_i:], vv[n_i:].view(np.int32))
+                    n_i = -1 if more < 0 else n_i + more
+                if n_i < 0:
                     raise CodecError("input contains NaN or Inf")
-                i = np.flatnonzero(mask[: c1 - c0])
-                a = None
-            else:
-                a = tmp[: c1 - c0]
-                np.abs(src, out=a)
-                if not a.max() <= _FMAX:
-                    raise CodecError("input contains NaN or Inf")
-                i = np.flatnonzero(a >= t_lo)
+                out[0].append(ii[:n_i])
+                out[1].append(vv[:n_i])
+                out[2].append(None)
+                continue
+            a = tmp[: c1 - c0]
+            np.abs(src, out=a)
+            if not a.max() <= _FMAX:
+                raise CodecError("input contains NaN or Inf")
+            i = np.flatnonzero(a >= t_lo)
             n_i = i.size
             if n_i <= caps[c]:
                 s0 = offs[c]
                 ii, vv, mm = (idx_all[s0:s0 + n_i], val_all[s0:s0 + n_i],
                               mag_all[s0:s0 + n_i])
                 np.take(src, i, out=vv)
-                if a is None:
-                    np.abs(vv, out=mm)
-                else:
-                    np.take(a, i, out=mm)
+                np.take(a, i, out=mm)
                 np.add(i, c0, out=ii)
             else:
-                ii, vv = i + c0, src[i]
-                mm = np.abs(vv) if a is None else a[i]
+                ii, vv, mm = i + c0, src[i], a[i]
             out[0].append(ii)
             out[1].append(vv)
             out[2].append(mm)
@@ -183,8 +194,65 @@ def _jit_kernels():
     return _sparse_jit
 
 
+def _bitmap(idx: np.ndarray, n: int) -> np.ndarray:
+    """``binary.pack_bitmap`` (the same bytes), by one compiled pass over the indices where
+    numba runs the codecs."""
+    jit = _jit_kernels()
+    return pack_bitmap(idx, n) if jit is None else jit.pack_bitmap(idx, (n + 7) // 8)
+
+
 def _kth_largest(v: np.ndarray, k: int) -> np.float32:
     return np.partition(v, v.size - k)[v.size - k]
+
+
+def _bits(x) -> np.int32:
+    """The bit pattern of the float32 ``x`` as an int32 (for ``x >= 0``: ordered as ``x``)."""
+    return np.asarray(x, np.float32).view(np.int32)[()]
+
+
+def _kth_value(cand, k: int, t_hi: np.float32, jit) -> np.float32:
+    """The ``k``-th largest ``|x|`` among the candidates (which hold at least ``k``), looking
+    only at those ``<= t_hi`` when fewer than ``k`` lie above it. ``jit``: the candidates'
+    magnitudes are read from their values' bits by compiled passes (``cand``'s magnitude lists
+    are not filled)."""
+    if np.isfinite(t_hi):
+        if jit is not None:
+            n_vals = sum(x.size for c in cand for x in c[1])
+            band = scratch_arrays(n_vals, np.int32)[0]
+            above, nb, hb = 0, 0, _bits(t_hi)
+            for x in (x for c in cand for x in c[1]):
+                a, nb = jit.band(x.view(np.int32), hb, band, nb)
+                above += a
+            if above < k:
+                return _kth_largest(band[:nb], k - above).view(np.float32)
+        else:
+            mags = [m for c in cand for m in c[2]]
+            above = sum(int(np.count_nonzero(m > t_hi)) for m in mags)
+            if above < k:
+                band = np.concatenate([m[np.flatnonzero(m <= t_hi)] for m in mags])
+                return _kth_largest(band, k - above)
+    mags = [np.abs(x) for c in cand for x in c[1]]
+    return _kth_largest(np.concatenate(mags), k)
+
+
+def _shares(flats, samp, step: int, t_lo: np.float32, frac: float) -> list[list[float]]:
+    """Per array, per ``_CHUNK`` of it: the share of its sample (``samp``: every array's
+    ``|f[step // 2::step]|``, concatenated) at or above ``t_lo``, which sizes that chunk's
+    scratch slot (a global top-k may take 3x the average share from one tensor, or from part of
+    one, and none from another); ``frac`` where a chunk holds no sample."""
+    out, at = [], 0
+    for f in flats:
+        m = f[step // 2:: step].size
+        hit = samp[at:at + m] >= t_lo
+        at += m
+        shares = []
+        for c0 in range(0, f.size, _CHUNK):  # sample j sits at step // 2 + j * step
+            j0 = -(-(c0 - step // 2) // step)
+            j1 = -(-(min(f.size, c0 + _CHUNK) - step // 2) // step)
+            j0, j1 = max(0, j0), min(m, j1)
+            shares.append(int(np.count_nonzero(hit[j0:j1])) / (j1 - j0) if j1 > j0 else frac)
+        out.append(shares)
+    return out
 
 
 def topk_select(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -212,20 +280,21 @@ def topk_select(flats: list[np.ndarray], k: int) -> list[tuple[np.ndarray, np.nd
     t_lo = np.float32(part[s - r_lo]) if r_lo <= s else np.float32(0.0)
     t_hi = np.float32(part[s - r_hi]) if r_hi >= 1 else np.float32(np.inf)
     frac = min(1.0, r_lo / s)
-    cand = [_candidates(f, t_lo, frac) for f in flats]
+    cand = [_candidates(f, t_lo, fr) for f, fr in zip(flats, _shares(flats, samp, step, t_lo,
+                                                                   frac))]
     if sum(a.size for c in cand for a in c[0]) < k:  # the sample missed: take every element
         cand = [_candidates(f, np.float32(0.0)) for f in flats]
-    mags = [m for c in cand for m in c[2]]
-    v = None
-    if np.isfinite(t_hi):
-        above = sum(int(np.count_nonzero(m > t_hi)) for m in mags)
-        if above < k:
-            band = np.concatenate([m[np.flatnonzero(m <= t_hi)] for m in mags])
-            v = _kth_largest(band, k - above)
-    if v is None:
-        v = _kth_largest(np.concatenate(mags), k)
+    jit = _jit_kernels()
+    v = _kth_value(cand, k, t_hi, jit)
     out = []
     for idxs, vals, ms in cand:
+        if jit is not None:  # one compiled pass per candidate block, in order
+            oi, ov = scratch_arrays(sum(i.size for i in idxs), np.int64, np.float32)
+            pos, vb = 0, _bits(v)
+            for i, x in zip(idxs, vals):
+                pos = jit.keep_at_least(i, x.view(np.int32), vb, oi, ov.view(np.int32), pos)
+            out.append([oi[:pos], ov[:pos]])
+            continue
         keep = [np.flatnonzero(m >= v) for m in ms]
         kept = sum(j.size for j in keep)
         # the kept entries: inputs to the index and value coders
@@ -339,7 +408,7 @@ class TopK(Sparsifier):
                 if mode == 1:
                     head += [uvarint(enc.size), as_bytes(enc)]
                 elif not sizing:
-                    head.append(as_bytes(pack_bitmap(idx, n)))
+                    head.append(as_bytes(_bitmap(idx, n)))
             groups = 1 if (x.ndim >= 2 and k > 0) else 0
             if sizing:
                 size += vc.values_size(vals, groups)
@@ -361,8 +430,30 @@ class TopK(Sparsifier):
 
     # -- decode -----------------------------------------------------------------------------
     def decode_all(self, r: Reader, table, vc):
-        return {name: sec.values(shape)
-                for (name, shape), sec in zip(table, self.read_sparse(r, table, vc).values())}
+        jit = _jit_kernels()
+        # fp32 values: the compiled reader; affine ones decode faster by read_sparse's
+        # vectorized dequantization than by the reader's value-at-a-time loop
+        flat = (self.read_flat(r, table, vc, narrow=True)
+                if jit is not None and vc.codec_id == "fp32" else None)
+        if flat is None:
+            return {name: sec.values(shape) for (name, shape), sec in
+                    zip(table, self.read_sparse(r, table, vc).values())}
+        ns, kept = flat.ns.tolist(), flat.kept.tolist()
+        starts = np.concatenate([[0], np.cumsum(kept)]).tolist()
+
+        def fill(t0, t1):  # tensors [t0, t1): each by one pass (the pool splits the tensors)
+            out = []
+            for n, j, k in zip(ns[t0:t1], starts[t0:t1], kept[t0:t1]):
+                if k == n:
+                    dense = flat.vals[j:j + k].copy()
+                else:  # calloc'd: pages no value lands on are never touched
+                    dense = np.zeros(n, np.float32)
+                    jit.scatter(flat.idx[j:j + k], flat.vals[j:j + k], dense)
+                out.append(dense)
+            return out
+
+        dense = [d for part in run_parallel(fill, len(table), min_per_part=1) for d in part]
+        return {name: d.reshape(shape) for (name, shape), d in zip(table, dense)}
 
     def read_sparse(self, r: Reader, table, vc) -> dict[str, "SparseSection"]:
         """Every tensor's section checked as :meth:`decode_all` checks it (the same
@@ -416,12 +507,13 @@ class TopK(Sparsifier):
             raise CodecError(f"kept counts add up to {got}, topk:{self.density!r} keeps {total_k}")
         return out
 
-    def read_flat(self, r: Reader, table, vc) -> "FlatSparse | None":
+    def read_flat(self, r: Reader, table, vc, narrow: bool = False) -> "FlatSparse | None":
         """:meth:`read_sparse` of the whole rest of ``r`` (the body: nothing may follow it)
         into flat arrays, for ``fp32`` or ``affine`` values: one compiled pass makes every
         check (``_sparse_jit``). None, with ``r`` unread, for any other value coder and for a
         body the pass refuses: :meth:`read_sparse` then reads it and raises the CodecError
-        naming what was wrong."""
+        naming what was wrong. ``narrow``: int32 positions where every tensor has fewer than
+        2**31 values (4 bytes a kept value instead of 8: ``decode_all``'s peak memory)."""
         if vc.codec_id not in ("fp32", "affine"):
             return None
         from ._sparse_jit import scan_topk
@@ -432,7 +524,8 @@ class TopK(Sparsifier):
         total_k = _density_k(self.density, int(ns.sum()))
         wants = np.array([_density_k(self.density, int(n)) for n in ns], np.int64)
         cap = int(wants.sum()) if self.per_tensor else total_k
-        idx, vals = np.empty(cap, np.int64), np.empty(cap, "<u4")
+        narrow = narrow and int(ns.max(initial=0)) < 1 << 31
+        idx, vals = np.empty(cap, np.int32 if narrow else np.int64), np.empty(cap, "<u4")
         kept = np.zeros(ns.size, np.int64)
         buf = np.frombuffer(r.buf, np.uint8)
         if scan_topk(buf, r.pos, r.end, ns, twod, self.per_tensor, wants, total_k, idx,
@@ -447,7 +540,7 @@ class FlatSparse:
     """A checked ``topk`` body (``fp32`` or ``affine`` values) in flat arrays: tensor t
     (``names[t]``, ``ns[t]`` values) keeps ``kept[t]`` values; they are the next ``kept[t]``
     entries of ``vals`` (float32, finite) at the tensor-local sorted positions of ``idx``
-    (int64), tensor after tensor."""
+    (int64; int32 from ``read_flat(narrow=True)``), tensor after tensor."""
 
     kind = "sparse-flat"
 
