@@ -130,6 +130,42 @@ _ROW_BLOCK = 64  # rows whose parameters affine_rows computes together
 
 
 @cached_njit
+def dequantize_fields(p, bits, k0, k1, s, zu, out):  # pragma: no cover - compiled
+    """``out[k - k0] = fl(fl(float32(u_k) - zu) * s)`` for ``k`` in ``[k0, k1)``, ``u_k`` the
+    ``bits``-wide field ``k`` of the packed bytes ``p`` (LSB-first, as ``pack_groups`` packs
+    them): one slice's values, as ``dequantize_range`` computes them. Whole bytes for 8 bits,
+    two fields a byte for 4; other widths field by field."""
+    if bits == 8:
+        for k in range(k0, k1):
+            out[k - k0] = (np.float32(p[k]) - zu) * s
+    elif bits == 4:
+        k = k0
+        if k & 1 and k < k1:  # a slice that starts on a high nibble
+            out[0] = (np.float32(p[k >> 1] >> 4) - zu) * s
+            k += 1
+        o = out[k - k0:]
+        b = p[k >> 1:]
+        pairs = (k1 - k) >> 1
+        for j in range(pairs):  # two values a byte, low nibble first
+            byte = b[j]
+            o[2 * j] = (np.float32(byte & 15) - zu) * s
+            o[2 * j + 1] = (np.float32(byte >> 4) - zu) * s
+        k += 2 * pairs
+        if k < k1:
+            out[k - k0] = (np.float32(p[k >> 1] & 15) - zu) * s
+    else:
+        mask = (1 << bits) - 1
+        for k in range(k0, k1):
+            pos = k * bits
+            j = pos >> 3
+            sh = pos & 7
+            v = np.int64(p[j])
+            if sh + bits > 8:
+                v |= np.int64(p[j + 1]) << 8
+            out[k - k0] = (np.float32((v >> sh) & mask) - zu) * s
+
+
+@cached_njit
 def affine_rows(x, bits, r0, r1, s_out, z_out, u):  # pragma: no cover - compiled
     """All of ``quantize_groups`` for rows ``[r0, r1)`` of a 2-D ``x`` of short rows (lora_B
     slices of r values), a block of 64 rows at a time: each row's min/max while it is in L1,

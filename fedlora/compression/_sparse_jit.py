@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from ._jit import cached_njit, zero_point
+from ._jit import cached_njit, dequantize_fields, zero_point
 
 __all__ = ["scan_topk", "candidates", "keep_at_least", "band", "pack_bitmap", "scatter"]
 
@@ -128,15 +128,7 @@ def _affine_values(b, pos, end, k, bits, limit, out):  # pragma: no cover - comp
         used = k * bits - 8 * (nb - 1)
         if used < 8 and (np.int64(b[p + nb - 1]) >> used) != 0:
             return -1
-    mask = (1 << bits) - 1
-    for c in range(k):
-        q = c * bits
-        j = p + (q >> 3)
-        sh = q & 7
-        v = np.int64(b[j])
-        if sh + bits > 8:
-            v |= np.int64(b[j + 1]) << 8
-        out[c] = (np.float32((v >> sh) & mask) - zu) * s
+    dequantize_fields(b[p:p + nb], bits, 0, k, s, zu, out)
     return p + nb
 
 

@@ -431,8 +431,8 @@ class TopK(Sparsifier):
     # -- decode -----------------------------------------------------------------------------
     def decode_all(self, r: Reader, table, vc):
         jit = _jit_kernels()
-        # fp32 values: the compiled reader; affine ones decode faster by read_sparse's
-        # vectorized dequantization than by the reader's value-at-a-time loop
+        # fp32 values: the compiled reader (measured faster); affine ones: read_sparse, whose
+        # vectorized dequantization was as fast or faster on the LoRA layout
         flat = (self.read_flat(r, table, vc, narrow=True)
                 if jit is not None and vc.codec_id == "fp32" else None)
         if flat is None:

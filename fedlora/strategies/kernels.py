@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..compression._jit import cached_njit
+from ..compression._jit import cached_njit, dequantize_fields
 
 __all__ = ["sumsq", "add_and_sumsq", "sections_add_and_sumsq", "sparse_add_and_sumsq",
            "flat_add_and_sumsq", "zeros_sum"]
@@ -320,40 +320,11 @@ def _affine_values(p, bits, m, s, zu, i0, i1, out):  # pragma: no cover - compil
     """``out[k - i0]`` = value ``k`` of an affine section (``AffineSection``: ``b``-bit field
     ``k`` of ``p``, row ``k // m``), ``fl(fl(u - zu[r]) * s[r])`` as ``_jit.dequantize_range``
     computes it, for ``k`` in ``[i0, i1)``."""
-    mask = (1 << bits) - 1
     i = i0
     while i < i1:
         r = i // m
         e = min(i1, (r + 1) * m)
-        sr = s[r]
-        zr = zu[r]
-        if bits == 8:
-            for k in range(i, e):
-                out[k - i0] = (np.float32(p[k]) - zr) * sr
-        elif bits == 4:
-            k = i
-            if k & 1 and k < e:  # a row that starts on a high nibble
-                out[k - i0] = (np.float32(p[k >> 1] >> 4) - zr) * sr
-                k += 1
-            o = out[k - i0:]
-            b = p[k >> 1:]
-            pairs = (e - k) >> 1
-            for j in range(pairs):  # two values a byte, low nibble first
-                byte = b[j]
-                o[2 * j] = (np.float32(byte & 15) - zr) * sr
-                o[2 * j + 1] = (np.float32(byte >> 4) - zr) * sr
-            k += 2 * pairs
-            if k < e:
-                out[k - i0] = (np.float32(p[k >> 1] & 15) - zr) * sr
-        else:
-            for k in range(i, e):
-                pos = k * bits
-                j = pos >> 3
-                sh = pos & 7
-                v = np.int64(p[j])
-                if sh + bits > 8:
-                    v |= np.int64(p[j + 1]) << 8
-                out[k - i0] = (np.float32((v >> sh) & mask) - zr) * sr
+        dequantize_fields(p, bits, i, e, s[r], zu[r], out[i - i0:])
         i = e
 
 
