@@ -1,5 +1,7 @@
-"""The compiled reader of a whole ``topk`` body with ``fp32`` or ``affine:b`` values
-(``TopK.read_flat``).
+"""Compiled top-k kernels: the reader of a whole ``topk`` body with ``fp32`` or ``affine:b``
+values (``TopK.read_flat``, below), and the encode's passes (``candidates``, ``band``,
+``keep_at_least``, ``pack_bitmap``) and the dense decode's ``scatter``, each doing what the
+numpy path in ``sparsify.py`` does, entry for entry (the payload bytes are tested equal).
 
 One pass over the body bytes makes every check :meth:`~.sparsify.TopK.read_sparse` makes (kept
 counts, index modes, bitmap padding and popcount, canonical gap varints within the tensor, the
@@ -15,9 +17,18 @@ stricter, never looser).
 from __future__ import annotations
 
 import numpy as np
-from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ._jit import cached_njit, dequantize_fields, zero_point
+
+try:  # LLVM's count-trailing-zeros instruction, as numba exposes it
+    from numba.cpython.unsafe.numbers import trailing_zeros
+except ImportError:  # pragma: no cover - a numba without it: the same count, portably
+    @cached_njit
+    def trailing_zeros(x):
+        q = 0
+        while not (x >> np.uint64(q)) & np.uint64(1):
+            q += 1
+        return q
 
 __all__ = ["scan_topk", "candidates", "keep_at_least", "band", "pack_bitmap", "scatter"]
 
