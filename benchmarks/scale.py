@@ -27,6 +27,12 @@
 
 Everything runs on this machine as it is: a busy machine stretches every time (the load average
 is printed); the overhead ratio's two sides are measured back to back.
+
+``--whatif-flower-config-cache`` (a what-if, labelled as such in the report; write it to its own
+``--out``): every process the benchmark starts gets
+``benchmarks/whatif_flower_config_cache/sitecustomize.py`` on ``PYTHONPATH``, which makes
+Flower's engine parse the app's ``pyproject.toml`` once instead of once per node — what round 1
+would take if Flower did that itself. fedlora's own runs never load it.
 """
 
 from __future__ import annotations
@@ -232,6 +238,10 @@ def many_nodes(n: int, work: Path) -> dict:
 def render(result: dict) -> list[str]:
     """The report's lines, from the measured ``result`` (also ``--render`` of a scale.json)."""
     lines = []
+    if result.get("whatif_flower_config_cache"):
+        lines.append("WHAT-IF: Flower's engine parsing the app's pyproject.toml once instead of "
+                     "once per node (benchmarks/whatif_flower_config_cache, not Flower 1.41 "
+                     "as shipped, not used by fedlora)")
     p = result["launch_parts"]
     lines.append("launch parts (fresh process): " + ", ".join(f"{k} {v:.2f}" for k, v in p.items()))
     o = result.get("overhead")
@@ -272,6 +282,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "scale"))
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--render", action="store_true", help="rewrite scale.txt from scale.json")
+    ap.add_argument("--whatif-flower-config-cache", action="store_true",
+                    help="Flower's engine parses pyproject.toml once, not once per node "
+                         "(benchmarks/whatif_flower_config_cache; a what-if, not fedlora)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +295,12 @@ def main(argv=None) -> int:
         return 0
     work = ROOT / "runs" / ".scale"
     result: dict = {"command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
-                    "load_average_start": os.getloadavg()[0]}
+                    "load_average_start": os.getloadavg()[0],
+                    "whatif_flower_config_cache": a.whatif_flower_config_cache}
+    if a.whatif_flower_config_cache:  # inherited by the SuperLink, flwr-simulation and Ray
+        patch = str(ROOT / "benchmarks" / "whatif_flower_config_cache")
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [patch] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     result["launch_parts"] = launch_parts()
     print(f"launch parts: {result['launch_parts']}", flush=True)
     if not a.skip_overhead:
