@@ -268,9 +268,10 @@ def _dp_text() -> dict:
       update that does not bind: round-1 L1 norms ≈ 160 and ≈ 1,200), so z = C_g·lr/(ε·C). The
       records' ``dp_epsilon`` is the sound ε of that noise (per round 1/z ≈ 10^7): the paper's
       per-round ε is the APPFL parameter, not a guarantee on the round's update.
-    * ``-local-no-noise``: the same local protocol with noise multiplier 0 — the L1 clip (not
-      binding), ``num-examples`` 1 (so the server's mean is unweighted) and no loss metric —
-      which separates what the noise costs from what the protocol's unweighted mean costs.
+    * ``-local-no-noise``: the same local protocol with noise multiplier 0 — the L1 clip at 2000
+      (above the round-1 norms; local nodes do not report clipping), ``num-examples`` 1 (so the
+      server's mean is unweighted) and no loss metric — which separates what the noise costs
+      from what the protocol itself costs.
     """
     spec = _text_conv()
     base = {k: v for k, v in spec["runs"]["lora-a2-a0.01-r1"].items()
