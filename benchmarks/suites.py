@@ -272,6 +272,9 @@ def _dp_text() -> dict:
       (above the round-1 norms; local nodes do not report clipping), ``num-examples`` 1 (so the
       server's mean is unweighted) and no loss metric — which separates what the noise costs
       from what the protocol itself costs.
+    * ``-local-no-clip``: the same again with the L1 clip at 1e30 (never binds), so that with
+      ``-local-no-noise`` the records separate the unweighted mean from the clip at 2000 (local
+      nodes cannot say whether they clipped: that bit would itself leak).
     """
     spec = _text_conv()
     base = {k: v for k, v in spec["runs"]["lora-a2-a0.01-r1"].items()
@@ -294,6 +297,7 @@ def _dp_text() -> dict:
                 "dp-noise-multiplier": grad_clip * lr / (eps * clip_l1)}
         runs[f"{tag}-local-no-noise"] = {**rc, "dp": "local", "dp-mechanism": "laplace",
                                          "dp-clip": 2000.0, "dp-noise-multiplier": 0.0}
+        runs[f"{tag}-local-no-clip"] = {**runs[f"{tag}-local-no-noise"], "dp-clip": 1e30}
     return {"nodes": spec["nodes"], "runs": runs, "target": spec["target"],
             "seeds": spec["seeds"], "baselines": _without_dp(runs, methods)}
 
