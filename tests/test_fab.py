@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import FAB_MAX_SIZE
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _fab_names() -> tuple[int, set[str]]:
-    fab = build_fab_from_disk(ROOT)
-    with zipfile.ZipFile(io.BytesIO(fab)) as z:
-        return len(fab), {i.filename for i in z.infolist()}
+from fedlora.launch import PROJECT  # the directory `flwr_run` builds the FAB from
 
 
 def test_fab_holds_exactly_the_package_sources() -> None:
-    size, names = _fab_names()
+    fab = build_fab_from_disk(PROJECT)
+    with zipfile.ZipFile(io.BytesIO(fab)) as z:
+        names = {i.filename for i in z.infolist()}
     package = {
-        p.relative_to(ROOT).as_posix()
-        for p in (ROOT / "fedlora").rglob("*.py")
+        p.relative_to(PROJECT).as_posix()
+        for p in (PROJECT / "fedlora").rglob("*.py")
         if "__pycache__" not in p.parts
     }
     shipped = {n for n in names if not n.startswith(".info/") and n != "pyproject.toml"}
@@ -37,4 +32,4 @@ def test_fab_holds_exactly_the_package_sources() -> None:
     assert "pyproject.toml" in names
     assert not any(n.startswith(("results/", "benchmarks/", "tests/", "docs/")) for n in names)
     # far from Flower's cap, so results can keep growing without breaking runs
-    assert size < FAB_MAX_SIZE // 5, size
+    assert len(fab) < FAB_MAX_SIZE // 5, len(fab)
