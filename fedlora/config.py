@@ -16,105 +16,179 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _f(default: Any, help: str) -> Any:
+    """A RunConfig field: its default and its help (one or two sentences; docs/configuration.md
+    is generated from it by ``python -m fedlora.configdoc``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # --- federation and method ---
-    method: str = "flocora"
-    num_server_rounds: int = 5
-    fraction_train: float = 0.5
-    min_train_nodes: int = 2
-    min_available_nodes: int = 2
-    round_timeout: float = 3600.0
-    client_sampling: str = "partition"
-    seed: int = 42
+    method: str = _f("flocora", "The federated method, one of `fedavg`, `flocora`, `flasc`, "
+                     "`lora-a2`, `fl-lora`, `ffa-lora`, `flexlora`, `hetlora` (docs/methods.md).")
+    num_server_rounds: int = _f(5, "Federated rounds.")
+    fraction_train: float = _f(0.5, "Fraction of the connected nodes sampled per round.")
+    min_train_nodes: int = _f(2, "At least this many nodes are sampled per round.")
+    min_available_nodes: int = _f(2, "A round waits until this many nodes are connected.")
+    round_timeout: float = _f(3600.0, "Seconds the server waits for a round's replies (and for "
+                              "query answers).")
+    client_sampling: str = _f("partition", "`partition`: sample partition-ids with a generator "
+                              "seeded by (`seed`, round), so same seed = same clients (one `query` "
+                              "a node, counted as control bytes; suits up to ~1,000 nodes); "
+                              "`flower`: Flower's random sampling of node ids, no query.")
+    seed: int = _f(42, "Seed of partitioning, node sampling and local shuffling/augmentation.")
     # --- model ---
-    task: str = "vision"
-    model: str = "resnet8"
-    feature_maps: int = 64
-    norm: str = "group"
-    lora_rank: int = 32
-    lora_alpha: float = 0.0
-    model_seed: int = 0
+    task: str = _f("vision", "What is learned: `vision` (image classification) or `text` "
+                   "(sequence classification with a pretrained encoder).")
+    model: str = _f("resnet8", "vision: `resnet8` or `resnet18` (CIFAR-style, FLoCoRA's); text: "
+                    "`minilm` (bundled, offline), a local Hugging Face folder, or a hub id when "
+                    "online.")
+    feature_maps: int = _f(64, "vision: base width of the ResNet (paper: 64; 8-16 for quick runs).")
+    norm: str = _f("group", "vision: `group` (GroupNorm, 2 groups) or `batch` (BatchNorm).")
+    lora_rank: int = _f(32, "LoRA rank r: on every Conv2d (vision; norms and fc train in full) or "
+                        "on the `lora-targets` linear modules (text).")
+    lora_alpha: float = _f(0.0, "LoRA alpha; 0 = the default: 16·r for vision (FLoCoRA's "
+                           "alpha/r = 16), 16 for text.")
+    model_seed: int = _f(0, "Seed of the frozen random vision base / the text classifier head "
+                         "(never sent; its fingerprint is checked).")
     # --- text task ---
-    max_length: int = 64
-    train_head: bool = False
-    lora_targets: str = ""
-    autocast_bf16: bool = False
+    max_length: int = _f(64, "text: token length (batches are trimmed to their longest row).")
+    train_head: bool = _f(False, "text: train the classifier head (then it travels); the paper "
+                          "keeps it frozen.")
+    lora_targets: str = _f("", "text: comma list of module paths inside one layer; empty = the "
+                           "paper's 6 types (query, key, value, attention-output dense, "
+                           "intermediate dense, output dense).")
+    autocast_bf16: bool = _f(False, "text: bfloat16 autocast on CPU (~1.7x faster on CPUs with "
+                             "AVX512-BF16, slightly different numbers).")
     # --- data ---
-    dataset: str = "fashion-mnist"
-    data_dir: str = ""
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    classes_per_partition: int = 2
-    max_examples_per_client: int = 1000
-    eval_max_examples: int = 0
-    eval_every: int = 1
+    dataset: str = _f("fashion-mnist", "vision: `fashion-mnist`, `cifar10` or any image set in "
+                      "`data-dir` (e.g. `npz`); text: `bbc-news` (bundled, offline), `banking77`, "
+                      "`20newsgroups` (docs/running.md).")
+    data_dir: str = _f("", "Folder with the data; empty = `/usr/share/datasets/fashion-mnist` for "
+                       "`fashion-mnist`, the hub for others when online. A node's "
+                       "`--node-config data-dir=...` overrides it.")
+    partitioner: str = _f("dirichlet", "`dirichlet`, `iid` or `pathological` (flwr-datasets "
+                          "partitioners; computed once per machine, cached in "
+                          "`~/.cache/fedlora/partitions/`).")
+    dirichlet_alpha: float = _f(0.5, "Dirichlet concentration of `partitioner=dirichlet`.")
+    classes_per_partition: int = _f(2, "Classes per partition of `partitioner=pathological`.")
+    max_examples_per_client: int = _f(1000, "Cap on a client's local examples per round (0 = its "
+                                      "whole partition); also caps a reply's claimed weight.")
+    eval_max_examples: int = _f(0, "Central evaluation on a fixed random subset of N test "
+                                "examples (seed 0, the same in every run); 0 = the full test set.")
+    eval_every: int = _f(1, "Central evaluation before round 1, every N rounds and after the "
+                         "last; other rounds' records have no accuracy.")
     # --- local training ---
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    lr_schedule: str = "constant"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    augment: bool = True
-    client_threads: int = 1
-    device: str = "auto"
+    local_epochs: int = _f(1, "Local epochs per round (paper: 5).")
+    batch_size: int = _f(32, "Local batch size.")
+    lr: float = _f(0.01, "Local learning rate (vision: SGD; text: AdamW).")
+    lr_schedule: str = _f("constant", "`constant`, or `cosine`: round t trains at "
+                          "`lr`·½(1 + cos(π(t−1)/T)), T = `num-server-rounds`.")
+    momentum: float = _f(0.9, "SGD momentum (vision).")
+    nesterov: bool = _f(True, "Nesterov momentum (vision SGD).")
+    weight_decay: float = _f(0.0, "Local weight decay.")
+    augment: bool = _f(True, "vision: random crop (pad 4) + horizontal flip of training batches.")
+    client_threads: int = _f(1, "Torch threads per ClientApp (several nodes share a host).")
+    device: str = _f("auto", "Where local training and evaluation run: `auto` (CUDA if torch sees "
+                     "a GPU, else CPU), `cpu`, `cuda`, `cuda:N`; models are built on CPU, so the "
+                     "base is the same everywhere.")
     # --- communication ---
-    codec_down: str = "fp32"
-    codec_up: str = "fp32"
-    error_feedback: bool = False
-    upload: str = "weights"
-    download: str = "full"
-    codec_down_full: str = ""
-    payload_table: str = "digest"
-    delta_max_nodes: int = 10000
+    codec_down: str = _f("fp32", "Codec chain of the download, e.g. `fp16`, `affine:8`, "
+                         "`topk:0.1|affine:4|zstd` (docs/codecs.md).")
+    codec_up: str = _f("fp32", "Codec chain of the upload (docs/codecs.md).")
+    error_feedback: bool = _f(False, "Clients keep the residual of what `codec-up` dropped and add "
+                              "it to the next upload.")
+    upload: str = _f("weights", "`weights`, or `delta`: fedavg/flocora/fl-lora/ffa-lora send their "
+                     "update (trained − received) instead; FLASC and LoRA-A2 always send updates.")
+    download: str = _f("full", "`full`: every node gets the global through `codec-down`; `delta`: "
+                       "only `codec-down`(global − the node's copy), with server-side error "
+                       "feedback (docs/downloads.md).")
+    codec_down_full: str = _f("", "`download=delta`: the codec of a full download (a node the "
+                              "server holds no copy of); empty = `codec-down` without its "
+                              "sparsifier.")
+    payload_table: str = _f("digest", "How a payload names its tensors: `digest` (8 bytes, payload "
+                            "format 2) or `names` (the table spelled out, format 1, ~25 bytes a "
+                            "tensor).")
+    delta_max_nodes: int = _f(10000, "`download=delta`: node copies the server keeps (least "
+                              "recently served evicted first; an evicted node gets a full "
+                              "download).")
     # --- robustness ---
-    max_weight_ratio: float = 3.0
-    equal_weights: bool = False
-    update_norm_bound: float = 0.0
-    norm_bound_factor: float = 5.0
-    norm_bound_action: str = "clip"
-    aggregation: str = "mean"
-    trim_fraction: float = 0.2
-    stream_aggregation: bool = True
+    max_weight_ratio: float = _f(3.0, "A reply's `num-examples` counts at most this × the round's "
+                                 "median reported count (0: no cap) (docs/hostile-nodes.md).")
+    equal_weights: bool = _f(False, "Average replies with equal weights, ignoring `num-examples`.")
+    update_norm_bound: float = _f(0.0, "L2 bound on each update; 0 = automatic, "
+                                  "`norm-bound-factor` × the round's median update norm (rounds "
+                                  "with ≥ 3 replies).")
+    norm_bound_factor: float = _f(5.0, "The automatic bound's multiple of the median update norm "
+                                  "(0: no automatic bound).")
+    norm_bound_action: str = _f("clip", "An update over the bound is scaled down to it (`clip`) "
+                                "or dropped (`reject`).")
+    aggregation: str = _f("mean", "`mean`, or the coordinate-wise `median` / `trimmed-mean` of the "
+                          "uploads (unweighted; fedavg, flocora, fl-lora, ffa-lora only).")
+    trim_fraction: float = _f(0.2, "`trimmed-mean`: fraction of values cut at each end per "
+                              "coordinate (⌊fraction·n⌋).")
+    stream_aggregation: bool = _f(True, "Aggregate one reply at a time into a running sum (server "
+                                  "memory: the sum plus one reply) where it applies; `false`: "
+                                  "decode every reply first.")
     # --- differential privacy ---
-    dp: str = "off"
-    dp_mechanism: str = "gaussian"
-    dp_clip: float = 1.0
-    dp_noise_multiplier: float = 1.0
-    dp_target_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    dp_adaptive_clip: bool = False
-    dp_target_quantile: float = 0.5
-    dp_clip_lr: float = 0.2
-    dp_count_stddev: float = 0.0
+    dp: str = _f("off", "Client-level DP of updates: `off`, `central` (nodes clip, the server "
+                 "noises the sum) or `local` (nodes clip and noise) (docs/privacy.md).")
+    dp_mechanism: str = _f("gaussian", "`gaussian`, or `laplace` (local DP only: L1 clipping, "
+                           "Laplace noise, as LoRA-A2/APPFL).")
+    dp_clip: float = _f(1.0, "Clip norm C of each client's update (L2; L1 for `laplace`); the "
+                        "initial C with `dp-adaptive-clip`.")
+    dp_noise_multiplier: float = _f(1.0, "z: central noise std z·C on the sum; local noise z·2C "
+                                    "per client. Ignored when `dp-target-epsilon` > 0.")
+    dp_target_epsilon: float = _f(0.0, "> 0: calibrate z so that `num-server-rounds` rounds reach "
+                                  "this ε at `dp-delta` (refuses to start if it cannot); 0 = use "
+                                  "`dp-noise-multiplier`.")
+    dp_delta: float = _f(1e-5, "δ of the reported (ε, δ); keep it well below 1/number of clients.")
+    dp_adaptive_clip: bool = _f(False, "Central DP: C follows the `dp-target-quantile` of the "
+                                "update norms (Andrew et al. 2019); the noisy count takes part of "
+                                "the budget.")
+    dp_target_quantile: float = _f(0.5, "Adaptive clipping: fraction of updates that should fit "
+                                   "under C.")
+    dp_clip_lr: float = _f(0.2, "Adaptive clipping: geometric step η, C ← C·exp(−η(b̃ − γ)).")
+    dp_count_stddev: float = _f(0.0, "Adaptive clipping: noise std σ_b of the clipped count; 0 = "
+                                "sampled nodes / 20; needs z < 2σ_b.")
     # --- FLASC ---
-    density_down: float = 1.0
-    density_up: float = 1.0
-    density_decay: float = 1.0
-    density_decay_rounds: int = 10
-    server_opt: str = "adamw"
-    server_lr: float = 0.001
-    server_weight_decay: float = 0.01
-    flasc_freeze: str = "none"
+    density_down: float = _f(1.0, "FLASC: fraction of the global trainable weights sent down "
+                             "(top-k by magnitude).")
+    density_up: float = _f(1.0, "FLASC: fraction of each client's update sent up (top-k by "
+                           "magnitude).")
+    density_decay: float = _f(1.0, "FLASC: both densities × this every `density-decay-rounds` "
+                              "rounds.")
+    density_decay_rounds: int = _f(10, "FLASC: period of the density decay.")
+    server_opt: str = _f("adamw", "FLASC server optimizer: `adamw`, `sgd` or `avg` (plain mean of "
+                         "the deltas).")
+    server_lr: float = _f(0.001, "FLASC server learning rate.")
+    server_weight_decay: float = _f(0.01, "FLASC server AdamW weight decay (the reference's torch "
+                                    "default).")
+    flasc_freeze: str = _f("none", "FLASC pruning baselines: `none`, `client` (clients train only "
+                           "what they received) or `server` (mask fixed after one dense round).")
     # --- LoRA-A2 / rank-heterogeneous baselines ---
-    rank_budget: int = 1
-    lr_b_ratio: float = 5.0
-    score_epochs: int = 1
-    hetlora_gamma: float = 0.99
+    rank_budget: int = _f(1, "LoRA-A2: per-client rank budget r_i (r_i·N ranks over the N "
+                          "modules); FlexLoRA/HetLoRA: the client rank.")
+    lr_b_ratio: float = _f(5.0, "LoRA-A2: B's learning rate = this × `lr`.")
+    score_epochs: int = _f(1, "LoRA-A2: epochs of the rank-scoring pass.")
+    hetlora_gamma: float = _f(0.99, "HetLoRA: rank self-pruning decay γ.")
     # --- per-client tiers (comma lists; empty = off) ---
-    tier_map: str = ""
-    tier_density: str = ""
-    tier_codec_up: str = ""
-    tier_codec_down: str = ""
-    tier_rank: str = ""
+    tier_map: str = _f("", "Simulation: tier of each `partition-id` (comma list, cycled); deployed "
+                       "nodes set `--node-config tier=N` (docs/methods.md, tiers).")
+    tier_density: str = _f("", "Per-tier FLASC density both ways, e.g. `0.0625,0.25,1` (the last "
+                           "entry for higher tiers).")
+    tier_codec_up: str = _f("", "Per-tier `codec-up`, e.g. `affine:2,affine:4,fp32`.")
+    tier_codec_down: str = _f("", "Per-tier `codec-down`.")
+    tier_rank: str = _f("", "Per-tier rank budget (LoRA-A2) / client rank (FlexLoRA, HetLoRA).")
     # --- output ---
-    run_dir: str = "runs"
-    run_name: str = ""
+    run_dir: str = _f("runs", "Where run folders go (docs/records.md).")
+    run_name: str = _f("", "Run folder name, one plain folder name; empty = timestamp + method.")
     # --- checkpoints ---
-    resume: str = ""
-    keep_checkpoints: int = 2
+    resume: str = _f("", "Continue a crashed run from its last complete round: a run folder, or "
+                     "`auto` (this `run-name`'s folder if it holds a checkpoint) (docs/resume.md).")
+    keep_checkpoints: int = _f(2, "Per-round checkpoints kept in `<run>/checkpoints/` (the newest "
+                               "K; 0: none).")
 
     @classmethod
     def keys(cls) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""pyproject's run config, fedlora.config and the README table agree."""
+"""pyproject's run config, fedlora.config and docs/configuration.md agree."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ def test_pyproject_defaults_match_runconfig():
     assert cfg == RunConfig.keys()
 
 
-def test_readme_documents_every_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in RunConfig.keys() if f"`{k}`" not in readme]
-    assert not missing, f"README table lacks {missing}"
+def test_configuration_page_documents_every_key():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [k for k in RunConfig.keys() if f"| `{k}` |" not in page]
+    assert not missing, f"docs/configuration.md lacks {missing}"
 
 
 def test_coercion_and_errors():
