@@ -311,15 +311,20 @@ def main(argv=None) -> int:
     from benchmarks.suites import SUITES
 
     ap = argparse.ArgumentParser(description="Rewrite a suite's report from its records and, "
-                                 "with --readme, its table in README.md.")
+                                 "with --docs, its table in the docs page that holds its block.")
     ap.add_argument("suite", choices=sorted(SUITES))
-    ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--docs", "--readme", dest="docs", action="store_true",
+                    help="also rewrite the <!-- results:SUITE --> block of README.md or docs/*.md")
     a = ap.parse_args(argv)
     out = root / "results" / a.suite
     write_report(a.suite, out, SUITES[a.suite]())
-    if a.readme and not update_readme(a.suite, root / "results", root / "README.md"):
-        print(f"README.md has no <!-- results:{a.suite} --> block", file=sys.stderr)
-        return 1
+    if a.docs:
+        pages = [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+                 if update_readme(a.suite, root / "results", p)]
+        if not pages:
+            print(f"no <!-- results:{a.suite} --> block in README.md or docs/*.md",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

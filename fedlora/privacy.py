@@ -1,8 +1,8 @@
 """Differential privacy for adapter updates (issue 15): clipping, noise, adaptive clipping and a
 privacy accountant (Google's ``dp-accounting``), composed with fedlora's codecs.
 
-Where each step sits in a round (``upload=delta`` updates only; see the README's "Differential
-privacy" section for the guarantee):
+Where each step sits in a round (``upload=delta`` updates only; see docs/privacy.md for the
+guarantee):
 
 * **Client** (:func:`privatize`, one call in ``client_app.train`` between the method's
   ``client_train`` and the encode): the update over exactly the tensors the node uploads is
