@@ -128,9 +128,10 @@ class RunConfig:
                           "uploads (unweighted; fedavg, flocora, fl-lora, ffa-lora only).")
     trim_fraction: float = _f(0.2, "`trimmed-mean`: fraction of values cut at each end per "
                               "coordinate (⌊fraction·n⌋).")
-    stream_aggregation: bool = _f(True, "Aggregate one reply at a time into a running sum (server "
-                                  "memory: the sum plus one reply) where it applies; `false`: "
-                                  "decode every reply first.")
+    stream_aggregation: bool = _f(True, "fedavg, flocora, fl-lora, ffa-lora, FLASC with "
+                                  "`aggregation=mean` and no central DP: add each reply to a "
+                                  "running sum, then free it (server memory: the sum plus one "
+                                  "reply); `false`: decode every reply first.")
     # --- differential privacy ---
     dp: str = _f("off", "Client-level DP of updates: `off`, `central` (nodes clip, the server "
                  "noises the sum) or `local` (nodes clip and noise) (docs/privacy.md).")
