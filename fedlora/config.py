@@ -66,8 +66,8 @@ class RunConfig:
                       "`data-dir` (e.g. `npz`); text: `bbc-news` (bundled, offline), `banking77`, "
                       "`20newsgroups` (docs/running.md).")
     data_dir: str = _f("", "Folder with the data; empty = `/usr/share/datasets/fashion-mnist` for "
-                       "`fashion-mnist`, the hub for others when online. A node's "
-                       "`--node-config data-dir=...` overrides it.")
+                       "`fashion-mnist`, the bundled copy of `bbc-news`, else the hub when "
+                       "online. A node's `--node-config data-dir=...` overrides it.")
     partitioner: str = _f("dirichlet", "`dirichlet`, `iid` or `pathological` (flwr-datasets "
                           "partitioners; computed once per machine, cached in "
                           "`~/.cache/fedlora/partitions/`).")
@@ -187,7 +187,8 @@ class RunConfig:
     run_name: str = _f("", "Run folder name, one plain folder name; empty = timestamp + method.")
     # --- checkpoints ---
     resume: str = _f("", "Continue a crashed run from its last complete round: a run folder, or "
-                     "`auto` (this `run-name`'s folder if it holds a checkpoint) (docs/resume.md).")
+                     "`auto` (this `run-name`'s folder if it holds a checkpoint, else a fresh start) "
+                     "(docs/resume.md).")
     keep_checkpoints: int = _f(2, "Per-round checkpoints kept in `<run>/checkpoints/` (the newest "
                                "K; 0: none).")
 
