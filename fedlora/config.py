@@ -73,6 +73,10 @@ class RunConfig:
                           "`~/.cache/fedlora/partitions/`).")
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration of `partitioner=dirichlet`.")
     classes_per_partition: int = _f(2, "Classes per partition of `partitioner=pathological`.")
+    min_partition_size: int = _f(1, "Every partition holds at least this many training "
+                                 "examples: a Dirichlet draw that leaves one smaller is redrawn "
+                                 "(flwr-datasets, up to 10 draws, then a clear error); 0 allows "
+                                 "empty clients (their replies are dropped every round).")
     max_examples_per_client: int = _f(1000, "Cap on a client's local examples per round (0 = its "
                                       "whole partition); also caps a reply's claimed weight.")
     eval_max_examples: int = _f(0, "Central evaluation on a fixed random subset of N test "

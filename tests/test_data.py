@@ -150,3 +150,29 @@ def test_partitions_are_computed_once_per_machine_and_shared(sample_dir, tmp_pat
     fixed = [partition_indices(y, 6, i, "dirichlet", alpha=0.3, seed=5) for i in range(6)]
     assert all((p == q).all() for p, q in zip(first, fixed))
     data._partitions.cache_clear()
+
+
+def test_min_partition_size_redraws_empty_clients_and_keeps_draws_that_meet_it(monkeypatch):
+    """``min-partition-size``: a Dirichlet draw that leaves a partition below the minimum is
+    redrawn (no client is silently given zero examples); a draw that already meets it is the
+    very draw ``min-partition-size=0`` gives, so runs without empty clients are unchanged; an
+    impossible minimum is a DataError naming the key and the fix."""
+    from fedlora.tasks import data
+
+    monkeypatch.setenv("FEDLORA_PARTITION_CACHE", "")
+    five = tuple(np.repeat(np.arange(5), 100).tolist())      # 5 classes, as BBC News
+    empty = data._compute_partitions(five, 6, "dirichlet", 0.01, 1, 2, 0)
+    assert min(len(p) for p in empty) == 0                   # Dir(0.01), 6 clients: one empty
+    redrawn = data._compute_partitions(five, 6, "dirichlet", 0.01, 1, 2, 1)
+    assert min(len(p) for p in redrawn) >= 1
+    assert sorted(np.concatenate(redrawn).tolist()) == list(range(500))
+    ten = tuple(np.repeat(np.arange(10), 200).tolist())
+    for seed in (1, 2):
+        a = data._compute_partitions(ten, 10, "dirichlet", 0.5, seed, 2, 0)
+        b = data._compute_partitions(ten, 10, "dirichlet", 0.5, seed, 2, 1)
+        assert min(len(p) for p in a) >= 1
+        assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    with pytest.raises(DataError, match="min-partition-size=400"):
+        data._compute_partitions(five, 6, "dirichlet", 0.01, 1, 2, 400)
+    with pytest.raises(DataError, match="min-partition-size=2"):   # iid: 3 examples, 2 parts
+        data._compute_partitions((0, 1, 0), 2, "iid", 0.5, 1, 2, 2)

@@ -18,6 +18,7 @@ import gzip
 import io
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,14 +190,15 @@ def load_images(dataset: str, data_dir: str, split: str) -> ImageSplit:
 
 def partition_indices(
     labels: np.ndarray, num_partitions: int, partition_id: int, scheme: str = "dirichlet",
-    alpha: float = 0.5, seed: int = 42, classes_per_partition: int = 2,
+    alpha: float = 0.5, seed: int = 42, classes_per_partition: int = 2, min_size: int = 0,
 ) -> np.ndarray:
     """Indices of ``partition_id``'s share, using flwr-datasets partitioners on a local
-    ``datasets.Dataset``; deterministic in ``seed``."""
+    ``datasets.Dataset``; deterministic in ``seed``. Every partition holds at least
+    ``min_size`` examples (run-config ``min-partition-size``), else a :class:`DataError`."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
     return _partitions(tuple(int(v) for v in labels), num_partitions, scheme, float(alpha),
-                       seed, classes_per_partition)[partition_id]
+                       seed, classes_per_partition, int(min_size))[partition_id]
 
 
 def partition_cache_dir() -> Path | None:
@@ -212,7 +214,7 @@ def partition_cache_dir() -> Path | None:
 
 @functools.lru_cache(maxsize=8)
 def _partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float, seed: int,
-                classes_per_partition: int) -> list[np.ndarray]:
+                classes_per_partition: int, min_size: int = 0) -> list[np.ndarray]:
     """Every partition's indices, computed once per machine: the first process computes them
     under a file lock and stores them (``<key>.npz``, key = SHA-256 of the labels and every
     partitioning parameter); the others load that file. A file that does not hold a valid
@@ -221,11 +223,11 @@ def _partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float, s
     import hashlib
 
     d = partition_cache_dir()
-    args = (num_partitions, scheme, alpha, seed, classes_per_partition)
+    args = (num_partitions, scheme, alpha, seed, classes_per_partition, min_size)
     if d is None:
         return _compute_partitions(labels, *args)
     lab = np.asarray(labels, dtype=np.int64)
-    key = hashlib.sha256(lab.tobytes() + repr(("v1",) + args).encode()).hexdigest()[:32]
+    key = hashlib.sha256(lab.tobytes() + repr(("v2",) + args).encode()).hexdigest()[:32]
     path = d / f"{key}.npz"
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -263,7 +265,23 @@ def _load_partitions(path: Path, n_labels: int, num_partitions: int) -> list[np.
 
 
 def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float,
-                        seed: int, classes_per_partition: int) -> list[np.ndarray]:
+                        seed: int, classes_per_partition: int, min_size: int = 0
+                        ) -> list[np.ndarray]:
+    parts = _draw_partitions(labels, num_partitions, scheme, alpha, seed, classes_per_partition,
+                             min_size)
+    small = [i for i, p in enumerate(parts) if len(p) < min_size]
+    if small:
+        raise DataError(
+            f"partitioner {scheme!r} over {num_partitions} partitions of {len(labels)} examples "
+            f"left partition(s) {small[:10]} with fewer than min-partition-size={min_size} "
+            f"examples (sizes {[len(parts[i]) for i in small[:10]]}): use fewer partitions, "
+            "a larger dirichlet-alpha, or min-partition-size=0 to allow empty clients")
+    return parts
+
+
+def _draw_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float,
+                     seed: int, classes_per_partition: int, min_size: int
+                     ) -> list[np.ndarray]:
     from datasets import Dataset
     from flwr_datasets.partitioner import (
         DirichletPartitioner, IidPartitioner, PathologicalPartitioner,
@@ -280,7 +298,9 @@ def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: 
         return [order[div * i + min(i, mod): div * (i + 1) + min(i + 1, mod)]
                 for i in range(num_partitions)]
     if scheme == "dirichlet":
-        part = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0,
+        # flwr-datasets redraws (up to 10 times) while a partition is below the minimum; a
+        # first draw that meets it is the draw min_partition_size=0 gives (same partitions)
+        part = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=min_size,
                                     self_balancing=False, seed=seed)
     elif scheme == "pathological":
         part = PathologicalPartitioner(num_partitions, "label", classes_per_partition,
@@ -288,6 +308,16 @@ def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: 
     else:
         raise ValueError(f"partitioner must be iid, dirichlet or pathological, got {scheme!r}")
     part.dataset = ds
-    part.load_partition(0)  # computes every partition's indices
+    try:
+        with warnings.catch_warnings():  # one warning per redraw; the outcome is what counts
+            warnings.filterwarnings("ignore", "The specified min_partition_size")
+            part.load_partition(0)  # computes every partition's indices
+    except ValueError as err:
+        if "max number of attempts" not in str(err):
+            raise
+        raise DataError(
+            f"Dirichlet({alpha}) over {num_partitions} partitions left a partition below "
+            f"min-partition-size={min_size} in 10 draws: use fewer partitions, a larger "
+            "dirichlet-alpha, or min-partition-size=0 to allow empty clients") from None
     table = part._partition_id_to_indices  # positions in ds, whose "idx" column is the position
     return [np.asarray(table[i], dtype=np.int64) for i in range(num_partitions)]

@@ -373,7 +373,8 @@ class TextTask(TaskBase):
                                  "train", self.max_length)
         c = self.cfg
         idx = partition_indices(y.numpy(), num_partitions, partition_id, c.partitioner,
-                                c.dirichlet_alpha, c.seed, c.classes_per_partition)
+                                c.dirichlet_alpha, c.seed, c.classes_per_partition,
+                                c.min_partition_size)
         idx = self.cap_client(idx, partition_id)
         return select(feats, idx), y[torch.as_tensor(idx, dtype=torch.long)]
 

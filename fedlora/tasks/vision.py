@@ -227,7 +227,8 @@ class VisionTask(TaskBase):
         train = load_images(self.cfg.dataset, data_dir or self.cfg.data_dir, "train")
         idx = partition_indices(train.y, num_partitions, partition_id, self.cfg.partitioner,
                                 self.cfg.dirichlet_alpha, self.cfg.seed,
-                                self.cfg.classes_per_partition)
+                                self.cfg.classes_per_partition,
+                                self.cfg.min_partition_size)
         idx = self.cap_client(idx, partition_id)
         mean, std = self._norm_stats()
         return to_tensor(train.x[idx], mean, std), torch.from_numpy(train.y[idx])
