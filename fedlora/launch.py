@@ -28,6 +28,9 @@ from typing import Any, Callable, Mapping
 
 import httpx
 
+from . import provenance
+from .validate import ConfigError, check_run_name, run_folder
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -46,6 +49,9 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     bindir = str(Path(sys.executable).parent)
     if not env.get("PATH", "").startswith(bindir):
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    # the ServerApp runs from Flower's unpacked FAB (no .git): it records this checkout's commit
+    # (fedlora/provenance.py)
+    env[provenance.ENV] = provenance.launcher_env()
     env.update(extra or {})
     return env
 
@@ -327,42 +333,167 @@ def flwr_run(app: Path, connection: str, flwr_home: Path, run_config: Mapping[st
              log_file: Path | None = None, stream: bool = False) -> subprocess.CompletedProcess:
     """``flwr run <app> <connection> --stream`` with the given overrides; returns when the run
     has finished (or raises TimeoutExpired). Output is captured, written to ``log_file``, or
-    (``stream``) left on this process's terminal."""
+    (``stream``) copied line by line to this process's stdout and captured as well. The
+    returncode is flwr's own (0 also when the ServerApp failed): :func:`judge` tells."""
     cmd = ["flwr", "run", str(app), connection, "--stream"]
     if run_config:
         cmd += ["--run-config", config_string(run_config)]
     if federation_config:
         cmd += ["--federation-config", config_string(federation_config)]
-    out = open(log_file, "w") if log_file else (None if stream else subprocess.PIPE)
+    env = flower_env(flwr_home)
+    if not stream:
+        out = open(log_file, "w") if log_file else subprocess.PIPE
+        try:
+            return subprocess.run(cmd, env=env, cwd=app, stdout=out, stderr=subprocess.STDOUT,
+                                  text=True, timeout=timeout)
+        finally:
+            if log_file:
+                out.close()
+    proc = subprocess.Popen(cmd, env=env, cwd=app, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    lines: list[str] = []
+
+    def copy() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
     try:
-        return subprocess.run(cmd, env=flower_env(flwr_home), cwd=app, stdout=out,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
     finally:
-        if log_file:
-            out.close()
+        reader.join(10)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), None)
+
+
+class RunResult(subprocess.CompletedProcess):
+    """``flwr run``'s result, judged (:func:`judge`): ``returncode`` 0 only when Flower says the
+    run finished:completed and this run wrote ``summary.json``; else non-zero with ``reason``
+    (one line). ``flwr_returncode`` is flwr's own; ``status`` is Flower's run status."""
+
+    def __init__(self, res: subprocess.CompletedProcess, reason: str = "",
+                 run_id: int | None = None, status: str = "", run_dir: Path | None = None):
+        super().__init__(res.args, res.returncode or (1 if reason else 0), res.stdout,
+                         res.stderr)
+        self.flwr_returncode = res.returncode
+        self.reason, self.run_id, self.status, self.run_dir = reason, run_id, status, run_dir
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STARTED = re.compile(r"Successfully started run (\d+)")
+FLOWER_PREFIXES = ("Simulation failed with exception: ", "ServerApp failed with exception: ")
+
+
+def run_status(cli: Callable[[list[str]], subprocess.CompletedProcess], connection: str,
+               run_id: int | None, wait: float = 30.0) -> dict[str, Any] | None:
+    """Flower's record of a run (``flwr ls <connection> [--run-id N] --format json``:
+    ``status`` is ``pending``/``starting``/``running``/``finished:<completed|failed|stopped>``,
+    ``status-details`` the reason), polled until it is finished or ``wait`` s have passed.
+    Without ``run_id``: the only run on that SuperLink. None when Flower cannot tell."""
+    deadline = time.monotonic() + wait
+    found = None
+    while True:
+        args = ["ls", connection, "--format", "json"]
+        if run_id is not None:
+            args += ["--run-id", str(run_id)]
+        try:
+            res = cli(args)
+            runs = json.loads(res.stdout)["runs"] if res.returncode == 0 else None
+        except (ValueError, KeyError, TypeError, OSError, subprocess.SubprocessError):
+            runs = None
+        if runs is None:
+            return found
+        if len(runs) == 1:
+            found = runs[0]
+            if str(found.get("status", "")).startswith("finished") or \
+                    time.monotonic() > deadline:
+                return found
+        elif time.monotonic() > deadline or not runs:
+            return found
+        time.sleep(1.0)
+
+
+def judge(res: subprocess.CompletedProcess, cli: Callable[[list[str]], subprocess.CompletedProcess],
+          connection: str, run_dir: Path, started: float) -> RunResult:
+    """Did the run succeed? Flower's run status (not flwr's exit code, which is 0 when the
+    ServerApp raised) must be finished:completed, and ``run_dir/summary.json`` written since
+    ``started`` (time.time()). The reason names Flower's status details, i.e. the ServerApp's
+    exception message."""
+    text = _ANSI.sub("", res.stdout or "")
+    m = STARTED.search(text)
+    run_id = int(m.group(1)) if m else None
+    if res.returncode != 0:
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = last[-1] if last else ""
+        return RunResult(res, f"flwr run exited with {res.returncode}: {why}"[:500],
+                         run_id, "", run_dir)
+    info = run_status(cli, connection, run_id) or {}
+    status = str(info.get("status", ""))
+    details = str(info.get("status-details", "")).strip()
+    for prefix in FLOWER_PREFIXES:
+        details = details.removeprefix(prefix.strip()).strip()
+    details = " ".join(details.split())
+    name = f"run {run_id}" if run_id is not None else "the run"
+    if status.startswith("finished:") and status != "finished:completed":
+        reason = f"{name} {status.split(':', 1)[1]}: {details or '(no details from Flower)'}"
+        return RunResult(res, reason[:1000], run_id, status, run_dir)
+    if status != "finished:completed":
+        return RunResult(res, f"{name} did not finish (Flower status: {status or 'unknown'})",
+                         run_id, status, run_dir)
+    summary = Path(run_dir) / "summary.json"
+    try:
+        fresh = summary.stat().st_mtime >= started - 2.0
+    except OSError:
+        fresh = False
+    if not fresh:
+        return RunResult(res, f"{name} finished but wrote no {summary}", run_id, status, run_dir)
+    return RunResult(res, "", run_id, status, run_dir)
+
+
+def flower_cli(flwr_home: Path, timeout: float = 120) -> Callable[[list[str]],
+                                                               subprocess.CompletedProcess]:
+    """``flwr <args>`` with ``flwr_home``'s connections, output captured."""
+    def cli(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=flower_env(flwr_home), cwd=flwr_home,
+                              capture_output=True, text=True, timeout=timeout)
+    return cli
 
 
 def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path | None = None,
                    cpus_per_node: float = 1, timeout: float = 1800, stream: bool = False,
-                   gpus_per_node: float = 0) -> tuple[subprocess.CompletedProcess, Path]:
-    """One simulated run end to end; returns (flwr run result, run directory).
+                   gpus_per_node: float = 0) -> tuple[RunResult, Path]:
+    """One simulated run end to end; returns (judged result, run directory). The config is
+    checked first (:func:`fedlora.validate.check`: ConfigError before anything is created).
 
     ``gpus_per_node``: Ray GPU share per simulated node (e.g. 0.1 = ten ClientApps per GPU), so
     Ray schedules ClientApps by GPU memory as well as CPUs; with 0 Ray reserves no GPU for them
     (run-config ``device=cpu`` keeps them off any GPU they might still see)."""
+    from .validate import check
+
     work_dir = Path(work_dir or PROJECT / "runs" / ".flwr").resolve()
-    flwr_home = work_dir / "flwr-home"
-    flwr_home.mkdir(parents=True, exist_ok=True)
     rc = dict(run_config)
     rc.setdefault("run-dir", str((work_dir / "runs").resolve()))
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
+    rc = check(rc)
+    run_dir = run_folder(rc)
+    flwr_home = work_dir / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
     with Processes(work_dir / "logs") as procs:
         conn = start_sim_superlink(procs, flwr_home)
+        started = time.time()
         res = flwr_run(PROJECT, conn, flwr_home, rc,
                        {"num-supernodes": nodes, "client-resources-num-cpus": cpus_per_node,
                         "client-resources-num-gpus": gpus_per_node},
                        timeout=timeout, stream=stream)
-    return res, Path(rc["run-dir"]) / rc["run-name"]
+        judged = judge(res, flower_cli(flwr_home), conn, run_dir, started)
+    return judged, run_dir
 
 
 # ---------------------------------------------------------------------------------- deployment
@@ -624,9 +755,15 @@ class Deployment:
         return self
 
     def run(self, run_config: Mapping[str, Any], timeout: float = 1800,
-            log_file: Path | None = None, stream: bool = False) -> subprocess.CompletedProcess:
-        return flwr_run(PROJECT, self.connection, self.cli_home, run_config, timeout=timeout,
-                        log_file=log_file, stream=stream)
+            log_file: Path | None = None, stream: bool = False) -> RunResult:
+        """``flwr run`` on this deployment, judged (:func:`judge`: Flower's run status and the
+        run's summary.json)."""
+        started = time.time()
+        res = flwr_run(PROJECT, self.connection, self.cli_home, run_config, timeout=timeout,
+                       log_file=log_file, stream=stream)
+        if log_file is not None and res.stdout is None:
+            res.stdout = Path(log_file).read_text(errors="replace")
+        return judge(res, self.cli, self.connection, run_folder(run_config), started)
 
 
 def _parse_kv(items: list[str]) -> dict[str, Any]:
@@ -657,7 +794,9 @@ RESUME_HELP = ("continue the run in RUN_DIR from its last complete round (its ch
                "num-server-rounds)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, light: bool = False) -> int:
+    """The command line; returns the exit status (:data:`EXIT_FAILED`, :data:`EXIT_REFUSED`).
+    ``light``: check codec specs without importing torch (this process then never encodes)."""
     ap = argparse.ArgumentParser(prog="python -m fedlora.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -705,16 +844,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
-    rc = _parse_kv(args.overrides)
-    if getattr(args, "resume", None):
-        from .checkpoint import resume_run_config
+    try:
+        rc, work = prepare(args, light=light)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"fedlora: refused: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    try:
+        res, run_dir = _launch(args, rc, work)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:  # a daemon did not start
+        print(f"fedlora: run failed: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    if res.returncode != 0:
+        print(f"fedlora: run failed: {res.reason}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")
+    return 0
 
-        rc = resume_run_config(Path(args.resume), rc)
-    rc.setdefault("run-dir", str(PROJECT / "runs"))
-    rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
+
+def _launch(args: argparse.Namespace, rc: dict[str, Any], work: Path) -> tuple[RunResult, Path]:
+    """Start the processes of ``sim``/``deploy``, run, stop them: (judged result, run folder)."""
     if args.cmd == "deploy":
         # one fresh directory per run: SuperLink state, node homes, keys, certs, logs
-        work = Path(args.work_dir).resolve() / str(rc["run-name"])
         with Processes(work / "logs") as procs:
             d = Deployment(procs, work, args.nodes, insecure=args.insecure).start()
             if args.insecure:
@@ -726,14 +876,57 @@ def main(argv: list[str] | None = None) -> int:
                       f"authentication: nodes {d.registered}", flush=True)
             print(f"{args.nodes} SuperNodes online; logs in {work / 'logs'}", flush=True)
             res = d.run(rc, stream=True)
-        print(f"records: {rc['run-dir']}/{rc['run-name']}/rounds.jsonl  rounds.csv  summary.json")
-        return res.returncode
-    res, run_dir = run_simulation(rc, args.nodes, Path(args.work_dir), args.cpus_per_node,
-                                  stream=True, gpus_per_node=args.gpus_per_node)
-    if res.returncode == 0:
-        print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")
-    return res.returncode
+        return res, run_folder(rc)
+    return run_simulation(rc, args.nodes, work, args.cpus_per_node, stream=True,
+                          gpus_per_node=args.gpus_per_node)
+
+
+#: exit statuses of ``python -m fedlora.launch`` (and ``./run``): 0 the run completed and wrote
+#: its records; 1 it failed (Flower's status, or no summary.json); 2 refused before any Flower
+#: process started (bad config or arguments); 128+N stopped by signal N
+EXIT_FAILED, EXIT_REFUSED = 1, 2
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+
+
+def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, Any], Path]:
+    """The checked run config and the work folder of ``sim``/``deploy``, before anything is
+    created: the whole config (:func:`fedlora.validate.check`, relative paths against this
+    directory), the node counts, and ``--work-dir``/``run-name`` (a deployment's folder is
+    ``<work-dir>/<run-name>``, which must stay inside ``--work-dir``)."""
+    from .validate import check
+
+    if args.nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.cmd == "sim" and not (args.cpus_per_node > 0 and args.gpus_per_node >= 0):
+        raise ValueError("--cpus-per-node must be > 0 and --gpus-per-node >= 0")
+    rc = _parse_kv(args.overrides)
+    if "run-name" in rc:
+        check_run_name(str(rc["run-name"]))
+    if getattr(args, "resume", None):
+        from .checkpoint import CheckpointError, resume_run_config
+
+        try:
+            rc = resume_run_config(Path(args.resume), rc)
+        except CheckpointError as err:
+            raise ValueError(str(err)) from None
+    rc.setdefault("run-dir", str(PROJECT / "runs"))
+    rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
+    rc = check(rc, cwd=os.getcwd(), light=light)
+    base = Path(args.work_dir).expanduser().resolve()
+    if base.exists() and not base.is_dir():
+        raise ValueError(f"--work-dir {str(base)!r} is not a folder")
+    if args.cmd == "sim":
+        return rc, base
+    work = (base / str(rc["run-name"])).resolve()
+    if work.parent != base:
+        raise ValueError(f"run-name {rc['run-name']!r} would put the deployment outside "
+                         f"--work-dir {str(base)!r}")
+    return rc, work
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(light=True))

@@ -14,10 +14,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from . import checkpoint
+from . import checkpoint, provenance, validate
 from .adapters import (flocora_analytic_bits, load_state, num_params, shapes, state_to_numpy,
                        travelling_state)
 from .compression import Pipeline
+from .compression.payload import DIGEST_VERSION, FORMAT_VERSION
 from .config import RunConfig
 from .results import Recorder
 from .strategies import get_method
@@ -46,9 +47,8 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
     folder name: a path (``../x``, ``/tmp/x``, ``a/b``) cannot put a run outside ``run-dir``."""
     name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
     base = Path(cfg.run_dir).expanduser().resolve()
-    bad = (name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute()
-           or len(name) > 200)
-    if bad or (base / name).resolve().parent != base:
+    validate.check_run_name(name)  # the launcher's check (a ConfigError is a ValueError)
+    if (base / name).resolve().parent != base:
         raise ValueError(f"run-config 'run-name' must be one folder name inside run-dir, got "
                          f"{name!r}")
     return base / name
@@ -73,6 +73,11 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         "analytic_bytes_per_message_up": flocora_analytic_bits(init, affine_bits(strategy.codec_up)) / 8,
         "fedavg_bytes_per_message": 4 * full_params,
         "fedavg_message_bytes": fedavg_message_bytes(task, by_digest(cfg.payload_table)),
+        # code version, package versions, the server's device and threads, wire and payload
+        # versions (fedlora/provenance.py)
+        "provenance": provenance.record(
+            STYPE, DIGEST_VERSION if by_digest(cfg.payload_table) else FORMAT_VERSION,
+            str(task.device), torch.get_num_threads()),
     }
     # resume (run-config `resume`): the run folder and the checkpoint to continue from
     run_dir, resumed = checkpoint.find_resume(cfg, resolve_run_dir(cfg))
@@ -165,6 +170,9 @@ def fedavg_comparison(records: list[dict], fedavg_msg: int) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_run_config(context.run_config)
+    # the launcher's checks (fedlora/validate.py) again: a config may come by `flwr run .`
+    known = RunConfig.keys()
+    checked = validate.check({k: v for k, v in context.run_config.items() if k in known})
+    cfg = RunConfig.from_run_config(checked)
     summary = run(grid, cfg)
     print(json.dumps(summary, default=str))
