@@ -40,7 +40,7 @@ def train_reference(rc: dict, nodes: int, seed: int) -> dict:
     task = make_task(cfg)
     torch.manual_seed(seed)
     parts = [task.client_data(p, nodes) for p in range(nodes)]
-    x = torch.cat([p[0] for p in parts])
+    x = _cat([p[0] for p in parts])
     y = torch.cat([p[1] for p in parts])
     per_round = max(int(cfg.fraction_train * nodes), cfg.min_train_nodes)
     cap = cfg.max_examples_per_client or int(np.ceil(len(y) / nodes))
@@ -50,11 +50,25 @@ def train_reference(rc: dict, nodes: int, seed: int) -> dict:
     for rnd in range(1, cfg.num_server_rounds + 1):
         idx = torch.from_numpy(rng.choice(len(y), size=min(per_round * cap, len(y)),
                                           replace=False))
-        task.train(model, (x[idx], y[idx]), seed=seed * 1000 + rnd, lr=cfg.lr_at(rnd))
+        task.train(model, (_take(x, idx), y[idx]), seed=seed * 1000 + rnd, lr=cfg.lr_at(rnd))
         seen += len(idx) * cfg.local_epochs
     metrics = task.evaluate(model, task.test_data())
     return {"seed": seed, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
             "examples_seen": seen, "pool": int(len(y)), "train_s": round(time.time() - t0, 1)}
+
+
+def _cat(xs):
+    """Concatenate client inputs: tensors (vision) or dicts of tensors (text: input ids and
+    attention masks, padded to the same max-length)."""
+    import torch
+
+    if isinstance(xs[0], dict):
+        return {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+    return torch.cat(xs)
+
+
+def _take(x, idx):
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
 
 
 def run_reference(spec: dict, out: Path, force: bool = False) -> dict:

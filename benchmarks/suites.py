@@ -307,5 +307,123 @@ def _dp_text() -> dict:
             "seeds": spec["seeds"], "baselines": _without_dp(runs, methods)}
 
 
+# ------------------------------------------------------------- federated LoRA on a pretrained encoder
+def _text_frontier() -> dict:
+    """The compressed LoRA frontier on a pretrained transformer (issue 31): MiniLM-L6 (bundled)
+    + LoRA on its 36 linear modules and a trained 77-way head, BANKING77 (``../shared/data``;
+    the full 3,080-example test set every 4 rounds and after the last), 20 clients by
+    Dirichlet(0.5) (every client >= 10 examples), 5 sampled per round, one local epoch of AdamW
+    over the client's whole partition (~500 queries), 24 rounds. Sized so one configuration
+    takes <= 20 minutes on 2 idle cores (~65 training examples/s: 24 rounds x ~2,500 examples,
+    plus 7 evaluations). Base of every ratio: dense FL+LoRA r8 in fp32 (``fl-lora-r8``); the
+    full fine-tuning reference is FedAvg of the whole encoder (``fedavg-full``). Compressed
+    configurations send updates up and per-node delta downloads down, both in the codec, with
+    client and server error feedback where the codec is biased; a node's first (full) download
+    carries weights: ``affine:4|zstd`` there. Ordered by what the 50x question needs first."""
+    base = {"task": "text", "model": "minilm", "dataset": "banking77",
+            "data-dir": str(SHARED / "banking77"), "train-head": True, "lr": 2e-3,
+            "num-server-rounds": 24, "fraction-train": 0.25, "min-train-nodes": 5,
+            "min-available-nodes": 20, "local-epochs": 1, "batch-size": 16, "max-length": 48,
+            "max-examples-per-client": 0, "partitioner": "dirichlet", "dirichlet-alpha": 0.5,
+            "min-partition-size": 10, "eval-every": 4, "eval-max-examples": 0}
+
+    def both(spec: str, ef: bool = True) -> dict:
+        return {"upload": "delta", "download": "delta", "codec-up": spec, "codec-down": spec,
+                "codec-down-full": "affine:4|zstd", "error-feedback": ef}
+
+    def lora(m: str, r: int, **extra) -> dict:
+        return {**base, "method": m, "lora-rank": r, "rank-budget": r, **extra}
+
+    runs = {
+        "fl-lora-r8": lora("fl-lora", 8),
+        "fl-lora-r4-signt-ef": lora("fl-lora", 4, **both("sign:tensor|zstd")),
+        "fl-lora-r8-q4": lora("fl-lora", 8, **both("affine:4|zstd", ef=False)),
+        "fedavg-full": {**base, "method": "fedavg", "lr": 5e-5},
+        "fl-lora-r8-signt-ef": lora("fl-lora", 8, **both("sign:tensor|zstd")),
+        "fl-lora-r1-signt-ef": lora("fl-lora", 1, **both("sign:tensor|zstd")),
+        "fl-lora-r4": lora("fl-lora", 4),
+        "fl-lora-r1": lora("fl-lora", 1),
+        "fl-lora-r8-q2-ef": lora("fl-lora", 8, **both("affine:2|zstd")),
+        "fl-lora-r8-topk0.1-q4-ef": lora("fl-lora", 8, **both("topk:0.1|affine:4|zstd")),
+        "ffa-lora-r8": lora("ffa-lora", 8),
+        "ffa-lora-r8-signt-ef": lora("ffa-lora", 8, **both("sign:tensor|zstd")),
+        "fl-lora-r16": lora("fl-lora", 16),
+        "lora-a2-r16-b4-q4": {**base, "method": "lora-a2", "lora-rank": 16, "rank-budget": 4,
+                              "download": "delta", "codec-up": "affine:4|zstd"},
+        "flasc-r8-d0.25": lora("flasc", 8, **{"density-down": 0.25, "density-up": 0.25,
+                                              "codec-up": "affine:4|zstd",
+                                              "codec-down": "affine:4|zstd",
+                                              "server-opt": "avg"}),
+        "flasc-r8-d0.0625": lora("flasc", 8, **{"density-down": 0.0625, "density-up": 0.0625,
+                                                "codec-up": "affine:4|zstd",
+                                                "codec-down": "affine:4|zstd",
+                                                "server-opt": "avg"}),
+    }
+    # the strong heterogeneity level: the base and the two sign configurations at Dir(0.05)
+    for name in ("fl-lora-r8", "fl-lora-r4-signt-ef", "fl-lora-r8-signt-ef"):
+        runs[f"{name}-a0.05"] = {**runs[name], "dirichlet-alpha": 0.05}
+    baselines = {n: ("fl-lora-r8-a0.05" if n.endswith("-a0.05") else "fl-lora-r8")
+                 for n in runs}
+    return {"nodes": 20, "runs": runs, "target": 0.8, "seeds": [1, 2, 3],
+            "baselines": baselines, "centralized": "fl-lora-r8"}
+
+
+MAIN_JOB = {
+    # ./run's preset (issue 31): LoRA on the pretrained encoder over 10 simulated clients,
+    # 5 a round, updates and per-node delta downloads both in 1-bit signs with one scale a
+    # tensor, error feedback at both ends (first downloads: 4-bit weights)
+    "task": "text", "model": "minilm", "dataset": "bbc-news", "method": "fl-lora",
+    "lora-rank": 4, "train-head": False, "lr": 2e-3, "num-server-rounds": 12,
+    "fraction-train": 0.5, "min-train-nodes": 5, "min-available-nodes": 10,
+    "local-epochs": 1, "batch-size": 16, "max-length": 48, "max-examples-per-client": 128,
+    "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "eval-every": 4,
+    "eval-max-examples": 0, "seed": 42, "upload": "delta", "download": "delta",
+    "codec-up": "sign:tensor|zstd", "codec-down": "sign:tensor|zstd",
+    "codec-down-full": "affine:4|zstd", "error-feedback": True,
+}
+
+
+def _main_job() -> dict:
+    """``./run``'s main job and the two references its closing line compares with, each
+    measured on the same rounds, clients and seed: dense LoRA in fp32 (weights up, full
+    downloads) and full fine-tuning of the encoder (FedAvg, fp32)."""
+    dense = {k: v for k, v in MAIN_JOB.items()
+             if k not in ("upload", "download", "codec-up", "codec-down", "codec-down-full",
+                          "error-feedback")}
+    return {"nodes": 10, "target": 0.9, "runs": {
+        "lora-compressed": dict(MAIN_JOB),
+        "lora-dense-fp32": dense,
+        "full-ft-fp32": {**dense, "method": "fedavg", "lr": 5e-5}},
+        "baselines": {"lora-compressed": "lora-dense-fp32", "lora-dense-fp32": "lora-dense-fp32",
+                      "full-ft-fp32": "lora-dense-fp32"}}
+
+
+def _text_lora_a2() -> dict:
+    """LoRA-A2 in its own regime (issue 31, item 4), as close to the paper as 2 cores allow:
+    frozen random 77-way head, AdamW at 5e-4 with B at 5x A's rate (LoRA-A2's ``lr-b-ratio``;
+    the baselines train A and B at 5e-4), 3 local epochs, Dirichlet(0.01) over 20 clients (each
+    >= 10 examples), 5 a round, BANKING77 (full test set), 12 rounds. LoRA-A2 (global rank 16,
+    budget r) against FL+LoRA / FFA-LoRA / FlexLoRA at rank r, budgets 1 and 4."""
+    spec = _text_frontier()
+    base = {**{k: v for k, v in spec["runs"]["fl-lora-r8"].items()
+               if k not in ("method", "lora-rank", "rank-budget")},
+            "train-head": False, "lr": 5e-4, "local-epochs": 3, "num-server-rounds": 12,
+            "dirichlet-alpha": 0.01, "eval-every": 3}
+    runs, baselines = {}, {}
+    for budget in (1, 4):
+        runs[f"lora-a2-b{budget}"] = {**base, "method": "lora-a2", "lora-rank": 16,
+                                      "rank-budget": budget, "download": "delta"}
+        for m in ("fl-lora", "ffa-lora", "flexlora"):
+            runs[f"{m}-r{budget}"] = {**base, "method": m, "lora-rank": budget,
+                                      "rank-budget": budget}
+        for m in ("lora-a2-b", "fl-lora-r", "ffa-lora-r", "flexlora-r"):
+            baselines[f"{m}{budget}"] = f"fl-lora-r{budget}"
+    return {"nodes": 20, "runs": runs, "target": 0.5, "seeds": [1, 2, 3],
+            "baselines": baselines}
+
+
+SUITES["text-frontier"] = _text_frontier
+SUITES["text-lora-a2"] = _text_lora_a2
+SUITES["main-job"] = _main_job
 SUITES["dp-vision"] = _dp_vision
 SUITES["dp-text"] = _dp_text
