@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .adapters import check_fingerprint, shapes, state_to_numpy, travelling_state
-from .compression import ErrorFeedback, Pipeline, parse_spec
+from .compression import ErrorFeedback, Pipeline, codec_key, parse_spec
 from .config import RunConfig, node_tier
 from .privacy import privatize
 from .strategies import get_method
@@ -40,7 +40,8 @@ def _error_feedback(context: Context, upload, pipe: Pipeline, digest: bool):
     compensated = ef.compensate(upload)
     record = encode_record(compensated, pipe, digest)
     ef.update(compensated, decode_record(record, expected={k: np.shape(v)
-                                                           for k, v in compensated.items()}))
+                                                           for k, v in compensated.items()},
+                                         key=pipe.key))  # what the server decodes
     context.state[EF_KEY] = state_to_arrays(ef.state_dict())
     return record
 
@@ -68,10 +69,13 @@ def train(msg: Message, context: Context) -> Message:
     task = make_task(cfg)
     check_fingerprint(str(conf.get("base-fingerprint", "")), task.fingerprint())
     adapter = method.Strategy.adapter
+    rnd = int(conf["server-round"])  # codec keys (drive, eden): derived as the server does
     decoded = decode_record(msg.content.array_records[ADAPTER_KEY],
-                            expected=_expected_shapes(task, adapter))
+                            expected=_expected_shapes(task, adapter),
+                            key=codec_key(cfg.seed, rnd, "down"))
     received = _apply_download(context, decoded, conf)
     codec_up = parse_spec(str(conf["codec-up"]))  # the chain the server asked for, parsed once
+    codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", msg.metadata.dst_node_id))
     nc = context.node_config
     cr = ClientRound(
         cfg=cfg, task=task, config=conf, received=received,

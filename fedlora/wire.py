@@ -81,10 +81,10 @@ def record_spec(record: ArrayRecord) -> str:
 
 
 def decode_record(record: ArrayRecord, expected: Mapping[str, tuple[int, ...]] | None = None,
-                  ) -> dict[str, np.ndarray]:
+                  key: int | None = None) -> dict[str, np.ndarray]:
     """Decode an ArrayRecord made by :func:`encode_record` with whatever chain its header
-    names; any problem raises CodecError."""
-    return decode_payload(record_payload(record), expected=expected)
+    names (``key``: the codec key, for ``drive`` / ``eden``); any problem raises CodecError."""
+    return decode_payload(record_payload(record), expected=expected, key=key)
 
 
 def payload_bytes(record: ArrayRecord) -> int:

@@ -10,7 +10,8 @@ The core, one concern per module: ``errors`` (CodecError, SpecError), ``spec`` (
 contract), ``codec`` (stage kinds and registry), ``binary`` (varints, bitmaps, bit packing, the
 bounds-checked reader), ``arrays`` (tensor input, finiteness), ``runtime`` (thread pool, scratch
 arena). One codec per module: ``casts`` (fp32/fp16/bf16), ``quantize`` (affine:b), ``signs`` (sign),
-``sparsify`` (topk), ``ranks``, ``lowrank``, ``lossless`` (zstd); ``feedback`` holds :class:`ErrorFeedback`. A new codec = one
+``sparsify`` (topk), ``ranks``, ``lowrank``, ``lossless`` (zstd), ``eden`` (drive, eden:b: rotated,
+keyed by ``codec_key``); ``feedback`` holds :class:`ErrorFeedback`. A new codec = one
 module defining a :class:`~fedlora.compression.codec.Codec` subclass decorated with ``@register``
 and stating its ``max_expansion``, imported below.
 """
@@ -32,12 +33,13 @@ from .payload import (  # noqa: F401
     decode_payload,
     parse_spec,
 )
-from . import casts, lossless, lowrank, quantize, ranks, signs, sparsify  # noqa: F401  (registration)
+from . import casts, eden, lossless, lowrank, quantize, ranks, signs, sparsify  # noqa: F401  (registration)
+from .eden import codec_key  # noqa: F401
 from .feedback import ErrorFeedback  # noqa: F401
 from .sparsify import topk_mask  # noqa: F401
 
 __all__ = [
     "parse_spec", "decode_payload", "Pipeline", "CodecError", "SpecError", "ErrorFeedback",
     "topk_mask", "Codec", "Sparsifier", "ValueCoder", "LosslessCodec", "register",
-    "registered_ids", "DEFAULT_MAX_ELEMENTS", "MAX_EXPANSION", "OUTPUT_ALLOWANCE",
+    "registered_ids", "codec_key", "DEFAULT_MAX_ELEMENTS", "MAX_EXPANSION", "OUTPUT_ALLOWANCE",
 ]

@@ -106,6 +106,12 @@ class ValueCoder(Codec):
     ``0`` means "no slicing" (affine then stores raw float32, as for 1-D tensors)."""
 
     kind = "value"
+    #: the coder writes the whole raw body at once (``encode_body(items, key, out)``,
+    #: ``decode_body(r, table, key)``, ``body_size(n)``: ``eden.py``) instead of one value
+    #: section a tensor; no sparsifier may precede it
+    whole_body: ClassVar[bool] = False
+    #: the coder needs the pipeline's codec key (``Pipeline.keyed``) to encode and decode
+    needs_key: ClassVar[bool] = False
 
     def encode_values(self, x: np.ndarray, groups: int, out: list) -> None:
         raise NotImplementedError

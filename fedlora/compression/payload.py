@@ -57,6 +57,7 @@ of the float32 tensors a decode returns.
    no sparsifier         1
    ``topk:d``            2/d     ``floor(d*N) >= d*N/2`` values travel once ``d*N >= 1``
                                  (smaller messages fit in the 1 MiB allowance)
+   ``drive``, ``eden:b`` 32/b    b bits in per value (below one bit: the sampled fraction)
    ``ranks``             16      policy: the kept rank slices average at least 1/16 of the
                                  factors (a LoRA-A2 budget of 1 rank in 16 still fits)
    ``lowrank:r``         64      policy: a ``d x d`` matrix in rank ``r`` expands ``d/2r``
@@ -288,6 +289,23 @@ class Pipeline:
         self.value_coder: ValueCoder = chain.value_coder
         self.lossless: list[LosslessCodec] = chain.lossless
         self.spec: str = chain.spec
+        #: the codec key of one message (``codec_key``), for stages that need one (``drive``,
+        #: ``eden``: their rotation and sampling); never part of the payload
+        self.key: int | None = None
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether a stage of the chain needs the codec key (:meth:`keyed`)."""
+        return self.value_coder.needs_key
+
+    def keyed(self, key: int | None) -> "Pipeline":
+        """This chain with codec key ``key`` (both ends derive it: ``codec_key``); the chain
+        itself when no stage needs a key."""
+        if not self.needs_key or key == self.key:
+            return self
+        out = Pipeline(self.stages)
+        out.key = None if key is None else int(key) & 0xFFFFFFFFFFFFFFFF
+        return out
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -313,7 +331,7 @@ class Pipeline:
         a method that adds its own ``topk``/``ranks`` to the user's value coder and lossless
         stages."""
         rest = [s for s in self.stages if s.kind != "sparsifier"]
-        return Pipeline(([sparsifier] if sparsifier is not None else []) + rest)
+        return Pipeline(([sparsifier] if sparsifier is not None else []) + rest).keyed(self.key)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Pipeline) and other.spec == self.spec
@@ -366,7 +384,10 @@ class Pipeline:
         header = _encode_header(self.spec, table, by_digest)
         body: list = []
         with scratch_scope():  # body parts may be views of scratch memory until joined below
-            (self.sparsifier or _DENSE).encode_all(items, self.value_coder, body)
+            if self.value_coder.whole_body:
+                self.value_coder.encode_body(items, self.key, body)
+            else:
+                (self.sparsifier or _DENSE).encode_all(items, self.value_coder, body)
             if not self.lossless:
                 return b"".join([header, *body])
             data = b"".join(body)
@@ -384,6 +405,9 @@ class Pipeline:
                 f"the size after {self.lossless[0].spec_part()} depends on the compressor")
         items = self._items(tensors)
         table = [(name, tuple(int(d) for d in x.shape)) for name, x in items]
+        if self.value_coder.whole_body:
+            return _header_size(self.spec, table, by_digest) + self.value_coder.body_size(
+                sum(x.size for _, x in items))
         return _header_size(self.spec, table, by_digest) + (self.sparsifier or _DENSE).size_all(
             items, self.value_coder)
 
@@ -391,8 +415,9 @@ class Pipeline:
     def decode(self, payload, expected: Mapping[str, Sequence[int]] | None = None,
                max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, np.ndarray]:
         """Decode a payload made by this pipeline (CodecError if it names another spec); the
-        arguments and the memory contract are those of :func:`decode_payload`."""
-        return _decode(payload, expected, max_elements, self)
+        arguments and the memory contract are those of :func:`decode_payload`; the codec key is
+        this pipeline's."""
+        return _decode(payload, expected, max_elements, self, self.key)
 
     def sections(self, payload, expected: Mapping[str, Sequence[int]],
                  max_elements: int = DEFAULT_MAX_ELEMENTS, flat: bool = False):
@@ -404,9 +429,9 @@ class Pipeline:
         shape)`` is what :meth:`decode` returns for that tensor. With ``flat``: one
         :class:`~.codec.FlatDense` (every section in flat arrays, in the payload's table order;
         read by one compiled pass where the value coder has one, ``ValueCoder.read_flat``)."""
-        if self.sparsifier is not None or self.lossless:
+        if self.sparsifier is not None or self.lossless or self.value_coder.whole_body:
             raise NotImplementedError(f"{self.spec!r}: sections are for dense chains without "
-                                      "lossless stages")
+                                      "lossless stages, coded tensor by tensor")
         return _sections(payload, expected, max_elements, self, flat)
 
     def sparse_sections(self, payload, expected: Mapping[str, Sequence[int]],
@@ -434,7 +459,10 @@ class Pipeline:
     def _decode_body(self, r: Reader, table, sparse: bool | str = False) -> Any:
         sp = self.sparsifier or _DENSE
         vc = self.value_coder
-        bound = sum(sp.max_size(name, shape, vc) for name, shape in table)
+        if vc.whole_body:
+            bound = vc.body_size(sum(math.prod(shape) for _, shape in table))
+        else:
+            bound = sum(sp.max_size(name, shape, vc) for name, shape in table)
         bounds = [bound]
         for st in self.lossless:
             bounds.append(st.max_encoded_size(bounds[-1]) + 10)
@@ -449,7 +477,9 @@ class Pipeline:
         out = None
         if sparse == "flat":
             out = sp.read_flat(r, table, vc)
-        if out is None:
+        if out is None and vc.whole_body:
+            out = vc.decode_body(r, table, self.key)
+        elif out is None:
             out = sp.read_sparse(r, table, vc) if sparse else sp.decode_all(r, table, vc)
         r.done("body")
         return out
@@ -499,9 +529,11 @@ def _sections(payload, expected, max_elements, pipe: Pipeline, flat: bool = Fals
         raise CodecError(f"unexpected decoder failure ({type(err).__name__}: {err})") from err
 
 
-def _decode(payload, expected, max_elements, pipe: Pipeline | None) -> dict[str, np.ndarray]:
+def _decode(payload, expected, max_elements, pipe: Pipeline | None,
+            key: int | None = None) -> dict[str, np.ndarray]:
     try:
         got, table, r = _open(payload, expected, max_elements, pipe)
+        got = got.keyed(key)
         if expected is None:
             _check_expansion(got, table, r.end)
             return got._decode_body(r, table)
@@ -517,12 +549,14 @@ def _decode(payload, expected, max_elements, pipe: Pipeline | None) -> dict[str,
 
 
 def decode_payload(payload, expected: Mapping[str, Sequence[int]] | None = None,
-                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, np.ndarray]:
+                   max_elements: int = DEFAULT_MAX_ELEMENTS,
+                   key: int | None = None) -> dict[str, np.ndarray]:
     """Decode any payload; the header names the codec chain, so no side information is needed.
 
     ``expected``: optional ``{name: shape}``; a missing/extra name or a wrong shape raises
     CodecError naming the tensor. ``max_elements``: a payload declaring more elements in total
     raises CodecError before anything is allocated. Without ``expected``, a header declaring more
     than ``Pipeline.max_expansion`` x its size (+1 MiB) of tensors is refused the same way: see
-    the memory contract in this module's docstring."""
-    return _decode(payload, expected, max_elements, None)
+    the memory contract in this module's docstring. ``key``: the codec key, for a chain that
+    needs one (``drive``, ``eden``; CodecError without it)."""
+    return _decode(payload, expected, max_elements, None, key)

@@ -5,7 +5,8 @@ A pipeline is a chain of stages written as a spec string, stages separated by ``
 
     [sparsifier] [value coder] [lossless byte stage ...]
     sparsifier   topk:d | topk:d:tensor | ranks | lowrank:r   (at most one, first)
-    value coder  fp32 (default) | fp16 | bf16 | affine:b | sign | sign:tensor   (at most one)
+    value coder  fp32 (default) | fp16 | bf16 | affine:b | sign | sign:tensor | drive[:mse]
+                 | eden:b[:mse]   (at most one; drive / eden take no sparsifier before them)
     lossless     zstd | zstd:level                         (any number, last)
 
 Canonical spec (``Pipeline.spec``): stages in that order, whitespace removed, numbers normalised
@@ -109,6 +110,9 @@ def chain_of(stages: Sequence[Codec], text: str | None = None) -> Chain:
     if value_coder is None:
         value_coder = codec_class("fp32")()
     lossless = [s for s in stages if s.kind == "lossless"]
+    if sparsifier is not None and value_coder.whole_body:
+        raise SpecError(f"{value_coder.spec_part()} codes the whole update at once; it cannot "
+                        f"follow a sparsifier ({sparsifier.spec_part()}) in spec {text!r}")
     parts = []
     if sparsifier is not None:
         parts.append(sparsifier.spec_part())

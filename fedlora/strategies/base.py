@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from ..compression import Pipeline, parse_spec
+from ..compression import Pipeline, codec_key, parse_spec
 from ..config import RunConfig, split_list
 from ..privacy import ServerPrivacy
 from ..wire import (by_digest, decode_record, encode_record, message_bytes, payload_bytes,
@@ -191,12 +191,19 @@ class FedLoraStrategy(FedAvg):
 
     def download_pipeline(self, server_round: int, node_id: int | None) -> Pipeline:
         """The codec chain of ``node_id``'s download (its tier's ``tier-codec-down``, else
-        ``codec-down``); methods compose onto it (e.g. ``.with_sparsifier(...)``)."""
-        return _tiered(self.tier_codec_down, self.tier_of(node_id), self.codec_down)
+        ``codec-down``); methods compose onto it (e.g. ``.with_sparsifier(...)``). Keyed for
+        rotating codecs (``drive``, ``eden``) by the round alone: one payload may serve
+        several nodes."""
+        pipe = _tiered(self.tier_codec_down, self.tier_of(node_id), self.codec_down)
+        return pipe.keyed(codec_key(self.cfg.seed, server_round, "down")) if pipe.needs_key \
+            else pipe
 
     def upload_pipeline(self, server_round: int, node_id: int | None) -> Pipeline:
-        """The codec chain the server asks of ``node_id``'s upload."""
-        return _tiered(self.tier_codec_up, self.tier_of(node_id), self.codec_up)
+        """The codec chain the server asks of ``node_id``'s upload (keyed by the round and
+        node for rotating codecs, as the node keys it: ``client_app``)."""
+        pipe = _tiered(self.tier_codec_up, self.tier_of(node_id), self.codec_up)
+        return pipe.keyed(codec_key(self.cfg.seed, server_round, "up", node_id)) \
+            if pipe.needs_key and node_id is not None else pipe
 
     def download_variant(self, server_round: int, node_id: int | None) -> Any:
         """A hashable key when a node needs its own version of the download (e.g. its rank),

@@ -32,7 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..compression import Pipeline, decode_payload, parse_spec
+from ..compression import Pipeline, parse_spec
 
 MODES = ("full", "delta")
 
@@ -99,7 +99,8 @@ class Downlink:
         return self.mode == "delta"
 
     def full_pipe(self, pipe: Pipeline) -> Pipeline:
-        return self.full_spec if self.full_spec is not None else pipe.with_sparsifier(None)
+        return (self.full_spec.keyed(pipe.key) if self.full_spec is not None
+                else pipe.with_sparsifier(None))
 
     # ---------------------------------------------------------------- round bookkeeping
     def settle(self, server_round: int, ok_nodes) -> None:
@@ -140,7 +141,7 @@ class Downlink:
             key = ("full", full.spec, variant)
             if key not in self._cache:
                 payload = full.encode(target, by_digest=self.by_digest)
-                got = decode_payload(payload, expected={k: v.shape for k, v in target.items()})
+                got = full.decode(payload, expected={k: v.shape for k, v in target.items()})
                 state = OrderedDict((k, np.asarray(got[k], np.float32)) for k in target)
                 self._cache[key] = Download(payload, full.spec, "full", "",
                                             Copy(state, digest(state)))
@@ -151,7 +152,7 @@ class Downlink:
                 diff = OrderedDict((k, np.asarray(target[k], np.float32) - held.state[k])
                                    for k in target)
                 payload = pipe.encode(diff, by_digest=self.by_digest)
-                got = decode_payload(payload, expected={k: v.shape for k, v in diff.items()})
+                got = pipe.decode(payload, expected={k: v.shape for k, v in diff.items()})
                 state = apply_delta(held.state, OrderedDict((k, got[k]) for k in diff))
                 self._cache[key] = Download(payload, pipe.spec, "delta", held.digest,
                                             Copy(state, digest(state)))

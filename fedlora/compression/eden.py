@@ -1,0 +1,293 @@
+"""``drive`` and ``eden:b`` — randomized-Hadamard rotation, then 1 (DRIVE) or ``b`` (EDEN) bits a
+rotated value, one scale a chunk; below one bit by shared-seed subsampling (no indices travel).
+
+DRIVE (Vargaftik et al., NeurIPS 2021) and EDEN (ICML 2022). The update (every tensor, flattened
+and concatenated in body order) is cut into chunks (``rotate.chunk_plan``: 2^14 values, the rest
+by powers of two, < 256 padded values a message), each rotated to ``z = H D x / ||x||`` (near
+N(0, 1) coordinates), each ``z`` replaced by the centroid ``c`` of its bucket — sign for 1 bit,
+the Lloyd–Max quantizer of N(0, 1) for 2..4 bits — and sent as ``b``-bit labels with the chunk's
+scale ``T``; it decodes to ``x' = T D H c``. Variants (the papers' two scales):
+
+* ``drive`` / ``eden:b`` — unbiased: ``T = ||x|| / <c, z>`` (E[x'] = x over the random signs; the
+  paper's scale ``||x||^2 / ||Rx||_1`` at 1 bit). vNMSE ~ pi/2 - 1 = 0.57 at 1 bit.
+* ``drive:mse`` / ``eden:b:mse`` — least squares: ``T = ||x|| <c, z> / (d ||c||^2)``, biased
+  (shrinks by ~2/pi at 1 bit), vNMSE ~ 1 - 2/pi = 0.36: contractive, for error feedback.
+
+``eden:p`` with ``0 < p < 1``: ``k = ceil(p N)`` of the ``N`` values, one at random in each of
+``k`` equal strata (positions from the key), are coded as ``eden:1``; decoding puts them back,
+times their stratum's size (unbiased: Horvitz–Thompson, vNMSE ~ 1.57/p - 1 > 1, so NOT for
+error feedback, whose residual then grows) or as they are (``:mse``, vNMSE ~ 1 - 0.64 p).
+
+The rotation signs and sampled positions come from the pipeline's codec key (``codec_key``:
+run seed, round, direction, node), which both ends derive and which never travels; a
+:class:`~.payload.Pipeline` without one refuses to encode or decode. Body (no per-tensor sections;
+``C`` chunks of ``P`` padded values, from the plan of ``N`` or ``k`` values)::
+
+    tag     4 bytes   uint32 LE, ``rotate.key_tag(key)``: a receiver whose key differs refuses
+    scales  C x float32  finite, >= 0 (not -0.0), T d max|c| w <= FLT_MAX (w: largest weight)
+    labels  ceil(P b / 8) bytes, chunk after chunk (each starts on a byte), LSB first; a chunk
+            of scale 0 has all-zero labels; unused bits of the last byte are zero
+
+``max_expansion``: 32/b. Decoding needs numba (a dependency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from decimal import Decimal, InvalidOperation
+
+import numpy as np
+
+from .arrays import FLT_MAX, as_bytes
+from .binary import Reader
+from .codec import ValueCoder, register
+from .errors import CodecError, SpecError
+from .runtime import run_parallel, scratch
+
+__all__ = ["Eden", "Drive", "CENTROIDS", "codec_key"]
+
+#: Lloyd–Max centroids of N(0, 1), positive half (computed by Lloyd's iteration on the normal
+#: density; written out so that every machine decodes the same float32 bits). 1 bit: +-1 (the
+#: scale absorbs E|z|).
+CENTROIDS = {
+    1: (1.0,),
+    2: (0.4527800381183624, 1.5104175806045532),
+    3: (0.2450941801071167, 0.7560052871704102, 1.3439092636108398, 2.1519455909729004),
+    4: (0.12839503586292267, 0.38804829120635986, 0.6567591428756714, 0.9423404335975647,
+        1.2562311887741089, 1.6180464029312134, 2.069017171859741, 2.7325894832611084),
+}
+_LIMIT = FLT_MAX * (1.0 - 2.0 ** -20)
+_MIN_P = Decimal("0.001")
+_PART = 4  # chunks per unit of parallel work
+
+
+def codec_key(run_seed: int, server_round: int, direction: str, node: int | None = None) -> int:
+    """The 64-bit codec key of one message, derived by both ends: BLAKE2b of the run seed, the
+    round, the direction (``"up"``: a node's upload, with its node id; ``"down"``: the round's
+    downloads, one payload shared by the nodes that hold the same copy) and the node id."""
+    text = (f"fedlora-codec-key/1|{int(run_seed)}|{int(server_round)}|{direction}|"
+            f"{'' if node is None else int(node)}")
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _tables(bits: int):
+    half = np.array(CENTROIDS[bits], np.float32)
+    cents = np.concatenate([-half[::-1], half]).astype(np.float32)
+    bounds = ((cents[:-1].astype(np.float64) + cents[1:]) / 2).astype(np.float32)
+    return cents, bounds
+
+
+def _kernels():
+    try:
+        from . import rotate
+    except ImportError as err:  # pragma: no cover - numba is a dependency
+        raise CodecError(f"drive/eden need numba ({err})") from None
+    return rotate
+
+
+@register
+class Eden(ValueCoder):
+    """EDEN: rotated ``b``-bit quantization, below 1 bit by shared-seed subsampling."""
+
+    codec_id = "eden"
+    for_updates_only = True
+    whole_body = True
+    needs_key = True
+
+    def __init__(self, bits: str | float | int = 1, mse: bool = False):
+        try:
+            d = Decimal(str(bits))
+        except InvalidOperation:
+            raise SpecError(f"eden bit width must be a number, got {bits!r}") from None
+        if not (d.is_finite() and ((_MIN_P <= d < 1 and d.as_tuple().exponent >= -6)
+                                   or d in (1, 2, 3, 4))):
+            raise SpecError(f"eden bit width must be 1, 2, 3, 4 or in [0.001, 1) with at most "
+                            f"6 decimals, got {bits!r}")
+        self.p = d if d < 1 else None          # the sampled fraction below one bit
+        self.bits = int(d) if d >= 1 else 1     # label width
+        self.text = format(d.normalize(), "f")
+        self.mse = bool(mse)
+        self.cents, self.bounds = _tables(self.bits)
+
+    @classmethod
+    def from_args(cls, args):
+        if len(args) in (1, 2) and re.fullmatch(r"[0-9]*\.?[0-9]+", args[0]) and \
+                args[1:] in ([], ["mse"]):
+            return cls(args[0], mse=args[1:] == ["mse"])
+        raise SpecError("eden takes a bit width (1..4, or below 1: the sampled fraction) and "
+                        "optionally 'mse' (least-squares scale), e.g. eden:2, eden:0.25:mse")
+
+    def spec_part(self):
+        return f"eden:{self.text}" + (":mse" if self.mse else "")
+
+    def get_config(self):
+        return {"id": self.codec_id, "bits": self.text, "mse": self.mse}
+
+    @classmethod
+    def from_config(cls, cfg):
+        cls.check_config_keys(cfg, ("bits", "mse"))
+        mse = cfg.get("mse", False)
+        if not isinstance(mse, bool):
+            raise SpecError(f"{cls.codec_id}: mse must be true or false, got {mse!r}")
+        return cls(cfg.get("bits", 1), mse)
+
+    def max_expansion(self):
+        return 32.0 / float(self.p if self.p is not None else self.bits)
+
+    # -- layout ---------------------------------------------------------------------------
+    def kept(self, n: int) -> int:
+        """How many values travel (``n``, or ``ceil(p n)`` below one bit)."""
+        if self.p is None or n == 0:
+            return n
+        num, den = self.p.as_integer_ratio()
+        return max(1, -(-n * num // den))
+
+    def body_size(self, n: int) -> int:
+        """Bytes of the body for ``n`` values in all."""
+        starts, sizes = _kernels().chunk_plan(self.kept(n))
+        padded = int(sizes.sum())
+        return 4 + 4 * sizes.size + (padded * self.bits + 7) // 8
+
+    def _wmax(self, n: int) -> int:
+        k = self.kept(n)
+        return -(-n // k) if (self.p is not None and not self.mse and k) else 1
+
+    # -- encode -----------------------------------------------------------------------------
+    def encode_body(self, items, key, out) -> None:
+        rot = _kernels()
+        if key is None:
+            raise CodecError(f"{self.spec_part()} needs a codec key (the pipeline's: "
+                             "Pipeline.keyed)")
+        n = sum(x.size for _, x in items)
+        out.append(np.array([rot.key_tag(key)], "<u4").tobytes())
+        if n == 0:
+            return
+        if len(items) == 1:
+            x = items[0][1].reshape(-1)
+        else:
+            x = scratch(4 * n).view(np.float32)
+            o = 0
+            for _, t in items:
+                x[o:o + t.size] = t.reshape(-1)
+                o += t.size
+        k64 = np.uint64(key)
+        if self.p is not None:
+            k = self.kept(n)
+            kept = scratch(4 * k).view(np.float32)
+            run_parallel(lambda a, b: rot.gather(x, n, k, k64, a, b, kept), k,
+                         min_per_part=1 << 16)
+            x = kept
+        m = x.size
+        starts, sizes = rot.chunk_plan(m)
+        T = np.empty(sizes.size, np.float32)
+        padded = int(sizes.sum())
+        packed = scratch((padded * self.bits + 7) // 8)
+        wmax = float(self._wmax(n))
+        flags = run_parallel(
+            lambda a, b: rot.encode_chunks(x, m, starts, sizes, k64, self.bits, self.bounds,
+                                           self.cents, not self.mse, wmax, _LIMIT, a, b, T,
+                                           packed),
+            sizes.size, min_per_part=_PART)
+        if any(f & 1 for f in flags):
+            raise CodecError("input contains NaN or Inf")
+        if any(f & 2 for f in flags):
+            raise CodecError(f"values too close to the float32 limit for {self.spec_part()}")
+        out.append(as_bytes(T.astype("<f4")))
+        out.append(as_bytes(packed))
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode_body(self, r: Reader, table, key) -> dict[str, np.ndarray]:
+        rot = _kernels()
+        name = self.spec_part()
+        if key is None:
+            raise CodecError(f"{name} payload needs the codec key to decode (the pipeline's: "
+                             "Pipeline.keyed / decode_payload(key=...))")
+        n = sum(math.prod(shape) for _, shape in table)
+        tag = int(r.array("<u4", 1, f"{name} key tag")[0])
+        want = rot.key_tag(key)
+        if tag != want:
+            raise CodecError(f"{name} payload carries codec key tag {tag:08x}, this receiver "
+                             f"expects {want:08x}: sender and receiver derived different codec "
+                             "keys (run seed, round, direction or node differ)")
+        flat = np.zeros(n, np.float32) if self.p is not None else np.empty(n, np.float32)
+        if n:
+            m = self.kept(n)
+            starts, sizes = rot.chunk_plan(m)
+            padded = int(sizes.sum())
+            nbytes = (padded * self.bits + 7) // 8
+            need = 4 * sizes.size + nbytes
+            if need > r.remaining:
+                raise CodecError(f"truncated payload: {name} body needs {need} bytes, "
+                                 f"{r.remaining} left")
+            T = r.array("<f4", sizes.size, f"{name} scales").astype(np.float32)
+            cmax = float(abs(self.cents[-1]))
+            bound = T.astype(np.float64) * sizes * cmax * self._wmax(n)
+            if not (np.all(T >= 0) and np.all(bound <= _LIMIT)) or np.signbit(T).any():
+                raise CodecError(f"{name}: negative, non-finite or overflowing chunk scale")
+            packed = r.array("u1", nbytes, f"{name} labels")
+            used = padded * self.bits - 8 * (nbytes - 1)
+            if used < 8 and int(packed[-1]) >> used:
+                raise CodecError(f"{name}: non-zero padding bits after the labels")
+            vals = flat if self.p is None else scratch(4 * m).view(np.float32)
+            k64 = np.uint64(key)
+            bad = run_parallel(
+                lambda a, b: rot.decode_chunks(packed, m, starts, sizes, k64, self.bits,
+                                               self.cents, T, a, b, vals),
+                sizes.size, min_per_part=_PART)
+            if any(bad):
+                raise CodecError(f"{name}: non-zero labels in a chunk of scale 0")
+            if self.p is not None:
+                run_parallel(lambda a, b: rot.scatter(vals, n, m, k64, not self.mse, a, b, flat),
+                             m, min_per_part=1 << 16)
+        out, o = {}, 0
+        for tname, shape in table:
+            size = math.prod(shape)
+            out[tname] = flat[o:o + size].reshape(shape)
+            o += size
+        return out
+
+    # the per-tensor hooks of a ValueCoder: this coder codes the whole body (``whole_body``)
+    def encode_values(self, x, groups, out):  # pragma: no cover - never called
+        raise NotImplementedError(f"{self.spec_part()} codes the whole body")
+
+    def values_size(self, x, groups):  # pragma: no cover - never called
+        raise NotImplementedError(f"{self.spec_part()} codes the whole body")
+
+    def max_values_size(self, n, groups):  # pragma: no cover - never called
+        raise NotImplementedError(f"{self.spec_part()} codes the whole body")
+
+    def decode_values(self, r, shape, groups, name):  # pragma: no cover - never called
+        raise NotImplementedError(f"{self.spec_part()} codes the whole body")
+
+
+@register
+class Drive(Eden):
+    """DRIVE: ``eden:1`` under its own name (the same body, bits and values)."""
+
+    codec_id = "drive"
+
+    def __init__(self, mse: bool = False):
+        super().__init__(1, mse)
+
+    @classmethod
+    def from_args(cls, args):
+        if args in ([], ["mse"]):
+            return cls(mse=args == ["mse"])
+        raise SpecError("drive takes no argument or 'mse' (least-squares scale): drive, "
+                        "drive:mse")
+
+    def spec_part(self):
+        return "drive" + (":mse" if self.mse else "")
+
+    def get_config(self):
+        return {"id": self.codec_id, "mse": self.mse}
+
+    @classmethod
+    def from_config(cls, cfg):
+        cls.check_config_keys(cfg, ("mse",))
+        mse = cfg.get("mse", False)
+        if not isinstance(mse, bool):
+            raise SpecError(f"drive: mse must be true or false, got {mse!r}")
+        return cls(mse)

@@ -1,0 +1,343 @@
+"""The randomized Hadamard rotation of ``drive`` / ``eden:b`` (``eden.py``): codec keys, the chunk
+plan, and the numba kernels (imported only when such a codec runs).
+
+* Codec key: ``eden.codec_key`` (run seed, round, direction, node) -> 64-bit int, computed by
+  both ends from what each already knows; it never travels. The body carries :func:`key_tag`
+  (32 bits of a hash of the key) so a receiver that derived another key refuses the payload.
+* Chunk plan (:func:`chunk_plan`): ``m`` values, the concatenation of every tensor in body
+  order, are cut into chunks of ``MAX_CHUNK`` (2^14), then the remainder by its binary digits
+  down to ``MIN_CHUNK`` (256), then one last chunk of the next power of two above what is left,
+  zero-padded: fewer than 256 padded values per message, whatever the tensor sizes.
+* Rotation of a chunk of ``d`` values: ``z = H D x / ||x||`` (``H`` the unnormalized
+  Walsh–Hadamard matrix, ``D`` random signs: bit ``i % 64`` of splitmix64(chunk key + i / 64),
+  set = -1), so ``z`` has norm sqrt(d) and near-Gaussian N(0, 1) coordinates (the kernel
+  transforms ``D x`` unscaled and scales the quantizer's bounds instead); decoding computes
+  ``x' = T * D H c`` (``H H = d I``) from the quantized ``c`` and the chunk's scale ``T``.
+* Sub-bit sampling: ``k`` of ``N`` values, one uniformly at random in each of ``k`` equal
+  strata ``[j N / k, (j+1) N / k)``, its position from the key (:func:`gather`, :func:`scatter`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+MAX_CHUNK = 1 << 14
+MIN_CHUNK = 1 << 8
+_M64 = 0xFFFFFFFFFFFFFFFF
+_TAG_SALT = np.uint64(0x5F3759DF2B7E1516)
+_SAMPLE_SALT = np.uint64(0x243F6A8885A308D3)
+
+
+def key_tag(key: int) -> int:
+    """32 bits the body carries so that a receiver with another key refuses the payload."""
+    return int(_mix(np.uint64(key & _M64) ^ _TAG_SALT)) & 0xFFFFFFFF
+
+
+@functools.lru_cache(maxsize=64)
+def chunk_plan(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, sizes)`` of the chunks of ``m`` values (int64; every size a power of two, all
+    but the last at least ``MIN_CHUNK``, so every chunk starts on a byte at any bit width)."""
+    sizes = [MAX_CHUNK] * (m // MAX_CHUNK)
+    rest = m - MAX_CHUNK * len(sizes)
+    step = MAX_CHUNK // 2
+    while step >= MIN_CHUNK:
+        if rest >= step:
+            sizes.append(step)
+            rest -= step
+        step //= 2
+    if rest:
+        sizes.append(1 << (rest - 1).bit_length())
+    sz = np.array(sizes, np.int64)
+    starts = np.concatenate([[0], np.cumsum(sz)[:-1]]).astype(np.int64) if sizes else sz
+    sz.flags.writeable = False
+    starts.flags.writeable = False
+    return starts, sz
+
+
+def cached_njit(fn):
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # pragma: no cover - no writable cache location
+        return numba.njit(nogil=True)(fn)
+
+
+@cached_njit
+def _mix(z):  # pragma: no cover - compiled
+    """splitmix64's output function of ``z + golden``."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@cached_njit
+def _chunk_key(key, c):  # pragma: no cover - compiled
+    return _mix(key ^ _mix(np.uint64(c)))
+
+
+@cached_njit
+def fwht(a, d):  # pragma: no cover - compiled
+    """In-place unnormalized Walsh–Hadamard transform of ``a[:d]`` (``d`` a power of two):
+    the three smallest stages as 8-point butterflies in registers, then two stages a pass."""
+    h = 1
+    if d >= 8:
+        for i in range(0, d, 8):
+            a0 = a[i] + a[i + 1]
+            a1 = a[i] - a[i + 1]
+            a2 = a[i + 2] + a[i + 3]
+            a3 = a[i + 2] - a[i + 3]
+            a4 = a[i + 4] + a[i + 5]
+            a5 = a[i + 4] - a[i + 5]
+            a6 = a[i + 6] + a[i + 7]
+            a7 = a[i + 6] - a[i + 7]
+            b0 = a0 + a2
+            b2 = a0 - a2
+            b1 = a1 + a3
+            b3 = a1 - a3
+            b4 = a4 + a6
+            b6 = a4 - a6
+            b5 = a5 + a7
+            b7 = a5 - a7
+            a[i] = b0 + b4
+            a[i + 4] = b0 - b4
+            a[i + 1] = b1 + b5
+            a[i + 5] = b1 - b5
+            a[i + 2] = b2 + b6
+            a[i + 6] = b2 - b6
+            a[i + 3] = b3 + b7
+            a[i + 7] = b3 - b7
+        h = 8
+    while 4 * h <= d:  # two stages (h, 2h) in one pass over the chunk
+        for i in range(0, d, 4 * h):
+            p = a[i:i + h]
+            q = a[i + h:i + 2 * h]
+            r = a[i + 2 * h:i + 3 * h]
+            s = a[i + 3 * h:i + 4 * h]
+            for j in range(h):
+                x0 = p[j] + q[j]
+                x1 = p[j] - q[j]
+                x2 = r[j] + s[j]
+                x3 = r[j] - s[j]
+                p[j] = x0 + x2
+                r[j] = x0 - x2
+                q[j] = x1 + x3
+                s[j] = x1 - x3
+        h *= 4
+    while h < d:
+        for i in range(0, d, 2 * h):
+            p = a[i:i + h]
+            q = a[i + h:i + 2 * h]
+            for j in range(h):
+                x = p[j]
+                y = q[j]
+                p[j] = x + y
+                q[j] = x - y
+        h *= 2
+
+
+@cached_njit
+def _load(x, xb, s, v, kc, bb):  # pragma: no cover - compiled
+    """``buf[:v] = D x[s:s+v]`` (the sign bit of value ``i`` flipped where bit ``i`` of the
+    chunk's sign stream is set: ``bb``, ``xb`` are the uint32 views) and ``sum x^2`` in float64
+    (8 lanes, a fixed order), in one pass."""
+    acc = np.zeros(8)
+    full = v >> 6
+    for w in range(full):
+        bits = _mix(kc + np.uint64(w))
+        o = 64 * w
+        for j in range(64):
+            t = np.float64(x[s + o + j])
+            acc[j & 7] += t * t
+            bb[o + j] = xb[s + o + j] ^ (np.uint32((bits >> np.uint64(j)) & np.uint64(1)) << 31)
+    if v > 64 * full:
+        bits = _mix(kc + np.uint64(full))
+        for i in range(64 * full, v):
+            t = np.float64(x[s + i])
+            acc[i & 7] += t * t
+            bb[i] = xb[s + i] ^ (np.uint32((bits >> np.uint64(i & 63)) & np.uint64(1)) << 31)
+    g = 0.0
+    for j in range(8):
+        g += acc[j]
+    return g
+
+
+@cached_njit
+def _quantize(buf, d, bits, bounds, cents, lab, packed, o, nbytes):  # pragma: no cover
+    """Labels of ``buf[:d]`` packed into ``packed[o:o+nbytes]`` (LSB first); returns
+    ``(<c, z>, ||c||^2)`` in float64 (8 lanes)."""
+    cz = np.zeros(8)
+    cc = np.zeros(8)
+    if bits == 1:  # the sign: label 1 for z >= 0 (c = +1), 0 for z < 0 (c = -1)
+        for grp in range(d // 8):
+            byte = 0
+            for j in range(8):
+                z = buf[8 * grp + j]
+                byte |= np.int64(z >= 0) << j
+                cz[j] += abs(np.float64(z))
+            packed[o + grp] = np.uint8(byte)
+        byte = 0
+        for j in range(d - 8 * (d // 8)):  # a chunk of 1, 2 or 4 values
+            z = buf[8 * (d // 8) + j]
+            byte |= np.int64(z >= 0) << j
+            cz[j] += abs(np.float64(z))
+        if d % 8:
+            packed[o + d // 8] = np.uint8(byte)
+        return cz.sum(), np.float64(d)
+    nb = bounds.size
+    for i in range(d):
+        z = buf[i]
+        q = 0
+        for k in range(nb):
+            q += z >= bounds[k]
+        lab[i] = q
+        cv = np.float64(cents[q])
+        cz[i & 7] += cv * np.float64(z)
+        cc[i & 7] += cv * cv
+    for i in range(d, d + 8):
+        lab[i] = 0
+    for grp in range((d + 7) // 8):  # 8 labels -> `bits` bytes
+        w = np.uint64(0)
+        for j in range(8):
+            w |= np.uint64(lab[8 * grp + j]) << np.uint64(bits * j)
+        for k in range(bits):
+            if bits * grp + k < nbytes:
+                packed[o + bits * grp + k] = np.uint8((w >> np.uint64(8 * k)) & np.uint64(255))
+    return cz.sum(), cc.sum()
+
+
+@cached_njit
+def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax, limit, c0, c1,
+                  T, packed):  # pragma: no cover - compiled
+    """Rotate, quantize and pack chunks ``[c0, c1)`` of the ``m`` values ``x``: labels
+    (``bits`` wide, the bucket of each rotated value among the sorted ``bounds``) into
+    ``packed`` at the chunk's byte, the chunk's scale into ``T`` (unbiased: ``||x|| / <c, z>``;
+    else the least-squares ``||x|| <c, z> / (d ||c||^2)``). Returns flags: 1 a value is NaN or
+    Inf, 2 a scale whose decoded values could overflow float32 (``T d max|c| wmax > limit``)."""
+    dmax = 0
+    for c in range(c0, c1):
+        dmax = max(dmax, sizes[c])
+    buf = np.empty(dmax, np.float32)
+    bb = buf.view(np.uint32)
+    xb = x.view(np.uint32)
+    lab = np.zeros(dmax + 8, np.uint8)
+    bsc = np.empty(bounds.size, np.float32)
+    cmax = max(abs(cents[0]), abs(cents[cents.size - 1]))
+    flags = 0
+    for c in range(c0, c1):
+        s = starts[c]
+        d = sizes[c]
+        v = min(d, m - s)
+        kc = _chunk_key(key, c)
+        g2 = _load(x, xb, s, v, kc, bb)
+        if not (g2 < np.inf):  # NaN or Inf
+            flags |= 1
+            continue
+        o = (s * bits) >> 3
+        nbytes = (d * bits + 7) >> 3
+        if g2 == 0.0:
+            T[c] = np.float32(0.0)
+            for j in range(nbytes):
+                packed[o + j] = 0
+            continue
+        g = np.sqrt(g2)
+        f = 1.0  # buf = f D x; the transform of unscaled values stays far from over/underflow
+        if not (2.0 ** -100 < g < 2.0 ** 100):
+            f = 1.0 / g
+            for i in range(v):
+                buf[i] = np.float32(np.float64(buf[i]) * f)
+        for i in range(v, d):
+            buf[i] = np.float32(0.0)
+        fwht(buf, d)  # z_raw = f H D x = f g z, z of norm sqrt(d)
+        for k in range(bounds.size):
+            bsc[k] = np.float32(bounds[k] * (f * g))
+        cz, cc = _quantize(buf, d, bits, bsc, cents, lab, packed, o, nbytes)
+        t = g2 * f / cz if unbiased else cz / (f * d * cc)
+        if not (t * d * cmax * wmax <= limit):
+            flags |= 2
+            continue
+        T[c] = np.float32(t)
+    return flags
+
+
+@cached_njit
+def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
+                  out):  # pragma: no cover - compiled
+    """Inverse of :func:`encode_chunks` for chunks ``[c0, c1)``: ``out[s + i] = D_i * (T *
+    (H c)_i)`` for the chunk's ``min(d, m - s)`` values. Returns 1 when a chunk of scale 0 has
+    a non-zero label (the encoder writes zeros), else 0; the caller checked the scales."""
+    dmax = 0
+    for c in range(c0, c1):
+        dmax = max(dmax, sizes[c])
+    buf = np.empty(dmax + 8, np.float32)
+    mask = np.uint64((1 << bits) - 1)
+    bad = 0
+    for c in range(c0, c1):
+        s = starts[c]
+        d = sizes[c]
+        v = min(d, m - s)
+        o = (s * bits) >> 3
+        nbytes = (d * bits + 7) >> 3
+        t = T[c]
+        if t == 0:
+            for j in range(nbytes):
+                bad |= packed[o + j] != 0
+            for i in range(v):
+                out[s + i] = np.float32(0.0)
+            continue
+        if bits == 1:
+            for grp in range(nbytes):
+                byte = np.int32(packed[o + grp])
+                for j in range(8):
+                    buf[8 * grp + j] = np.float32(2 * ((byte >> j) & 1) - 1)
+        else:
+            for grp in range((d + 7) // 8):
+                w = np.uint64(0)
+                for k in range(bits):
+                    if bits * grp + k < nbytes:
+                        w |= np.uint64(packed[o + bits * grp + k]) << np.uint64(8 * k)
+                for j in range(8):
+                    buf[8 * grp + j] = cents[(w >> np.uint64(bits * j)) & mask]
+        fwht(buf, d)
+        kc = _chunk_key(key, c)
+        os_ = out[s:s + v]
+        for w in range((v + 63) >> 6):
+            bits64 = _mix(kc + np.uint64(w))
+            e = min(64, v - 64 * w)
+            ow = os_[64 * w:64 * w + e]
+            bw = buf[64 * w:64 * w + e]
+            for j in range(e):
+                sgn = np.float32(1 - 2 * np.int32((bits64 >> np.uint64(j)) & np.uint64(1)))
+                ow[j] = (bw[j] * t) * sgn
+    return bad
+
+
+@cached_njit
+def _stratum(n, k, ks, j):  # pragma: no cover - compiled
+    """``(position, size)`` of stratum ``j`` of ``k`` over ``n`` values: the position is
+    uniform in ``[j n / k, (j+1) n / k)`` by the sampling key ``ks``; the size is its
+    Horvitz–Thompson weight."""
+    lo = (j * n) // k
+    hi = ((j + 1) * n) // k
+    u = _mix(ks + np.uint64(j)) >> np.uint64(32)
+    return lo + np.int64((u * np.uint64(hi - lo)) >> np.uint64(32)), hi - lo
+
+
+@cached_njit
+def gather(x, n, k, key, j0, j1, out):  # pragma: no cover - compiled
+    """``out[j] = x[position of stratum j]`` for ``j`` in ``[j0, j1)``."""
+    ks = _mix(key ^ _SAMPLE_SALT)
+    for j in range(j0, j1):
+        out[j] = x[_stratum(n, k, ks, j)[0]]
+
+
+@cached_njit
+def scatter(vals, n, k, key, weighted, j0, j1, out):  # pragma: no cover - compiled
+    """``out[position of stratum j] = vals[j]`` (times the stratum's size when ``weighted``)
+    for ``j`` in ``[j0, j1)``; ``out`` holds zeros elsewhere."""
+    ks = _mix(key ^ _SAMPLE_SALT)
+    for j in range(j0, j1):
+        pos, size = _stratum(n, k, ks, j)
+        out[pos] = vals[j] * np.float32(size) if weighted else vals[j]
