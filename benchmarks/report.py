@@ -64,6 +64,26 @@ def _table(run_dir: Path) -> str:
     return str(cfg.get("payload-table", "names"))
 
 
+def _code(run_dir: Path) -> str:
+    """The code a run was made with: run.json's ``provenance.code.source_sha256`` (first 12
+    hex digits), ``unrecorded`` for runs from before provenance was recorded."""
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+        return str(meta["provenance"]["code"]["source_sha256"])[:12]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unrecorded"
+
+
+def mixed_versions(rows: list[dict]) -> dict[str, list]:
+    """What the suite's finished runs disagree on, of wire version, payload format and code
+    version: ``{"wire": [...], "payload_format": [...], "code": [...]}`` for each that has more
+    than one value across the suite, else {}."""
+    seen = {"wire": {w for r in rows for w in r["wire"]},
+            "payload_format": {1 if t == "names" else 2 for r in rows for t in r["tables"]},
+            "code": {c for r in rows for c in r["codes"]}}
+    return {k: sorted(v) for k, v in seen.items() if len(v) > 1}
+
+
 def _codec_text(rc: dict) -> str:
     up = rc.get("codec-up", "fp32") + (" +EF" if rc.get("error-feedback") else "")
     down = rc.get("codec-down", "fp32")
@@ -76,13 +96,14 @@ def summarize(out: Path, spec: dict) -> list[dict]:
     rows = []
     for name, rc in spec["runs"].items():
         rounds_wanted = int(rc.get("num-server-rounds", 5))
-        seeds, wires, tables = [], set(), set()
+        seeds, wires, tables, codes = [], set(), set(), set()
         for d in _seed_dirs(out, name, spec):
             recs = _finished(d, rounds_wanted)
             if recs is not None:
                 seeds.append(recs)
                 wires.add(_wire(d))
                 tables.add(_table(d))
+                codes.add(_code(d))
         if not seeds:
             continue
         finals = [s[-1]["accuracy"] for s in seeds]
@@ -94,7 +115,7 @@ def summarize(out: Path, spec: dict) -> list[dict]:
                      rc.get("rank-budget") if rc.get("method") == "lora-a2" else
                      rc.get("lora-rank")),
             "run_config": rc, "seeds_done": len(seeds), "wire": sorted(wires),
-            "tables": sorted(tables),
+            "tables": sorted(tables), "codes": sorted(codes),
             "seeds_wanted": len(spec.get("seeds") or [None]),
             "rounds": seeds[0][-1]["round"],
             "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
@@ -163,7 +184,7 @@ def _acc(r: dict) -> str:
 
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
-            "wire", "tables", "rounds", "final_mean", "final_std", "finals", "mb", "mbs",
+            "wire", "tables", "codes", "rounds", "final_mean", "final_std", "finals", "mb", "mbs",
             "mb_down", "mb_up", "mb_control", "wall_s", "epsilon", "ratio_vs_fedavg",
             "delta_vs_fedavg",
             "mb_to_fedavg_minus_1pt", "baseline", "ratio", "delta", "mb_to_base_minus_1pt",
@@ -250,10 +271,17 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
                   + (f"{central['accuracy_mean']:.4f} (one seed)." if len(central["seeds"]) < 2
                      else f"{central['accuracy_mean']:.4f} ± {central['accuracy_std']:.4f} over "
                           f"{len(central['seeds'])} seeds.")]
+    mix = mixed_versions(rows)
+    if mix:  # numbers measured with different code or formats: say so where they are read
+        what = "; ".join(f"{k.replace('_', ' ')} {', '.join(map(str, v))}" for k, v in mix.items())
+        warning = f"warning: suite {suite} mixes runs of different versions: {what}"
+        print(warning, flush=True)
+        lines += ["", f"**{warning}** (per configuration: `wire`, `tables`, `codes` in "
+                  "summary.json)."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     summary = {"suite": suite, "command": f"python benchmarks/run.py {suite}",
-               "seeds": seeds, "tolerance": TOLERANCE, "configurations": _json_rows(rows),
-               "centralized": central}
+               "seeds": seeds, "tolerance": TOLERANCE, "mixed_versions": mix,
+               "configurations": _json_rows(rows), "centralized": central}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(suite, out, rows)
     return rows

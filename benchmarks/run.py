@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import write_report  # noqa: E402
 from benchmarks.suites import SUITES  # noqa: E402
-from fedlora.launch import run_simulation  # noqa: E402
+from fedlora.launch import EXIT_FAILED, EXIT_REFUSED, run_simulation  # noqa: E402
 from fedlora.results import read_rounds  # noqa: E402
+from fedlora.validate import ConfigError, check  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,13 +121,28 @@ def planned_runs(spec: dict) -> list[tuple[str, str, dict]]:
             for name, rc in spec["runs"].items() for s in seeds]
 
 
+def check_runs(runs: list[tuple[str, str, dict]], out: Path, light: bool = False) -> None:
+    """Every planned run's config through the launcher's check (fedlora/validate.py) before
+    the first one starts: a ConfigError naming the configuration."""
+    for name, rel, rc in runs:
+        run_dir = out / "runs" / rel
+        try:
+            check({**rc, "run-dir": str(run_dir.parent), "run-name": run_dir.name}, light=light)
+        except ConfigError as err:
+            raise ConfigError(f"configuration {rel!r}: {err}") from None
+
+
 def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool = False,
               cpus_per_node: float = 1, gpus_per_node: float = 0,
-              seeds: list[int] | None = None) -> None:
+              seeds: list[int] | None = None, light: bool = False) -> list[tuple[str, str]]:
+    """Run the suite; returns the runs that failed as (run, one-line reason). ConfigError
+    before anything starts when a configuration is refused."""
     spec = SUITES[suite]()
     runs = [r for r in planned_runs(spec) if not only or r[0] in only]
     if seeds:  # e.g. screen every configuration on seed 1 before spending seeds 2 and 3
         runs = [r for r in runs if r[2].get("seed") in seeds]
+    check_runs(runs, out, light)
+    failed: list[tuple[str, str]] = []
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(spec, indent=2))
     t_suite = time.time()
@@ -164,15 +180,24 @@ def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool 
         finally:
             stop.set()
             watcher.join()
+        run_dir.parent.mkdir(parents=True, exist_ok=True)  # a run refused at start made none
         (run_dir.parent / f"{run_dir.name}.log").write_text(res.stdout or "")
-        status = "ok" if res.returncode == 0 and complete(run_dir, rounds) else "FAILED"
+        reason = res.reason or ("" if complete(run_dir, rounds) else
+                                f"records stop before round {rounds}")
+        status = f"FAILED: {reason}" if reason else "ok"
+        if reason:
+            failed.append((rel, reason))
         print(f"[{i}/{len(runs)}] {rel}: {status} in {time.time() - t0:.0f}s", flush=True)
         shutil.rmtree(out / ".flwr" / name, ignore_errors=True)
         write_report(suite, out, spec)  # tables grow as configurations finish
     write_report(suite, out, spec)
+    return failed
 
 
-def main(argv=None) -> int:
+def main(argv=None, light: bool = False) -> int:
+    """Exit status: 0 every run completed; 1 some failed (each named in its ``FAILED`` line,
+    the first on the last line); 2 a configuration was refused before any run started.
+    ``light``: check codec specs without importing torch."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suite", choices=sorted(SUITES))
@@ -191,13 +216,24 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # so the launcher's cleanup runs on a stop
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     out = Path(a.out or ROOT / "results" / a.suite).resolve()
+    failed: list[tuple[str, str]] = []
     if a.report_only:
         write_report(a.suite, out, SUITES[a.suite]())
     else:
-        run_suite(a.suite, out, a.only, a.force, a.cpus_per_node, a.gpus_per_node, a.seeds)
+        try:
+            failed = run_suite(a.suite, out, a.only, a.force, a.cpus_per_node, a.gpus_per_node,
+                               a.seeds, light=light)
+        except ConfigError as err:
+            print(f"fedlora: refused: suite {a.suite!r} {err}", file=sys.stderr, flush=True)
+            return EXIT_REFUSED
     print(f"report: {out / 'summary.md'}  plot: {out / 'accuracy_vs_mb.png'}")
+    if failed:  # the other runs went on; their records and the report are written
+        first, why = failed[0]
+        print(f"fedlora: {len(failed)} run(s) failed, first {first}: {why}", file=sys.stderr,
+              flush=True)
+        return EXIT_FAILED
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(light=True))

@@ -98,9 +98,8 @@ def records(run_dir: Path) -> list[dict]:
 def simulate(rc: dict, nodes: int, work: Path) -> tuple[list[dict], float]:
     t = time.time()
     res, run_dir = run_simulation(rc, nodes=nodes, work_dir=work, timeout=3600)
-    if res.returncode != 0:
-        raise SystemExit(f"simulation failed ({nodes} nodes): {res.stdout[-2000:]}"
-                         f"{res.stderr[-2000:]}")
+    if res.returncode != 0:  # the run's own log is in the work folder's logs
+        raise SystemExit(f"fedlora: run failed ({nodes} nodes): {res.reason}")
     return records(run_dir), time.time() - t
 
 

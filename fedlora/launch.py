@@ -6,6 +6,11 @@ leaving Flower's detached managed SuperLink behind), a connection in ``$FLWR_HOM
 and ``flwr run <app> <connection> --stream``.
 
     python -m fedlora.launch sim --nodes 4 -- num-server-rounds=3 method="flocora"
+
+Before any process starts the whole run config is checked (:mod:`fedlora.validate`; relative
+paths resolve against the caller's directory). A run is judged by Flower's run status and its
+summary.json (:func:`judge`), not by ``flwr run``'s exit code. Exit status: 0 completed, 1 failed,
+2 refused (one line each on stderr), 128+N stopped by signal N.
 """
 
 from __future__ import annotations

@@ -75,11 +75,13 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def code_version(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The ``code`` entry: this process's source hash, and the launcher's git state from
-    :data:`ENV` (else this checkout's own, when it is one) with whether it describes this code."""
+def code_version(env: Mapping[str, str] | None = None,
+                 package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
+    """The ``code`` entry: the source hash of ``package_dir`` (the code this process runs), and
+    the launcher's git state from :data:`ENV` (else the checkout's own, when ``package_dir`` is
+    in one) with whether it describes this code."""
     env = os.environ if env is None else env
-    own = source_sha256()
+    own = source_sha256(package_dir)
     out: dict[str, Any] = {"source_sha256": own}
     try:
         launcher = json.loads(env.get(ENV) or "{}")
@@ -90,7 +92,7 @@ def code_version(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     if git:
         out.update(git, git_matches_code=launcher.get("source_sha256") == own)
     else:
-        local = git_state()
+        local = git_state(package_dir)
         if local:
             out.update(local, git_matches_code=True)
     return out

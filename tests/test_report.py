@@ -150,3 +150,39 @@ def test_an_epsilon_column_where_runs_spent_a_privacy_budget(suite):
     assert rows["small"]["epsilon"] == 8.0 and rows["bad"]["epsilon"] is None
     table = (suite / "summary.md").read_text()
     assert "| ε |" in table and "| 4 | 8.00 | 2/2 |" in table and "| – | – | 2/2 |" in table
+
+
+def test_a_suite_mixing_wire_payload_or_code_versions_is_flagged(suite, capsys):
+    """One warning line (printed and in summary.md) and ``mixed_versions`` in summary.json when
+    the suite's runs differ in wire version, payload format or code version (run.json's
+    provenance; runs without it are ``unrecorded``)."""
+    write_report("s", suite, SPEC)
+    assert json.loads((suite / "summary.json").read_text())["mixed_versions"] == {}
+    assert "warning" not in capsys.readouterr().out + (suite / "summary.md").read_text()
+
+    def prov(code):
+        return {"wire": "fedlora/v2", "provenance": {"code": {"source_sha256": code * 64}}}
+
+    for name in ("fedavg", "small", "bad"):
+        for seed in (1, 2):
+            (suite / f"runs/{name}/seed-{seed}/run.json").write_text(json.dumps(prov("a")))
+    write_report("s", suite, SPEC)
+    assert json.loads((suite / "summary.json").read_text())["mixed_versions"] == {}
+    capsys.readouterr()
+    (suite / "runs/bad/seed-2/run.json").write_text(json.dumps(
+        {**prov("b"), "wire": "fedlora/v1", "config": {"payload-table": "digest"}}))
+    rows = {r["name"]: r for r in write_report("s", suite, SPEC)}
+    assert rows["bad"]["codes"] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+    mix = json.loads((suite / "summary.json").read_text())["mixed_versions"]
+    assert mix == {"wire": ["fedlora/v1", "fedlora/v2"], "payload_format": [1, 2],
+                   "code": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]}
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("warning: suite s mixes runs of different "
+                                                   "versions: wire fedlora/v1, fedlora/v2; "
+                                                   "payload format 1, 2; code aaaa"), out
+    assert out.strip() in (suite / "summary.md").read_text()
+    # a run without provenance among recorded ones is a mix too
+    (suite / "runs/bad/seed-2/run.json").write_text(json.dumps({"wire": "fedlora/v2"}))
+    write_report("s", suite, SPEC)
+    assert json.loads((suite / "summary.json").read_text())["mixed_versions"] == {
+        "code": ["aaaaaaaaaaaa", "unrecorded"]}
