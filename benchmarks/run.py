@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import write_report  # noqa: E402
 from benchmarks.suites import SUITES  # noqa: E402
-from fedlora.launch import EXIT_FAILED, EXIT_REFUSED, run_simulation  # noqa: E402
+from fedlora.launch import EXIT_FAILED, EXIT_REFUSED, hub_offline, run_simulation  # noqa: E402
 from fedlora.results import read_rounds  # noqa: E402
 from fedlora.validate import ConfigError, check  # noqa: E402
 
@@ -36,17 +36,31 @@ def complete(run_dir: Path, rounds: int) -> bool:
     return (run_dir / "summary.json").exists() and bool(recs) and recs[-1]["round"] >= rounds
 
 
+#: the width a progress line must fit (a default terminal, a CI log viewer)
+PROGRESS_COLUMNS = 80
+
+
+def _short(label: str, width: int) -> str:
+    """``label`` cut in the middle to ``width`` characters (``dp-text/lo…no-clip/seed3``)."""
+    if len(label) <= width:
+        return label
+    head = (width - 1) // 2
+    return label[:head] + "…" + label[len(label) - (width - 1 - head):]
+
+
 def _progress(run_dir: Path, name: str, rounds: int, stop: threading.Event, t0: float,
               config: tuple[int, int] | None = None) -> None:
     """Watch ``run_dir/rounds.jsonl`` until ``stop`` is set and show config i/N, round r/R,
-    accuracy, cumulative MB, elapsed and ETA: a rich progress bar on a terminal, one plain line
-    per new round otherwise (nohup logs, CI). ``config`` = (i, N), the run's place in the suite
-    (the caller passes it: ``kwargs={"config": (i, len(runs))}``). ETA = seconds per round so far
-    (from the records' ``wall_s``, so start-up is not counted) × rounds left."""
+    accuracy, cumulative MB, elapsed and ETA in at most :data:`PROGRESS_COLUMNS` columns (the
+    configuration's name shortened in the middle to fit; the line before the run names it in
+    full): a rich progress bar on a terminal, one plain line per new round otherwise (nohup
+    logs, CI). ``config`` = (i, N), the run's place in the suite (the caller passes it:
+    ``kwargs={"config": (i, len(runs))}``). ETA = seconds per round so far (from the records'
+    ``wall_s``, so start-up is not counted) × rounds left."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
-    label = f"config {config[0]}/{config[1]} {name}" if config else name
+    where = f"{config[0]}/{config[1]} " if config else ""
 
     def hms(s: float) -> str:
         if s != s or s < 0:  # NaN: no estimate yet
@@ -73,7 +87,8 @@ def _progress(run_dir: Path, name: str, rounds: int, stop: threading.Event, t0: 
                 eta = max(0.0, per_round * (rounds - r) - (time.time() - mtime))
             elif r > 0:
                 eta = (time.time() - t0) / r * (rounds - r)
-            return mtime, {"round": r, "acc": f"{float(last.get('accuracy', 'nan')):.4f}",
+            accs = [x["accuracy"] for x in recs if x.get("accuracy") is not None]
+            return mtime, {"round": r, "acc": f"{float(accs[-1]):.4f}" if accs else "-",
                            "mb": f"{float(last.get('cum_mb', 0.0)):.2f}",
                            "eta_at": time.time() + eta}
         except (OSError, ValueError, TypeError):  # not there yet, a line half written, a null
@@ -86,15 +101,17 @@ def _progress(run_dir: Path, name: str, rounds: int, stop: threading.Event, t0: 
             mtime, new = poll(mtime)
             if new is not None and (st is None or new["round"] != st["round"]):
                 st = new
-                print(f"  [{label}] round {st['round']}/{rounds} acc {st['acc']} cum {st['mb']} MB"
-                      f"  elapsed {hms(time.time() - t0)}  ETA {hms(st['eta_at'] - time.time())}",
-                      flush=True)
+                tail = (f" round {st['round']}/{rounds} acc {st['acc']} {st['mb']} MB "
+                        f"{hms(time.time() - t0)} ETA {hms(st['eta_at'] - time.time())}")
+                room = PROGRESS_COLUMNS - len(tail) - len(where) - 4
+                print(f"  [{where}{_short(name, max(room, 8))}]{tail}", flush=True)
             if done:
                 return
-    columns = (TextColumn(label, markup=False), BarColumn(),
-               TextColumn("round {task.completed:.0f}/{task.total:.0f}  acc {task.fields[acc]}  "
-                          "cum {task.fields[mb]} MB  elapsed {task.fields[el]}  "
-                          "ETA {task.fields[eta]}", markup=False))
+    # label, a 10-column bar and the numbers: 80 columns with a 22-character label
+    columns = (TextColumn(_short(where + name, 22), markup=False), BarColumn(bar_width=10),
+               TextColumn("{task.completed:.0f}/{task.total:.0f} acc {task.fields[acc]} "
+                          "{task.fields[mb]} MB {task.fields[el]} ETA {task.fields[eta]}",
+                          markup=False))
     with Progress(*columns, console=Console(), refresh_per_second=2) as bar:
         task = bar.add_task(name, total=max(rounds, 1), acc="-", mb="-", el="0:00", eta="?")
         while True:
@@ -127,7 +144,8 @@ def check_runs(runs: list[tuple[str, str, dict]], out: Path, light: bool = False
     for name, rel, rc in runs:
         run_dir = out / "runs" / rel
         try:
-            check({**rc, "run-dir": str(run_dir.parent), "run-name": run_dir.name}, light=light)
+            check({**rc, "run-dir": str(run_dir.parent), "run-name": run_dir.name}, light=light,
+                  hub_offline=hub_offline())
         except ConfigError as err:
             raise ConfigError(f"configuration {rel!r}: {err}") from None
 

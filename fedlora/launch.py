@@ -61,6 +61,12 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def hub_offline() -> bool:
+    """Will the processes :func:`flower_env` starts have the Hugging Face hub switched off?"""
+    return "1" in (os.environ.get("HF_HUB_OFFLINE", "1"),
+                   os.environ.get("HF_DATASETS_OFFLINE", "1"))
+
+
 _PORTS_HANDED_OUT: set[int] = set()
 _PORTS_LOCK = threading.Lock()
 _PORT_FLOOR = 20000
@@ -486,7 +492,7 @@ def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path
     rc = dict(run_config)
     rc.setdefault("run-dir", str((work_dir / "runs").resolve()))
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
-    rc = check(rc)
+    rc = check(rc, hub_offline=hub_offline())
     run_dir = run_folder(rc)
     flwr_home = work_dir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -920,7 +926,7 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
             raise ValueError(str(err)) from None
     rc.setdefault("run-dir", str(PROJECT / "runs"))
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
-    rc = check(rc, cwd=os.getcwd(), light=light)
+    rc = check(rc, cwd=os.getcwd(), light=light, hub_offline=hub_offline())
     base = Path(args.work_dir).expanduser().resolve()
     if base.exists() and not base.is_dir():
         raise ValueError(f"--work-dir {str(base)!r} is not a folder")

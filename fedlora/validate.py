@@ -106,9 +106,11 @@ CODEC_KEYS = ("codec-up", "codec-down", "codec-down-full", "tier-codec-up", "tie
 
 
 def check(run_config: Mapping[str, Any], cwd: str | Path | None = None,
-          light: bool = False) -> dict[str, Any]:
+          light: bool = False, hub_offline: bool = False) -> dict[str, Any]:
     """``run_config`` (overrides or a full config) checked; returns it with relative paths made
-    absolute against ``cwd`` (default: this process's directory). ConfigError otherwise."""
+    absolute against ``cwd`` (default: this process's directory). ConfigError otherwise.
+    ``hub_offline``: the run's processes will have the Hugging Face hub switched off (the
+    launcher's default), so a dataset without ``data-dir`` that only the hub has is refused."""
     base = Path(cwd if cwd is not None else os.getcwd())
     out = dict(run_config)
     known = RunConfig.keys()
@@ -143,6 +145,8 @@ def check(run_config: Mapping[str, Any], cwd: str | Path | None = None,
     cfg = RunConfig.from_run_config(out)
     _check_task(cfg, out, base)
     _check_folders(cfg)
+    if hub_offline and not cfg.data_dir:
+        _check_offline(cfg)
     return out
 
 
@@ -363,6 +367,18 @@ def _check_folders(cfg: RunConfig) -> None:
                               "(nothing to resume)")
     if cfg.resume == "auto" and not cfg.run_name:
         raise ConfigError("resume='auto' needs a fixed run-name (the run folder to continue)")
+
+
+def _check_offline(cfg: RunConfig) -> None:
+    from .tasks import text_data
+
+    dataset = cfg.dataset.strip().lower()
+    hub = (dataset == "cifar10" if cfg.task == "vision" else
+           text_data.canonical(dataset) in text_data.HUB)
+    if hub:
+        raise ConfigError(f"dataset {cfg.dataset!r} without data-dir comes from the Hugging Face "
+                          "hub, which is switched off (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE, on "
+                          "by default): set run-config 'data-dir' to a local copy")
 
 
 def _absolute(value: str, base: Path) -> Path:
