@@ -932,6 +932,9 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
         raise ValueError(f"--work-dir {str(base)!r} is not a folder")
     if args.cmd == "sim":
         return rc, base
+    if not args.insecure and nginx_binary() is None:
+        raise ValueError("nginx not found: the secure deployment puts it in front of the "
+                         "SuperLink (scripts/bootstrap.sh installs it); or --insecure")
     work = (base / str(rc["run-name"])).resolve()
     if work.parent != base:
         raise ValueError(f"run-name {rc['run-name']!r} would put the deployment outside "

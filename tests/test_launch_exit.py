@@ -173,3 +173,15 @@ def test_benchmark_suite_exit_status(tmp_path, monkeypatch, capsys, sample_dir):
     assert calls == ["a", "b"]                      # the suite went on after a failure
     assert "[1/2] a: FAILED: run 1 failed: boom" in cap.out
     assert cap.err == "fedlora: 2 run(s) failed, first a: run 1 failed: boom\n"
+
+
+def test_secure_deploy_without_nginx_is_refused_before_any_folder(tmp_path, monkeypatch, capsys,
+                                                                  sample_dir):
+    import signal
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    monkeypatch.setattr(launch, "nginx_binary", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["deploy", "--work-dir", "w", f'data-dir="{sample_dir}"']) == 2
+    assert capsys.readouterr().err.startswith("fedlora: refused: nginx not found")
+    assert list(tmp_path.iterdir()) == []
