@@ -488,3 +488,40 @@ def test_zstd_bombs_keep_peak_rss_low(tmp_path):
     assert "expected shapes" in bomb_r["error"] and bomb_r["delta"] < 32 * MiB, bomb_r
     assert "zstd" in liar_r["error"] and liar_r["delta"] < 32 * MiB, liar_r
     assert control_r["error"] is None and control_r["delta"] >= 128 * MiB, control_r
+
+
+# ------------------------------------------------------------------------------------------
+# drive / eden:b (keyed): their factor, rule 2 before allocating, rule 4 on legit payloads
+
+
+def test_rotated_stage_factors():
+    e = {s: parse_spec(s).max_expansion for s in
+         ["drive", "drive:mse|zstd", "eden:2", "eden:0.5", "eden:0.25:mse", "eden:0.01|zstd"]}
+    assert e == {"drive": 32, "drive:mse|zstd": 1024, "eden:2": 16, "eden:0.5": 64,
+                 "eden:0.25:mse": 128, "eden:0.01|zstd": 4096}  # capped (3200 * 32)
+
+
+def test_rotated_tiny_payload_declaring_1_gib_is_refused_before_allocating():
+    from fedlora.compression import rotate
+
+    tag = np.array([rotate.key_tag(3)], "<u4").tobytes()
+    for spec in ("drive", "eden:0.25|zstd"):
+        table = [("x", (1 << 28,))]
+        peak, _, err = traced(lambda: decode_payload(_encode_header(spec, table) + tag, key=3))
+        assert err is not None and "pass the expected shapes" in str(err)
+        assert peak < 1 * MiB
+
+
+@pytest.mark.parametrize("spec", ["drive", "eden:0.5|zstd", "eden:4:mse", "eden:0.1"])
+def test_rotated_legit_payloads_stay_within_the_peak_bound(spec, lora):
+    pipe = parse_spec(spec).keyed(12345)
+    payload = pipe.encode(lora)
+    shapes = {k: v.shape for k, v in lora.items()}
+    pipe.decode(payload, shapes)  # compile
+    d = 4 * sum(v.size for v in lora.values())
+    for expected in (shapes, None):
+        peak, out, err = traced(lambda: decode_payload(payload, expected=expected, key=12345))
+        assert err is None, err
+        assert peak <= peak_bound(d, len(lora)), (spec, peak / d)
+        if expected is None:
+            assert d <= parse_spec(spec).max_expansion * len(payload) + OUTPUT_ALLOWANCE

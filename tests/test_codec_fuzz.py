@@ -412,3 +412,101 @@ def test_the_compiled_topk_reader_refuses_gaps_no_smaller_than_the_bitmap(monkey
     bad = pipe.encode(t)  # keeps 40 of 80: 41 bytes of gaps against a 10-byte bitmap
     fast, slow = (_sparse_outcome(pipe, bad, shapes, f) for f in (True, False))
     assert fast == slow and fast[0] == "error" and "not smaller than" in fast[1]
+
+
+# ------------------------------------------------------------------------------------------
+# drive / eden:b (rotated, keyed by the codec key both ends derive): the same hardening, the
+# payloads decoded with their key; a wrong key is refused by the body's tag
+
+KEYED = ["drive", "drive:mse|zstd", "eden:0.5", "eden:2:mse", "eden:0.25|zstd", "eden:3"]
+FUZZ_KEY = 0xFEED
+
+
+def keyed_tensors():
+    return {k: v for k, v in tensors().items() if k != "l.lora_B"}  # 147 values: 3 chunks
+
+
+KEYED_VALID = {s: parse_spec(s).keyed(FUZZ_KEY).encode(keyed_tensors()) for s in KEYED}
+KEYED_SHAPES = {k: v.shape for k, v in keyed_tensors().items()}
+
+
+def check_keyed(payload, key=FUZZ_KEY, expected=None) -> str:
+    try:
+        out = decode_payload(payload, max_elements=MAX_ELEMENTS, expected=expected, key=key)
+    except CodecError as err:
+        assert not str(err).startswith("unexpected decoder failure"), str(err)
+        return "error"
+    for v in out.values():
+        assert isinstance(v, np.ndarray) and v.dtype == np.float32
+        assert np.isfinite(v).all()
+    return "ok"
+
+
+@pytest.mark.parametrize("spec", KEYED)
+def test_keyed_truncations_mutations_and_wrong_keys(spec):
+    p = KEYED_VALID[spec]
+    assert check_keyed(p) == "ok" and check_keyed(p, expected=KEYED_SHAPES) == "ok"
+    for cut in range(len(p)):
+        assert check_keyed(p[:cut]) == "error", (spec, cut)
+    assert check_keyed(p + b"\x00") == "error"
+    outcomes = {"ok": 0, "error": 0}
+    for pos in range(len(p)):
+        for new in {p[pos] ^ 0x01, p[pos] ^ 0x80, 0x00, 0xFF}:
+            if new != p[pos]:
+                outcomes[check_keyed(p[:pos] + bytes([new]) + p[pos + 1:])] += 1
+    assert outcomes["error"] > 0 and outcomes["ok"] > 0  # label bits: any value is legitimate
+    for key in (FUZZ_KEY + 1, 0, None):
+        with pytest.raises(CodecError, match="codec key tag|needs the codec key"):
+            decode_payload(p, key=key)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=st.sampled_from(KEYED), edits=st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    cut=st.integers(0, 10_000))
+def test_keyed_multi_byte_corruption(spec, edits, cut):
+    p = bytearray(KEYED_VALID[spec])
+    for pos, val in edits:
+        p[pos % len(p)] = val
+    check_keyed(bytes(p))
+    check_keyed(bytes(p[: cut % (len(p) + 1)]))
+
+
+def _tag(key=FUZZ_KEY):
+    from fedlora.compression import rotate
+    return np.array([rotate.key_tag(key)], "<u4").tobytes()
+
+
+@pytest.mark.parametrize("spec,n,body,why", [
+    # 16 values: one chunk of 16 -> 4-byte scale + 2 label bytes (1 bit) / 4 (2 bits)
+    ("drive", 16, f32(np.nan) + b"\x00\x00", "chunk scale"),
+    ("drive", 16, f32(-1.0) + b"\x00\x00", "chunk scale"),
+    ("drive", 16, f32(-0.0) + b"\x00\x00", "chunk scale"),
+    ("drive", 16, f32(np.inf) + b"\x00\x00", "chunk scale"),
+    ("drive", 16, f32(3e37) + b"\x00\x00", "chunk scale"),   # x 16 overflows float32
+    ("drive", 16, f32(0.0) + b"\x01\x00", "scale 0"),
+    ("drive", 16, f32(1.0) + b"\x00", "truncated"),
+    ("drive", 2, f32(1.0) + b"\x80", "padding"),  # a chunk of 2 values: 6 unused bits
+    ("drive", 12, f32(1.0) + b"\x00\x00\x00", "trailing"),  # 12 values pad to 16: 2 bytes
+    ("eden:2", 4, f32(1.0), "truncated"),
+    ("eden:0.5", 16, f32(1.0) + b"\x00\x00", "trailing"),     # 8 kept: one label byte
+])
+def test_keyed_hostile_bodies(spec, n, body, why):
+    with pytest.raises(CodecError, match=why):
+        decode_payload(payload(spec, [("x", (n,))], _tag() + body), key=FUZZ_KEY)
+
+
+def test_keyed_absurd_declared_sizes_rejected_before_allocating():
+    for spec in ("drive", "eden:0.25", "eden:4"):
+        for entry in [("x", (2 ** 40,)), ("x", (2 ** 20, 2 ** 20)), ("x", (1,) * 33)]:
+            with pytest.raises(CodecError):
+                decode_payload(payload(spec, [entry], _tag() + b"\x00" * 64), key=FUZZ_KEY)
+        t0 = time.perf_counter()
+        with pytest.raises(CodecError, match="truncated"):
+            decode_payload(payload(spec, [("x", (2 ** 26,))], _tag()), max_elements=2 ** 27,
+                           expected={"x": (2 ** 26,)}, key=FUZZ_KEY)
+        with pytest.raises(CodecError, match="pass the expected shapes"):
+            decode_payload(payload(spec, [("x", (2 ** 26,))], _tag()), max_elements=2 ** 27,
+                           key=FUZZ_KEY)
+        assert time.perf_counter() - t0 < 0.5

@@ -211,19 +211,20 @@ class Eden(ValueCoder):
             raise CodecError(f"{name} payload carries codec key tag {tag:08x}, this receiver "
                              f"expects {want:08x}: sender and receiver derived different codec "
                              "keys (run seed, round, direction or node differ)")
+        m = self.kept(n)
+        starts, sizes = rot.chunk_plan(m)
+        padded = int(sizes.sum())
+        nbytes = (padded * self.bits + 7) // 8
+        need = 4 * sizes.size + nbytes
+        if need > r.remaining:  # before anything of the declared size is allocated
+            raise CodecError(f"truncated payload: {name} body needs {need} bytes, "
+                             f"{r.remaining} left")
         flat = np.zeros(n, np.float32) if self.p is not None else np.empty(n, np.float32)
         if n:
-            m = self.kept(n)
-            starts, sizes = rot.chunk_plan(m)
-            padded = int(sizes.sum())
-            nbytes = (padded * self.bits + 7) // 8
-            need = 4 * sizes.size + nbytes
-            if need > r.remaining:
-                raise CodecError(f"truncated payload: {name} body needs {need} bytes, "
-                                 f"{r.remaining} left")
             T = r.array("<f4", sizes.size, f"{name} scales").astype(np.float32)
             cmax = float(abs(self.cents[-1]))
-            bound = T.astype(np.float64) * sizes * cmax * self._wmax(n)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf are refused below
+                bound = T.astype(np.float64) * sizes * cmax * self._wmax(n)
             if not (np.all(T >= 0) and np.all(bound <= _LIMIT)) or np.signbit(T).any():
                 raise CodecError(f"{name}: negative, non-finite or overflowing chunk scale")
             packed = r.array("u1", nbytes, f"{name} labels")
