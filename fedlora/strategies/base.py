@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from ..adapters import flocora_analytic_bits
 from ..compression import Pipeline, codec_key, parse_spec
 from ..config import RunConfig, split_list
 from ..privacy import ServerPrivacy
@@ -418,6 +419,19 @@ class FedLoraStrategy(FedAvg):
                 self._drop(stats, server_round, node, err)
         return updates
 
+    def canonical_order(self, replies: Iterable[Message]) -> list[Message]:
+        """The round's replies by partition-id, then node id (:meth:`.NodeDirectory.order_key`),
+        not in the order they arrived: every sum over them (float64 means, DP's clipped sum,
+        LoRA-A2's and FlexLoRA's products) and the record's per-node order are then the same
+        in every run, however the machine's load ordered the replies. Stable: two replies of
+        one node keep their arrival order (the second is dropped)."""
+        def key(msg: Message) -> tuple[int, int]:
+            try:
+                return self.nodes.order_key(msg.metadata.src_node_id)
+            except Exception:  # a reply without metadata is dropped later; it sorts last
+                return (1 << 63, -1)
+        return sorted(replies, key=key)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and validate each reply (a bad one is dropped with its node id and reason,
@@ -429,7 +443,7 @@ class FedLoraStrategy(FedAvg):
         stats = self.stats.setdefault(server_round, RoundStats(server_round))
         accepted: list[Message] = []
         seen: set[Any] = set()
-        for msg in replies:
+        for msg in self.canonical_order(replies):
             node = None
             try:
                 node = msg.metadata.src_node_id
@@ -462,6 +476,7 @@ class FedLoraStrategy(FedAvg):
             stats.rejected = f"{type(err).__name__}: {err}"[:500]
             return None, None
         stats.clients = len(updates)
+        stats.aggregated = [u.node_id for u in updates]
         log.info("aggregate_train: round %d, %d valid, %d failed, %d dropped, %d clipped%s",
                  server_round, len(updates), len(stats.failures), len(stats.dropped),
                  len(stats.clipped), " (streamed)" if streaming else "")
@@ -568,8 +583,21 @@ class FedLoraStrategy(FedAvg):
             rec = empty_record(server_round)
         else:  # + dp_epsilon, ... ({} when dp=off)
             rec = {**s.record(self.tier_of, self.partitions), **self.privacy.record(server_round)}
-        rec["analytic_bytes_up"] = self._analytic_up * rec["clients"]
+        if s is not None and self.tier_codec_up and s.clients is not None:
+            rec["analytic_bytes_up"] = sum(self.analytic_upload_bytes(server_round, n)
+                                           for n in s.aggregated)
+        else:
+            rec["analytic_bytes_up"] = self._analytic_up * rec["clients"]
         return rec
+
+    def analytic_upload_bytes(self, server_round: int, node_id: Any) -> float:
+        """FLoCoRA's analytic size of ``node_id``'s upload (:func:`fedlora.adapters.
+        flocora_analytic_bits` at the ``affine:b`` width of the chain asked of it — its tier's
+        ``tier-codec-up`` — else 32 bits), in bytes."""
+        coder = self.upload_pipeline(server_round, node_id).value_coder
+        bits = int(coder.bits) if coder.codec_id == "affine" else 32
+        zeros = {k: np.broadcast_to(np.float32(0), s) for k, s in self.shapes.items()}
+        return flocora_analytic_bits(zeros, bits) / 8
 
 
 def averaged(strategy: FedLoraStrategy, state: "OrderedDict[str, np.ndarray]",

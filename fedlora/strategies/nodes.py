@@ -124,14 +124,20 @@ class NodeDirectory:
             self.excluded[node] = reason
             self.partitions.pop(node, None)
 
+    def order_key(self, node_id: Any) -> tuple[int, int]:
+        """The canonical order of nodes: by partition-id, unknown ones last by node id. Sampling
+        and aggregation both use it, so a round's sums do not depend on Flower's node ids or on
+        the order replies arrived in."""
+        part = self.partitions.get(node_id, -1)
+        nid = node_id if isinstance(node_id, int) and not isinstance(node_id, bool) else -1
+        return (part if part >= 0 else 1 << 62, nid)
+
     def sample(self, server_round: int, all_nodes: list[int], k: int) -> list[int]:
         """``k`` nodes chosen by a generator seeded with (seed, round) over the nodes ordered by
-        partition-id: the same partitions in every run with the same seed and the same set of
-        partitions, whatever node ids Flower assigned. Unknown partitions sort last (by id);
-        excluded nodes are not sampled."""
-        big = 1 << 62
-        order = sorted((n for n in all_nodes if n not in self.excluded),
-                       key=lambda n: (p if (p := self.partitions.get(n, -1)) >= 0 else big, n))
+        partition-id (:meth:`order_key`): the same partitions in every run with the same seed
+        and the same set of partitions, whatever node ids Flower assigned. Unknown partitions
+        sort last (by id); excluded nodes are not sampled."""
+        order = sorted((n for n in all_nodes if n not in self.excluded), key=self.order_key)
         k = min(k, len(order))
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(server_round)])
         return [order[i] for i in sorted(rng.choice(len(order), size=k, replace=False).tolist())]

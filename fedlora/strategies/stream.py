@@ -11,7 +11,8 @@ num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"`
    (the cap's median is over these replies, including any whose payload then fails to decode:
    such a reply moves the median by one place at most, as it would with a valid payload);
 2. each payload is then decoded, checked (codec, shapes, finite values, the method's own
-   checks), and w_i/W · x_i added to a float64 running sum, in reply order — exactly the sum
+   checks), and w_i/W · x_i added to a float64 running sum, in the canonical reply order (partition-id,
+   then node id: ``FedLoraStrategy.canonical_order``, never arrival order) — exactly the sum
    :func:`.base.weighted_mean` forms — with its update norm measured in the same pass
    (:func:`.kernels.add_and_sumsq`: the number :func:`.guard.update_norm` gives), and freed;
    When every reply's chain is dense ``affine:b`` / ``fp32`` (no sparsifier, no lossless
