@@ -37,6 +37,7 @@ class Recorder:
         self.cum_up = 0
         self.cum_control = 0  # query messages (tiers, partition-ids) and their replies
         self.records: list[dict[str, Any]] = []
+        self.meta = meta
         (self.dir / "run.json").write_text(json.dumps(meta, indent=2, default=str))
         self._jsonl = self.dir / "rounds.jsonl"
         self._csv = self.dir / "rounds.csv"
@@ -95,14 +96,37 @@ class Recorder:
             csv.writer(f).writerow([_fmt(rec.get(k, "")) for k in CSV_FIELDS])
         if self._tb is not None:
             self._tb.write(rec)
-        log.info(
-            "[fedlora] round %3d | acc %.4f | loss %.4f | clients %d (failed %d, dropped %d) | "
-            "down %.3f MB up %.3f MB | cum %.3f MB | %.1fs",
-            rec["round"], rec.get("accuracy", float("nan")), rec.get("loss", float("nan")),
-            rec.get("clients", 0), rec.get("failures", 0), rec.get("dropped", 0),
-            rec.get("bytes_down", 0) / 1e6, rec.get("bytes_up", 0) / 1e6, rec["cum_mb"],
-            rec["wall_s"])
+        log.info("%s", self.console_line(rec))
         return rec
+
+    def console_line(self, rec: dict[str, Any]) -> str:
+        """The round's console row: accuracy and loss only when the round was evaluated, and
+        an ETA (mean time per round so far × rounds left) while rounds are left."""
+        head = f"[fedlora] round {rec['round']:3d} | "
+        if _number(rec.get("accuracy")) is not None:
+            head += f"acc {rec['accuracy']:.4f} | "
+        if _number(rec.get("loss")) is not None:
+            head += f"loss {rec['loss']:.4f} | "
+        line = (f"{head}clients {rec.get('clients', 0)} (failed {rec.get('failures', 0)}, "
+                f"dropped {rec.get('dropped', 0)}) | down {rec.get('bytes_down', 0) / 1e6:.3f} MB "
+                f"up {rec.get('bytes_up', 0) / 1e6:.3f} MB | cum {rec['cum_mb']:.3f} MB | "
+                f"{rec['wall_s']:.1f}s")
+        eta = self.eta_s()
+        return line if eta is None else f"{line} | eta {format_duration(eta)}"
+
+    def eta_s(self) -> float | None:
+        """Seconds the rounds left will take at the mean pace of the rounds recorded so far
+        (``wall_s`` from the first record to the last, over the rounds between them); None
+        before two records, when the run's round count is unknown, or after the last round."""
+        total = (self.meta.get("config") or {}).get("num-server-rounds")
+        if len(self.records) < 2 or not isinstance(total, int):
+            return None
+        first, last = self.records[0], self.records[-1]
+        done = int(last["round"]) - int(first["round"])
+        left = total - int(last["round"])
+        if done <= 0 or left <= 0:
+            return None
+        return (float(last["wall_s"]) - float(first.get("wall_s", 0.0) or 0.0)) / done * left
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         accs = [r["accuracy"] for r in self.records if "accuracy" in r]
@@ -128,11 +152,19 @@ class TensorBoardLog:
 
     Step = the round, except ``accuracy_vs_kb/accuracy`` whose step is the cumulative KB
     (down + up + control, 1 KB = 1000 bytes) so TensorBoard plots accuracy against traffic.
-    Every top-level numeric key of a record also goes under ``round/<key>``, so keys added to
-    records later show up without touching this class. Values are stored as float32 (TensorBoard's
-    scalar type). Never raises: without the ``tensorboard`` package, or on a write error, it logs
-    one warning and stops writing; the JSONL/CSV records are unaffected.
+    Every other top-level numeric key of a record goes under ``round/<key>`` (each number under
+    one tag), so keys added to records later show up without touching this class. The run
+    config is written once as TensorBoard hparams (the HParams dashboard). Values are stored as
+    float32 (TensorBoard's scalar type). Never raises: without the ``tensorboard`` package, or
+    on a write error, it logs one warning and stops writing; the JSONL/CSV records are unaffected.
     """
+
+    #: record key → its named tag (not repeated under ``round/``)
+    NAMED = {"accuracy": "eval/accuracy", "loss": "eval/loss", "bytes_down": "bytes/down",
+             "bytes_up": "bytes/up", "control_bytes": "bytes/control", "cum_mb": "cum_mb/total",
+             "cum_mb_down": "cum_mb/down", "cum_mb_up": "cum_mb/up",
+             "cum_mb_control": "cum_mb/control", "clients": "nodes/clients",
+             "failures": "nodes/failures", "dropped": "nodes/dropped"}
 
     def __init__(self, log_dir: Path, meta: dict[str, Any] | None = None) -> None:
         self.dir = Path(log_dir)
@@ -151,9 +183,22 @@ class TensorBoardLog:
             if meta is not None:
                 self._w.add_text("run/meta", "```\n" + json.dumps(meta, indent=2, default=str)
                                  + "\n```", 0)
+                self._hparams(meta.get("config") or {})
                 self._w.flush()
         except Exception as e:
             self._fail(e)
+
+    def _hparams(self, config: dict[str, Any]) -> None:
+        """The run config as TensorBoard hparams (torch's hparams summary, written into this
+        run's event file, not a sub-run as ``add_hparams`` would): numbers and bools as numbers,
+        everything else as its string, with ``eval/accuracy`` and ``eval/loss`` as the metrics."""
+        if not config:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        values = {k: hparam_value(v) for k, v in sorted(config.items())}
+        for summary in hparams(values, {"eval/accuracy": 0.0, "eval/loss": 0.0}):
+            self._w.file_writer.add_summary(summary)
 
     def _fail(self, e: Exception) -> None:
         log.warning("[fedlora] TensorBoard logging stopped (%s: %s)", type(e).__name__, e)
@@ -175,18 +220,8 @@ class TensorBoardLog:
             if v is not None:
                 out.append((tag, v, step))
 
-        add("eval/accuracy", "accuracy")
-        add("eval/loss", "loss")
-        add("bytes/down", "bytes_down")
-        add("bytes/up", "bytes_up")
-        add("bytes/control", "control_bytes")
-        add("cum_mb/total", "cum_mb")
-        add("cum_mb/down", "cum_mb_down")
-        add("cum_mb/up", "cum_mb_up")
-        add("cum_mb/control", "cum_mb_control")
-        add("nodes/clients", "clients")
-        add("nodes/failures", "failures")
-        add("nodes/dropped", "dropped")
+        for key, tag in TensorBoardLog.NAMED.items():
+            add(tag, key)
         tiers = rec.get("tiers")
         if isinstance(tiers, dict):
             for direction in ("down", "up"):
@@ -207,7 +242,7 @@ class TensorBoardLog:
             out.append(("accuracy_vs_kb/accuracy", acc, int(round(cum_mb * 1e6)) // 1000))
         for key, raw in rec.items():
             v = _number(raw)
-            if v is not None and key != "round":
+            if v is not None and key != "round" and key not in TensorBoardLog.NAMED:
                 out.append((f"round/{key}", v, step))
         return out
 
@@ -230,6 +265,16 @@ class TensorBoardLog:
             self._w = None
 
 
+def hparam_value(v: Any) -> "int | float | str":
+    """A run-config value as an hparam: bools and finite real numbers as numbers, the rest
+    (strings, None, lists, NaN) as their string."""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, numbers.Real) and math.isfinite(float(v)):
+        return v if isinstance(v, (int, float)) else float(v)
+    return "" if v is None else str(v)
+
+
 def _number(v: Any) -> float | None:
     """``v`` as a float when it is a real number (bools count as 0/1), else None."""
     if not isinstance(v, numbers.Real):
@@ -238,6 +283,16 @@ def _number(v: Any) -> float | None:
         return float(v)
     except (OverflowError, ValueError, TypeError):
         return None
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h07m``: a duration as the console shows an ETA."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _fmt(v: Any) -> Any:

@@ -108,7 +108,9 @@ def test_accuracy_against_cumulative_kb(run):
     assert got == pytest.approx(want, rel=1e-6)
 
 
-def test_every_numeric_key_appears_under_round_prefix(run):
+def test_every_numeric_key_appears_under_exactly_one_per_round_tag(run):
+    """Keys with a named tag (eval/accuracy, bytes/down, ...) are there only; every other number
+    goes under round/<key>: accuracy is not also round/accuracy (issue 30)."""
     run_dir, written = run
     acc = _load(run_dir)
     tags = set(acc.Tags()["scalars"])
@@ -117,8 +119,13 @@ def test_every_numeric_key_appears_under_round_prefix(run):
     for r in written:  # every top-level number of every record, including Recorder's own keys
         for k, v in r.items():
             if k != "round" and isinstance(v, (int, float)):
-                assert f"round/{k}" in tags, k
-                assert _series(acc, f"round/{k}")[r["round"]] == pytest.approx(v, rel=1e-6)
+                tag = TensorBoardLog.NAMED.get(k, f"round/{k}")
+                assert tag in tags, k
+                assert _series(acc, tag)[r["round"]] == pytest.approx(v, rel=1e-6)
+    for k in TensorBoardLog.NAMED:
+        assert f"round/{k}" not in tags, k
+    per_round = [t for t in tags if not t.startswith("accuracy_vs_kb/")]
+    assert [t for t in per_round if t.endswith("accuracy")] == ["eval/accuracy"]
     # dicts and lists are not scalars
     for k in ("round/tiers", "round/partitions", "round/train_metrics", "round/round"):
         assert k not in tags
@@ -150,7 +157,7 @@ def test_events_are_on_disk_when_log_round_returns(tmp_path, monkeypatch):
     rec.log_round(RECORDS[1])
     acc = _load(tmp_path / "run")
     assert sorted(_series(acc, "eval/accuracy")) == [0, 1]
-    assert sorted(_series(acc, "round/cum_mb")) == [0, 1]  # the last tags of round 1 too
+    assert sorted(_series(acc, "round/wall_s")) == [0, 1]  # the last tag of round 1 too
     rec.finish({})
 
 
@@ -241,16 +248,44 @@ def test_progress_prints_plain_lines_when_stdout_is_not_a_tty(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\x1b[" not in out, "terminal codes in a log file"
     assert len(out.splitlines()) == 1, out
-    assert re.fullmatch(r"  \[config 2/5 flasc-d0\.25\] round 2/3 acc 0\.5500 cum 2\.50 MB"
-                        r"  elapsed 1:1[56]  ETA 0:(09|10)\n", out), out
+    assert re.fullmatch(r"  \[2/5 flasc-d0\.25\] round 2/3 acc 0\.5500 2\.50 MB 1:1[56] "
+                        r"ETA 0:(09|10)\n", out), out
+
+
+def test_progress_line_fits_80_columns_with_a_long_name(tmp_path, capsys):
+    """A suite's long configuration name is cut in the middle so the line stays within 80
+    columns, keeping its start and end; a round without evaluation shows the last accuracy."""
+    import json
+    import threading
+
+    from benchmarks.run import _progress
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recs = [{"round": 0, "accuracy": 0.1, "cum_mb": 0.0, "wall_s": 10.0},
+            {"round": 24, "accuracy": 0.5123, "cum_mb": 9876.5, "wall_s": 4000.0},
+            {"round": 25, "cum_mb": 12345.25, "wall_s": 4170.0}]
+    (run_dir / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    stop = threading.Event()
+    stop.set()
+    name = "dp-text/lora-a2-local-no-clip-noise-multiplier-0.5/seed3"
+    _progress(run_dir, name, 100, stop, time.time() - 4300, config=(12, 48))
+    line = capsys.readouterr().out.rstrip("\n")
+    assert len(line) <= 80, (len(line), line)
+    assert line.startswith("  [12/48 dp-te") and "…" in line and "seed3] round 25/100" in line
+    assert "acc 0.5123 12345.25 MB 1:11:" in line and " ETA " in line
 
 
 def test_progress_draws_a_bar_on_a_terminal(run, capsys, monkeypatch):
     run_dir, written = run
     monkeypatch.setattr(type(__import__("sys").stdout), "isatty", lambda self: True)
+    monkeypatch.setenv("COLUMNS", "80")
     _watch(run_dir, config=(2, 5))
     out = capsys.readouterr().out
     assert "\x1b[" in out  # rich's live display, not plain lines
-    for part in ("config 2/5 flasc-d0.25", "round 2/3", "acc 0.5500",
-                 f"cum {written[-1]['cum_mb']:.2f} MB", "elapsed 1:1", "ETA "):
+    for part in ("2/5 flasc-d0.25", "2/3 acc 0.5500", f"{written[-1]['cum_mb']:.2f} MB",
+                 " 1:1", "ETA "):
         assert part in out, part
+    import re
+    visible = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out)
+    assert max(len(line) for line in visible.splitlines()) <= 80

@@ -29,6 +29,7 @@ class RoundStats:
     norm_bound: float | None = None                              # the round's update-norm bound
     rejected: str = ""                                           # why the round kept the global
     clients: int | None = None                                   # replies aggregated
+    aggregated: list[Any] = field(default_factory=list)          # ... their node ids
 
     def record(self, tier_of: Callable[[int], int], partitions: Mapping[int, int]
                ) -> dict[str, Any]:
