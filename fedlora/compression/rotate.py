@@ -79,38 +79,38 @@ def _chunk_key(key, c):  # pragma: no cover - compiled
 
 
 @cached_njit
-def fwht(a, d):  # pragma: no cover - compiled
-    """In-place unnormalized Walsh–Hadamard transform of ``a[:d]`` (``d`` a power of two):
-    the three smallest stages as 8-point butterflies in registers, then two stages a pass."""
-    h = 1
-    if d >= 8:
-        for i in range(0, d, 8):
-            a0 = a[i] + a[i + 1]
-            a1 = a[i] - a[i + 1]
-            a2 = a[i + 2] + a[i + 3]
-            a3 = a[i + 2] - a[i + 3]
-            a4 = a[i + 4] + a[i + 5]
-            a5 = a[i + 4] - a[i + 5]
-            a6 = a[i + 6] + a[i + 7]
-            a7 = a[i + 6] - a[i + 7]
-            b0 = a0 + a2
-            b2 = a0 - a2
-            b1 = a1 + a3
-            b3 = a1 - a3
-            b4 = a4 + a6
-            b6 = a4 - a6
-            b5 = a5 + a7
-            b7 = a5 - a7
-            a[i] = b0 + b4
-            a[i + 4] = b0 - b4
-            a[i + 1] = b1 + b5
-            a[i + 5] = b1 - b5
-            a[i + 2] = b2 + b6
-            a[i + 6] = b2 - b6
-            a[i + 3] = b3 + b7
-            a[i + 7] = b3 - b7
-        h = 8
-    while 4 * h <= d:  # two stages (h, 2h) in one pass over the chunk
+def _bfly8(a, i):  # pragma: no cover - compiled
+    """The 8-point Walsh–Hadamard transform of ``a[i:i+8]`` in place (three stages)."""
+    a0 = a[i] + a[i + 1]
+    a1 = a[i] - a[i + 1]
+    a2 = a[i + 2] + a[i + 3]
+    a3 = a[i + 2] - a[i + 3]
+    a4 = a[i + 4] + a[i + 5]
+    a5 = a[i + 4] - a[i + 5]
+    a6 = a[i + 6] + a[i + 7]
+    a7 = a[i + 6] - a[i + 7]
+    b0 = a0 + a2
+    b2 = a0 - a2
+    b1 = a1 + a3
+    b3 = a1 - a3
+    b4 = a4 + a6
+    b6 = a4 - a6
+    b5 = a5 + a7
+    b7 = a5 - a7
+    a[i] = b0 + b4
+    a[i + 4] = b0 - b4
+    a[i + 1] = b1 + b5
+    a[i + 5] = b1 - b5
+    a[i + 2] = b2 + b6
+    a[i + 6] = b2 - b6
+    a[i + 3] = b3 + b7
+    a[i + 7] = b3 - b7
+
+
+@cached_njit
+def _fwht_from(a, d, h):  # pragma: no cover - compiled
+    """The stages ``h, 2h, ..., d/2`` of the transform of ``a[:d]``, two a pass (radix 4)."""
+    while 4 * h <= d:
         for i in range(0, d, 4 * h):
             p = a[i:i + h]
             q = a[i + h:i + 2 * h]
@@ -136,6 +136,66 @@ def fwht(a, d):  # pragma: no cover - compiled
                 p[j] = x + y
                 q[j] = x - y
         h *= 2
+
+
+@cached_njit
+def fwht(a, d):  # pragma: no cover - compiled
+    """In-place unnormalized Walsh–Hadamard transform of ``a[:d]`` (``d`` a power of two): the
+    three smallest stages as 8-point butterflies in registers, then two stages a pass."""
+    if d >= 8:
+        for i in range(0, d, 8):
+            _bfly8(a, i)
+        _fwht_from(a, d, 8)
+    else:
+        _fwht_from(a, d, 1)
+
+
+def _tables():
+    """``SGN[b, j]`` = -1.0 where bit ``j`` of ``b`` is set, else 1.0 (the signs of ``D`` for a
+    byte of the sign stream); ``WHT8[b]`` = the 8-point transform of ``2 bit_j(b) - 1`` (the
+    first three stages of a 1-bit decode, by table)."""
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
+    h = np.array([[1.0]])
+    while h.shape[0] < 8:
+        h = np.block([[h, h], [h, -h]])
+    return (1.0 - 2.0 * bits).astype(np.float32), ((2.0 * bits - 1.0) @ h).astype(np.float32)
+
+
+SGN, WHT8 = _tables()
+
+
+@cached_njit
+def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
+    """``buf[:8 ceil(v/8)]`` = the 8-point transforms of ``D x[s:s+v]`` (zero beyond ``v``),
+    and ``sum x^2`` in float64 (8 lanes, a fixed order), in one pass."""
+    acc = np.zeros(8)
+    full = v >> 3
+    for g in range(full):
+        if g & 7 == 0:
+            word = _mix(kc + np.uint64(g >> 3))
+        row = sgn[np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255))]
+        xs = x[s + 8 * g:s + 8 * g + 8]
+        for j in range(8):
+            t = np.float64(xs[j])
+            acc[j] += t * t
+            buf[8 * g + j] = xs[j] * row[j]
+        _bfly8(buf, 8 * g)
+    if v > 8 * full:
+        word = _mix(kc + np.uint64(full >> 3))
+        row = sgn[np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255))]
+        for j in range(8):
+            i = 8 * full + j
+            if i < v:
+                t = np.float64(x[s + i])
+                acc[j] += t * t
+                buf[i] = x[s + i] * row[j]
+            else:
+                buf[i] = np.float32(0.0)
+        _bfly8(buf, 8 * full)
+    g2 = 0.0
+    for j in range(8):
+        g2 += acc[j]
+    return g2
 
 
 @cached_njit
@@ -224,6 +284,7 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
     xb = x.view(np.uint32)
     lab = np.zeros(dmax + 8, np.uint8)
     bsc = np.empty(bounds.size, np.float32)
+    sgn = SGN
     cmax = max(abs(cents[0]), abs(cents[cents.size - 1]))
     flags = 0
     for c in range(c0, c1):
@@ -231,7 +292,12 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
         d = sizes[c]
         v = min(d, m - s)
         kc = _chunk_key(key, c)
-        g2 = _load(x, xb, s, v, kc, bb)
+        h0 = 1
+        if d >= 8:  # D x and the first three stages in one pass
+            g2 = _load8(x, s, v, kc, sgn, buf)
+            h0 = 8
+        else:
+            g2 = _load(x, xb, s, v, kc, bb)
         if not (g2 < np.inf):  # NaN or Inf
             flags |= 1
             continue
@@ -246,11 +312,19 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
         f = 1.0  # buf = f D x; the transform of unscaled values stays far from over/underflow
         if not (2.0 ** -100 < g < 2.0 ** 100):
             f = 1.0 / g
+            _load(x, xb, s, v, kc, bb)
             for i in range(v):
                 buf[i] = np.float32(np.float64(buf[i]) * f)
-        for i in range(v, d):
-            buf[i] = np.float32(0.0)
-        fwht(buf, d)  # z_raw = f H D x = f g z, z of norm sqrt(d)
+            h0 = 1
+        if h0 == 8:
+            for i in range(8 * ((v + 7) // 8), d):
+                buf[i] = np.float32(0.0)
+            _fwht_from(buf, d, 8)
+        else:
+            for i in range(v, d):
+                buf[i] = np.float32(0.0)
+            fwht(buf, d)
+        # buf = z_raw = f H D x = f g z, z of norm sqrt(d)
         for k in range(bounds.size):
             bsc[k] = np.float32(bounds[k] * (f * g))
         cz, cc = _quantize(buf, d, bits, bsc, cents, lab, packed, o, nbytes)
@@ -272,6 +346,8 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
     for c in range(c0, c1):
         dmax = max(dmax, sizes[c])
     buf = np.empty(dmax + 8, np.float32)
+    sgn = SGN
+    wht8 = WHT8
     mask = np.uint64((1 << bits) - 1)
     bad = 0
     for c in range(c0, c1):
@@ -287,11 +363,17 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
             for i in range(v):
                 out[s + i] = np.float32(0.0)
             continue
-        if bits == 1:
+        if bits == 1 and d >= 8:  # labels and the first three stages by table
             for grp in range(nbytes):
-                byte = np.int32(packed[o + grp])
+                row = wht8[np.int64(packed[o + grp])]
                 for j in range(8):
-                    buf[8 * grp + j] = np.float32(2 * ((byte >> j) & 1) - 1)
+                    buf[8 * grp + j] = row[j]
+            _fwht_from(buf, d, 8)
+        elif bits == 1:
+            byte = np.int32(packed[o])
+            for j in range(8):
+                buf[j] = np.float32(2 * ((byte >> j) & 1) - 1)
+            fwht(buf, d)
         else:
             for grp in range((d + 7) // 8):
                 w = np.uint64(0)
@@ -300,17 +382,21 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
                         w |= np.uint64(packed[o + bits * grp + k]) << np.uint64(8 * k)
                 for j in range(8):
                     buf[8 * grp + j] = cents[(w >> np.uint64(bits * j)) & mask]
-        fwht(buf, d)
+            fwht(buf, d)
         kc = _chunk_key(key, c)
-        os_ = out[s:s + v]
-        for w in range((v + 63) >> 6):
-            bits64 = _mix(kc + np.uint64(w))
-            e = min(64, v - 64 * w)
-            ow = os_[64 * w:64 * w + e]
-            bw = buf[64 * w:64 * w + e]
-            for j in range(e):
-                sgn = np.float32(1 - 2 * np.int32((bits64 >> np.uint64(j)) & np.uint64(1)))
-                ow[j] = (bw[j] * t) * sgn
+        full = v >> 3
+        for g in range(full):  # out = D (t H c), a row of 8 signs at a time
+            if g & 7 == 0:
+                word = _mix(kc + np.uint64(g >> 3))
+            row = sgn[np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255))]
+            o8 = s + 8 * g
+            for j in range(8):
+                out[o8 + j] = (buf[8 * g + j] * t) * row[j]
+        if v > 8 * full:
+            word = _mix(kc + np.uint64(full >> 3))
+            row = sgn[np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255))]
+            for j in range(v - 8 * full):
+                out[s + 8 * full + j] = (buf[8 * full + j] * t) * row[j]
     return bad
 
 
