@@ -16,7 +16,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-import torch
 
 from fedlora.checkpoint import server_state
 from fedlora.privacy import ServerPrivacy
@@ -24,6 +23,7 @@ from fedlora.strategies.base import FedLoraStrategy, arrays_to_state
 
 from conftest import FakeGrid
 from test_hostile import ALL, configure, honest, make, reply, toy
+from test_resume import assert_same_nested as same
 
 NODES = (31, 17, 52, 8, 44)                      # node ids not in partition order
 PARTS = {31: 2, 17: 4, 52: 0, 8: 3, 44: 1}
@@ -93,25 +93,6 @@ def run_rounds(method, kw, order, canonical=True, rounds=2):
         rec.pop("round_s")
         out.append((g, server_state(s, g), rec))
     return out
-
-
-def same(a, b, path="") -> None:
-    """Deep equality: numpy arrays and torch tensors bit for bit, dicts with their key order."""
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
-        assert np.asarray(a).dtype == np.asarray(b).dtype, path
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), (path, a, b)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
