@@ -21,6 +21,9 @@ from fedlora.results import read_rounds
 
 TOLERANCE = 0.01  # "equal accuracy": within one point of FedAvg's final accuracy
 EPS = 1e-9  # float slack when comparing accuracies against that line
+# the drop reason of a reply from a client that holds no examples (runs partitioned before
+# min-partition-size existed): such a client trains nothing and is downloaded to every round
+EMPTY_CLIENT = "num-examples must be a positive number, got 0"
 
 
 def mb_to_target(rounds: list[dict], target: float) -> float | None:
@@ -106,6 +109,8 @@ def summarize(out: Path, spec: dict) -> list[dict]:
                 codes.add(_code(d))
         if not seeds:
             continue
+        empty = sum(any(EMPTY_CLIENT in str(d.get("reason", "")) for r in s
+                        for d in r.get("dropped_reasons", [])) for s in seeds)
         finals = [s[-1]["accuracy"] for s in seeds]
         mbs = [s[-1]["cum_mb"] for s in seeds]
         evals = [[r for r in s if r.get("accuracy") is not None] for s in seeds]
@@ -115,6 +120,7 @@ def summarize(out: Path, spec: dict) -> list[dict]:
                      rc.get("rank-budget") if rc.get("method") == "lora-a2" else
                      rc.get("lora-rank")),
             "run_config": rc, "seeds_done": len(seeds), "wire": sorted(wires),
+            "seeds_with_empty_clients": empty,
             "tables": sorted(tables), "codes": sorted(codes),
             "seeds_wanted": len(spec.get("seeds") or [None]),
             "rounds": seeds[0][-1]["round"],
@@ -184,6 +190,7 @@ def _acc(r: dict) -> str:
 
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
+            "seeds_with_empty_clients",
             "wire", "tables", "codes", "rounds", "final_mean", "final_std", "finals", "mb", "mbs",
             "mb_down", "mb_up", "mb_control", "wall_s", "epsilon", "ratio_vs_fedavg",
             "delta_vs_fedavg",
@@ -219,7 +226,7 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
              f"Made by `python benchmarks/run.py {suite}`; every byte measured on the wire "
              "(Flower message object trees, both directions, all clients, control messages "
              "included). Accuracy: the final round's central evaluation"
-             + (f", mean ± std over seeds {seeds}" if seeds else "") + ". "
+             + (f", mean ± population std (ddof=0) over seeds {seeds}" if seeds else "") + ". "
              f"Ratio = {who}'s total MB / this configuration's. ★ = on the Pareto front "
              "(no configuration"
              + (" with the same baseline" if grouped else "")
@@ -240,7 +247,8 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
         esc = r["codecs"].replace("|", chr(92) + "|")
         reach = (f"{r['mb_to_base_minus_1pt']:.2f} ({r['seeds_reaching']}/{r['seeds_done']})"
                  if r["mb_to_base_minus_1pt"] is not None else "–")
-        marks = (" †" if "fedlora/v1" in r["wire"] else "") + (" ‡" if named(r) else "")
+        marks = ((" †" if "fedlora/v1" in r["wire"] else "") + (" ‡" if named(r) else "")
+                 + (" §" if r["seeds_with_empty_clients"] else ""))
         lines.append(
             f"| {r['name']}{marks} | {r['method']} | `{esc}` | {r['rank'] or '–'} "
             + (f"| {schedule(r)} " if sched else "")
@@ -264,6 +272,13 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
                   "per ResNet-8 (w16) FedAvg message, 1,082 per FLoCoRA r4 message, every other "
                   "byte the same (tests/test_payload_digest.py; docs/architecture.md, wire "
                   "versions)."]
+    if any(r["seeds_with_empty_clients"] for r in rows):
+        lines += ["", "§ in some seeds (per configuration: `seeds_with_empty_clients` in "
+                  "summary.json) one or more clients held ZERO examples (partitioned with "
+                  "`min-partition-size=0`): their replies were dropped every round (\"num-examples "
+                  "must be a positive number, got 0\") and each took a full download every round, "
+                  "so those runs federate fewer clients and count more download bytes than the "
+                  "configuration says."]
     if central:
         lines += ["", f"Centralized reference ({central['config']}'s model on the pooled client "
                   f"data, same examples seen, `python benchmarks/run.py {suite} --only "
@@ -287,6 +302,24 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
     return rows
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """The mean over seeds of (cumulative MB, accuracy) at each evaluated round (the seeds of a
+    configuration evaluate at the same rounds; a shorter seed cuts the curve), without round 0:
+    it sits at 0 MB, which a log axis cannot show (no stand-in origin is drawn)."""
+    n = min(len(c) for c in curves)
+    pts = [(float(np.mean([c[i][0] for c in curves])), float(np.mean([c[i][1] for c in curves])))
+           for i in range(n)]
+    return [p for p in pts if p[0] > 0]
+
+
+def series_style(i: int) -> tuple[str, str]:
+    """Series i's (colour, marker): 10 colours x 10 markers, so 100 series stay apart."""
+    return f"C{i % 10}", MARKERS[(i // 10 + i) % len(MARKERS)]
+
+
 def _plot(suite: str, out: Path, rows: list[dict]) -> None:
     try:
         import matplotlib
@@ -295,24 +328,41 @@ def _plot(suite: str, out: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for i, r in enumerate(sorted(rows, key=lambda r: r["name"])):
+        colour, marker = series_style(i)
+        curve = mean_curve(r["curves"])
+        seeds = (f"mean of {r['seeds_done']} seeds" if r["seeds_done"] > 1 else
+                 f"ONE seed: {r['run_config'].get('seed', '?')}")
+        if curve:
+            ax.plot(*zip(*curve), marker=marker, color=colour, markersize=4, linewidth=1,
+                    alpha=0.75, label=f"{r['name']} ({seeds})")
+        ax.errorbar([r["mb"]], [r["final_mean"]], yerr=[r["final_std"]], fmt=marker,
+                    color=colour, markersize=11 if r["pareto"] else 6,
+                    markeredgecolor="k" if r["pareto"] else colour, capsize=2)
+    groups: dict = {}
     for r in rows:
-        curve = r["curves"][0]
-        xs = [max(x, 1e-3) for x, _ in curve]
-        line, = ax.plot(xs, [y for _, y in curve], marker=".", alpha=0.6, label=r["name"])
-        ax.errorbar([r["mb"]], [r["final_mean"]], yerr=[r["final_std"]], fmt="*" if r["pareto"]
-                    else "o", color=line.get_color(), markersize=10 if r["pareto"] else 5)
-    front = sorted((r["mb"], r["final_mean"]) for r in rows if r["pareto"])
-    if front:
-        ax.plot(*zip(*front), "k--", linewidth=1, label="Pareto front (mean over seeds)")
+        groups.setdefault(r["baseline"], []).append(r)
+    by_name = {r["name"]: r for r in rows}
+    for g, (base, members) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        style = ("--", ":", "-.")[g % 3]
+        front = sorted((r["mb"], r["final_mean"]) for r in members if r["pareto"])
+        if len(front) > 1:
+            ax.plot(*zip(*front), "k" + style, linewidth=1,
+                    label=f"Pareto front vs {base} (seed means)")
+        if base in by_name:
+            line = by_name[base]["final_mean"] - TOLERANCE
+            ax.axhline(line, color="grey", linestyle=style, linewidth=0.8,
+                       label=f"{base} final − 1 point ({line:.4f})")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative MB on the wire (down + up + control, all clients)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(suite)
+    ax.set_title(f"{suite}: curves = mean over seeds per evaluated round; final points "
+                 "± population std (ddof=0); large black-edged = Pareto front", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_mb.png", dpi=120)
+    fig.savefig(out / "accuracy_vs_mb.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

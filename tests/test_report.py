@@ -186,3 +186,31 @@ def test_a_suite_mixing_wire_payload_or_code_versions_is_flagged(suite, capsys):
     write_report("s", suite, SPEC)
     assert json.loads((suite / "summary.json").read_text())["mixed_versions"] == {
         "code": ["aaaaaaaaaaaa", "unrecorded"]}
+
+
+def test_plot_curves_are_seed_means_without_a_stand_in_origin_and_styles_stay_apart():
+    """The plotted curve of a configuration is the mean over its seeds at each evaluated round;
+    round 0 (0 MB) is left out rather than drawn at a fake small MB; 20 series get 20 distinct
+    (colour, marker) pairs."""
+    from benchmarks.report import mean_curve, series_style
+
+    a = [(0.0, 0.1), (2.0, 0.5), (4.0, 0.7)]
+    b = [(0.0, 0.1), (4.0, 0.6), (8.0, 0.9)]
+    assert mean_curve([a, b]) == [pytest.approx((3.0, 0.55)), pytest.approx((6.0, 0.8))]
+    assert mean_curve([a, b[:2]]) == [pytest.approx((3.0, 0.55))]   # cut to the shorter seed
+    assert len({series_style(i) for i in range(20)}) == 20
+
+
+def test_runs_with_clients_holding_no_examples_are_marked(suite):
+    """A run in which a client's replies were dropped for holding zero examples (partitioned
+    with min-partition-size=0) is counted per configuration and marked § in the table."""
+    path = suite / "runs/bad/seed-1/rounds.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    recs[1]["dropped_reasons"] = [{"node": 7, "reason": "MalformedReply: num-examples must be a "
+                                   "positive number, got 0"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    rows = {r["name"]: r for r in write_report("s", suite, SPEC)}
+    assert rows["bad"]["seeds_with_empty_clients"] == 1
+    assert rows["small"]["seeds_with_empty_clients"] == 0
+    md = (suite / "summary.md").read_text()
+    assert "| bad § |" in md and "| small |" in md and "ZERO examples" in md
