@@ -14,7 +14,7 @@ plan, and the numba kernels (imported only when such a codec runs).
   transforms ``D x`` unscaled and scales the quantizer's bounds instead); decoding computes
   ``x' = T * D H c`` (``H H = d I``) from the quantized ``c`` and the chunk's scale ``T``.
 * Sub-bit sampling: ``k`` of ``N`` values, one uniformly at random in each of ``k`` equal
-  strata ``[j N / k, (j+1) N / k)``, its position from the key (:func:`gather`, :func:`scatter`).
+  strata ``[j N / k, (j+1) N / k)``, its position from the key (:func:`_strata`).
 """
 
 from __future__ import annotations
@@ -401,29 +401,51 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
 
 
 @cached_njit
-def _stratum(n, k, ks, j):  # pragma: no cover - compiled
-    """``(position, size)`` of stratum ``j`` of ``k`` over ``n`` values: the position is
-    uniform in ``[j n / k, (j+1) n / k)`` by the sampling key ``ks``; the size is its
-    Horvitz–Thompson weight."""
-    lo = (j * n) // k
-    hi = ((j + 1) * n) // k
-    u = _mix(ks + np.uint64(j)) >> np.uint64(32)
-    return lo + np.int64((u * np.uint64(hi - lo)) >> np.uint64(32)), hi - lo
+def _strata(n, k, key, j0, j1, pos, wt):  # pragma: no cover - compiled
+    """For strata ``j`` in ``[j0, j1)`` of ``k`` over ``n`` values: ``pos[j - j0]``, uniform in
+    ``[floor(j n / k), floor((j+1) n / k))`` by the sampling key, and ``wt[j - j0]``, the
+    stratum's size (its Horvitz–Thompson weight). The bounds are stepped, not divided."""
+    ks = _mix(key ^ _SAMPLE_SALT)
+    q = (j0 * n) // k
+    r = (j0 * n) % k
+    qn = n // k
+    rn = n % k
+    for j in range(j0, j1):
+        q2 = q + qn
+        r2 = r + rn
+        if r2 >= k:
+            q2 += 1
+            r2 -= k
+        u = _mix(ks + np.uint64(j)) >> np.uint64(32)
+        pos[j - j0] = q + np.int64((u * np.uint64(q2 - q)) >> np.uint64(32))
+        wt[j - j0] = q2 - q
+        q = q2
+        r = r2
+
+
+_BLOCK = 4096  # strata whose positions are computed together
 
 
 @cached_njit
 def gather(x, n, k, key, j0, j1, out):  # pragma: no cover - compiled
     """``out[j] = x[position of stratum j]`` for ``j`` in ``[j0, j1)``."""
-    ks = _mix(key ^ _SAMPLE_SALT)
-    for j in range(j0, j1):
-        out[j] = x[_stratum(n, k, ks, j)[0]]
+    pos = np.empty(_BLOCK, np.int64)
+    wt = np.empty(_BLOCK, np.int64)
+    for b in range(j0, j1, _BLOCK):
+        e = min(j1, b + _BLOCK)
+        _strata(n, k, key, b, e, pos, wt)
+        for j in range(b, e):
+            out[j] = x[pos[j - b]]
 
 
 @cached_njit
 def scatter(vals, n, k, key, weighted, j0, j1, out):  # pragma: no cover - compiled
     """``out[position of stratum j] = vals[j]`` (times the stratum's size when ``weighted``)
     for ``j`` in ``[j0, j1)``; ``out`` holds zeros elsewhere."""
-    ks = _mix(key ^ _SAMPLE_SALT)
-    for j in range(j0, j1):
-        pos, size = _stratum(n, k, ks, j)
-        out[pos] = vals[j] * np.float32(size) if weighted else vals[j]
+    pos = np.empty(_BLOCK, np.int64)
+    wt = np.empty(_BLOCK, np.int64)
+    for b in range(j0, j1, _BLOCK):
+        e = min(j1, b + _BLOCK)
+        _strata(n, k, key, b, e, pos, wt)
+        for j in range(b, e):
+            out[pos[j - b]] = vals[j] * np.float32(wt[j - b]) if weighted else vals[j]
