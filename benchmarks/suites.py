@@ -368,30 +368,17 @@ def _text_frontier() -> dict:
             "baselines": baselines, "centralized": "fl-lora-r8"}
 
 
-MAIN_JOB = {
-    # ./run's preset (issue 31): LoRA on the pretrained encoder over 10 simulated clients,
-    # 5 a round, updates and per-node delta downloads both in 1-bit signs with one scale a
-    # tensor, error feedback at both ends (first downloads: 4-bit weights)
-    "task": "text", "model": "minilm", "dataset": "bbc-news", "method": "fl-lora",
-    "lora-rank": 4, "train-head": False, "lr": 2e-3, "num-server-rounds": 12,
-    "fraction-train": 0.5, "min-train-nodes": 5, "min-available-nodes": 10,
-    "local-epochs": 1, "batch-size": 16, "max-length": 48, "max-examples-per-client": 128,
-    "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "eval-every": 4,
-    "eval-max-examples": 0, "seed": 42, "upload": "delta", "download": "delta",
-    "codec-up": "sign:tensor|zstd", "codec-down": "sign:tensor|zstd",
-    "codec-down-full": "affine:4|zstd", "error-feedback": True,
-}
-
-
 def _main_job() -> dict:
     """``./run``'s main job and the two references its closing line compares with, each
     measured on the same rounds, clients and seed: dense LoRA in fp32 (weights up, full
     downloads) and full fine-tuning of the encoder (FedAvg, fp32)."""
-    dense = {k: v for k, v in MAIN_JOB.items()
+    from fedlora.presets import MAIN
+
+    dense = {k: v for k, v in MAIN.items()
              if k not in ("upload", "download", "codec-up", "codec-down", "codec-down-full",
                           "error-feedback")}
     return {"nodes": 10, "target": 0.9, "runs": {
-        "lora-compressed": dict(MAIN_JOB),
+        "lora-compressed": dict(MAIN),
         "lora-dense-fp32": dense,
         "full-ft-fp32": {**dense, "method": "fedavg", "lr": 5e-5}},
         "baselines": {"lora-compressed": "lora-dense-fp32", "lora-dense-fp32": "lora-dense-fp32",
