@@ -205,7 +205,7 @@ if __name__ == "__main__":
         ap.add_argument("--nodes", type=int, default=10)
         ap.add_argument("--load", type=int, default=2, help="busy loops during the 2nd run")
         ap.add_argument("overrides", nargs="*", help="run-config key=value (TOML values)")
-        ns = ap.parse_args(sys.argv[2:])
+        ns = ap.parse_intermixed_args(sys.argv[2:])
         sys.path.insert(0, str(ns.tree.resolve()))
         raise SystemExit(twice(ns.out.resolve(), ns.tree.resolve(), ns.nodes, ns.load,
                                ns.overrides))
