@@ -418,7 +418,8 @@ def test_the_compiled_topk_reader_refuses_gaps_no_smaller_than_the_bitmap(monkey
 # drive / eden:b (rotated, keyed by the codec key both ends derive): the same hardening, the
 # payloads decoded with their key; a wrong key is refused by the body's tag
 
-KEYED = ["drive", "drive:mse|zstd", "eden:0.5", "eden:2:mse", "eden:0.25|zstd", "eden:3"]
+KEYED = ["drive", "drive:mse|zstd", "eden:0.5", "eden:2:mse", "eden:0.25|zstd", "eden:3",
+         "drive:mse:tensor", "eden:0.5:mse:tensor|zstd"]
 FUZZ_KEY = 0xFEED
 
 
@@ -491,6 +492,10 @@ def _tag(key=FUZZ_KEY):
     ("drive", 12, f32(1.0) + b"\x00\x00\x00", "trailing"),  # 12 values pad to 16: 2 bytes
     ("eden:2", 4, f32(1.0), "truncated"),
     ("eden:0.5", 16, f32(1.0) + b"\x00\x00", "trailing"),     # 8 kept: one label byte
+    ("drive:tensor", 16, f32(-1.0) + f32(1.0) + b"\x00\x00", "tensor scale"),
+    ("drive:tensor", 16, f32(np.nan) + f32(1.0) + b"\x00\x00", "tensor scale"),
+    ("drive:tensor", 16, f32(3e38) + f32(1.0) + b"\x00\x00", "chunk scale"),
+    ("drive:tensor", 16, f32(1.0), "truncated"),
 ])
 def test_keyed_hostile_bodies(spec, n, body, why):
     with pytest.raises(CodecError, match=why):

@@ -107,7 +107,7 @@ class ValueCoder(Codec):
 
     kind = "value"
     #: the coder writes the whole raw body at once (``encode_body(items, key, out)``,
-    #: ``decode_body(r, table, key)``, ``body_size(n)``: ``eden.py``) instead of one value
+    #: ``decode_body(r, table, key)``, ``body_size(sizes)``: ``eden.py``) instead of one value
     #: section a tensor; no sparsifier may precede it
     whole_body: ClassVar[bool] = False
     #: the coder needs the pipeline's codec key (``Pipeline.keyed``) to encode and decode

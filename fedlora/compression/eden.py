@@ -61,6 +61,7 @@ CENTROIDS = {
 _LIMIT = FLT_MAX * (1.0 - 2.0 ** -20)
 _MIN_P = Decimal("0.001")
 _PART = 4  # chunks per unit of parallel work
+_FLAGS = ([], ["mse"], ["tensor"], ["mse", "tensor"])
 
 
 def codec_key(run_seed: int, server_round: int, direction: str, node: int | None = None) -> int:
@@ -96,7 +97,7 @@ class Eden(ValueCoder):
     whole_body = True
     needs_key = True
 
-    def __init__(self, bits: str | float | int = 1, mse: bool = False):
+    def __init__(self, bits: str | float | int = 1, mse: bool = False, tensor: bool = False):
         try:
             d = Decimal(str(bits))
         except InvalidOperation:
@@ -109,29 +110,41 @@ class Eden(ValueCoder):
         self.bits = int(d) if d >= 1 else 1     # label width
         self.text = format(d.normalize(), "f")
         self.mse = bool(mse)
+        self.tensor = bool(tensor)
         self.cents, self.bounds = _tables(self.bits)
 
     @classmethod
     def from_args(cls, args):
-        if len(args) in (1, 2) and re.fullmatch(r"[0-9]*\.?[0-9]+", args[0]) and \
-                args[1:] in ([], ["mse"]):
-            return cls(args[0], mse=args[1:] == ["mse"])
-        raise SpecError("eden takes a bit width (1..4, or below 1: the sampled fraction) and "
-                        "optionally 'mse' (least-squares scale), e.g. eden:2, eden:0.25:mse")
+        if len(args) >= 1 and re.fullmatch(r"[0-9]*\.?[0-9]+", args[0]) and \
+                args[1:] in _FLAGS:
+            return cls(args[0], mse="mse" in args[1:], tensor="tensor" in args[1:])
+        raise SpecError("eden takes a bit width (1..4, or below 1: the sampled fraction), then "
+                        "optionally 'mse' (least-squares scale) and 'tensor' (tensors equalized "
+                        "to one RMS), e.g. eden:2, eden:0.25:mse, eden:0.5:mse:tensor")
+
+    def _flags(self) -> str:
+        return (":mse" if self.mse else "") + (":tensor" if self.tensor else "")
 
     def spec_part(self):
-        return f"eden:{self.text}" + (":mse" if self.mse else "")
+        return f"eden:{self.text}" + self._flags()
 
     def get_config(self):
-        return {"id": self.codec_id, "bits": self.text, "mse": self.mse}
+        return {"id": self.codec_id, "bits": self.text, "mse": self.mse, "tensor": self.tensor}
+
+    @classmethod
+    def _bool_config(cls, cfg):
+        out = []
+        for k in ("mse", "tensor"):
+            v = cfg.get(k, False)
+            if not isinstance(v, bool):
+                raise SpecError(f"{cls.codec_id}: {k} must be true or false, got {v!r}")
+            out.append(v)
+        return out
 
     @classmethod
     def from_config(cls, cfg):
-        cls.check_config_keys(cfg, ("bits", "mse"))
-        mse = cfg.get("mse", False)
-        if not isinstance(mse, bool):
-            raise SpecError(f"{cls.codec_id}: mse must be true or false, got {mse!r}")
-        return cls(cfg.get("bits", 1), mse)
+        cls.check_config_keys(cfg, ("bits", "mse", "tensor"))
+        return cls(cfg.get("bits", 1), *cls._bool_config(cfg))
 
     def max_expansion(self):
         return 32.0 / float(self.p if self.p is not None else self.bits)
@@ -144,11 +157,12 @@ class Eden(ValueCoder):
         num, den = self.p.as_integer_ratio()
         return max(1, -(-n * num // den))
 
-    def body_size(self, n: int) -> int:
-        """Bytes of the body for ``n`` values in all."""
-        starts, sizes = _kernels().chunk_plan(self.kept(n))
-        padded = int(sizes.sum())
-        return 4 + 4 * sizes.size + (padded * self.bits + 7) // 8
+    def body_size(self, sizes: list[int]) -> int:
+        """Bytes of the body for tensors of ``sizes`` values."""
+        starts, chunks = _kernels().chunk_plan(self.kept(sum(sizes)))
+        padded = int(chunks.sum())
+        return (4 + 4 * len(sizes) * self.tensor + 4 * chunks.size
+                + (padded * self.bits + 7) // 8)
 
     def _wmax(self, n: int) -> int:
         k = self.kept(n)
@@ -162,15 +176,26 @@ class Eden(ValueCoder):
                              "Pipeline.keyed)")
         n = sum(x.size for _, x in items)
         out.append(np.array([rot.key_tag(key)], "<u4").tobytes())
+        if self.tensor:
+            rms = self._tensor_rms(rot, items)
+            out.append(as_bytes(rms.astype("<f4")))
         if n == 0:
             return
-        if len(items) == 1:
+        if len(items) == 1 and not self.tensor:
             x = items[0][1].reshape(-1)
         else:
             x = scratch(4 * n).view(np.float32)
             o = 0
-            for _, t in items:
-                x[o:o + t.size] = t.reshape(-1)
+            for i, (_, t) in enumerate(items):
+                xs = x[o:o + t.size]
+                if not self.tensor:
+                    xs[...] = t.reshape(-1)
+                elif rms[i] == 0:
+                    xs[...] = 0.0
+                elif 1.0 / float(rms[i]) < 3.0e38:
+                    np.multiply(t.reshape(-1), np.float32(1.0 / float(rms[i])), out=xs)
+                else:  # subnormal RMS: scale in float64
+                    xs[...] = t.reshape(-1).astype(np.float64) * (1.0 / float(rms[i]))
                 o += t.size
         k64 = np.uint64(key)
         if self.p is not None:
@@ -192,10 +217,23 @@ class Eden(ValueCoder):
             sizes.size, min_per_part=_PART)
         if any(f & 1 for f in flags):
             raise CodecError("input contains NaN or Inf")
-        if any(f & 2 for f in flags):
+        if any(f & 2 for f in flags) or (self.tensor and float(rms.max()) * float(
+                (T.astype(np.float64) * sizes).max()) * float(abs(self.cents[-1])) * wmax > _LIMIT):
             raise CodecError(f"values too close to the float32 limit for {self.spec_part()}")
         out.append(as_bytes(T.astype("<f4")))
         out.append(as_bytes(packed))
+
+    @staticmethod
+    def _tensor_rms(rot, items) -> np.ndarray:
+        """float32 RMS of each tensor (``:tensor``: each travels divided by it)."""
+        rms = np.zeros(len(items), np.float32)
+        for i, (_, t) in enumerate(items):
+            if t.size:
+                ss = rot._sumsq8(t.reshape(-1))
+                if not ss < np.inf:
+                    raise CodecError("input contains NaN or Inf")
+                rms[i] = np.float32(math.sqrt(ss / t.size))
+        return rms
 
     # -- decode -----------------------------------------------------------------------------
     def decode_body(self, r: Reader, table, key) -> dict[str, np.ndarray]:
@@ -205,12 +243,19 @@ class Eden(ValueCoder):
             raise CodecError(f"{name} payload needs the codec key to decode (the pipeline's: "
                              "Pipeline.keyed / decode_payload(key=...))")
         n = sum(math.prod(shape) for _, shape in table)
+        if r.remaining < 4 + 4 * len(table) * self.tensor:
+            raise CodecError(f"truncated payload: {name} body of {r.remaining} bytes")
         tag = int(r.array("<u4", 1, f"{name} key tag")[0])
         want = rot.key_tag(key)
         if tag != want:
             raise CodecError(f"{name} payload carries codec key tag {tag:08x}, this receiver "
                              f"expects {want:08x}: sender and receiver derived different codec "
                              "keys (run seed, round, direction or node differ)")
+        rms = None
+        if self.tensor:
+            rms = r.array("<f4", len(table), f"{name} tensor scales").astype(np.float32)
+            if not (np.all(rms >= 0) and np.all(rms <= _LIMIT)) or np.signbit(rms).any():
+                raise CodecError(f"{name}: negative or non-finite tensor scale")
         m = self.kept(n)
         starts, sizes = rot.chunk_plan(m)
         padded = int(sizes.sum())
@@ -225,6 +270,8 @@ class Eden(ValueCoder):
             cmax = float(abs(self.cents[-1]))
             with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf are refused below
                 bound = T.astype(np.float64) * sizes * cmax * self._wmax(n)
+                if rms is not None and rms.size:
+                    bound = bound * float(rms.max())
             if not (np.all(T >= 0) and np.all(bound <= _LIMIT)) or np.signbit(T).any():
                 raise CodecError(f"{name}: negative, non-finite or overflowing chunk scale")
             packed = r.array("u1", nbytes, f"{name} labels")
@@ -242,6 +289,12 @@ class Eden(ValueCoder):
             if self.p is not None:
                 run_parallel(lambda a, b: rot.scatter(vals, n, m, k64, not self.mse, a, b, flat),
                              m, min_per_part=1 << 16)
+        if rms is not None:
+            o = 0
+            for i, (_, shape) in enumerate(table):
+                size = math.prod(shape)
+                flat[o:o + size] *= rms[i]
+                o += size
         out, o = {}, 0
         for tname, shape in table:
             size = math.prod(shape)
@@ -269,26 +322,24 @@ class Drive(Eden):
 
     codec_id = "drive"
 
-    def __init__(self, mse: bool = False):
-        super().__init__(1, mse)
+    def __init__(self, mse: bool = False, tensor: bool = False):
+        super().__init__(1, mse, tensor)
 
     @classmethod
     def from_args(cls, args):
-        if args in ([], ["mse"]):
-            return cls(mse=args == ["mse"])
-        raise SpecError("drive takes no argument or 'mse' (least-squares scale): drive, "
-                        "drive:mse")
+        if args in _FLAGS:
+            return cls(mse="mse" in args, tensor="tensor" in args)
+        raise SpecError("drive takes no argument, or 'mse' (least-squares scale) and/or "
+                        "'tensor' (tensors equalized to one RMS): drive, drive:mse, "
+                        "drive:mse:tensor")
 
     def spec_part(self):
-        return "drive" + (":mse" if self.mse else "")
+        return "drive" + self._flags()
 
     def get_config(self):
-        return {"id": self.codec_id, "mse": self.mse}
+        return {"id": self.codec_id, "mse": self.mse, "tensor": self.tensor}
 
     @classmethod
     def from_config(cls, cfg):
-        cls.check_config_keys(cfg, ("mse",))
-        mse = cfg.get("mse", False)
-        if not isinstance(mse, bool):
-            raise SpecError(f"drive: mse must be true or false, got {mse!r}")
-        return cls(mse)
+        cls.check_config_keys(cfg, ("mse", "tensor"))
+        return cls(*cls._bool_config(cfg))

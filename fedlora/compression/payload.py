@@ -407,7 +407,7 @@ class Pipeline:
         table = [(name, tuple(int(d) for d in x.shape)) for name, x in items]
         if self.value_coder.whole_body:
             return _header_size(self.spec, table, by_digest) + self.value_coder.body_size(
-                sum(x.size for _, x in items))
+                [x.size for _, x in items])
         return _header_size(self.spec, table, by_digest) + (self.sparsifier or _DENSE).size_all(
             items, self.value_coder)
 
@@ -460,7 +460,7 @@ class Pipeline:
         sp = self.sparsifier or _DENSE
         vc = self.value_coder
         if vc.whole_body:
-            bound = vc.body_size(sum(math.prod(shape) for _, shape in table))
+            bound = vc.body_size([math.prod(shape) for _, shape in table])
         else:
             bound = sum(sp.max_size(name, shape, vc) for name, shape in table)
         bounds = [bound]
