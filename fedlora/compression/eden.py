@@ -217,8 +217,8 @@ class Eden(ValueCoder):
             sizes.size, min_per_part=_PART)
         if any(f & 1 for f in flags):
             raise CodecError("input contains NaN or Inf")
-        if any(f & 2 for f in flags) or (self.tensor and float(rms.max()) * float(
-                (T.astype(np.float64) * sizes).max()) * float(abs(self.cents[-1])) * wmax > _LIMIT):
+        cbound = float((T.astype(np.float64) * sizes).max()) * float(abs(self.cents[-1])) * wmax
+        if any(f & 2 for f in flags) or (self.tensor and float(rms.max()) * cbound > _LIMIT):
             raise CodecError(f"values too close to the float32 limit for {self.spec_part()}")
         out.append(as_bytes(T.astype("<f4")))
         out.append(as_bytes(packed))
