@@ -187,7 +187,9 @@ class RunConfig:
     tier_codec_down: str = _f("", "Per-tier `codec-down`.")
     tier_rank: str = _f("", "Per-tier rank budget (LoRA-A2) / client rank (FlexLoRA, HetLoRA).")
     # --- output ---
-    run_dir: str = _f("runs", "Where run folders go (docs/records.md).")
+    run_dir: str = _f("runs", "Where run folders go (docs/records.md); a relative path (like a "
+                      "relative `data-dir`, `resume` or local `model`) is resolved against the "
+                      "directory the launcher (`./run`, `fedlora.launch`) was started in.")
     run_name: str = _f("", "Run folder name, one plain folder name; empty = timestamp + method.")
     # --- checkpoints ---
     resume: str = _f("", "Continue a crashed run from its last complete round: a run folder, or "
