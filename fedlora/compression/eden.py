@@ -17,6 +17,9 @@ scale ``T``; it decodes to ``x' = T D H c``. Variants (the papers' two scales):
 ``k`` equal strata (positions from the key), are coded as ``eden:1``; decoding puts them back,
 times their stratum's size (unbiased: Horvitz–Thompson, vNMSE ~ 1.57/p - 1 > 1, so NOT for
 error feedback, whose residual then grows) or as they are (``:mse``, vNMSE ~ 1 - 0.64 p).
+``:tensor`` (last flag): each tensor is first divided by its RMS rounded to a power of two (one
+byte a tensor), so every tensor's own error is near the vNMSE instead of the concatenation's
+error spread evenly over the values (a tensor 1000x smaller than the rest: 1000s x its norm).
 
 The rotation signs and sampled positions come from the pipeline's codec key (``codec_key``:
 run seed, round, direction, node), which both ends derive and which never travels; a
@@ -24,7 +27,9 @@ run seed, round, direction, node), which both ends derive and which never travel
 ``C`` chunks of ``P`` padded values, from the plan of ``N`` or ``k`` values)::
 
     tag     4 bytes   uint32 LE, ``rotate.key_tag(key)``: a receiver whose key differs refuses
-    scales  C x float32  finite, >= 0 (not -0.0), T d max|c| w <= FLT_MAX (w: largest weight)
+    exps    (``:tensor`` only) one int8 a tensor, body order: 2^e its divisor, -128 all zeros
+    scales  C x float32  finite, >= 0 (not -0.0), T d max|c| w 2^max(e) <= FLT_MAX (w: the
+            largest sampling weight)
     labels  ceil(P b / 8) bytes, chunk after chunk (each starts on a byte), LSB first; a chunk
             of scale 0 has all-zero labels; unused bits of the last byte are zero
 
@@ -62,6 +67,7 @@ _LIMIT = FLT_MAX * (1.0 - 2.0 ** -20)
 _MIN_P = Decimal("0.001")
 _PART = 4  # chunks per unit of parallel work
 _FLAGS = ([], ["mse"], ["tensor"], ["mse", "tensor"])
+_ZERO_TENSOR = -128  # ``:tensor`` exponent of a tensor of zeros
 
 
 def codec_key(run_seed: int, server_round: int, direction: str, node: int | None = None) -> int:
@@ -161,7 +167,7 @@ class Eden(ValueCoder):
         """Bytes of the body for tensors of ``sizes`` values."""
         starts, chunks = _kernels().chunk_plan(self.kept(sum(sizes)))
         padded = int(chunks.sum())
-        return (4 + 4 * len(sizes) * self.tensor + 4 * chunks.size
+        return (4 + len(sizes) * self.tensor + 4 * chunks.size
                 + (padded * self.bits + 7) // 8)
 
     def _wmax(self, n: int) -> int:
@@ -177,8 +183,8 @@ class Eden(ValueCoder):
         n = sum(x.size for _, x in items)
         out.append(np.array([rot.key_tag(key)], "<u4").tobytes())
         if self.tensor:
-            rms = self._tensor_rms(rot, items)
-            out.append(as_bytes(rms.astype("<f4")))
+            exps = self._tensor_exponents(rot, items)
+            out.append(as_bytes(exps))
         if n == 0:
             return
         if len(items) == 1 and not self.tensor:
@@ -190,12 +196,10 @@ class Eden(ValueCoder):
                 xs = x[o:o + t.size]
                 if not self.tensor:
                     xs[...] = t.reshape(-1)
-                elif rms[i] == 0:
+                elif exps[i] == _ZERO_TENSOR:
                     xs[...] = 0.0
-                elif 1.0 / float(rms[i]) < 3.0e38:
-                    np.multiply(t.reshape(-1), np.float32(1.0 / float(rms[i])), out=xs)
-                else:  # subnormal RMS: scale in float64
-                    xs[...] = t.reshape(-1).astype(np.float64) * (1.0 / float(rms[i]))
+                else:  # divided by a power of two: exact
+                    np.ldexp(t.reshape(-1), -int(exps[i]), out=xs)
                 o += t.size
         k64 = np.uint64(key)
         if self.p is not None:
@@ -218,22 +222,25 @@ class Eden(ValueCoder):
         if any(f & 1 for f in flags):
             raise CodecError("input contains NaN or Inf")
         cbound = float((T.astype(np.float64) * sizes).max()) * float(abs(self.cents[-1])) * wmax
-        if any(f & 2 for f in flags) or (self.tensor and float(rms.max()) * cbound > _LIMIT):
+        if any(f & 2 for f in flags) or (self.tensor and math.ldexp(cbound, int(exps.max()))
+                                          > _LIMIT):
             raise CodecError(f"values too close to the float32 limit for {self.spec_part()}")
         out.append(as_bytes(T.astype("<f4")))
         out.append(as_bytes(packed))
 
     @staticmethod
-    def _tensor_rms(rot, items) -> np.ndarray:
-        """float32 RMS of each tensor (``:tensor``: each travels divided by it)."""
-        rms = np.zeros(len(items), np.float32)
+    def _tensor_exponents(rot, items) -> np.ndarray:
+        """``:tensor``: each tensor's RMS rounded to a power of two ``2^e`` (int8 ``e`` in
+        [-127, 127]; -128: a tensor of zeros); each travels divided by it."""
+        exps = np.full(len(items), _ZERO_TENSOR, np.int8)
         for i, (_, t) in enumerate(items):
-            if t.size:
-                ss = rot._sumsq8(t.reshape(-1))
-                if not ss < np.inf:
-                    raise CodecError("input contains NaN or Inf")
-                rms[i] = np.float32(math.sqrt(ss / t.size))
-        return rms
+            ss = rot._sumsq8(t.reshape(-1)) if t.size else 0.0
+            if not ss < np.inf:
+                raise CodecError("input contains NaN or Inf")
+            if ss > 0:
+                mant, e = math.frexp(math.sqrt(ss / t.size))
+                exps[i] = min(127, max(-127, e - (mant < math.sqrt(0.5))))
+        return exps
 
     # -- decode -----------------------------------------------------------------------------
     def decode_body(self, r: Reader, table, key) -> dict[str, np.ndarray]:
@@ -243,7 +250,7 @@ class Eden(ValueCoder):
             raise CodecError(f"{name} payload needs the codec key to decode (the pipeline's: "
                              "Pipeline.keyed / decode_payload(key=...))")
         n = sum(math.prod(shape) for _, shape in table)
-        if r.remaining < 4 + 4 * len(table) * self.tensor:
+        if r.remaining < 4 + len(table) * self.tensor:
             raise CodecError(f"truncated payload: {name} body of {r.remaining} bytes")
         tag = int(r.array("<u4", 1, f"{name} key tag")[0])
         want = rot.key_tag(key)
@@ -251,11 +258,9 @@ class Eden(ValueCoder):
             raise CodecError(f"{name} payload carries codec key tag {tag:08x}, this receiver "
                              f"expects {want:08x}: sender and receiver derived different codec "
                              "keys (run seed, round, direction or node differ)")
-        rms = None
-        if self.tensor:
-            rms = r.array("<f4", len(table), f"{name} tensor scales").astype(np.float32)
-            if not (np.all(rms >= 0) and np.all(rms <= _LIMIT)) or np.signbit(rms).any():
-                raise CodecError(f"{name}: negative or non-finite tensor scale")
+        exps = None
+        if self.tensor:  # every int8 is valid: -128 a tensor of zeros, else 2^e
+            exps = r.array("i1", len(table), f"{name} tensor exponents").astype(np.int64)
         m = self.kept(n)
         starts, sizes = rot.chunk_plan(m)
         padded = int(sizes.sum())
@@ -270,8 +275,8 @@ class Eden(ValueCoder):
             cmax = float(abs(self.cents[-1]))
             with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf are refused below
                 bound = T.astype(np.float64) * sizes * cmax * self._wmax(n)
-                if rms is not None and rms.size:
-                    bound = bound * float(rms.max())
+                if exps is not None and exps.size:
+                    bound = bound * 2.0 ** int(exps.max())
             if not (np.all(T >= 0) and np.all(bound <= _LIMIT)) or np.signbit(T).any():
                 raise CodecError(f"{name}: negative, non-finite or overflowing chunk scale")
             packed = r.array("u1", nbytes, f"{name} labels")
@@ -289,11 +294,14 @@ class Eden(ValueCoder):
             if self.p is not None:
                 run_parallel(lambda a, b: rot.scatter(vals, n, m, k64, not self.mse, a, b, flat),
                              m, min_per_part=1 << 16)
-        if rms is not None:
+        if exps is not None:
             o = 0
             for i, (_, shape) in enumerate(table):
                 size = math.prod(shape)
-                flat[o:o + size] *= rms[i]
+                if exps[i] == _ZERO_TENSOR:
+                    flat[o:o + size] = 0.0
+                else:
+                    np.ldexp(flat[o:o + size], int(exps[i]), out=flat[o:o + size])
                 o += size
         out, o = {}, 0
         for tname, shape in table:
