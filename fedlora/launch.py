@@ -37,6 +37,7 @@ from . import provenance
 from .validate import ConfigError, check_run_name, run_folder
 
 PROJECT = Path(__file__).resolve().parent.parent
+PRESET_NAMES = ("main", "vision")  # fedlora/presets.py (not imported here: it stays light)
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -818,6 +819,9 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
                      help="Ray GPU share per simulated node, e.g. 0.1 (default 0: none reserved)")
     sim.add_argument("--work-dir", default=str(PROJECT / "runs" / ".flwr"))
     sim.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
+    sim.add_argument("--preset", choices=sorted(PRESET_NAMES),
+                     help="start from a named run config (fedlora/presets.py; ./run uses main); "
+                     "overrides win over it")
     sim.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
     dep = sub.add_parser(
         "deploy", help="a real SuperLink + N SuperNodes on 127.0.0.1, run, stop",
@@ -868,6 +872,10 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
     if res.returncode != 0:
         print(f"fedlora: run failed: {res.reason}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    if getattr(args, "preset", None) == "main" and not getattr(args, "resume", None):
+        from .presets import compare_main
+
+        print(compare_main(run_dir, PROJECT / "results" / "main-job"), flush=True)
     print(f"records: {run_dir}/rounds.jsonl  rounds.csv  summary.json")
     return 0
 
@@ -915,6 +923,10 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
     if args.cmd == "sim" and not (args.cpus_per_node > 0 and args.gpus_per_node >= 0):
         raise ValueError("--cpus-per-node must be > 0 and --gpus-per-node >= 0")
     rc = _parse_kv(args.overrides)
+    if getattr(args, "preset", None) and not getattr(args, "resume", None):
+        from .presets import PRESETS
+
+        rc = {**PRESETS[args.preset], **rc}
     if "run-name" in rc:
         check_run_name(str(rc["run-name"]))
     if getattr(args, "resume", None):

@@ -117,14 +117,12 @@ def test_every_benchmark_and_preset_config_passes():
             check(rc)
             n += 1
     assert n > 50
-    # ./run's preset
-    preset = subprocess.run(["bash", "-c", "sed -n '/^PRESET=(/,/^)/p' run"], cwd=ROOT,
-                            capture_output=True, text=True).stdout
-    from fedlora.launch import _parse_kv
+    # ./run's presets (fedlora/presets.py; ./run passes --preset main unless told `vision`)
+    from fedlora.presets import PRESETS
 
-    items = [t.strip("'") for line in preset.splitlines()[1:-1] for t in line.split()]
-    assert len(items) == 13
-    check({**_parse_kv(items), "data-dir": SAMPLE})
+    check(PRESETS["main"])
+    check({**PRESETS["vision"], "data-dir": SAMPLE})
+    assert "--preset" in (ROOT / "run").read_text()
 
 
 def test_tables_mirror_the_code_they_stand_for():
