@@ -360,7 +360,8 @@ def _plot(suite: str, out: Path, rows: list[dict]) -> None:
     ax.set_title(f"{suite}: curves = mean over seeds per evaluated round; final points "
                  "± population std (ddof=0); large black-edged = Pareto front", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_mb.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
