@@ -167,34 +167,73 @@ SGN, WHT8 = _tables()
 @cached_njit
 def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
     """``buf[:8 ceil(v/8)]`` = the 8-point transforms of ``D x[s:s+v]`` (zero beyond ``v``),
-    and ``sum x^2`` in float64 (8 lanes, a fixed order), in one pass."""
-    acc = np.zeros(8)
+    and ``sum x^2`` (8 float32 lanes, a fixed order; float64 when that leaves (1e-30, 1e30)),
+    in one pass."""
+    acc = np.zeros(8, np.float32)
     full = v >> 3
     for g in range(full):
         if g & 7 == 0:
             word = _mix(kc + np.uint64(g >> 3))
         row = sgn[np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255))]
-        xs = x[s + 8 * g:s + 8 * g + 8]
-        for j in range(8):
-            t = np.float64(xs[j])
-            acc[j] += t * t
-            buf[8 * g + j] = xs[j] * row[j]
-        _bfly8(buf, 8 * g)
+        o = 8 * g
+        xs = x[s + o:s + o + 8]
+        a0 = xs[0] * row[0]
+        a1 = xs[1] * row[1]
+        a2 = xs[2] * row[2]
+        a3 = xs[3] * row[3]
+        a4 = xs[4] * row[4]
+        a5 = xs[5] * row[5]
+        a6 = xs[6] * row[6]
+        a7 = xs[7] * row[7]
+        acc[0] += a0 * a0
+        acc[1] += a1 * a1
+        acc[2] += a2 * a2
+        acc[3] += a3 * a3
+        acc[4] += a4 * a4
+        acc[5] += a5 * a5
+        acc[6] += a6 * a6
+        acc[7] += a7 * a7
+        b0 = a0 + a1
+        b1 = a0 - a1
+        b2 = a2 + a3
+        b3 = a2 - a3
+        b4 = a4 + a5
+        b5 = a4 - a5
+        b6 = a6 + a7
+        b7 = a6 - a7
+        c0 = b0 + b2
+        c2 = b0 - b2
+        c1 = b1 + b3
+        c3 = b1 - b3
+        c4 = b4 + b6
+        c6 = b4 - b6
+        c5 = b5 + b7
+        c7 = b5 - b7
+        buf[o] = c0 + c4
+        buf[o + 4] = c0 - c4
+        buf[o + 1] = c1 + c5
+        buf[o + 5] = c1 - c5
+        buf[o + 2] = c2 + c6
+        buf[o + 6] = c2 - c6
+        buf[o + 3] = c3 + c7
+        buf[o + 7] = c3 - c7
     if v > 8 * full:
         word = _mix(kc + np.uint64(full >> 3))
         row = sgn[np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255))]
         for j in range(8):
             i = 8 * full + j
             if i < v:
-                t = np.float64(x[s + i])
+                t = x[s + i] * row[j]
                 acc[j] += t * t
-                buf[i] = x[s + i] * row[j]
+                buf[i] = t
             else:
                 buf[i] = np.float32(0.0)
         _bfly8(buf, 8 * full)
     g2 = 0.0
     for j in range(8):
-        g2 += acc[j]
+        g2 += np.float64(acc[j])
+    if not (1e-30 < g2 < 1e30):  # underflow, overflow, NaN or zero: exactly, in float64
+        g2 = _sumsq8(x[s:s + v])
     return g2
 
 
@@ -248,13 +287,16 @@ def _quantize(buf, d, bits, bounds, cents, lab, packed, o, nbytes):  # pragma: n
     cz = np.zeros(8)
     cc = np.zeros(8)
     if bits == 1:  # the sign: label 1 for z >= 0 (c = +1), 0 for z < 0 (c = -1)
+        acc = np.zeros(8, np.float32)  # |z| <= 2^114 (the caller's range): float32 lanes
         for grp in range(d // 8):
-            byte = 0
+            zs = buf[8 * grp:8 * grp + 8]
+            byte = np.int32(0)
             for j in range(8):
-                z = buf[8 * grp + j]
-                byte |= np.int64(z >= 0) << j
-                cz[j] += abs(np.float64(z))
+                byte |= np.int32(zs[j] >= 0) << j
+                acc[j] += abs(zs[j])
             packed[o + grp] = np.uint8(byte)
+        for j in range(8):
+            cz[j] += np.float64(acc[j])
         byte = 0
         for j in range(d - 8 * (d // 8)):  # a chunk of 1, 2 or 4 values
             z = buf[8 * (d // 8) + j]
