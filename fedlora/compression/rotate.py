@@ -162,11 +162,13 @@ def _tables():
 
 
 SGN, WHT8 = _tables()
+SGNF, WHT8F = SGN.reshape(-1).copy(), WHT8.reshape(-1).copy()  # flat: row b at [8 b, 8 b + 8)
 
 
 @cached_njit
 def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
-    """``buf[:8 ceil(v/8)]`` = the 8-point transforms of ``D x[s:s+v]`` (zero beyond ``v``),
+    """``buf[:8 ceil(v/8)]`` = the 8-point transforms of ``D x[s:s+v]`` (zero beyond ``v``; ``sgn``
+    the flat sign rows ``SGNF``),
     and ``sum x^2`` (8 float32 lanes, a fixed order; float64 when that leaves (1e-30, 1e30)),
     in one pass."""
     acc = np.zeros(8, np.float32)
@@ -174,17 +176,17 @@ def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
     for g in range(full):
         if g & 7 == 0:
             word = _mix(kc + np.uint64(g >> 3))
-        row = sgn[np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255))]
+        r = np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255)) * 8
         o = 8 * g
-        xs = x[s + o:s + o + 8]
-        a0 = xs[0] * row[0]
-        a1 = xs[1] * row[1]
-        a2 = xs[2] * row[2]
-        a3 = xs[3] * row[3]
-        a4 = xs[4] * row[4]
-        a5 = xs[5] * row[5]
-        a6 = xs[6] * row[6]
-        a7 = xs[7] * row[7]
+        i = s + o
+        a0 = x[i] * sgn[r]
+        a1 = x[i + 1] * sgn[r + 1]
+        a2 = x[i + 2] * sgn[r + 2]
+        a3 = x[i + 3] * sgn[r + 3]
+        a4 = x[i + 4] * sgn[r + 4]
+        a5 = x[i + 5] * sgn[r + 5]
+        a6 = x[i + 6] * sgn[r + 6]
+        a7 = x[i + 7] * sgn[r + 7]
         acc[0] += a0 * a0
         acc[1] += a1 * a1
         acc[2] += a2 * a2
@@ -219,11 +221,11 @@ def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
         buf[o + 7] = c3 - c7
     if v > 8 * full:
         word = _mix(kc + np.uint64(full >> 3))
-        row = sgn[np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255))]
+        r = np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255)) * 8
         for j in range(8):
             i = 8 * full + j
             if i < v:
-                t = x[s + i] * row[j]
+                t = x[s + i] * sgn[r + j]
                 acc[j] += t * t
                 buf[i] = t
             else:
@@ -343,7 +345,7 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
     xb = x.view(np.uint32)
     lab = np.zeros(dmax + 8, np.uint8)
     bsc = np.empty(bounds.size, np.float32)
-    sgn = SGN
+    sgn = SGNF
     cmax = max(abs(cents[0]), abs(cents[cents.size - 1]))
     flags = 0
     for c in range(c0, c1):
@@ -405,8 +407,8 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
     for c in range(c0, c1):
         dmax = max(dmax, sizes[c])
     buf = np.empty(dmax + 8, np.float32)
-    sgn = SGN
-    wht8 = WHT8
+    sgn = SGNF
+    wht8 = WHT8F
     mask = np.uint64((1 << bits) - 1)
     bad = 0
     for c in range(c0, c1):
@@ -424,9 +426,9 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
             continue
         if bits == 1 and d >= 8:  # labels and the first three stages by table
             for grp in range(nbytes):
-                row = wht8[np.int64(packed[o + grp])]
+                r = np.int64(packed[o + grp]) * 8
                 for j in range(8):
-                    buf[8 * grp + j] = row[j]
+                    buf[8 * grp + j] = wht8[r + j]
             _fwht_from(buf, d, 8)
         elif bits == 1:
             byte = np.int32(packed[o])
@@ -447,15 +449,15 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
         for g in range(full):  # out = D (t H c), a row of 8 signs at a time
             if g & 7 == 0:
                 word = _mix(kc + np.uint64(g >> 3))
-            row = sgn[np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255))]
+            r = np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255)) * 8
             o8 = s + 8 * g
             for j in range(8):
-                out[o8 + j] = (buf[8 * g + j] * t) * row[j]
+                out[o8 + j] = (buf[8 * g + j] * t) * sgn[r + j]
         if v > 8 * full:
             word = _mix(kc + np.uint64(full >> 3))
-            row = sgn[np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255))]
+            r = np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255)) * 8
             for j in range(v - 8 * full):
-                out[s + 8 * full + j] = (buf[8 * full + j] * t) * row[j]
+                out[s + 8 * full + j] = (buf[8 * full + j] * t) * sgn[r + j]
     return bad
 
 
