@@ -121,11 +121,20 @@ class RunConfig:
     max_weight_ratio: float = _f(3.0, "A reply's `num-examples` counts at most this × the round's "
                                  "median reported count (0: no cap) (docs/hostile-nodes.md).")
     equal_weights: bool = _f(False, "Average replies with equal weights, ignoring `num-examples`.")
-    update_norm_bound: float = _f(0.0, "L2 bound on each update; 0 = automatic, "
+    update_norm_bound: float = _f(0.0, "L2 bound on each update; 0 = automatic: "
                                   "`norm-bound-factor` × the round's median update norm (rounds "
-                                  "with ≥ 3 replies).")
+                                  "with ≥ 3 replies), or in rounds of 1–2 replies the trusted "
+                                  "bound of `norm-bound-history` (docs/hostile-nodes.md).")
     norm_bound_factor: float = _f(5.0, "The automatic bound's multiple of the median update norm "
                                   "(0: no automatic bound).")
+    norm_bound_history: int = _f(5, "Rounds of 1–2 valid replies: bound updates by "
+                                 "`norm-bound-factor` × the largest median update norm of the last "
+                                 "this many applied rounds that had ≥ 2 valid replies (before "
+                                 "any: `norm-bound-global` × the global's norm); 0: no automatic "
+                                 "bound below 3 replies.")
+    norm_bound_global: float = _f(1.0, "Rounds of 1–2 replies with no trusted history yet (round "
+                                  "1): the bound is this × the L2 norm of the global model's "
+                                  "travelling tensors (0: none).")
     norm_bound_action: str = _f("clip", "An update over the bound is scaled down to it (`clip`) "
                                 "or dropped (`reject`).")
     aggregation: str = _f("mean", "`mean`, or the coordinate-wise `median` / `trimmed-mean` of the "

@@ -22,7 +22,8 @@ from fedlora.privacy import ServerPrivacy
 from fedlora.strategies.base import FedLoraStrategy, arrays_to_state
 
 from conftest import FakeGrid
-from test_hostile import ALL, configure, honest, make, reply, toy
+from fedlora.adapters import truncate_ranks
+from test_hostile import ALL, configure, honest, make, reply, toy, within_budget
 from test_resume import assert_same_nested as same
 
 NODES = (31, 17, 52, 8, 44)                      # node ids not in partition order
@@ -66,7 +67,9 @@ def wide(s, msg, rnd, node):
         d = rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6, shape)
         pm = {0: 1e9, 1: -1e9}.get(PARTS[node], 0.0) * big.standard_normal(shape)
         out[k] = (base[k] + d + pm.astype(np.float32)).astype(np.float32)
-    return out
+    # within the node's rank budget (LoRA-A2, FlexLoRA) and the rank 2 HetLoRA nodes report
+    out = within_budget(s, node, out)
+    return truncate_ranks(out, 2) if s.name == "hetlora" else out
 
 
 def run_rounds(method, kw, order, canonical=True, rounds=2):
@@ -129,7 +132,6 @@ def test_canonical_order_is_partition_then_node_id(task_identity):
     """Known partitions first in partition order, then nodes whose partition is unknown by id;
     whatever the arrival order."""
     s = make("flocora")
-    s.nodes.partitions.update({31: 2, 17: 0, 52: -1, 8: 1})
     msgs = configure(s, 1, toy(0), (31, 17, 52, 8, 44), FakeGrid([31, 17, 52, 8, 44]))
     s.nodes.partitions.update({31: 2, 17: 0, 52: -1, 8: 1})
     s.nodes.partitions.pop(44, None)

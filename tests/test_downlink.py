@@ -190,7 +190,7 @@ def test_strategy_commits_on_reply_and_forgets_on_failure(task_identity):
 
 
 def test_lora_a2_delta_download_carries_only_changed_rank_slices(task_identity):
-    st = _strategy("lora-a2", codec_down_full="fp32")
+    st = _strategy("lora-a2", codec_down_full="fp32", rank_budget=2)  # the 2 changed columns
     st.downlink.full_spec = parse_spec("fp32")
     grid = FakeGrid([21])
     x = toy(12)

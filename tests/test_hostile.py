@@ -13,6 +13,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedlora.adapters import rank_mask, truncate_ranks
 from fedlora.config import RunConfig
 from fedlora.strategies import get_method, guard
 from fedlora.strategies.base import ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays
@@ -58,12 +59,28 @@ def honest(s, msg, rnd, seed, scale=0.01):
     for k, shape in s.upload_shapes(rnd).items():
         d = (scale * rng.standard_normal(shape)).astype(np.float32)
         out[k] = d if s.replies_are_deltas else received[k] + d
-    return out
+    return within_budget(s, node_of(msg), out)
 
 
-def hostile_values(s, rnd, value=HUGE):
-    return OrderedDict((k, np.full(shape, value, np.float32))
-                       for k, shape in s.upload_shapes(rnd).items())
+def within_budget(s, node, tensors):
+    """An honest node's rank slices: FlexLoRA / HetLoRA none at or beyond its rank, LoRA-A2 its
+    budget's worth (the first ``budget`` slices of each module)."""
+    if hasattr(s, "client_rank"):
+        return truncate_ranks(tensors, s.client_rank(node))
+    if s.name == "lora-a2":
+        keep = range(s.budget(node))
+        return OrderedDict((k, np.where(rank_mask(k, v.shape, keep), v, np.float32(0))
+                            if ".lora_" in k else v)
+                           for k, v in tensors.items())
+    return tensors
+
+
+def hostile_values(s, rnd, value=HUGE, node=None):
+    """``value`` everywhere; with ``node``, only in the rank slices that node may send (so
+    the norm bound, not the rank budget, is what stops it)."""
+    out = OrderedDict((k, np.full(shape, value, np.float32))
+                      for k, shape in s.upload_shapes(rnd).items())
+    return out if node is None else within_budget(s, node, out)
 
 
 def reply(msg, tensors=None, n=10, spec=None, record=None, **metrics):
@@ -139,7 +156,7 @@ def test_values_1e30_are_clipped_for_every_method(task_identity, method):
     g = toy(0)
     msgs = configure(s, 1, g, (1, 2, 3, 4))
     replies = [reply(m, honest(s, m, 1, i)) for i, m in enumerate(msgs[:3])]
-    replies.append(reply(msgs[3], hostile_values(s, 1)))
+    replies.append(reply(msgs[3], hostile_values(s, 1, node=4)))
     arrays, _ = s.aggregate_train(1, replies)
     rec = s.round_record(1)
     assert rec["dropped"] == 0 and rec["rejected"] == ""
@@ -165,7 +182,8 @@ def test_reject_action_and_absolute_bound(task_identity, method):
     g = toy(0)
     msgs = configure(s, 1, g, (1, 2, 3, 4))
     ups = [honest(s, m, 1, i) for i, m in enumerate(msgs[:3])]
-    replies = [reply(m, u) for m, u in zip(msgs, ups)] + [reply(msgs[3], hostile_values(s, 1))]
+    replies = [reply(m, u) for m, u in zip(msgs, ups)] + [reply(msgs[3],
+                                                                hostile_values(s, 1, node=4))]
     arrays, _ = s.aggregate_train(1, replies)
     rec = s.round_record(1)
     assert rec["clients"] == 3 and rec["dropped"] == 1
@@ -180,7 +198,7 @@ def test_reject_action_and_absolute_bound(task_identity, method):
     s = make(method, update_norm_bound=0.5)
     msgs = configure(s, 1, g, (1, 2))
     arrays, _ = s.aggregate_train(1, [reply(msgs[0], honest(s, msgs[0], 1, 0)),
-                                      reply(msgs[1], hostile_values(s, 1))])
+                                      reply(msgs[1], hostile_values(s, 1, node=2))])
     rec = s.round_record(1)
     assert rec["norm_bound"] == 0.5 and [c["node"] for c in rec["clipped"]] == [2]
     assert dist(arrays_to_state(arrays), g) <= 0.5 * (1 + 1e-5)
@@ -225,10 +243,11 @@ def _flasc_round(s, rnd, state, nodes, attack=None):
 
 
 def test_flasc_not_frozen_by_1e30(task_identity):
-    """Two nodes (no automatic bound), one sends 1e30: AdamW's second moment would overflow to
-    inf and freeze every later step. The step is rejected, parameters and optimizer state are
-    exactly as before, and the next honest round is the step an unattacked server takes."""
-    s, twin = make("flasc"), make("flasc")
+    """Two nodes, the trusted bound off (``norm-bound-history=0``: no automatic bound), one sends
+    1e30: AdamW's second moment would overflow to inf and freeze every later step. The step is
+    rejected, parameters and optimizer state are exactly as before, and the next honest round
+    is the step an unattacked server takes."""
+    s, twin = make("flasc", norm_bound_history=0), make("flasc", norm_bound_history=0)
     g = toy(0)
     s1 = _flasc_round(s, 1, g, (1, 2))
     assert _flasc_round(twin, 1, g, (1, 2)) is not None
@@ -246,8 +265,9 @@ def test_flasc_not_frozen_by_1e30(task_identity):
 @pytest.mark.parametrize("opt", ["avg", "sgd"])
 def test_flasc_avg_sgd_rejected_round_rolls_back(task_identity, opt):
     """A step that overflows the global (server-opt avg/sgd) is rejected and rolled back; later
-    honest rounds are accepted again (before, the optimizer's own inf copy rejected them all)."""
-    s = make("flasc", server_opt=opt, server_lr=1.0)
+    honest rounds are accepted again (before, the optimizer's own inf copy rejected them all).
+    The trusted bound is off here (it would clip the push): this is the rollback alone."""
+    s = make("flasc", server_opt=opt, server_lr=1.0, norm_bound_history=0)
     g = toy(0)
     g["fc.bias"][0] = 3e38           # the server's own state, near float32's max
     state = _flasc_round(s, 1, g, (1, 2))
@@ -351,7 +371,8 @@ def test_tier_minus_5_gets_tier_0(task_identity):
 def test_hetlora_bad_rank_dropped(task_identity, rank):
     s = make("hetlora", rank_budget=R)
     msgs = configure(s, 1, toy(0), (1, 2))
-    arrays, _ = s.aggregate_train(1, [reply(msgs[0], honest(s, msgs[0], 1, 0), rank=2.0),
+    pruned = truncate_ranks(honest(s, msgs[0], 1, 0), 2)  # a node that pruned to rank 2
+    arrays, _ = s.aggregate_train(1, [reply(msgs[0], pruned, rank=2.0),
                                       reply(msgs[1], honest(s, msgs[1], 1, 1), rank=rank)])
     rec = s.round_record(1)
     assert arrays is not None and rec["clients"] == 1 and rec["dropped_reasons"][0]["node"] == 2
@@ -562,3 +583,271 @@ def test_existing_run_folder_is_never_truncated(tmp_path, sample_dir, task_ident
     with pytest.raises(ValueError, match="already holds a run"):
         run(FakeGrid([1, 2]), cfg)
     assert (d / "rounds.jsonl").read_text() == '{"round": 0}\n'
+
+
+# ------------------------------------------------------------------------- issue 34
+# 1. a bound with one or two replies (the trusted bound: guard.trusted_bound)
+F32_MAX = np.finfo(np.float32).max
+
+
+def _round(s, rnd, state, nodes, attack=None, attacker=None):
+    """One round on ``nodes`` (replies honest; ``attacker``'s — default the last node's — is
+    ``attack``(s, rnd, node) instead): (new global or None, record)."""
+    msgs = configure(s, rnd, state, nodes)
+    replies = []
+    for i, m in enumerate(msgs):
+        bad = attack is not None and node_of(m) == (attacker or nodes[-1])
+        replies.append(reply(m, attack(s, rnd, node_of(m)) if bad
+                             else honest(s, m, rnd, 100 * rnd + i)))
+    arrays, _ = s.aggregate_train(rnd, replies)
+    return (None if arrays is None else arrays_to_state(arrays)), s.round_record(rnd)
+
+
+def _huge(value):
+    return lambda s, rnd, node: hostile_values(s, rnd, value, node=node)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_one_or_two_replies_are_bounded(task_identity, method):
+    """Rounds of two replies, then one: a node sending 1e30 (or float32's max) is clipped to
+    the trusted bound — round 1 (no history): ``norm-bound-global`` × the global's norm; later:
+    5 × the largest median of earlier rounds, which the attacker cannot raise (the lower median
+    of two is the honest norm) — and the global moves at most that far (before: ~5e29)."""
+    s = make(method)
+    g = toy(0)
+    new, rec = _round(s, 1, g, (1, 2), attack=_huge(HUGE))
+    assert rec["rejected"] == "" and rec["dropped"] == 0
+    assert rec["norm_bound"] == pytest.approx(guard.update_norm(g))      # 1.0 × ‖global‖
+    assert [c["node"] for c in rec["clipped"]] == [2] and rec["clipped"][0]["norm"] > 1e30
+    honest_norm = min(s.stats[1].update_norms)
+    assert s.norm_history == [honest_norm]                               # not the attacker's
+    bounds = [rec["norm_bound"]]
+    state = new
+    for rnd, nodes, value in ((2, (1, 2), F32_MAX), (3, (2,), HUGE), (4, (1, 2), F32_MAX)):
+        new, rec = _round(s, rnd, state, nodes, attack=_huge(value))
+        assert rec["rejected"] == "" and [c["node"] for c in rec["clipped"]] == [2]
+        assert rec["norm_bound"] == pytest.approx(5 * max(s.norm_history[:-1] or [0])
+                                                  if rnd != 3 else 5 * max(s.norm_history))
+        assert all(np.all(np.isfinite(v)) for v in new.values())
+        if method in AVERAGING or method == "lora-a2":
+            assert dist(new, state) <= rec["norm_bound"] * (1 + 1e-5)
+        elif method == "flasc":
+            assert not s._non_finite()
+        bounds.append(rec["norm_bound"])
+        state = new
+    assert len(s.norm_history) == 3                  # round 3 (one reply) is not evidence
+    assert max(bounds[1:]) <= 5 * max(s.norm_history) * (1 + 1e-9)
+    if method in ("flexlora", "hetlora"):            # factors rebuilt by SVD: nowhere near 1e30
+        assert max(float(np.abs(v).max()) for v in state.values()) < 100
+
+
+def test_trusted_bound_rules():
+    """The trusted bound: factor × the largest of the last ``window`` medians; none yet (or all
+    0): the global's norm × ``norm-bound-global``; window or factor 0: no bound. A round adds
+    the lower median of its norms (of two: the smaller), one reply adds nothing."""
+    g = lambda: 4.0  # noqa: E731
+    assert guard.trusted_bound([1.0, 2.0, 0.5], 5.0, 5, 1.0, g) == 10.0
+    assert guard.trusted_bound([1.0, 2.0, 0.5], 5.0, 1, 1.0, g) == 2.5
+    assert guard.trusted_bound([], 5.0, 5, 1.0, g) == 4.0
+    assert guard.trusted_bound([0.0], 5.0, 5, 0.5, g) == 2.0
+    assert guard.trusted_bound([], 5.0, 5, 0.0, g) is None
+    assert guard.trusted_bound([1.0], 5.0, 0, 1.0, g) is None
+    assert guard.trusted_bound([1.0], 0.0, 5, 1.0, g) is None
+    assert guard.trusted_median([1e30, 1.0]) == 1.0
+    assert guard.trusted_median([3.0, 1.0, 2.0, 1e30]) == 2.0
+    assert guard.trusted_median([1e30]) is None
+
+
+def test_trusted_bound_off_and_checkpointed(task_identity):
+    """``norm-bound-history=0`` turns the bound of small rounds off (the attack of issue 34
+    goes through, as before); the history survives a checkpoint; a rejected round adds
+    nothing to it."""
+    s = make("flocora", norm_bound_history=0)
+    new, rec = _round(s, 1, toy(0), (1, 2), attack=_huge(HUGE))
+    assert rec["norm_bound"] is None and float(np.abs(new["fc.bias"]).max()) > 1e29
+    s = make("flocora")
+    state, _ = _round(s, 1, toy(0), (1, 2))
+    saved = s.state_dict()
+    assert saved["norm_history"] == s.norm_history and len(s.norm_history) == 1
+    twin = make("flocora")
+    twin.load_state_dict(saved)
+    assert twin.norm_history == s.norm_history
+    s.aggregate_updates = lambda *a: {"fc.bias": np.full(D, np.nan, np.float32)}
+    assert _round(s, 2, state, (1, 2))[0] is None and s.norm_history == twin.norm_history
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd", "avg"])
+def test_flasc_recovers_under_every_server_opt(task_identity, opt):
+    """FLASC, two nodes, one sends float32's max: the update is clipped to the trusted bound, the
+    step is taken (not rejected: AdamW no longer stalls while the attack lasts), optimizer state
+    stays finite, and the next honest rounds move the global as they should (before: avg/sgd
+    took the 1.7e38 step and later rounds moved nothing)."""
+    s = make("flasc", server_opt=opt, server_lr=0.01 if opt != "avg" else 1.0)
+    g = toy(0)
+    s1, _ = _round(s, 1, g, (1, 2))
+    s2, rec = _round(s, 2, s1, (1, 2), attack=_huge(F32_MAX))
+    assert s2 is not None and rec["rejected"] == "" and [c["node"] for c in rec["clipped"]] == [2]
+    assert not s._non_finite() and dist(s2, s1) < 1.0
+    state = s2
+    for rnd in (3, 4):
+        new, rec = _round(s, rnd, state, (1, 2))
+        assert new is not None and rec["rejected"] == "" and rec["clipped"] == []
+        assert 0 < dist(new, state) and not s._non_finite()
+        state = new
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_honest_records_same_with_trusted_bound_on_and_off(task_identity, method):
+    """Where the bound does not bind, it changes nothing: three rounds of two honest replies,
+    the trusted bound on and off, give bit-identical globals and equal records but for
+    ``norm_bound`` (a number vs None) and the timing."""
+    runs = []
+    for history in (5, 0):
+        s = make(method, norm_bound_history=history)
+        state, out = toy(0), []
+        for rnd in (1, 2, 3):
+            state, rec = _round(s, rnd, state, (1, 2))
+            out.append((state, rec))
+        runs.append(out)
+    for (a, ra), (b, rb) in zip(*runs):
+        assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+        assert ra["norm_bound"] is not None and rb["norm_bound"] is None and ra["clipped"] == []
+        skip = {"norm_bound", "round_s"}
+        assert {k: v for k, v in ra.items() if k not in skip} == \
+            {k: v for k, v in rb.items() if k not in skip}
+
+
+# 2. rank budgets
+def _over_budget(s, rnd, node):
+    """Every rank slice of the factors, small values: what a node ignoring its budget sends."""
+    rng = np.random.default_rng(node)
+    return OrderedDict((k, (0.01 * rng.standard_normal(shape)).astype(np.float32))
+                       for k, shape in s.upload_shapes(rnd).items())
+
+
+def test_lora_a2_refuses_more_rank_slices_than_its_budget(task_identity):
+    """LoRA-A2, ``rank-budget=1`` (2 slices over 2 modules): a reply carrying every slice (8) is
+    dropped with the count and the budget in the reason, though it is larger on the wire; a
+    node whose tier's ``tier-rank`` is 4 may send all 8."""
+    s = make("lora-a2", rank_budget=1)
+    msgs = configure(s, 1, toy(0), (1, 2))
+    good, fat = reply(msgs[0], honest(s, msgs[0], 1, 0)), reply(msgs[1], _over_budget(s, 1, 2))
+    assert payload_size(fat) > 2 * payload_size(good)
+    arrays, _ = s.aggregate_train(1, [good, fat])
+    rec = s.round_record(1)
+    assert arrays is not None and rec["clients"] == 1
+    assert [d["node"] for d in rec["dropped_reasons"]] == [2]
+    assert "8 rank slices uploaded" in rec["dropped_reasons"][0]["reason"]
+    assert "allows 2" in rec["dropped_reasons"][0]["reason"]
+    answers = {1: {"tier": 0, "partition-id": 0}, 2: {"tier": 1, "partition-id": 1}}
+    s = make("lora-a2", rank_budget=1, tier_rank="1,4")
+    msgs = configure(s, 1, toy(0), None, AnswerGrid(answers))
+    by = {node_of(m): m for m in msgs}
+    s.aggregate_train(1, [reply(by[1], _over_budget(s, 1, 1)), reply(by[2], _over_budget(s, 1, 2))])
+    rec = s.round_record(1)
+    assert rec["clients"] == 1 and [d["node"] for d in rec["dropped_reasons"]] == [1]
+
+
+def payload_size(msg):
+    from fedlora.wire import payload_bytes
+    return payload_bytes(msg.content.array_records[ADAPTER_KEY])
+
+
+@pytest.mark.parametrize("method", ["flexlora", "hetlora"])
+def test_rank_slices_beyond_the_node_rank_are_refused(task_identity, method):
+    """FlexLoRA / HetLoRA at ``rank-budget=2``: a reply with a non-zero slice at rank index 2 or
+    beyond is dropped, naming the slice and the node's rank; HetLoRA also holds a node to the
+    rank it reports having pruned to."""
+    s = make(method, rank_budget=2)
+    msgs = configure(s, 1, toy(0), (1, 2))
+    arrays, _ = s.aggregate_train(1, [reply(msgs[0], honest(s, msgs[0], 1, 0)),
+                                      reply(msgs[1], _over_budget(s, 1, 2))])
+    rec = s.round_record(1)
+    assert arrays is not None and rec["clients"] == 1
+    assert [d["node"] for d in rec["dropped_reasons"]] == [2]
+    assert "rank slice 2, beyond the node's rank 2" in rec["dropped_reasons"][0]["reason"]
+    if method == "hetlora":
+        msgs = configure(s, 2, toy(0), (1, 2))
+        s.aggregate_train(2, [reply(m, honest(s, m, 2, i), rank=1.0) for i, m in enumerate(msgs)])
+        rec = s.round_record(2)
+        assert rec["clients"] == 0 and all("beyond the node's rank 1" in d["reason"]
+                                           for d in rec["dropped_reasons"])
+
+
+# 3. one node per partition-id
+class ClaimGrid(AnswerGrid):
+    """AnswerGrid whose node set can change between rounds (nodes leave, join)."""
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if n not in getattr(self, "gone", set())]
+
+
+def test_one_node_per_partition_id(task_identity):
+    """Two nodes claim partition 0 in one query: the smaller node id keeps it, the other is
+    left out of partition sampling (recorded with the owner's id), so over 40 rounds the samples
+    are exactly those of the federation without the spoofer: it can neither share a slot nor
+    pick one. A later claim of a held partition is refused; a claim of one whose owner left
+    the federation passes to the claimant (recorded)."""
+    honest_answers = {3: {"tier": 0, "partition-id": 0}, 7: {"tier": 0, "partition-id": 1},
+                      8: {"tier": 0, "partition-id": 2}, 9: {"tier": 0, "partition-id": 3}}
+    spoofed = {**honest_answers, 5: {"tier": 0, "partition-id": 0}}
+    s, ref = make("flocora", fraction_train=0.5), make("flocora", fraction_train=0.5)
+    grid, ref_grid = ClaimGrid(spoofed), ClaimGrid(honest_answers)
+    for rnd in range(1, 41):
+        got = sorted(node_of(m) for m in configure(s, rnd, toy(0), None, grid))
+        want = sorted(node_of(m) for m in configure(ref, rnd, toy(0), None, ref_grid))
+        assert got == want and 5 not in got
+    rec = s.round_record(1)
+    assert [e["node"] for e in rec["excluded_nodes"]] == [5]
+    assert "partition-id 0 is already claimed by node 3" in rec["excluded_nodes"][0]["reason"]
+    assert s.partitions[3] == 0 and 5 not in s.partitions
+    grid.nodes.append(11)                             # joins later, claims a held partition
+    grid.answers[11] = {"tier": 0, "partition-id": 1}
+    configure(s, 41, toy(0), None, grid)
+    assert "already claimed by node 7" in s.round_record(41)["excluded_nodes"][0]["reason"]
+    grid.gone = {7}                                   # the owner of partition 2 leaves
+    grid.nodes.append(12)
+    grid.answers[12] = {"tier": 0, "partition-id": 2}
+    grid.gone.add(8)
+    configure(s, 42, toy(0), None, grid)
+    rec = s.round_record(42)
+    assert s.partitions[12] == 2 and 8 not in s.partitions
+    assert rec["excluded_nodes"] == [{"node": 8, "reason": "partition-id 2 passed to node 12: "
+                                      "this node is no longer connected"}]
+
+
+# 5. replies name the round they answer
+def test_stale_duplicate_and_unsolicited_replies_dropped_apart(task_identity):
+    """``download=delta``. Round 2: node 1 answers twice (a duplicate) and also resends its
+    round-1 reply (stale), a node never sent anything replies, and one reply names no message
+    (forged): each is dropped with its reason and its bytes go to ``bytes_up_dropped``, not
+    ``bytes_up``; node 1's own reply is aggregated and its download copy settles (round 3
+    sends it a delta, not a full download)."""
+    from fedlora.wire import message_bytes
+
+    s = make("flocora", download="delta")
+    g = toy(0)
+    m1 = configure(s, 1, g, (1, 2))
+    old = reply(m1[0], honest(s, m1[0], 1, 0))
+    s1 = arrays_to_state(s.aggregate_train(1, [old, reply(m1[1], honest(s, m1[1], 1, 1))])[0])
+    m2 = configure(s, 2, s1, (1, 2))
+    assert s.round_record(2)["full_downloads"] == 0
+    own = [reply(m, honest(s, m, 2, 10 + i)) for i, m in enumerate(m2)]
+    stranger = Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.TRAIN,
+                       dst_node_id=99)
+    forged = reply(m2[1], honest(s, m2[1], 2, 5))
+    forged.metadata.__dict__["_reply_to_message_id"] = "f" * 64
+    extra = [reply(m2[0], honest(s, m2[0], 2, 10)), old,
+             reply(stranger, honest(s, m2[0], 2, 3), spec="fp32"), forged]
+    arrays, _ = s.aggregate_train(2, [own[0], *extra, own[1]])
+    rec = s.round_record(2)
+    assert arrays is not None and rec["clients"] == 2 and rec["dropped"] == 4
+    why = [(d["node"], d["reason"]) for d in rec["dropped_reasons"]]
+    assert sorted(n for n, _ in why) == [1, 1, 2, 99]
+    text = " | ".join(r for _, r in why)
+    assert "second reply" in text and "stale reply: it answers round 1's train message" in text
+    assert "not sent a train message" in text and "stale or forged" in text
+    assert rec["bytes_up"] == sum(message_bytes(m, hashed=False) for m in own)
+    assert rec["bytes_up_dropped"] == sum(message_bytes(m, hashed=False) for m in extra)
+    configure(s, 3, arrays_to_state(arrays), (1, 2))
+    assert s.round_record(3)["full_downloads"] == 0      # both copies settled

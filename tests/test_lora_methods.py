@@ -178,7 +178,7 @@ def test_lora_a2_upload_bytes_proportional_to_selected_ranks(task_identity):
             return out
         return make
 
-    sizes = {n: measured_upload("lora-a2", masked_b(n)) for n in (1, 2, 4)}
+    sizes = {n: measured_upload("lora-a2", masked_b(n), rank_budget=4) for n in (1, 2, 4)}
     per_rank = sizes[2][0] - sizes[1][0]
     assert per_rank > 0
     assert sizes[4][0] - sizes[2][0] == pytest.approx(2 * per_rank, rel=0.02)

@@ -18,6 +18,7 @@ from dp_accounting.rdp import RdpAccountant
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora import privacy
+from fedlora.adapters import rank_mask
 from fedlora.config import RunConfig
 from fedlora.privacy import (PrivacyBudgetError, ServerPrivacy, adaptive_clip, clip,
                              noisy_unclipped_fraction, privatize)
@@ -79,7 +80,11 @@ def node_reply(msg, delta, n=10, rng=None):
 
 
 def uploaded(st, rnd, seed, scale=1.0):
-    return OrderedDict((k, v) for k, v in toy(seed, scale).items() if k in st.upload_shapes(rnd))
+    """A node's update; LoRA-A2: one rank slice per module (within any rank budget)."""
+    one = st.name == "lora-a2"
+    return OrderedDict((k, np.where(rank_mask(k, v.shape, [0]), v, np.float32(0))
+                        if one and ".lora_" in k else v)
+                       for k, v in toy(seed, scale).items() if k in st.upload_shapes(rnd))
 
 
 def l2(t):

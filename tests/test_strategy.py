@@ -62,7 +62,9 @@ def test_flocora_aggregate_equals_hand_weighted_mean(task_identity):
 
 
 def test_corrupt_reply_dropped_round_survives(task_identity):
-    strategy = make_strategy()
+    # the one valid reply replaces the model (an update larger than the global itself): the
+    # bound of a one-reply round 1 (norm-bound-global) would clip it; this test is the drops
+    strategy = make_strategy(norm_bound_history=0)
     _, msgs = sent(strategy)
     good = toy(5)
     bad_payload = ArrayRecord({"payload": Array(dtype="uint8", shape=(7,),
@@ -71,15 +73,16 @@ def test_corrupt_reply_dropped_round_survives(task_identity):
         reply_to(msgs[0], good, 10),
         reply_to(msgs[1], record=bad_payload),                       # does not decode
         reply_to(msgs[2], OrderedDict(list(good.items())[:2]), 10),  # wrong tensor set
-        Message(Error(code=0, reason="boom"), reply_to=msgs[0]),     # client raised
+        Message(Error(code=0, reason="boom"), reply_to=msgs[0]),     # a second reply of node 11
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     out = arrays_to_state(arrays)
     for k in SHAPES:
         np.testing.assert_allclose(out[k], good[k], rtol=1e-6)
     rec = strategy.round_record(1)
-    assert rec["dropped"] == 2 and rec["failures"] == 1 and rec["clients"] == 1
+    assert rec["dropped"] == 3 and rec["failures"] == 0 and rec["clients"] == 1
     assert "CodecError" in rec["dropped_reasons"][0]["reason"]
+    assert "second reply" in rec["dropped_reasons"][2]["reason"]  # not node 11's failure
 
 
 def test_nan_upload_and_bad_num_examples_dropped(task_identity):

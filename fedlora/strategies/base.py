@@ -95,6 +95,9 @@ class FedLoraStrategy(FedAvg):
                              f"got {cfg.client_sampling!r}")
         self.stats: dict[int, RoundStats] = {}
         self._global: "OrderedDict[str, np.ndarray] | None" = None
+        #: trusted medians of update norms, one per applied round of >= 2 valid replies (the
+        #: bound of a round of 1-2 replies: :meth:`round_norm_bound`; checkpointed)
+        self.norm_history: list[float] = []
         #: tiers and partition-ids by node id, learnt with a query message; partition sampling
         self.nodes = NodeDirectory(cfg.seed, self.uses_tiers or self.samples_partitions,
                                    cfg.round_timeout)
@@ -287,6 +290,9 @@ class FedLoraStrategy(FedAvg):
             msg = Message(content=RecordDict({ADAPTER_KEY: record, CONFIG_KEY: cfg}),
                           message_type=MessageType.TRAIN, dst_node_id=node_id)
             stats.sent[node_id] = message_bytes(msg)
+            if not msg.metadata.message_id:  # as Flower's push sets it (a grid may replace it)
+                msg.metadata.__dict__["_message_id"] = msg.object_id
+            stats.asked[node_id] = msg.metadata  # its message_id: what the reply must answer
             stats.payload_down[node_id] = len(dl.payload)
             if dl.mode == "full" and self.downlink.delta:
                 stats.full_downloads.append(node_id)
@@ -372,8 +378,7 @@ class FedLoraStrategy(FedAvg):
                 measured.append((u, ref, n))
             except Exception as err:
                 self._drop(stats, server_round, u.node_id, err)
-        bound = guard.norm_bound([n for _, _, n in measured], g.update_norm_bound,
-                                 g.norm_bound_factor)
+        bound = self.round_norm_bound(server_round, [n for _, _, n in measured])
         stats.norm_bound = bound
         kept = []
         for u, ref, n in measured:
@@ -389,6 +394,33 @@ class FedLoraStrategy(FedAvg):
                             server_round, u.node_id, n, bound)
             kept.append(u)
         return kept
+
+    def round_norm_bound(self, server_round: int, norms: list[float]) -> float | None:
+        """The round's bound on an update's norm, from its valid replies' ``norms``:
+        ``update-norm-bound``, else ``norm-bound-factor`` × their lower median (≥ 3 replies),
+        else (1–2 replies) the trusted bound (:func:`.guard.trusted_bound`: earlier rounds'
+        medians, else ``norm-bound-global`` × the global's norm). The norms are kept in the
+        round's stats: an applied round adds their median to :attr:`norm_history`."""
+        g = self.robustness
+        s = self.stats.get(server_round)
+        if s is not None:
+            s.update_norms = list(norms)
+        bound = guard.norm_bound(norms, g.update_norm_bound, g.norm_bound_factor)
+        if bound is None and norms:
+            bound = guard.trusted_bound(
+                self.norm_history, g.norm_bound_factor, g.norm_bound_history,
+                g.norm_bound_global,
+                lambda: guard.update_norm(self._global) if self._global else 0.0)
+        return bound
+
+    def _trust_round(self, server_round: int) -> None:
+        """An applied round's median update norm joins the trusted history (rounds of ≥ 2
+        valid replies; the last ``norm-bound-history`` are kept)."""
+        s = self.stats.get(server_round)
+        m = guard.trusted_median(s.update_norms) if s is not None else None
+        if m is not None:
+            keep = max(int(self.robustness.norm_bound_history), 1)
+            self.norm_history = (self.norm_history + [m])[-keep:]
 
     def _drop(self, stats: "RoundStats", server_round: int, node: Any, err: Exception) -> None:
         stats.dropped.append({"node": node, "reason": f"{type(err).__name__}: {err}"[:500]})
@@ -419,6 +451,42 @@ class FedLoraStrategy(FedAvg):
                 self._drop(stats, server_round, node, err)
         return updates
 
+    def stray_reason(self, server_round: int, stats: "RoundStats", node: Any, msg: Message,
+                     seen: set) -> str:
+        """Why ``msg`` is not ``node``'s answer to this round ('' when it is): a reply names the
+        message it answers (``reply_to_message_id``, and that message names its round), so a
+        reply from a node not sent a train message this round, one answering another message
+        (an earlier round's: stale; or none: forged) and a second reply are told apart from
+        the node's own reply, without relying on Flower's checks."""
+        if stats.asked and node not in stats.asked:
+            return "the node was not sent a train message this round"
+        meta = stats.asked.get(node)
+        want = meta.message_id if meta is not None else ""
+        got = msg.metadata.reply_to_message_id
+        if want and got != want:
+            for r in range(server_round - 1, max(server_round - 4, 0), -1):
+                old = self.stats.get(r)
+                if old is not None and got and any(m.message_id == got
+                                                   for m in old.asked.values()):
+                    return f"a stale reply: it answers round {r}'s train message"
+            return (f"answers message {got[:16]!r}…, not this round's train message to the "
+                    f"node ({want[:16]}…): stale or forged")
+        if node in seen:
+            return "a second reply from this node in the round"
+        return ""
+
+    def _stray(self, stats: "RoundStats", server_round: int, node: Any, msg: Message,
+               why: str) -> None:
+        """Record a reply that is not its node's answer to this round: its reason and its wire
+        bytes apart (``bytes_up_dropped``); it neither counts as the node's reply nor
+        unsettles the node's download record."""
+        try:
+            size = message_bytes(msg, hashed=False)
+        except Exception:  # a reply that cannot even be measured counts 0 bytes
+            size = 0
+        stats.stray.append({"node": node, "reason": f"MalformedReply: {why}", "bytes": size})
+        log.warning("round %d: dropped a reply from node %s: %s", server_round, node, why)
+
     def canonical_order(self, replies: Iterable[Message]) -> list[Message]:
         """The round's replies by partition-id, then node id (:meth:`.NodeDirectory.order_key`),
         not in the order they arrived: every sum over them (float64 means, DP's clipped sum,
@@ -447,6 +515,11 @@ class FedLoraStrategy(FedAvg):
             node = None
             try:
                 node = msg.metadata.src_node_id
+                why = self.stray_reason(server_round, stats, node, msg, seen)
+                if why:  # not this round's answer: dropped apart, the node's own reply stands
+                    self._stray(stats, server_round, node, msg, why)
+                    continue
+                seen.add(node)
                 if msg.has_error():
                     reason = msg.error.reason
                     # the exception itself is at the end of a traceback: keep the tail
@@ -454,12 +527,7 @@ class FedLoraStrategy(FedAvg):
                     log.warning("round %d: node %s failed: %s", server_round, node,
                                 str(reason)[-400:])
                     continue
-                if node in seen:
-                    raise MalformedReply("a second reply from this node in the round")
-                seen.add(node)
                 stats.received[node] = message_bytes(msg, hashed=False)  # received: no chunk hashed
-                if stats.sent and node not in stats.sent:
-                    raise MalformedReply("the node was not sent a train message this round")
                 accepted.append(msg)
             except Exception as err:  # node input never takes the ServerApp down
                 self._drop(stats, server_round, node, err)
@@ -502,6 +570,7 @@ class FedLoraStrategy(FedAvg):
                               server_round)
             self.rollback(server_round)
             return None, None
+        self._trust_round(server_round)
         stats.train_metrics = train_metrics(updates)
         to_aggregate = mean = None  # the float64 mean (2x the model) goes before the copy out
         return state_to_arrays(new_state), MetricRecord(stats.train_metrics)
@@ -520,6 +589,7 @@ class FedLoraStrategy(FedAvg):
         return {
             "method": self.name,
             **self.nodes.state_dict(),
+            "norm_history": list(self.norm_history),
             "downlink": {
                 "held": [(n, c.state, c.digest) for n, c in dl.held.items()],  # LRU order
                 "pending": [(n, rnd, c.state, c.digest) for n, (rnd, c) in dl.pending.items()],
@@ -542,6 +612,7 @@ class FedLoraStrategy(FedAvg):
         if state.get("method") != self.name:
             raise ValueError(f"checkpoint of method {state.get('method')!r}, not {self.name!r}")
         self.nodes.load_state_dict(state)
+        self.norm_history = [float(x) for x in state.get("norm_history", [])]
         dl, saved = self.downlink, state["downlink"]
         dl.held = OrderedDict((int(n), copy(st)) for n, st, _ in saved["held"])
         dl.pending = {int(n): (int(rnd), copy(st)) for n, rnd, st, _ in saved["pending"]}

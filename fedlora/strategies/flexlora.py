@@ -16,9 +16,9 @@ import numpy as np
 
 from ..adapters import as_matrices, is_lora_key, lora_modules, truncate_ranks
 from ..config import tier_value
-from . import flocora
+from . import flocora, guard
 from ..compression.ranks import Ranks
-from .base import FedLoraStrategy
+from .base import FedLoraStrategy, MalformedReply
 
 log = logging.getLogger("flwr.fedlora")
 
@@ -80,6 +80,20 @@ class FlexLoRA(FedLoraStrategy):
         """A node trains from the global truncated to its rank: its update is measured (and
         clipped) from there."""
         return truncate_ranks(self._global, self.client_rank(node_id))
+
+    def validate_update(self, server_round, up):
+        """A reply carries no rank slice at or beyond its node's rank (``rank-budget`` or its
+        tier's ``tier-rank``): more is refused, not truncated."""
+        self.check_rank_slices(up, self.client_rank(up.node_id))
+
+    def check_rank_slices(self, up, rank: int) -> None:
+        for k, v in up.tensors.items():
+            if is_lora_key(k):
+                over = guard.carried_ranks(k, v)
+                over = over[over >= rank]
+                if over.size:
+                    raise MalformedReply(f"{k} carries rank slice {int(over[0])}, beyond the "
+                                         f"node's rank {rank}")
 
     def aggregate_updates(self, server_round, state, updates):
         total = float(sum(u.num_examples for u in updates))

@@ -10,8 +10,9 @@ The server calls these between decoding the replies of a round and the method's 
   methods whose upload *is* a delta — FLASC's sparse deltas, LoRA-A2's rank slices — the upload
   itself) is bounded by ``update-norm-bound``, or automatically by ``norm-bound-factor`` × the
   round's (lower) median update norm when the round has at least :data:`MIN_REPLIES_AUTO`
-  replies (:func:`norm_bound`); an update over the bound is scaled to it or rejected
-  (:func:`clip_scale`, :func:`clip_update`).
+  replies (:func:`norm_bound`); in a round of 1–2 replies by what the server already trusts
+  (:func:`trusted_bound`: the medians of earlier applied rounds, else the global's norm); an
+  update over the bound is scaled to it or rejected (:func:`clip_scale`, :func:`clip_update`).
 * **Robust aggregation** (``aggregation``): coordinate-wise median or trimmed mean of the
   decoded updates (:func:`robust_mean`), the numerics of Flower's ``FedMedian`` and
   ``FedTrimmedAvg`` (unweighted).
@@ -25,10 +26,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..adapters import rank_axis
 from ..config import check_at_least, settings_view
 from . import kernels
 
@@ -46,6 +48,8 @@ class GuardSettings:
     max_examples: int          # max-examples-per-client: server-known cap on num-examples
     update_norm_bound: float
     norm_bound_factor: float
+    norm_bound_history: int    # rounds of trusted medians a round of 1-2 replies is bound by
+    norm_bound_global: float   # ... before any: this × the global's norm
     norm_bound_action: str
     aggregation: str
     trim_fraction: float
@@ -59,6 +63,9 @@ class GuardSettings:
         check_at_least("max-weight-ratio", s.max_weight_ratio, note="0: off")
         check_at_least("update-norm-bound", s.update_norm_bound, note="0: automatic")
         check_at_least("norm-bound-factor", s.norm_bound_factor, note="0: no automatic bound")
+        check_at_least("norm-bound-history", s.norm_bound_history,
+                       note="0: no automatic bound below 3 replies")
+        check_at_least("norm-bound-global", s.norm_bound_global, note="0: none")
         if s.norm_bound_action not in NORM_ACTIONS:
             raise ValueError(f"run-config 'norm-bound-action' must be one of {NORM_ACTIONS}, got "
                              f"{s.norm_bound_action!r}")
@@ -127,6 +134,42 @@ def norm_bound(norms: Sequence[float], absolute: float, factor: float,
     if factor > 0 and len(norms) >= min_replies:
         return factor * lower_median(norms)
     return None
+
+
+def trusted_bound(history: Sequence[float], factor: float, window: int,
+                  global_ratio: float, global_norm: "Callable[[], float]") -> float | None:
+    """The bound of a round with too few replies for a median of its own (1 or 2): ``factor`` ×
+    the largest of the last ``window`` trusted medians (``history``: one per applied round that
+    had ≥ 2 valid replies, the lower median of their update norms: one node of two can only
+    lower it, never raise it); with none yet (or all 0), ``global_ratio`` × ``global_norm()``
+    (the norm of the server's own model); None when ``window``, ``factor`` or that is 0."""
+    if window <= 0 or factor <= 0:
+        return None
+    recent = [h for h in list(history)[-window:] if h > 0 and math.isfinite(h)]
+    if recent:
+        return factor * max(recent)
+    if global_ratio > 0:
+        g = global_norm()
+        if g > 0 and math.isfinite(g):
+            return global_ratio * g
+    return None
+
+
+def trusted_median(norms: Sequence[float]) -> float | None:
+    """What an applied round adds to the trusted history: the lower median of its update norms
+    (before clipping) when it had at least 2, else None (one reply is not evidence)."""
+    return lower_median(norms) if len(norms) >= 2 else None
+
+
+def carried_ranks(key: str, value: np.ndarray) -> np.ndarray:
+    """The rank indices of LoRA factor ``key`` (rows of A, columns of B) whose slice of
+    ``value`` holds a value whose bits are not all zero (-0.0 counts, as the ``ranks`` codec
+    sends such a slice): the slices a reply carries (rank budgets: LoRA-A2, FlexLoRA, HetLoRA,
+    ``tier-rank``)."""
+    v = np.asarray(value)
+    ax = rank_axis(key)
+    m = np.moveaxis(v, ax, 0).reshape(v.shape[ax], -1)
+    return np.flatnonzero(np.any((m != 0) | np.signbit(m), axis=1))
 
 
 def clip_scale(norm: float, bound: float | None) -> float:

@@ -65,12 +65,15 @@ class HetLoRA(flexlora.FlexLoRA):
                     self.pruned[n] = by_part[p]
 
     def validate_update(self, server_round, up):
-        """A reported ``rank`` (already known finite) must be an integer in 1..global rank."""
+        """A reported ``rank`` (already known finite) must be an integer in 1..global rank, and
+        the reply carry no rank slice at or beyond the smaller of it and the node's rank."""
         if "rank" in up.metrics:
             r = up.metrics["rank"]
             full = max(s[0] for k, s in self.shapes.items() if ".lora_A." in k)
             if r != int(r) or not 1 <= r <= full:
                 raise MalformedReply(f"rank {r!r} must be an integer in 1..{full}")
+        rank = self.client_rank(up.node_id)  # no slice beyond its rank (or the one it pruned to)
+        self.check_rank_slices(up, min(rank, int(up.metrics.get("rank", rank))))
 
     def aggregate_updates(self, server_round, state, updates):
         for u in updates:

@@ -20,6 +20,9 @@ class RoundStats:
     params_up: dict[int, int] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)  # error replies
     dropped: list[dict[str, Any]] = field(default_factory=list)   # replies that did not decode
+    asked: dict[int, Any] = field(default_factory=dict)         # node → its train msg's Metadata
+    stray: list[dict[str, Any]] = field(default_factory=list)     # not this round's answer: node,
+    #                                    reason, bytes (stale, second, unsolicited)
     train_metrics: dict[str, float] = field(default_factory=dict)
     control_bytes: int = 0                                       # tier queries etc.
     full_downloads: list[int] = field(default_factory=list)      # delta mode: nodes sent in full
@@ -27,6 +30,7 @@ class RoundStats:
     capped: list[dict[str, Any]] = field(default_factory=list)    # node, reported, used weight
     clipped: list[dict[str, Any]] = field(default_factory=list)   # node, norm, bound
     norm_bound: float | None = None                              # the round's update-norm bound
+    update_norms: list[float] = field(default_factory=list)      # valid replies' update norms
     rejected: str = ""                                           # why the round kept the global
     clients: int | None = None                                   # replies aggregated
     aggregated: list[Any] = field(default_factory=list)          # ... their node ids
@@ -39,9 +43,10 @@ class RoundStats:
             "round": s.round,
             "clients": s.clients if s.clients is not None else len(s.received) - len(s.dropped),
             "failures": len(s.failures),
-            "dropped": len(s.dropped),
+            "dropped": len(s.dropped) + len(s.stray),
             "bytes_down": sum(s.sent.values()),
             "bytes_up": sum(s.received.values()),
+            "bytes_up_dropped": sum(d["bytes"] for d in s.stray),
             "payload_down": sum(s.payload_down.values()),
             "payload_up": sum(s.payload_up.values()),
             "params_up": sum(s.params_up.values()),
@@ -52,7 +57,8 @@ class RoundStats:
             "bytes_down_per_node": {str(k): v for k, v in s.sent.items()},
             "bytes_up_per_node": {str(k): v for k, v in s.received.items()},
             "failure_reasons": s.failures,
-            "dropped_reasons": s.dropped,
+            "dropped_reasons": s.dropped + [{"node": d["node"], "reason": d["reason"]}
+                                            for d in s.stray],
             "excluded_nodes": s.excluded,
             "capped_weights": s.capped,
             "clipped": s.clipped,

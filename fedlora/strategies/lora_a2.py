@@ -32,7 +32,8 @@ from ..adapters import (as_matrices, is_lora_key, load_state, lora_modules, rank
                         state_to_numpy, trainable_params, travelling_state)
 from ..config import tier_value
 from ..compression.ranks import Ranks
-from .base import ClientResult, ClientRound, FedLoraStrategy
+from . import guard
+from .base import ClientResult, ClientRound, FedLoraStrategy, MalformedReply
 
 
 def trains_b(server_round: int) -> bool:
@@ -75,6 +76,23 @@ class LoRAA2(FedLoraStrategy):
 
     def node_config(self, server_round, node_id):
         return {"rank-budget": self.budget(node_id)}
+
+    def validate_update(self, server_round, up):
+        """A reply carries at most the rank slices its node's budget allows: ``rank-budget``
+        (or its tier's ``tier-rank``) × the number of LoRA modules, over the trained factor
+        (a slice counts when any of its values is non-zero); more is refused, not truncated.
+        Not under ``dp=local``: the node's noise covers every rank, so every slice travels."""
+        if self.privacy.enabled and not self.privacy.central:
+            return
+        mods = lora_modules(list(self.shapes))
+        allowed = min(self.budget(up.node_id) * len(mods),
+                      sum(self.shapes[ka][0] for ka, _ in mods.values()))
+        carried = sum(len(guard.carried_ranks(k, v)) for k, v in up.tensors.items()
+                      if is_lora_key(k))
+        if carried > allowed:
+            raise MalformedReply(f"{carried} rank slices uploaded; the node's rank budget "
+                                 f"({self.budget(up.node_id)} × {len(mods)} modules) allows "
+                                 f"{allowed}")
 
     def aggregate_updates(self, server_round, state, updates):
         total = float(sum(u.num_examples for u in updates))

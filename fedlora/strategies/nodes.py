@@ -3,8 +3,9 @@ learnt with a ``query`` message — and which of them a round samples.
 
 Query answers are node input: a tier that is not an integer in [0, 2**31) gives that node tier 0;
 a partition-id that is neither that nor -1 (unknown) excludes the node from partition sampling for
-the rest of the run. Either is logged and recorded (``excluded_nodes`` of the round) with the node
-id and the reason; nothing in an answer can raise.
+the rest of the run, and so does a partition-id another connected node claimed first (one node
+per partition-id: :meth:`NodeDirectory.settle_claims`). Each is logged and recorded
+(``excluded_nodes`` of the round) with the node id and the reason; nothing in an answer can raise.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class NodeDirectory:
                            message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
         stats.control_bytes += sum(message_bytes(q) for q in queries)
         asked = set(unknown)
+        claims: list[tuple[int, int]] = []
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             node = None
             try:
@@ -91,15 +93,45 @@ class NodeDirectory:
                     log.warning("node %s did not report its tier; using tier 0", node)
                     continue
                 stats.control_bytes += message_bytes(reply, hashed=False)
-                self._read_answer(stats, node, reply.content.metric_records[METRICS_KEY])
+                self._read_answer(stats, node, reply.content.metric_records[METRICS_KEY],
+                                  claims)
             except Exception as err:  # never let a node's answer stop the round
                 ours = node in unknown
                 if ours:
                     self.tiers[node] = 0  # answered (badly): not asked again
                 self.exclude(stats, node, f"bad answer to the tier query: "
                                           f"{type(err).__name__}: {err}", sampling=ours)
+        self.settle_claims(grid, stats, claims)
 
-    def _read_answer(self, stats: RoundStats, node: int, answer: Mapping[str, Any]) -> None:
+    def settle_claims(self, grid: Grid, stats: RoundStats, claims: list[tuple[int, int]]
+                      ) -> None:
+        """One node per partition-id: ``claims`` ((node, partition-id), from one query) are
+        granted in node-id order (ids the SuperLink assigns, not the node); a partition-id
+        already held by another node that is still connected (``grid.get_node_ids()``) is
+        refused and the claimant left out of partition sampling for the run, with the owner's
+        id in the reason; one whose owner left the federation passes to the claimant (recorded
+        under the old owner). So a node cannot duplicate another's slot in the sampling order."""
+        owner = {p: n for n, p in self.partitions.items() if p >= 0}
+        live: set | None = None
+        for node, part in sorted(claims):
+            held = owner.get(part)
+            if held is not None and held != node:
+                if live is None:
+                    live = set(grid.get_node_ids())
+                if held in live:
+                    self.exclude(stats, node, f"partition-id {part} is already claimed by node "
+                                              f"{held}; left out of partition sampling")
+                    continue
+                self.partitions.pop(held, None)
+                stats.excluded.append({"node": held, "reason": f"partition-id {part} passed to "
+                                       f"node {node}: this node is no longer connected"})
+                log.warning("round %d: partition-id %d passed from node %s (gone) to node %s",
+                            stats.round, part, held, node)
+            self.partitions[node] = part
+            owner[part] = node
+
+    def _read_answer(self, stats: RoundStats, node: int, answer: Mapping[str, Any],
+                     claims: list[tuple[int, int]]) -> None:
         self.tiers[node] = 0
         try:
             self.tiers[node] = node_int(answer.get("tier", 0), "tier")
@@ -110,7 +142,7 @@ class NodeDirectory:
             self.partitions[node] = -1
         else:
             try:
-                self.partitions[node] = node_int(part, "partition-id")
+                claims.append((node, node_int(part, "partition-id")))  # granted by settle_claims
             except ValueError as err:
                 self.exclude(stats, node, f"{err}; left out of partition sampling")
 

@@ -208,7 +208,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             continue
         keep(msg, up, ref, n)
         del tensors
-    bound = guard.norm_bound([n for *_, n in kept], g.update_norm_bound, g.norm_bound_factor)
+    bound = strategy.round_norm_bound(server_round, [n for *_, n in kept])
     stats.norm_bound = bound
     worst = max((n for *_, n in kept), default=0.0)
     resum = broken or (bound is not None and worst > RESUM_RATIO * bound)
