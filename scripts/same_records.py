@@ -1,7 +1,7 @@
 """Fixed-seed records of every method, to check that a refactor changed no accuracy and no byte.
 
-    python scripts/same_records.py dump <source tree> <out.json>   # run every method there
-    python scripts/same_records.py compare <before.json> <after.json>
+    python scripts/same_records.py dump <source tree> <out.json> [key=value ...]
+    python scripts/same_records.py compare <before.json> <after.json> [--ignore KEY ...]
     python scripts/same_records.py twice <out dir> [--tree DIR] [--nodes N] [--load K] [key=value ...]
     python scripts/same_records.py runs <run dir> <run dir>
 
@@ -19,6 +19,11 @@ loop, compared by ``runs``) round 1 was the same, round 2's replies arrived in a
 its eval loss differed in the 8th digit, round 5 accuracy 0.5646 vs 0.5671, all checkpoint
 arrays different; with 4ca2195 (``twice``, 2 busy loops) all 5 rounds identical (accuracy,
 loss, payload bytes; message bytes within 2 B) and all 58 checkpoint arrays bit-identical.
+
+Measured 2026-12-07 (issue 34), ``dump . on.json`` against ``dump . off.json
+norm-bound-history=0`` then ``compare off.json on.json --ignore norm_bound``: two replies a
+round, so the trusted bound applies in every round and binds in none: every other non-byte
+field identical for all eight methods, 0 bytes changed per message.
 
 ``dump`` runs each method for 3 rounds on 3 in-process nodes (the real ServerApp ``run`` and
 ClientApp functions through ``tests/conftest.py``'s InProcessGrid, the committed Fashion-MNIST
@@ -48,7 +53,7 @@ TINY = {"num-server-rounds": 3, "feature-maps": 8, "lora-rank": 4, "local-epochs
         "codec-up": "affine:4|zstd"}
 
 
-def dump(tree: Path, out: Path) -> None:
+def dump(tree: Path, out: Path, overrides: dict | None = None) -> None:
     sys.path[:0] = [str(tree), str(tree / "tests")]
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -63,7 +68,8 @@ def dump(tree: Path, out: Path) -> None:
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in METHODS:
-            rc = {**TINY, "method": m, "data-dir": str(SAMPLE), "run-dir": tmp, "run-name": m}
+            rc = {**TINY, **(overrides or {}), "method": m, "data-dir": str(SAMPLE),
+                  "run-dir": tmp, "run-name": m}
             run(InProcessGrid(rc), RunConfig.from_run_config(rc))
             recs = [json.loads(line) for line in (Path(tmp) / m / "rounds.jsonl").open()]
             result[m] = [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
@@ -73,8 +79,9 @@ def dump(tree: Path, out: Path) -> None:
 BYTE_KEYS = {"bytes_down", "bytes_up", "cum_mb_down", "cum_mb_up", "cum_mb"}
 
 
-def compare(a: Path, b: Path) -> int:
-    """Print every non-byte difference, and per method the per-message byte changes."""
+def compare(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> int:
+    """Print every non-byte difference (but in the keys ``ignore``), and per method the
+    per-message byte changes."""
     before, after = json.loads(a.read_text()), json.loads(b.read_text())
     bad = 0
     for m in METHODS:
@@ -84,7 +91,8 @@ def compare(a: Path, b: Path) -> int:
             print(f"{m}: {len(before[m])} records -> {len(after[m])} (DIFFERS)")
         for ra, rb in zip(before[m], after[m]):
             for k in sorted(set(ra) | set(rb)):
-                if k in BYTE_KEYS or k.endswith("_per_node") or ra.get(k) == rb.get(k):
+                if (k in BYTE_KEYS or k.endswith("_per_node") or k in ignore
+                        or ra.get(k) == rb.get(k)):
                     continue
                 bad += 1
                 print(f"{m} round {ra['round']}: {k}: {ra.get(k)!r} -> {rb.get(k)!r} (DIFFERS)")
@@ -191,9 +199,17 @@ def runs(a: Path, b: Path) -> int:
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "dump":
-        dump(Path(sys.argv[2]).resolve(), Path(sys.argv[3]))
+        import tomllib
+
+        sets = {}
+        for kv in sys.argv[4:]:   # run-config overrides, TOML values (norm-bound-history=0)
+            k, _, v = kv.partition("=")
+            sets[k] = tomllib.loads(f"v = {v}")["v"]
+        dump(Path(sys.argv[2]).resolve(), Path(sys.argv[3]), sets)
     elif cmd == "compare":
-        raise SystemExit(compare(Path(sys.argv[2]), Path(sys.argv[3])))
+        rest = sys.argv[4:]
+        ignore = tuple(rest[i + 1] for i, x in enumerate(rest[:-1]) if x == "--ignore")
+        raise SystemExit(compare(Path(sys.argv[2]), Path(sys.argv[3]), ignore))
     elif cmd == "runs":
         raise SystemExit(runs(Path(sys.argv[2]), Path(sys.argv[3])))
     elif cmd == "twice":
