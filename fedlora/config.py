@@ -127,13 +127,12 @@ class RunConfig:
                                   "bound of `norm-bound-history` (docs/hostile-nodes.md).")
     norm_bound_factor: float = _f(5.0, "The automatic bound's multiple of the median update norm "
                                   "(0: no automatic bound).")
-    norm_bound_history: int = _f(5, "Rounds of 1–2 valid replies: bound updates by "
-                                 "`norm-bound-factor` × the largest median update norm of the last "
-                                 "this many applied rounds that had ≥ 2 valid replies (before "
-                                 "any: `norm-bound-global` × the global's norm); 0: no automatic "
-                                 "bound below 3 replies.")
-    norm_bound_global: float = _f(1.0, "Rounds of 1–2 replies with no trusted history yet (round "
-                                  "1): the bound is this × the L2 norm of the global model's "
+    norm_bound_history: int = _f(5, "Rounds of 1–2 replies: bound = `norm-bound-factor` × the "
+                                 "largest median norm of the last this many applied rounds of ≥ 2 "
+                                 "replies and of the round's own smaller norm (none: "
+                                 "`norm-bound-global`); 0: no bound below 3 replies.")
+    norm_bound_global: float = _f(1.0, "A round of one reply with no trusted history (round 1): "
+                                  "the bound is this × the L2 norm of the global model's "
                                   "travelling tensors (0: none).")
     norm_bound_action: str = _f("clip", "An update over the bound is scaled down to it (`clip`) "
                                 "or dropped (`reject`).")

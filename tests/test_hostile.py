@@ -593,7 +593,7 @@ F32_MAX = np.finfo(np.float32).max
 def _round(s, rnd, state, nodes, attack=None, attacker=None):
     """One round on ``nodes`` (replies honest; ``attacker``'s — default the last node's — is
     ``attack``(s, rnd, node) instead): (new global or None, record)."""
-    msgs = configure(s, rnd, state, nodes)
+    msgs = configure(s, rnd, state, nodes, FakeGrid(list(nodes), {n: n for n in nodes}))
     replies = []
     for i, m in enumerate(msgs):
         bad = attack is not None and node_of(m) == (attacker or nodes[-1])
@@ -609,44 +609,48 @@ def _huge(value):
 
 @pytest.mark.parametrize("method", ALL)
 def test_one_or_two_replies_are_bounded(task_identity, method):
-    """Rounds of two replies, then one: a node sending 1e30 (or float32's max) is clipped to
-    the trusted bound — round 1 (no history): ``norm-bound-global`` × the global's norm; later:
-    5 × the largest median of earlier rounds, which the attacker cannot raise (the lower median
-    of two is the honest norm) — and the global moves at most that far (before: ~5e29)."""
+    """Rounds of one and two replies, one node sending 1e30 or float32's max: its update is
+    clipped to the trusted bound — a first round of one reply: ``norm-bound-global`` × the
+    global's norm; then 5 × the largest of the recent trusted medians and, with two replies,
+    the round's smaller norm (the honest one: the attacker cannot raise it) — and the global
+    moves at most that far (before: ~5e29), every method."""
     s = make(method)
-    g = toy(0)
-    new, rec = _round(s, 1, g, (1, 2), attack=_huge(HUGE))
-    assert rec["rejected"] == "" and rec["dropped"] == 0
-    assert rec["norm_bound"] == pytest.approx(guard.update_norm(g))      # 1.0 × ‖global‖
-    assert [c["node"] for c in rec["clipped"]] == [2] and rec["clipped"][0]["norm"] > 1e30
-    honest_norm = min(s.stats[1].update_norms)
-    assert s.norm_history == [honest_norm]                               # not the attacker's
-    bounds = [rec["norm_bound"]]
-    state = new
-    for rnd, nodes, value in ((2, (1, 2), F32_MAX), (3, (2,), HUGE), (4, (1, 2), F32_MAX)):
+    state = toy(0)
+    bounds = []
+    for rnd, nodes, value in ((1, (2,), HUGE), (2, (1, 2), F32_MAX), (3, (2,), HUGE),
+                              (4, (1, 2), HUGE), (5, (1, 2), F32_MAX)):
+        history = list(s.norm_history)
         new, rec = _round(s, rnd, state, nodes, attack=_huge(value))
-        assert rec["rejected"] == "" and [c["node"] for c in rec["clipped"]] == [2]
-        assert rec["norm_bound"] == pytest.approx(5 * max(s.norm_history[:-1] or [0])
-                                                  if rnd != 3 else 5 * max(s.norm_history))
+        norms = s.stats[rnd].update_norms
+        assert rec["rejected"] == "" and rec["dropped"] == 0
+        assert [c["node"] for c in rec["clipped"]] == [2] and rec["clipped"][0]["norm"] > 1e30
+        trusted = history + ([min(norms)] if len(norms) == 2 else [])
+        want = 5 * max(trusted) if trusted else guard.update_norm(state)   # round 1: 1 × ‖G‖
+        assert rec["norm_bound"] == pytest.approx(want)
         assert all(np.all(np.isfinite(v)) for v in new.values())
         if method in AVERAGING or method == "lora-a2":
             assert dist(new, state) <= rec["norm_bound"] * (1 + 1e-5)
         elif method == "flasc":
             assert not s._non_finite()
+        assert s.norm_history == history + ([min(norms)] if len(norms) == 2 else [])
         bounds.append(rec["norm_bound"])
         state = new
-    assert len(s.norm_history) == 3                  # round 3 (one reply) is not evidence
-    assert max(bounds[1:]) <= 5 * max(s.norm_history) * (1 + 1e-9)
+    honest_norms = [n for r in (2, 4, 5) for n in s.stats[r].update_norms if n < 1e29]
+    assert max(bounds[1:]) <= 5 * max(honest_norms) * (1 + 1e-9)   # never raised by the attack
     if method in ("flexlora", "hetlora"):            # factors rebuilt by SVD: nowhere near 1e30
         assert max(float(np.abs(v).max()) for v in state.values()) < 100
 
 
 def test_trusted_bound_rules():
-    """The trusted bound: factor × the largest of the last ``window`` medians; none yet (or all
-    0): the global's norm × ``norm-bound-global``; window or factor 0: no bound. A round adds
-    the lower median of its norms (of two: the smaller), one reply adds nothing."""
+    """The trusted bound: factor × the largest of the last ``window`` medians and this round's
+    own lower median; none (or all 0): the global's norm × ``norm-bound-global``; window or
+    factor 0: no bound. A round adds the lower median of its norms (of two: the smaller), one
+    reply adds nothing."""
     g = lambda: 4.0  # noqa: E731
     assert guard.trusted_bound([1.0, 2.0, 0.5], 5.0, 5, 1.0, g) == 10.0
+    assert guard.trusted_bound([1.0, 2.0, 0.5], 5.0, 5, 1.0, g, current=0.1) == 10.0
+    assert guard.trusted_bound([1.0], 5.0, 5, 1.0, g, current=3.0) == 15.0
+    assert guard.trusted_bound([], 5.0, 5, 1.0, g, current=0.2) == 1.0
     assert guard.trusted_bound([1.0, 2.0, 0.5], 5.0, 1, 1.0, g) == 2.5
     assert guard.trusted_bound([], 5.0, 5, 1.0, g) == 4.0
     assert guard.trusted_bound([0.0], 5.0, 5, 0.5, g) == 2.0
@@ -665,6 +669,8 @@ def test_trusted_bound_off_and_checkpointed(task_identity):
     s = make("flocora", norm_bound_history=0)
     new, rec = _round(s, 1, toy(0), (1, 2), attack=_huge(HUGE))
     assert rec["norm_bound"] is None and float(np.abs(new["fc.bias"]).max()) > 1e29
+    new, rec = _round(make("flocora"), 1, toy(0), (1, 2), attack=_huge(HUGE))   # on: bounded
+    assert rec["norm_bound"] < 1 and float(np.abs(new["fc.bias"]).max()) < 10
     s = make("flocora")
     state, _ = _round(s, 1, toy(0), (1, 2))
     saved = s.state_dict()

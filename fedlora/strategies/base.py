@@ -399,7 +399,8 @@ class FedLoraStrategy(FedAvg):
         """The round's bound on an update's norm, from its valid replies' ``norms``:
         ``update-norm-bound``, else ``norm-bound-factor`` × their lower median (≥ 3 replies),
         else (1–2 replies) the trusted bound (:func:`.guard.trusted_bound`: earlier rounds'
-        medians, else ``norm-bound-global`` × the global's norm). The norms are kept in the
+        medians and, with 2 replies, the smaller norm; else ``norm-bound-global`` × the
+        global's norm). The norms are kept in the
         round's stats: an applied round adds their median to :attr:`norm_history`."""
         g = self.robustness
         s = self.stats.get(server_round)
@@ -410,7 +411,8 @@ class FedLoraStrategy(FedAvg):
             bound = guard.trusted_bound(
                 self.norm_history, g.norm_bound_factor, g.norm_bound_history,
                 g.norm_bound_global,
-                lambda: guard.update_norm(self._global) if self._global else 0.0)
+                lambda: guard.update_norm(self._global) if self._global else 0.0,
+                current=guard.trusted_median(norms))
         return bound
 
     def _trust_round(self, server_round: int) -> None:

@@ -137,15 +137,20 @@ def norm_bound(norms: Sequence[float], absolute: float, factor: float,
 
 
 def trusted_bound(history: Sequence[float], factor: float, window: int,
-                  global_ratio: float, global_norm: "Callable[[], float]") -> float | None:
-    """The bound of a round with too few replies for a median of its own (1 or 2): ``factor`` ×
-    the largest of the last ``window`` trusted medians (``history``: one per applied round that
-    had ≥ 2 valid replies, the lower median of their update norms: one node of two can only
-    lower it, never raise it); with none yet (or all 0), ``global_ratio`` × ``global_norm()``
-    (the norm of the server's own model); None when ``window``, ``factor`` or that is 0."""
+                  global_ratio: float, global_norm: "Callable[[], float]",
+                  current: float | None = None) -> float | None:
+    """The bound of a round with too few replies for a robust median of its own (1 or 2):
+    ``factor`` × the largest of the last ``window`` trusted medians (``history``: one per
+    applied round that had ≥ 2 valid replies, the lower median of their update norms) and of
+    this round's own lower median ``current`` (2 replies: the smaller norm) — one node of two
+    can only lower a lower median, never raise it, and cannot lower the bound below the
+    history; with none of these (a first round of one reply), ``global_ratio`` ×
+    ``global_norm()`` (the norm of the server's own model); None when ``window``, ``factor`` or
+    that is 0."""
     if window <= 0 or factor <= 0:
         return None
-    recent = [h for h in list(history)[-window:] if h > 0 and math.isfinite(h)]
+    recent = [h for h in [*list(history)[-window:], *([current] if current is not None else [])]
+              if h > 0 and math.isfinite(h)]
     if recent:
         return factor * max(recent)
     if global_ratio > 0:
