@@ -75,7 +75,8 @@ def train(msg: Message, context: Context) -> Message:
                             key=codec_key(cfg.seed, rnd, "down"))
     received = _apply_download(context, decoded, conf)
     codec_up = parse_spec(str(conf["codec-up"]))  # the chain the server asked for, parsed once
-    codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", msg.metadata.dst_node_id))
+    who = int(conf.get("codec-key-id", msg.metadata.dst_node_id))  # its partition-id, if granted
+    codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", who))
     nc = context.node_config
     cr = ClientRound(
         cfg=cfg, task=task, config=conf, received=received,

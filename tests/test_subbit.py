@@ -242,11 +242,11 @@ def test_client_error_feedback_residual_stays_bounded_against_what_is_decoded():
 
 
 def _node_reply(s, msg, rnd, seed, key_node=None):
-    """What client_app does: the codec-up keyed by (seed, round, "up", its node id)."""
-    node = msg.metadata.dst_node_id
+    """What client_app does: the codec-up keyed by (seed, round, "up", the ``codec-key-id``
+    the server sent: its partition-id where granted, else its node id)."""
     conf = msg.content[CONFIG_KEY]
-    pipe = parse_spec(str(conf["codec-up"])).keyed(
-        codec_key(s.cfg.seed, rnd, "up", node if key_node is None else key_node))
+    who = int(conf["codec-key-id"]) if key_node is None else key_node
+    pipe = parse_spec(str(conf["codec-up"])).keyed(codec_key(s.cfg.seed, rnd, "up", who))
     rng = np.random.default_rng(seed)
     up = OrderedDict((k, (0.01 * rng.standard_normal(sh)).astype(np.float32))
                      for k, sh in s.upload_shapes(rnd).items())
@@ -268,7 +268,7 @@ def test_strategy_both_directions_with_server_error_feedback(task_identity, stre
     replies, decoded = [], []
     for i, m in enumerate(msgs):
         node = m.metadata.dst_node_id
-        r, up, pipe = _node_reply(s, m, 1, i, key_node=2 if node == 3 else None)
+        r, up, pipe = _node_reply(s, m, 1, i, key_node=424242 if node == 3 else None)
         replies.append(r)
         if node != 3:
             decoded.append(pipe.decode(r.content[ADAPTER_KEY]["payload"].data, SHAPES))
@@ -321,3 +321,22 @@ def test_real_server_and_client_apps_both_directions(tmp_path, sample_dir, task_
     recs = [r for r in read_rounds(tmp_path / "subbit") if r["round"] >= 1]
     assert [(r["clients"], r["dropped"], r["failures"]) for r in recs] == [(3, 0, 0)] * 2
     assert [r["full_downloads"] for r in recs] == [3, 0]
+
+
+def test_upload_codec_key_names_the_partition_so_runs_repeat(task_identity):
+    """Flower draws node ids at random per simulation: an upload key on the node id would make
+    two runs with the same seed rotate differently. Where the server has granted a node its
+    partition-id, the key names the partition (sent as ``codec-key-id``); else the node id."""
+    s = make("fedavg", upload="delta", download="delta", codec_up="drive:mse",
+             codec_down="affine:8", seed=5)
+    msgs = configure(s, 1, toy(0), (1, 2, 3))
+    for m in msgs:
+        node = m.metadata.dst_node_id
+        part = s.nodes.partitions.get(node, -1)
+        conf = m.content[CONFIG_KEY]
+        assert int(conf["codec-key-id"]) == (part if part >= 0 else node)
+        assert s.key_identity(node) == int(conf["codec-key-id"])
+    s.nodes.partitions[1] = 7
+    assert s.key_identity(1) == 7 and s.upload_pipeline(1, 1).key == codec_key(5, 1, "up", 7)
+    s.nodes.partitions.pop(1)
+    assert s.key_identity(1) == 1

@@ -204,10 +204,20 @@ class FedLoraStrategy(FedAvg):
 
     def upload_pipeline(self, server_round: int, node_id: int | None) -> Pipeline:
         """The codec chain the server asks of ``node_id``'s upload (keyed by the round and
-        node for rotating codecs, as the node keys it: ``client_app``)."""
+        :meth:`key_identity` for rotating codecs, as the node keys it: ``client_app``)."""
         pipe = _tiered(self.tier_codec_up, self.tier_of(node_id), self.codec_up)
-        return pipe.keyed(codec_key(self.cfg.seed, server_round, "up", node_id)) \
+        return pipe.keyed(codec_key(self.cfg.seed, server_round, "up",
+                                    self.key_identity(node_id))) \
             if pipe.needs_key and node_id is not None else pipe
+
+    def key_identity(self, node_id: int) -> int:
+        """Who an upload's codec key names: the node's partition-id where the server has
+        granted it one (the same in every run with the same seed, so runs repeat their
+        records), else its node id (which Flower draws at random per simulation). Sent to the
+        node as ``codec-key-id``; a node that keys otherwise sends a payload the server refuses
+        (its key tag does not match)."""
+        part = self.nodes.partitions.get(node_id, -1)
+        return part if part >= 0 else node_id
 
     def download_variant(self, server_round: int, node_id: int | None) -> Any:
         """A hashable key when a node needs its own version of the download (e.g. its rank),
@@ -282,6 +292,7 @@ class FedLoraStrategy(FedAvg):
                 "method": self.name,
                 "codec-down": dl.spec,
                 "codec-up": self.upload_pipeline(server_round, node_id).spec,
+                "codec-key-id": self.key_identity(node_id),
                 "tier": self.tier_of(node_id),
                 "upload": "delta" if self.replies_are_deltas else "weights",
                 **self.downlink.message_config(dl),
