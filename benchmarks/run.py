@@ -36,6 +36,23 @@ def complete(run_dir: Path, rounds: int) -> bool:
     return (run_dir / "summary.json").exists() and bool(recs) and recs[-1]["round"] >= rounds
 
 
+#: run-config keys that say where a run read or wrote, not what it computed
+WHERE = ("run-dir", "run-name", "resume", "data-dir")
+
+
+def stale(run_dir: Path, rc: dict) -> str | None:
+    """Why a finished run no longer matches its configuration in the suite (a key whose value
+    in the run's run.json differs from the suite's), or None. Keys the run did not record
+    (added to fedlora after it ran) are not held against it."""
+    try:
+        had = json.loads((run_dir / "run.json").read_text()).get("config", {})
+    except (OSError, ValueError):
+        return None
+    diff = [f"{k}: {had[k]!r} -> {v!r}" for k, v in rc.items()
+            if k not in WHERE and k in had and had[k] != v]
+    return "; ".join(diff) or None
+
+
 #: the width a progress line must fit (a default terminal, a CI log viewer)
 PROGRESS_COLUMNS = 80
 
@@ -171,9 +188,13 @@ def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool 
     for i, (name, rel, rc) in enumerate(runs, 1):
         run_dir = out / "runs" / rel
         rounds = int(rc.get("num-server-rounds", 5))
-        if complete(run_dir, rounds) and not force:
+        changed = stale(run_dir, rc) if complete(run_dir, rounds) else None
+        if complete(run_dir, rounds) and not force and not changed:
             print(f"[{i}/{len(runs)}] {rel}: complete, skipped", flush=True)
             continue
+        if changed:  # the suite's configuration moved on: the old records are not its runs
+            print(f"[{i}/{len(runs)}] {rel}: finished with another config ({changed}), run "
+                  "again", flush=True)
         # an interrupted run continues from its last checkpoint (same config only); else anew
         from fedlora.checkpoint import resumable
 

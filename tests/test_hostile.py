@@ -857,3 +857,30 @@ def test_stale_duplicate_and_unsolicited_replies_dropped_apart(task_identity):
     assert rec["bytes_up_dropped"] == sum(message_bytes(m, hashed=False) for m in extra)
     configure(s, 3, arrays_to_state(arrays), (1, 2))
     assert s.round_record(3)["full_downloads"] == 0      # both copies settled
+
+
+def test_the_superlinks_error_reply_for_a_lost_node_is_that_nodes_failure(task_identity):
+    """When a node is lost mid-round, Flower's SuperLink writes the error reply itself (source
+    SUPERLINK_NODE_ID, answering the lost node's train message): it is that node's failure, not
+    a stray reply; an error reply from the SuperLink answering no message of this round is a
+    stray."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    s = make("fedavg")
+    msgs = configure(s, 1, toy(0), (3, 4, 5))
+    out = [reply(m, honest(s, m, 1, node_of(m))) for m in msgs if node_of(m) != 5]
+    lost = next(m for m in msgs if node_of(m) == 5)
+    err = Message(Error(code=0, reason="Node Unavailable: no heartbeat"), reply_to=lost)
+    err.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    forged = Message(Error(code=0, reason="nope"), reply_to=msgs[0])
+    forged.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    forged.metadata.__dict__["_reply_to_message_id"] = "f" * 64
+    assert err.metadata.src_node_id == forged.metadata.src_node_id == SUPERLINK_NODE_ID
+    assert forged.metadata.reply_to_message_id == "f" * 64
+    s.aggregate_train(1, out + [err, forged])
+    rec = s.round_record(1)
+    assert rec["clients"] == 2 and rec["failures"] == 1
+    assert rec["failure_reasons"][0]["node"] == 5
+    assert "heartbeat" in rec["failure_reasons"][0]["reason"]
+    assert [d["node"] for d in rec["dropped_reasons"]] == [SUPERLINK_NODE_ID]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -488,6 +489,19 @@ class FedLoraStrategy(FedAvg):
             return "a second reply from this node in the round"
         return ""
 
+    @staticmethod
+    def reply_node(stats: "RoundStats", msg: Message) -> Any:
+        """The node a reply stands for: its source, except for the error reply the SuperLink
+        itself writes when a node it sent a message to is lost (source ``SUPERLINK_NODE_ID``):
+        that one stands for the node whose train message it answers, when there is one."""
+        src = msg.metadata.src_node_id
+        if src == SUPERLINK_NODE_ID and msg.has_error():
+            got = msg.metadata.reply_to_message_id
+            for node, meta in stats.asked.items():
+                if got and meta.message_id == got:
+                    return node
+        return src
+
     def _stray(self, stats: "RoundStats", server_round: int, node: Any, msg: Message,
                why: str) -> None:
         """Record a reply that is not its node's answer to this round: its reason and its wire
@@ -527,7 +541,7 @@ class FedLoraStrategy(FedAvg):
         for msg in self.canonical_order(replies):
             node = None
             try:
-                node = msg.metadata.src_node_id
+                node = self.reply_node(stats, msg)
                 why = self.stray_reason(server_round, stats, node, msg, seen)
                 if why:  # not this round's answer: dropped apart, the node's own reply stands
                     self._stray(stats, server_round, node, msg, why)

@@ -1,6 +1,6 @@
 """The round ledger: what happened in one round — bytes per node and direction, control
 traffic, failures, dropped/clipped/capped replies — and the round record made from it (the
-``rounds.jsonl`` schema documented in the README)."""
+``rounds.jsonl`` schema documented in docs/records.md)."""
 
 from __future__ import annotations
 
