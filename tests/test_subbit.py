@@ -336,6 +336,10 @@ def test_upload_codec_key_names_the_partition_so_runs_repeat(task_identity):
         conf = m.content[CONFIG_KEY]
         assert int(conf["codec-key-id"]) == (part if part >= 0 else node)
         assert s.key_identity(node) == int(conf["codec-key-id"])
+    plain = make("fedavg", upload="delta", download="delta", codec_up="affine:4",
+                 codec_down="affine:8", seed=5)
+    for m in configure(plain, 1, toy(0), (1, 2, 3)):  # other codecs: not a byte more
+        assert "codec-key-id" not in m.content[CONFIG_KEY]
     s.nodes.partitions[1] = 7
     assert s.key_identity(1) == 7 and s.upload_pipeline(1, 1).key == codec_key(5, 1, "up", 7)
     s.nodes.partitions.pop(1)

@@ -287,13 +287,16 @@ class FedLoraStrategy(FedAvg):
                                     else self.apply_variant(download, variant))
             dl = self.downlink.prepare(server_round, node_id, targets[variant], pipe, variant)
             record = payload_record(dl.payload)
+            up = self.upload_pipeline(server_round, node_id)
+            # rotating codecs (drive, eden) key the upload by the node's partition-id: say which
+            key_id = {"codec-key-id": self.key_identity(node_id)} if up.needs_key else {}
             cfg = ConfigRecord({
                 **{k: config[k] for k in config.keys()},
                 "server-round": server_round,
                 "method": self.name,
                 "codec-down": dl.spec,
-                "codec-up": self.upload_pipeline(server_round, node_id).spec,
-                "codec-key-id": self.key_identity(node_id),
+                "codec-up": up.spec,
+                **key_id,
                 "tier": self.tier_of(node_id),
                 "upload": "delta" if self.replies_are_deltas else "weights",
                 **self.downlink.message_config(dl),
