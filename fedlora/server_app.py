@@ -79,6 +79,10 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
             STYPE, DIGEST_VERSION if by_digest(cfg.payload_table) else FORMAT_VERSION,
             str(task.device), torch.get_num_threads()),
     }
+    # the commit the code came from, at the top level (None when neither the launcher nor a
+    # checkout says: the source hash in provenance.code still pins it)
+    code = meta["provenance"]["code"]
+    meta["commit"], meta["commit_dirty"] = code.get("git_commit"), code.get("git_dirty")
     # resume (run-config `resume`): the run folder and the checkpoint to continue from
     run_dir, resumed = checkpoint.find_resume(cfg, resolve_run_dir(cfg))
     ckpt = checkpoint.Checkpointer(run_dir, cfg.keep_checkpoints)

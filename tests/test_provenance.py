@@ -85,3 +85,8 @@ def test_run_json_records_provenance(tmp_path, sample_dir, task_identity):
                                      "transformers"}
     assert all(prov["versions"].values()), prov["versions"]
     assert prov["server"]["device"] == "cpu" and prov["server"]["torch_threads"] >= 1
+    # the commit at the top level, as the checkout knows it (this test runs in one)
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert meta["commit"] == prov["code"].get("git_commit") == (head or None)
+    assert meta["commit_dirty"] == prov["code"].get("git_dirty")
