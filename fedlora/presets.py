@@ -37,10 +37,6 @@ VISION: dict[str, Any] = {
 
 PRESETS = {"main": MAIN, "vision": VISION}
 
-#: run-config keys that say where a run wrote, not what it computed
-WHERE = ("run-dir", "run-name", "resume")
-
-
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
