@@ -289,6 +289,9 @@ def _check_combinations(cfg: RunConfig, pipes: dict[str, list]) -> None:
     if m == "flasc" and cfg.download == "delta":
         raise ConfigError("flasc sends its own sparse download (top-k of the weights at "
                           "density-down); download='delta' is for the other methods")
+    if cfg.download_init and cfg.download != "delta":
+        raise ConfigError("download-init=true starts a node's copy at the initial adapter: it "
+                          "needs download='delta'")
     if cfg.aggregation != "mean" and m not in DELTA_UPLOAD:
         raise ConfigError(f"aggregation={cfg.aggregation!r} applies to the weight-averaging "
                           f"methods ({', '.join(DELTA_UPLOAD)}); {m} does not average uploads, "

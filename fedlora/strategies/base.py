@@ -625,6 +625,7 @@ class FedLoraStrategy(FedAvg):
                 "pending": [(n, rnd, c.state, c.digest) for n, (rnd, c) in dl.pending.items()],
                 "settle": (last, ok),
             },
+                "init_refused": sorted(dl.init_refused),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -647,6 +648,7 @@ class FedLoraStrategy(FedAvg):
         dl.held = OrderedDict((int(n), copy(st)) for n, st, _ in saved["held"])
         dl.pending = {int(n): (int(rnd), copy(st)) for n, rnd, st, _ in saved["pending"]}
         last, ok = saved["settle"]
+        dl.init_refused = {int(n) for n in saved.get("init_refused", [])}
         if dl.delta:
             dl.settle(int(last), {int(n) for n in ok})
 
