@@ -340,6 +340,11 @@ def _text_frontier() -> dict:
     runs = {
         "fl-lora-r8": lora("fl-lora", 8),
         "fl-lora-r4-signt-ef": lora("fl-lora", 4, **both("sign:tensor|zstd")),
+        # below one bit a value (issue 32): rotated codecs, least-squares scale, one scale a tensor
+        "fl-lora-r8-eden0.5-mse-t-ef": lora("fl-lora", 8, **both("eden:0.5:mse:tensor")),
+        "fl-lora-r4-eden0.5-mse-t-ef": lora("fl-lora", 4, **both("eden:0.5:mse:tensor")),
+        "fl-lora-r8-eden0.25-mse-t-ef": lora("fl-lora", 8, **both("eden:0.25:mse:tensor")),
+        "fl-lora-r8-drive-mse-t-ef": lora("fl-lora", 8, **both("drive:mse:tensor")),
         "fl-lora-r8-q4": lora("fl-lora", 8, **both("affine:4|zstd", ef=False)),
         "fedavg-full": {**base, "method": "fedavg", "lr": 5e-5},
         "fl-lora-r8-signt-ef": lora("fl-lora", 8, **both("sign:tensor|zstd")),
@@ -453,22 +458,4 @@ def _vision_subbit() -> dict:
     return {**spec, "runs": runs}
 
 
-def _text_subbit() -> dict:
-    """The same codecs on ``text-frontier`` (MiniLM-L6 + LoRA on BANKING77; base of every ratio:
-    dense fp32 FL+LoRA r8, ``fl-lora-r8``): FL+LoRA r8 and r4 at 1, 0.5 and 0.25 bits a value,
-    beside ``fl-lora-r4-signt-ef`` (1 bit, one scale a tensor). Not run yet."""
-    spec = _text_frontier()
-    keep = ("fl-lora-r8", "fl-lora-r4-signt-ef")
-    runs = {k: dict(spec["runs"][k]) for k in keep}
-    base = {k: v for k, v in spec["runs"]["fl-lora-r8"].items()}
-    for r in (8, 4):
-        for tag, codec in (("drive-mse-t", "drive:mse:tensor"),
-                           ("eden0.5-mse-t", "eden:0.5:mse:tensor"),
-                           ("eden0.25-mse-t", "eden:0.25:mse:tensor")):
-            runs[f"fl-lora-r{r}-{tag}-ef"] = {**base, "lora-rank": r, "rank-budget": r,
-                                              **_rotated(codec)}
-    return {**spec, "runs": runs, "baselines": {k: "fl-lora-r8" for k in runs}}
-
-
 SUITES["vision-subbit"] = _vision_subbit
-SUITES["text-subbit"] = _text_subbit
