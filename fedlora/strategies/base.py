@@ -148,6 +148,10 @@ class FedLoraStrategy(FedAvg):
         pipes = ([self.codec_up, *self.tier_codec_up] if up else []) + \
                 ([self.codec_down, *self.tier_codec_down] if down else [])
         for pipe in pipes:
+            if pipe.value_coder.whole_body:  # drive, eden: one rotation of the whole update
+                raise ValueError(f"{self.name} adds its own sparsifier, and codec spec "
+                                 f"{pipe.spec!r} codes the whole update at once (it cannot "
+                                 "follow a sparsifier)")
             if pipe.sparsifier is not None:
                 raise ValueError(f"{self.name} adds its own sparsifier: codec spec {pipe.spec!r} "
                                  "must not sparsify")
