@@ -21,7 +21,8 @@ The state section is read back with ``torch.load(weights_only=True)``: no pickle
 Resume (run-config ``resume`` = a run folder or ``"auto"``): :func:`find_resume` picks the newest
 checkpoint whose checksum holds (older ones are the fallback), :func:`check_compatible` refuses a
 run whose config differs from the checkpointed one (except the keys in :data:`MAY_CHANGE`;
-``num-server-rounds`` may grow), and :func:`run_rounds` continues with the real round numbers.
+``num-server-rounds`` may grow), and the strategy's run loop (``FedLoraStrategy.start``,
+``first_round``) continues with the real round numbers.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -429,31 +430,3 @@ def resume_run_config(run_dir: Path, overrides: Mapping[str, Any]) -> dict[str, 
              if k in defaults and v != defaults[k] and k not in ("resume", "run-dir", "run-name")}
     return {**saved, **overrides, "resume": str(run_dir), "run-dir": str(run_dir.parent),
             "run-name": run_dir.name}
-
-
-def run_rounds(strategy: Any, grid: Any, arrays: Any, first_round: int, num_rounds: int,
-               timeout: float | None, train_config: Any,
-               evaluate_fn: Callable[[int, Any], Any] | None = None) -> Any:
-    """Flower's ``Strategy.start`` loop (flwr 1.41) for rounds ``first_round..num_rounds``
-    without the initial evaluation: what a resumed run runs. The strategy sees the real round
-    numbers (LoRA-A2's parity, the lr schedule and the clients' seeds depend on them). Returns
-    the final global ArrayRecord."""
-    from flwr.app import ConfigRecord
-
-    strategy.robustness  # noqa: B018  (validates, as FedLoraStrategy.start does)
-    end_of_round = strategy.round_end(evaluate_fn)  # evaluation, then the round's record
-    evaluate_config = ConfigRecord()
-    for current_round in range(int(first_round), int(num_rounds) + 1):
-        log.info("[ROUND %s/%s] (resumed run)", current_round, num_rounds)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(current_round, arrays, train_config, grid),
-            timeout=timeout)
-        agg_arrays, _ = strategy.aggregate_train(current_round, replies)
-        if agg_arrays is not None:
-            arrays = agg_arrays
-        replies = grid.send_and_receive(
-            messages=strategy.configure_evaluate(current_round, arrays, evaluate_config, grid),
-            timeout=timeout)
-        strategy.aggregate_evaluate(current_round, replies)
-        end_of_round(current_round, arrays)
-    return arrays

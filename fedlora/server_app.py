@@ -119,20 +119,17 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         state = checkpoint.server_state(strategy, arrays_to_state(arrays))
         return ckpt.save(server_round, ckpt_header, state, records)
 
-    # the strategy writes each round's record after evaluate_fn (FedLoraStrategy.round_end)
+    # the strategy writes each round's record after evaluate_fn (FedLoraStrategy.end_round)
     strategy.keep_records(recorder, meta["analytic_bytes_per_message_up"],
                           save if ckpt.enabled else None)
 
-    if resumed is None:
-        result = strategy.start(
-            grid=grid, initial_arrays=state_to_arrays(init), num_rounds=cfg.num_server_rounds,
-            timeout=cfg.round_timeout, train_config=ConfigRecord({"base-fingerprint": fp}),
-            evaluate_fn=evaluate_fn)
-        final = arrays_to_state(result.arrays) if len(result.arrays.keys()) else init
-    else:  # Flower's loop from the round after the checkpoint, with the real round numbers
-        final = arrays_to_state(checkpoint.run_rounds(
-            strategy, grid, state_to_arrays(current), first_round, cfg.num_server_rounds,
-            cfg.round_timeout, ConfigRecord({"base-fingerprint": fp}), evaluate_fn))
+    # one loop for fresh and resumed runs (FedLoraStrategy.start): a resumed run goes on from
+    # the round after its checkpoint with the real round numbers
+    result = strategy.start(
+        grid=grid, initial_arrays=state_to_arrays(current), num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout, train_config=ConfigRecord({"base-fingerprint": fp}),
+        evaluate_fn=evaluate_fn, first_round=first_round)
+    final = arrays_to_state(result.arrays)
     load_state(model, final)
     if method.Strategy.adapter:
         model.save_pretrained(str(run_dir / "adapter"))

@@ -157,7 +157,7 @@ def test_flower_sampling_and_a_bad_sampling_value(task_identity):
 
 
 def test_the_strategy_writes_each_rounds_record_after_the_evaluation(task_identity, tmp_path):
-    """round_end: the central evaluation runs first, then the checkpoint, then the record the
+    """end_round: the central evaluation runs first, then the checkpoint, then the record the
     strategy's ledger made (bytes of this round's replies + the evaluation's metrics) goes to
     the recorder — the ServerApp's evaluate_fn only evaluates."""
     from fedlora.results import Recorder
@@ -174,9 +174,8 @@ def test_the_strategy_writes_each_rounds_record_after_the_evaluation(task_identi
         order.append(f"eval {rnd}")
         return MetricRecord({"accuracy": 0.5}) if rnd == 1 else None
 
-    end = strategy.round_end(evaluate_fn)
-    end(0, state_to_arrays(toy(0)))
-    end(1, state_to_arrays(toy(0)))
+    strategy.end_round(0, state_to_arrays(toy(0)), evaluate_fn)
+    strategy.end_round(1, state_to_arrays(toy(0)), evaluate_fn)
     assert order == ["eval 0", "eval 1", "save 1"]  # no checkpoint of the initial model
     r0, r1 = recorder.records
     assert r0["round"] == 0 and "accuracy" not in r0 and r0["bytes_up"] == 0

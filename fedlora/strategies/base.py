@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,7 +28,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..adapters import flocora_analytic_bits
@@ -115,7 +116,7 @@ class FedLoraStrategy(FedAvg):
         self._check_update_only_codecs()
         #: differential privacy (``dp-*``; inert when ``dp=off``): see :mod:`fedlora.privacy`
         self.privacy = ServerPrivacy.for_strategy(self)
-        self.keep_records(None)  # the ServerApp gives the recorder (round records: round_end)
+        self.keep_records(None)  # the ServerApp gives the recorder (round records: end_round)
 
     def _check_update_only_codecs(self) -> None:
         """A chain for updates only (``sign``, ``lowrank``) must never carry weights: uploads must
@@ -336,13 +337,46 @@ class FedLoraStrategy(FedAvg):
                 self.cfg, self.name, robust_ok=bool(getattr(self, "delta_upload", False)))
         return self._robustness
 
-    def start(self, *args: Any, **kwargs: Any):
-        """Flower's run loop, after validating the robustness settings (a bad value is a
-        ValueError before the first round, not after its training), with the round's record
-        written at the end of each round (:meth:`round_end` wraps ``evaluate_fn``)."""
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None,
+              first_round: int = 1) -> Result:
+        """The one run loop, of fresh and resumed runs: Flower's ``Strategy.start`` steps for
+        rounds ``first_round..num_rounds`` with the real round numbers (LoRA-A2's parity, the
+        lr schedule and the clients' seeds depend on them); a fresh run (``first_round`` 1)
+        first evaluates and records the initial model as round 0. Each round ends with
+        :meth:`end_round` (central evaluation, checkpoint, the round's record). The robustness
+        settings are validated first (a bad value fails before any training). Returns Flower's
+        Result; its ``arrays`` is the final global model."""
         self.robustness  # noqa: B018  (validates)
-        kwargs["evaluate_fn"] = self.round_end(kwargs.get("evaluate_fn"))
-        return super().start(*args, **kwargs)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays, t0 = Result(), initial_arrays, time.time()
+        log.info("Starting %s: rounds %d to %d", type(self).__name__, first_round, num_rounds)
+        if first_round <= 1:
+            self.end_round(0, arrays, evaluate_fn, result)
+        for rnd in range(max(int(first_round), 1), int(num_rounds) + 1):
+            log.info("")
+            log.info("[ROUND %s/%s]", rnd, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            agg, metrics = self.aggregate_train(rnd, replies)
+            if agg is not None:
+                arrays = agg
+            if metrics is not None:
+                log.info("\t└──> Aggregated MetricRecord: %s", metrics)
+                result.train_metrics_clientapp[rnd] = metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                timeout=timeout)
+            metrics = self.aggregate_evaluate(rnd, replies)
+            if metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = metrics
+            self.end_round(rnd, arrays, evaluate_fn, result)
+        result.arrays = arrays
+        log.info("Strategy execution finished in %.2fs", time.time() - t0)
+        return result
 
     def robust_updates(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """With ``aggregation`` = ``median`` / ``trimmed-mean``: one pseudo-reply holding the
@@ -664,24 +698,27 @@ class FedLoraStrategy(FedAvg):
         """Where the strategy writes each round's record (``recorder``:
         :class:`fedlora.results.Recorder` → ``rounds.jsonl``/CSV/TensorBoard), the analytic
         upload size per reply it adds to it, and ``save(round, arrays, records)``: the round's
-        checkpoint, written before the record (see :meth:`round_end`)."""
+        checkpoint, written before the record (see :meth:`end_round`)."""
         self._recorder, self._analytic_up, self._save = recorder, analytic_bytes_per_upload, save
 
-    def round_end(self, evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None"
-                  ) -> "Callable[[int, ArrayRecord], MetricRecord | None]":
-        """``evaluate_fn`` (Flower's central evaluation, last step of a round) followed by the
-        round's record: the ledger's bytes and counts, the DP accounting and the evaluation's
-        metrics, with the checkpoint of rounds ≥ 1 saved first. What Flower's loop and the
-        resumed loop (:func:`fedlora.checkpoint.run_rounds`) call after each round."""
-        def end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
-            if self._recorder is not None:
-                def save(records: list[dict]) -> Any:
-                    return self._save(server_round, arrays, records)
-                self._recorder.log_round({**self.round_record(server_round), **(metrics or {})},
-                                   checkpoint=save if server_round >= 1 and self._save else None)
-            return metrics
-        return end
+    def end_round(self, server_round: int, arrays: ArrayRecord,
+                  evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None,
+                  result: Result | None = None) -> MetricRecord | None:
+        """The last step of a round (round 0: the initial model): ``evaluate_fn`` (the
+        ServerApp's central evaluation, nothing else), then for rounds ≥ 1 the checkpoint, then
+        the round's record — the ledger's bytes and counts, the DP accounting and the
+        evaluation's metrics — to the recorder (:meth:`keep_records`)."""
+        metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+        if metrics is not None:
+            log.info("\t└──> MetricRecord: %s", metrics)
+            if result is not None:
+                result.evaluate_metrics_serverapp[server_round] = metrics
+        if self._recorder is not None:
+            def save(records: list[dict]) -> Any:
+                return self._save(server_round, arrays, records)
+            self._recorder.log_round({**self.round_record(server_round), **(metrics or {})},
+                                     checkpoint=save if server_round >= 1 and self._save else None)
+        return metrics
 
     def round_record(self, server_round: int) -> dict[str, Any]:
         """The record of ``server_round`` (:meth:`.RoundStats.record`) with the analytic upload
