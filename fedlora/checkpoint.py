@@ -1,28 +1,15 @@
 """Per-round server checkpoints, and resuming a run from its last complete round.
 
 After every round ``r`` ≥ 1 the ServerApp writes ``<run>/checkpoints/round-<r>.ckpt``: the global
-trainable tensors, the strategy's ``state_dict()`` (tiers, partition map, excluded nodes, the
-downlink's per-node copies; FLASC's parameters, optimizer state and fixed mask; HetLoRA's pruned
-ranks; FlexLoRA's counters; ``strategy.privacy.state_dict()`` when a privacy accountant is
-attached), the Python / NumPy / torch global RNG states (Flower's node sampling uses ``random``),
-and the round records written so far. The write is atomic (temp file, fsync, rename, fsync of
-the folder); the newest ``keep-checkpoints`` files are kept.
-
-File layout (one checksum over everything after it, so a torn or bit-rotten file is detected)::
-
-    FEDLORA-CHECKPOINT 1\\n
-    <sha256 hex of the rest>\\n
-    <header JSON: round, method, config, base fingerprint, shapes, section lengths>\\n
-    <server state: torch.save of plain containers, tensors and raw numpy bytes>
-    <records: JSON list, one dict per round 0..r>
-
-The state section is read back with ``torch.load(weights_only=True)``: no pickled code runs.
-
-Resume (run-config ``resume`` = a run folder or ``"auto"``): :func:`find_resume` picks the newest
-checkpoint whose checksum holds (older ones are the fallback), :func:`check_compatible` refuses a
-run whose config differs from the checkpointed one (except the keys in :data:`MAY_CHANGE`;
-``num-server-rounds`` may grow), and the strategy's run loop (``FedLoraStrategy.start``,
-``first_round``) continues with the real round numbers.
+trainable tensors, the strategy's ``state_dict()`` (with ``strategy.privacy``'s when attached),
+the Python / NumPy / torch global RNG states and the round records so far; atomically (temp
+file, fsync, rename, fsync of the folder), keeping the newest ``keep-checkpoints``. One SHA-256
+over the file detects a torn or bit-rotten one; the state is read with
+``torch.load(weights_only=True)`` (no pickled code runs). Resume (run-config ``resume``):
+:func:`find_resume` picks the newest checkpoint whose checksum holds, :func:`check_compatible`
+refuses a config that differs (except :data:`MAY_CHANGE`; ``num-server-rounds`` may grow), and
+the strategy's one run loop (``FedLoraStrategy.start``, ``first_round``) continues with the real
+round numbers. What is saved, the file layout and what survives a restart: docs/resume.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
    exactly the bytes the code wrote before ``compression/base.py`` was split by concern (SHA-256
    digests recorded from that code, with zstandard 0.25.0 / libzstd 1.5.7 as pinned in
    pyproject.toml: the zstd specs' digests pin the compressor's output too).
-2. The decoder's memory contract (docstring of ``fedlora/compression/payload.py``): without
+2. The decoder's memory contract (``compression/payload.py``, docs/wire-format.md): without
    expected shapes a payload may declare at most ``E x len(payload) + 1 MiB`` of tensors, checked
    before anything is allocated; a zstd layer decompresses into one buffer of exactly its
    checked raw length; and a decode's peak allocation stays below ``peak_bound``. Measured with

@@ -5,15 +5,14 @@
     payload = pipe.encode({"layer.lora_A": a, "layer.lora_B": b})
     tensors = decode_payload(payload, expected={"layer.lora_A": a.shape, "layer.lora_B": b.shape})
 
-The core, one concern per module: ``errors`` (CodecError, SpecError), ``spec`` (the spec grammar),
-``payload`` (payload layout, :class:`Pipeline`, :func:`decode_payload` and the decoder's memory
-contract), ``codec`` (stage kinds and registry), ``binary`` (varints, bitmaps, bit packing, the
+The core, one concern per module: ``errors`` (CodecError, SpecError), ``spec`` (grammar),
+``payload`` (layout, :class:`Pipeline`, :func:`decode_payload`, the decoder's memory contract),
+``codec`` (stage kinds and registry), ``binary`` (varints, bitmaps, bit packing, the
 bounds-checked reader), ``arrays`` (tensor input, finiteness), ``runtime`` (thread pool, scratch
-arena). One codec per module: ``casts`` (fp32/fp16/bf16), ``quantize`` (affine:b), ``signs`` (sign),
-``sparsify`` (topk), ``ranks``, ``lowrank``, ``lossless`` (zstd), ``eden`` (drive, eden:b: rotated,
-keyed by ``codec_key``); ``feedback`` holds :class:`ErrorFeedback`. A new codec = one
-module defining a :class:`~fedlora.compression.codec.Codec` subclass decorated with ``@register``
-and stating its ``max_expansion``, imported below.
+arena); ``feedback`` (:class:`ErrorFeedback`). One codec per module, registered by importing it
+below: ``casts`` (fp32/fp16/bf16), ``quantize`` (affine:b), ``signs`` (sign), ``sparsify``
+(topk), ``ranks``, ``lowrank``, ``lossless`` (zstd), ``eden`` (drive, eden:b; keyed by
+``codec_key``). A new codec: docs/architecture.md ("Add a codec").
 """
 
 from .codec import (  # noqa: F401

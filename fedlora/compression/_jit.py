@@ -1,19 +1,12 @@
 """Fused element-wise kernels for ``affine:b``, compiled by numba (imported only when used).
 
-numpy needs one pass over memory per ufunc (quantize = multiply, add, clamp, narrow; dequantize =
-widen, subtract, multiply), each paying its own loop overhead; these kernels do each job in one
-pass with the SAME float32 operations in the same order (no fast-math, no FMA contraction: LLVM
-only contracts with fast-math flags), so the payload bytes and the decoded values are identical
-to the numpy path's — ``tests/test_codecs.py`` checks that bit for bit.
-
-Every kernel works on the flat element range ``[i0, i1)`` of a row-major ``(g, m)`` array with one
-parameter per row, so a caller can split any tensor (one long row, many short rows) across
-threads; the kernels release the GIL (``nogil``), and
-:func:`fedlora.compression.runtime.run_parallel` supplies the threads. Loops run over slices
-starting at 0 so numba can prove indices non-negative and LLVM vectorizes them.
-
-Compiled code is cached on disk (numba's ``cache=True``: ``__pycache__`` beside this file, else
-numba's user cache directory); where neither is writable the kernels compile per process instead.
+Each kernel does in one pass what numpy does in several, with the SAME float32 operations in the
+same order (no fast-math, no FMA contraction), so payload bytes and decoded values equal the
+numpy path's bit for bit (``tests/test_codecs.py``). Kernels work on the flat element range
+``[i0, i1)`` of a row-major ``(g, m)`` array with one parameter per row and release the GIL;
+:func:`fedlora.compression.runtime.run_parallel` supplies the threads. Compiled code is cached
+on disk (numba's ``cache=True``) where writable, else compiled per process. Why and how:
+docs/codecs.md ("Implementation notes").
 """
 
 from __future__ import annotations

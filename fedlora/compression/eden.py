@@ -1,39 +1,18 @@
 """``drive`` and ``eden:b`` — randomized-Hadamard rotation, then 1 (DRIVE) or ``b`` (EDEN) bits a
 rotated value, one scale a chunk; below one bit by shared-seed subsampling (no indices travel).
 
-DRIVE (Vargaftik et al., NeurIPS 2021) and EDEN (ICML 2022). The update (every tensor, flattened
-and concatenated in body order) is cut into chunks (``rotate.chunk_plan``: 2^14 values, the rest
-by powers of two, < 256 padded values a message), each rotated to ``z = H D x / ||x||`` (near
-N(0, 1) coordinates), each ``z`` replaced by the centroid ``c`` of its bucket — sign for 1 bit,
-the Lloyd–Max quantizer of N(0, 1) for 2..4 bits — and sent as ``b``-bit labels with the chunk's
-scale ``T``; it decodes to ``x' = T D H c``. Variants (the papers' two scales):
-
-* ``drive`` / ``eden:b`` — unbiased: ``T = ||x|| / <c, z>`` (E[x'] = x over the random signs; the
-  paper's scale ``||x||^2 / ||Rx||_1`` at 1 bit). vNMSE ~ pi/2 - 1 = 0.57 at 1 bit.
-* ``drive:mse`` / ``eden:b:mse`` — least squares: ``T = ||x|| <c, z> / (d ||c||^2)``, biased
-  (shrinks by ~2/pi at 1 bit), vNMSE ~ 1 - 2/pi = 0.36: contractive, for error feedback.
-
-``eden:p`` with ``0 < p < 1``: ``k = ceil(p N)`` of the ``N`` values, one at random in each of
-``k`` equal strata (positions from the key), are coded as ``eden:1``; decoding puts them back,
-times their stratum's size (unbiased: Horvitz–Thompson, vNMSE ~ 1.57/p - 1 > 1, so NOT for
-error feedback, whose residual then grows) or as they are (``:mse``, vNMSE ~ 1 - 0.64 p).
-``:tensor`` (last flag): each tensor is first divided by its RMS rounded to a power of two (one
-byte a tensor), so every tensor's own error is near the vNMSE instead of the concatenation's
-error spread evenly over the values (a tensor 1000x smaller than the rest: 1000s x its norm).
-
-The rotation signs and sampled positions come from the pipeline's codec key (``codec_key``:
-run seed, round, direction, node), which both ends derive and which never travels; a
-:class:`~.payload.Pipeline` without one refuses to encode or decode. Body (no per-tensor sections;
-``C`` chunks of ``P`` padded values, from the plan of ``N`` or ``k`` values)::
-
-    tag     4 bytes   uint32 LE, ``rotate.key_tag(key)``: a receiver whose key differs refuses
-    exps    (``:tensor`` only) one int8 a tensor, body order: 2^e its divisor, -128 all zeros
-    scales  C x float32  finite, >= 0 (not -0.0), T d max|c| w 2^max(e) <= FLT_MAX (w: the
-            largest sampling weight)
-    labels  ceil(P b / 8) bytes, chunk after chunk (each starts on a byte), LSB first; a chunk
-            of scale 0 has all-zero labels; unused bits of the last byte are zero
-
+DRIVE (Vargaftik et al., NeurIPS 2021) and EDEN (ICML 2022). The update, every tensor flattened
+and concatenated in body order, is cut into chunks (``rotate.chunk_plan``), rotated, quantized to
+sign (1 bit) or the Lloyd–Max quantizer of N(0, 1) (2..4 bits), and sent as labels with one
+scale a chunk. ``drive`` / ``eden:b``: unbiased scale; ``:mse``: least-squares scale (biased,
+contractive: for error feedback); ``eden:p`` (0 < p < 1): one value a stratum, positions from
+the key; ``:tensor`` (last): each tensor first divided by its RMS rounded to a power of two.
+Rotation signs and positions come from the pipeline's codec key (:func:`codec_key`), derived by
+both ends and never sent; a :class:`~.payload.Pipeline` without one refuses to encode or decode.
 ``max_expansion``: 32/b. Decoding needs numba (a dependency).
+
+Scales, error figures and the body layout: docs/wire-format.md (``drive`` and ``eden:b``);
+design and measurements: docs/codecs-subbit.md.
 """
 
 from __future__ import annotations

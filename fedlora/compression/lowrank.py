@@ -1,38 +1,15 @@
 """``lowrank:r`` — a rank-``r`` factorisation of each matrix-shaped update (PowerSGD's compressor).
 
-Vogels et al., 2019, "PowerSGD: Practical Low-Rank Gradient Compression": a tensor of shape
-``(m, *rest)`` is the matrix ``M`` of ``m`` rows and ``n = prod(rest)`` columns (a conv kernel
-``[C_out, C_in, k, k]`` is ``C_out x C_in*k*k``) and travels as two factors whose product is its
-best rank-``r`` approximation. PowerSGD finds the factors with one warm-started power iteration per
-step; a federated update arrives once a round from a node that may not have been sampled for many
-rounds, so there is no warm start to keep: the factors here are the truncated SVD itself (exact for
-``min(m, n) <= 512``, else a seeded randomized range finder with two power iterations, Halko et al.
-2011), the best rank-``r`` approximation in Frobenius norm. It is contractive, ``||M - M_r||^2 <=
-(1 - r/min(m, n)) ||M||^2``, so client error feedback and the server's download error feedback keep
-what it drops instead of losing it (use it for updates: ``upload=delta`` / ``download=delta``; a
-weight matrix cut to rank ``r`` would be a different model, so the strategy refuses it for weights,
-as ``sign``).
+A tensor of shape ``(m, *rest)`` with ``r * (m + n) < m * n`` (``n = prod(rest)``) travels as
+factors ``L`` (``r x m``) and ``R`` (``r x n``), each rank component carrying half of its
+singular value, of its best rank-``r`` approximation (truncated SVD; a seeded randomized range
+finder above 512); every other tensor passes through whole (one group when 1-D). Contractive,
+so error feedback keeps what it drops: a codec for updates, refused for weights. The decoder
+forms ``L^T R`` in float64 in a fixed order (:func:`product`: same bits on every BLAS) and
+refuses a product that overflows float32. ``max_expansion``: 64 (a policy, as ``ranks``' 16).
 
-Factored tensors: ndim >= 2 with ``r * (m + n) < m * n`` (the factors are smaller than the matrix).
-With ``M ~ U S V^T`` (singular values in decreasing order), ``L = (U_r sqrt(S_r))^T`` (``r x m``)
-and ``R = (V_r sqrt(S_r))^T`` (``r x n``): each rank component gets half of its singular value, so
-both factors have the same scale per component, which is what a per-slice value coder wants. The
-decoder returns ``reshape(L^T R)``. Every other tensor (1-D norms and biases, matrices too small to
-gain) passes through whole.
-
-Per-tensor section, no bytes of its own (the shapes and ``r`` say which tensors are factored)::
-
-    factored   value section of L (r x m, r groups), then value section of R (r x n, r groups)
-    otherwise  value section of the tensor, grouped per dim-0 slice when ndim >= 2 and as ONE
-               group otherwise (so ``affine`` quantizes a norm's update instead of sending raw
-               float32: this sparsifier is for updates only)
-
-The decoder forms the product in float64, term by term in a fixed order (:func:`product`), so a
-node and the server decode a payload to the same bits whatever their BLAS, and refuses factors
-whose product overflows float32 (the value coder guarantees finite factors, not a finite product). ``max_expansion`` (the decoder's memory contract without expected
-shapes, ``payload.py``): 64, a policy like ``ranks``' 16: a rank-``r`` factorisation of a square
-``d x d`` matrix expands ``d / 2r`` times (ResNet-8's widest conv at rank 2: 29x); larger ones
-decode with the expected shapes, as fedlora's peers always pass them.
+Rationale (no warm start across rounds), the contraction bound and the section layout:
+docs/wire-format.md (``lowrank:r``).
 """
 
 from __future__ import annotations

@@ -1,88 +1,18 @@
 """The payload format, the :class:`Pipeline` that writes and reads it, and the decoder's contract.
 
-Payload layout (all integers are unsigned LEB128 varints (``binary.py``) unless stated;
-floats and fixed-width integers are little-endian)::
+A payload is ``b"FLC"``, a format byte (1: tensor table by names; 2: by :func:`table_digest`,
+decodable only with ``expected``), the canonical spec, the table, then the body (raw, or wrapped
+by each lossless stage); every count in the body follows from the header, so trailing bytes are
+an error. The byte-level spec, every codec's sections and the memory contract's derivation:
+docs/wire-format.md ("Payload"), the spec grammar: ``spec.py``.
 
-    magic        3 bytes  b"FLC"
-    version      1 byte   1 (tensor table by names) or 2 (tensor table by digest)
-    spec         varint length + UTF-8 canonical spec (names every stage and its arguments)
-    table        version 1: n_tensors (varint), then n_tensors x name (varint length + UTF-8),
-                            ndim (varint), ndim dims (varints)
-                 version 2: 8 bytes, the table digest (below); the tensors are those the
-                            receiver expects, in the order of their names
-    body         the raw body, or, per lossless stage (outermost last in the spec, first here):
-                 varint raw length + compressed bytes of the next inner layer
-    raw body     for each tensor, in header order: [sparsifier section][value section]
-
-Version 2 is for peers that both know what travels (fedlora's nodes and server always decode
-with the expected shapes): the names and shapes, ~25 bytes a tensor (0.7 kB for ResNet-8's 29
-tensors, a third of a rank-4 FLoCoRA sign message), become :func:`table_digest`, the first 8
-bytes of BLAKE2b over the version-1 table of the tensors sorted by name. The receiver computes the
-digest of the tensors it expects and refuses a payload whose digest differs, naming both, so a
-sender and receiver that disagree on a name, a shape or the set of tensors get a clear error, never
-a body read against the wrong table. It cannot be decoded without ``expected``.
-
-The header is never compressed, so a receiver validates names, shapes, ``expected`` and the
-memory contract below before touching (or decompressing) the body. Every count in the body is
-implied by the header shapes plus the section's own small fields, so the body is self-delimiting
-and any trailing byte is an error. The per-tensor sections (codec parameters: index coding, kept
-ranks, scales/zero-points) are documented in each codec's module: ``sparsify.py``, ``ranks.py``,
-``quantize.py``, ``casts.py``, ``lowrank.py``, ``lossless.py``. With no sparsifier, a tensor's raw section is just
-its value section. Spec grammar: ``spec.py``.
-
-Decoding is hardened for untrusted input: any malformed payload raises :class:`CodecError`
-(never another exception), sizes are checked against the limits and against the bytes actually
-present before anything is allocated, and decoded values are guaranteed finite float32. Header
-limits: spec <= 256 bytes, <= 65536 tensors, ndim <= 32, every dim and the total element count
-<= ``max_elements`` (default 2**28).
-
-Memory contract of :func:`decode_payload` / :meth:`Pipeline.decode`. Let ``P`` be the payload's
-length in bytes, ``T`` the number of tensors its header declares (every entry but one takes at
-least 3 header bytes, so ``T <= P/3 + 1``) and ``D`` = 4 x (their total element count), the bytes
-of the float32 tensors a decode returns.
-
-1. With ``expected`` shapes the header must declare exactly those tensors: ``D`` is the size the
-   caller asked for.
-2. Without ``expected`` the header must satisfy ``D <= E x P + 1 MiB`` (:data:`OUTPUT_ALLOWANCE`),
-   checked right after the header is read, before any tensor or body buffer is allocated, where
-   ``E`` = :attr:`Pipeline.max_expansion` is the product of the stages' legitimate expansion
-   factors, capped at :data:`MAX_EXPANSION` = 4096:
-
-   ====================  ======  ==========================================================
-   stage                 factor  why
-   ====================  ======  ==========================================================
-   ``fp32``              1       4 bytes in per value
-   ``fp16``, ``bf16``    2       2 bytes in per value
-   ``affine:b``          32/b    b bits in per value (1-D tensors travel as fp32)
-   no sparsifier         1
-   ``topk:d``            2/d     ``floor(d*N) >= d*N/2`` values travel once ``d*N >= 1``
-                                 (smaller messages fit in the 1 MiB allowance)
-   ``drive``, ``eden:b`` 32/b    b bits in per value (below one bit: the sampled fraction)
-   ``ranks``             16      policy: the kept rank slices average at least 1/16 of the
-                                 factors (a LoRA-A2 budget of 1 rank in 16 still fits)
-   ``lowrank:r``         64      policy: a ``d x d`` matrix in rank ``r`` expands ``d/2r``
-                                 times (ResNet-8's widest conv at rank 2: 29x)
-   ``zstd`` (each)       32      policy: float data compresses far less
-   ====================  ======  ==========================================================
-
-   A legitimate payload beyond this bound (an all-zero update squeezed 1000x by zstd, top-k at
-   density 1e-4 of a large model) decodes when the caller passes the ``expected`` shapes.
-3. A lossless layer's raw length must not exceed the largest raw body the header shapes allow
-   (at most about ``2.3 x D`` + 16 bytes a tensor + 1 KiB a lossless stage) and must equal the
-   zstd frame's declared content size, both checked before decompressing; decompression then
-   writes into one buffer of exactly that size (``lossless.py``), whatever the frame contains.
-4. The peak of what a decode allocates (Python and numpy memory, as ``tracemalloc`` counts it)
-   stays below :func:`peak_bound` ``= 6 x D + 1 KiB x T + 4 MiB``. The largest terms: an
-   ``affine`` tensor of one value per slice (8 parameter bytes a value) under ``zstd``, about
-   ``5.4 x D``; a top-k bitmap that keeps almost everything under ``zstd``, about ``3.3 x D``.
-
-Without ``expected`` shapes rules 2 and 4 give at most ``(6 x E + 342) x P + 11 MiB``: a 30-byte
-payload costs at most about 11 MiB, never the 1 GiB its header may declare; with them, at most
-``6 x D + 342 x P + 5 MiB`` for the ``D`` the caller expects. ``tests/test_codec_contract.py``
-measures both, and the process's peak RSS for a zstd bomb (zstd's own working memory is outside
-``tracemalloc``; single-shot decompression into the exact buffer needs no window buffer).
-
-Adding a stage: state its factor in :meth:`Codec.max_expansion` and keep rule 4 true.
+Contract of :func:`decode_payload` / :meth:`Pipeline.decode` on untrusted input: any malformed
+payload raises :class:`CodecError` (never another exception); decoded values are finite float32;
+header limits: spec <= 256 bytes, <= 65536 tensors, ndim <= 32, every dim and the element count
+<= ``max_elements``. Memory (``D`` = float32 bytes returned, ``P`` = payload bytes, ``T`` =
+tensors): without ``expected``, ``D <= E x P + 1 MiB`` (:data:`OUTPUT_ALLOWANCE`; ``E`` =
+:attr:`Pipeline.max_expansion` <= :data:`MAX_EXPANSION`) is checked before anything is
+allocated; the peak stays below :func:`peak_bound` ``= 6 x D + 1 KiB x T + 4 MiB``.
 """
 
 from __future__ import annotations

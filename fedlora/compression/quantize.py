@@ -1,71 +1,16 @@
 """``affine:b`` — FLoCoRA's per-slice affine quantization, bit-packed, ``b`` in 1..8.
 
-Grouping (the ``groups`` hint from the sparsifier): a dense tensor with ndim >= 2 gets one (scale,
-zero-point) per dim-0 slice (``r`` for conv lora_A ``[r,Cin,k,k]``, ``C_out`` for lora_B
-``[C_out,r,1,1]``, one per output row of a Linear ``[out,in]``); tensors with ndim <= 1 (norms,
-biases) travel as raw float32. After ``topk`` the kept values of a tensor (ndim >= 2) form ONE group
-(one scale/zero-point per tensor: the kept values are the large ones, so their range is what
-matters); after ``ranks`` the kept sub-tensor is grouped per dim-0 slice like a dense tensor.
+One (scale, zero-point) per dim-0 slice of a dense tensor with ndim >= 2; after ``topk`` the
+kept values of a tensor are ONE group; after ``ranks`` the kept sub-tensor is grouped per dim-0
+slice; tensors with ndim <= 1 travel as raw float32. Every element decodes within ``s/2`` of
+its value (plus a few float32 ulps of the slice's ``max|x|``); a constant slice (B = 0 at init)
+decodes exactly; decoded values are always finite (the decoder refuses bad scales, widths,
+padding and parameters whose range would overflow float32). Every ``ENGINE``
+(``FEDLORA_CODEC_ENGINE``: ``auto``, ``numba``, ``numpy``, ``torch``) gives the same payload
+bytes and decoded values, bit for bit. ``max_expansion``: ``32/b``.
 
-Scheme, per slice with minimum ``mn`` and maximum ``mx`` (signed range ``qmin = -2^(b-1)``,
-``qmax = 2^(b-1)-1``, ``L = qmax - qmin = 2^b - 1``)::
-
-    s  = (mx - mn) / L            rounded UP to float32, floored at max|x|*2^-30 and at FLT_MIN
-    z  = round(qmin - mn / s)     an integer (float64 arithmetic, ties to even)
-    q  = clamp(round(x * (1/s) + z), qmin, qmax)     (x * (1/s) in float32, then the exact
-                                                      sum rounded to nearest, ties to even)
-    x' = s * (q - z)              computed as fl(fl(u - (z - qmin)) * s), u = q - qmin
-
-Why ``|x' - x| <= s/2`` holds at every element, the range ends included: ``t = x/s + z`` is affine
-in ``x`` with slope 1/s; at ``x = mn`` it equals ``qmin + e`` with ``|e| <= 1/2`` (that is exactly
-what rounding ``z`` to the nearest integer gives), and at ``x = mx`` it equals ``qmin + e +
-(mx-mn)/s <= qmax + e`` because ``s >= (mx-mn)/L``. So every ``t`` lies in ``[qmin - 1/2, qmax +
-1/2]``: rounding moves it by at most 1/2, and clamping only ever pulls a ``t`` that is within 1/2
-outside the range back to the boundary, again at most 1/2. In units of ``x`` that is ``s/2``;
-float32 arithmetic adds a few ulps of ``max|x|`` (the tests allow ``s/2 + 2e-6 * max|x|``). The
-floor ``s >= max|x|*2^-30`` keeps ``|z| <= 2^30 + 128`` (fits int32) and ``x/s`` finite; it only
-bites when the slice's spread is below float32 resolution anyway. Rounding ``s`` up (never down)
-keeps the clamp argument exact.
-
-Constant slice (``mx == mn == c``, e.g. B = 0 at init): ``s = |c| / K`` with ``K = 2^(b-1)`` (``K =
-1`` when ``|c|/K`` would be subnormal; ``s = 1`` when ``c == 0``) and ``z = qmax - K`` (``c > 0``),
-``qmin + K`` (``c < 0``) or ``qmin`` (``c == 0``): every element gets ``q = qmax`` / ``qmin`` /
-``qmin`` (set directly, no division) and decodes to ``s * (+-K) = c`` exactly (power-of-two
-scaling); no NaN/Inf, ``z`` fits int8, and every grid value stays within ``|c|`` so even ``c`` near
-FLT_MAX cannot overflow. (Encoding a non-constant slice whose grid would reach beyond float32,
-values within ~1% of FLT_MAX, raises CodecError.)
-
-Value section for ``n`` values in ``g > 0`` groups::
-
-    zw      1 byte   zero-point width in bytes: 1, 2 or 4 (the smallest that holds every z)
-    scales  g x float32 (finite, > 0)
-    zeros   g x signed int of zw bytes (int8 whenever the slice straddles 0, the usual case)
-    packed  ceil(n*b/8) bytes: u = q - qmin in b bits per value, LSB-first, row-major, no per-slice
-            padding (four 2-bit values per byte, eight 1-bit ...); unused high bits of the last byte
-            are zero
-
-With ``g == 0`` the section is ``n`` raw float32. The decoder rejects non-finite or non-positive
-scales, bad widths, non-zero padding bits, and parameters whose decoded range would overflow
-float32, so decoded values are always finite.
-
-Implementation: per-slice min/max run numpy's SIMD reductions over a small thread pool (for short
-slices, < 256 values, e.g. lora_B rows, where numpy pays a per-row overhead: with numba, one
-compiled pass per row range does all of it, min/max, parameters and values, while the row is in
-L1 (``_jit.affine_rows``); else torch's row reductions). The element-wise passes run, by ``ENGINE`` (``FEDLORA_CODEC_ENGINE``): ``auto`` (default) numba's
-fused one-pass kernels from ``_jit.py`` when numba imports, else numpy ufuncs on cache-sized
-blocks; ``numba``; ``numpy``; ``torch`` (its OpenMP kernels, big tensors only). All engines compute
-the same IEEE operations in the same order, so the payload bytes and decoded values do not depend
-on which ran (tested bit for bit). Rounding uses the float32 "magic number" trick: adding
-``1.5*2^23 + (z - qmin)`` rounds to an integer (ties to even) and leaves ``u`` in the low mantissa
-byte; since both float32 steps are monotonic in ``x``, only slices whose own min or max lands
-outside the range need the clamp. The quantized bytes are written to per-encode scratch memory
-(``runtime.scratch``): a fresh multi-MB buffer per encode costs more in page faults than the
-quantization itself. Decoding checks the per-slice parameters in blocks of slices, so a tensor of
-one value per slice (8 parameter bytes a value) needs no full-size temporaries; ``max_expansion``
-(the decoder's memory contract, ``payload.py``): ``32/b``.
-
-(Over 400 lines on purpose: the scheme, its error proof, the section layout and the engines that
-must agree bit for bit are read together; the bit packing itself is in ``binary.py``.)
+The scheme, its error proof and the value section's layout: docs/wire-format.md (``affine:b``);
+how it is computed fast: docs/codecs.md ("Implementation notes").
 """
 
 from __future__ import annotations
@@ -392,7 +337,7 @@ def quantize_groups(x2: np.ndarray, bits: int):
     inv = (np.float32(1.0) / s_kernel).astype(np.float32)
     zu = z - qmin
     u = _quantize(x2, inv, np.where(const, 0, zu), bits, mn, mx)
-    if const.any():  # constant slices: q = z + K*sign(c) (see module docstring), set directly
+    if const.any():  # constant slices: q = z + K*sign(c) (docs/wire-format.md), set directly
         m = x2.shape[1]
         u2 = u[: x2.size].reshape(-1, m)
         c = mn[const]

@@ -1,20 +1,16 @@
 """The randomized Hadamard rotation of ``drive`` / ``eden:b`` (``eden.py``): codec keys, the chunk
 plan, and the numba kernels (imported only when such a codec runs).
 
-* Codec key: ``eden.codec_key`` (run seed, round, direction, node) -> 64-bit int, computed by
-  both ends from what each already knows; it never travels. The body carries :func:`key_tag`
-  (32 bits of a hash of the key) so a receiver that derived another key refuses the payload.
-* Chunk plan (:func:`chunk_plan`): ``m`` values, the concatenation of every tensor in body
-  order, are cut into chunks of ``MAX_CHUNK`` (2^14), then the remainder by its binary digits
-  down to ``MIN_CHUNK`` (256), then one last chunk of the next power of two above what is left,
-  zero-padded: fewer than 256 padded values per message, whatever the tensor sizes.
-* Rotation of a chunk of ``d`` values: ``z = H D x / ||x||`` (``H`` the unnormalized
-  Walsh–Hadamard matrix, ``D`` random signs: bit ``i % 64`` of splitmix64(chunk key + i / 64),
-  set = -1), so ``z`` has norm sqrt(d) and near-Gaussian N(0, 1) coordinates (the kernel
-  transforms ``D x`` unscaled and scales the quantizer's bounds instead); decoding computes
-  ``x' = T * D H c`` (``H H = d I``) from the quantized ``c`` and the chunk's scale ``T``.
-* Sub-bit sampling: ``k`` of ``N`` values, one uniformly at random in each of ``k`` equal
-  strata ``[j N / k, (j+1) N / k)``, its position from the key (:func:`_strata`).
+* :func:`key_tag`: 32 bits of a hash of the codec key, carried in the body so a receiver that
+  derived another key refuses the payload (the key itself never travels).
+* :func:`chunk_plan`: the concatenated values cut into chunks of ``MAX_CHUNK`` (2^14), the
+  rest by its binary digits down to ``MIN_CHUNK`` (256), then one zero-padded power of two:
+  fewer than 256 padded values per message.
+* Rotation of a chunk: ``z = H D x / ||x||`` (``D`` random signs from splitmix64 of the chunk
+  key); decoding computes ``x' = T * D H c``. Sub-bit sampling: one position in each of ``k``
+  equal strata, from the key (:func:`_strata`).
+
+The exact sign bits, strata and scaling: docs/wire-format.md ("The rotation").
 """
 
 from __future__ import annotations

@@ -1,34 +1,16 @@
 """``sign`` — scaled sign (1 bit per value, one float32 scale per slice).
 
-EF-SignSGD's compressor (Karimireddy et al., 2019, "Error Feedback Fixes SignSGD"): a slice ``x``
-of ``m`` values travels as its signs and ``s = mean(|x|)``; it decodes to ``s * sign(x)``. Of all
-``s * sign(x)`` this ``s`` is the one closest to ``x`` in L2, and ``||x - s*sign(x)||^2 =
-||x||^2 - m*s^2 <= (1 - 1/m) ||x||^2``, so the compressor is contractive and error feedback (client
-``error-feedback``, server download EF) keeps the sum of what was sent within a bounded residual
-of the sum of the true updates. ``affine:1`` is not this: its two levels lie ``max - min`` apart
-(a slice's whole spread), so on a centred slice most values decode to 0 or to a level near an
-extreme (2.8x the squared error of ``sign`` on Gaussian data; tests/test_codecs.py).
+EF-SignSGD's compressor (Karimireddy et al., 2019): a slice ``x`` of ``m`` values travels as its
+signs and ``s = mean(|x|)`` and decodes to ``s * sign(x)`` — the closest such vector to ``x``,
+and contractive (``||x - s*sign(x)||^2 <= (1 - 1/m) ||x||^2``), so it is a codec for *updates*
+with error feedback (``upload=delta`` / ``download=delta``), not for weights. One scale per
+dim-0 slice of a dense tensor with ndim >= 2, per tensor after ``topk``, and a tensor the hint
+leaves unsliced (norms, biases) is ONE slice; ``sign:tensor``: one slice per tensor. The decoder
+refuses negative or non-finite scales, set padding bits and set sign bits in a slice of scale 0;
+decoded values are ``+-s``, always finite. ``max_expansion``: 32.
 
-Grouping (the ``groups`` hint): one scale per dim-0 slice of a dense tensor with ndim >= 2; after
-``topk`` the kept values of a tensor form one group. Unlike ``affine``, a tensor the hint leaves
-unsliced (``groups == 0``: norms, biases, 1-D kept values) is ONE slice, not raw float32: ``sign``
-is a codec for *updates* (``upload=delta`` / ``download=delta``) with error feedback, where a
-norm's update is as compressible as a conv's, and at ResNet-8 width 16 the raw 1-D tensors would
-be a fifth of the message. (Sent as weights instead of updates it would be useless anyway.)
-Zero (and -0.0) is sent as "+"; a slice of zeros has ``s = 0``. ``sign:tensor``: one slice per
-tensor whatever the hint (a LoRA ``lora_B [C_out, r]`` has ``C_out`` slices of ``r`` values, so
-per-slice scales of a rank-4 adapter outweigh its sign bits).
-
-Value section for ``n`` values in ``g`` slices (``g = groups``, or 1 when ``groups == 0`` and
-``n > 0``; nothing at all when ``n == 0``)::
-
-    scales  g x float32 (finite, >= 0): s = float32(mean |x|) over the slice (float64 sum)
-    signs   ceil(n/8) bytes: bit i (LSB-first, row-major) set iff value i is negative; unused
-            high bits of the last byte are zero
-
-The decoder rejects negative (-0.0 included) or non-finite scales, set padding bits and set sign
-bits in a slice of scale 0 (one encoding per message); decoded values are ``+-s``, so always
-finite. ``max_expansion``: 32 (one bit in per float32 out).
+Why not ``affine:1``, the grouping rationale and the value section: docs/wire-format.md
+(``sign``).
 """
 
 from __future__ import annotations

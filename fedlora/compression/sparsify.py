@@ -1,30 +1,14 @@
 """``topk:d`` / ``topk:d:tensor`` — FLASC's magnitude top-k, plus the compact index codings.
 
-Selection: ``k = floor(d * N)`` entries of largest ``|x|`` **globally across all tensors of the
-message** (``N`` = total elements; FLASC) or, with ``:tensor``, ``k_t = floor(d * N_t)`` per tensor
-(``floor`` of the float64 product). Order: larger ``|x|`` first, ties broken by lower position
-(tensor order in the message, then flat row-major index), so exactly ``k`` are kept,
-deterministically.
+Keeps ``k = floor(d * N)`` entries of largest ``|x|`` globally across all tensors of the message
+(FLASC) or, with ``:tensor``, ``floor(d * N_t)`` per tensor; ties go to the lower position, so
+exactly ``k`` are kept, deterministically. Each tensor's section is its kept count, then a
+bitmap or gap varints (whichever is smaller; never raw int64), then the value coder's section
+for the kept values in index order. Decoding zero-fills the dropped entries and refuses a gap
+section not smaller than the bitmap. ``max_expansion``: ``2/d``.
 
-Per-tensor sparsifier section (then the value coder's section for the ``k_t`` kept values in
-increasing index order; with ``affine`` they form one group when the tensor has ndim >= 2)::
-
-    k_t     varint: kept count (global: the counts must add up to k; per tensor: must equal k_t)
-    mode    1 byte, only when 0 < k_t < N_t: 0 = bitmap, 1 = gap varints
-    bitmap  ceil(N_t/8) bytes; bit i (LSB-first) set iff flat index i is kept; popcount = k_t;
-            unused bits of the last byte are zero
-    gaps    varint byte length, then k_t LEB128 varints: idx_0, then idx_i - idx_{i-1} - 1
-            (strictly increasing by construction; the last index must be < N_t)
-
-The encoder writes whichever of bitmap and gaps is smaller (ties -> bitmap); never raw int64. The
-decoder refuses a gap section (length varint included) that is not smaller than the bitmap, so
-the index arrays it builds stay within ``N_t`` bytes. Decoding zero-fills the dropped entries.
-``max_expansion`` (the decoder's memory contract, ``payload.py``): ``2/d``.
-
-Speed: exact selection among candidates. A strided sample of ~64k |x| brackets the k-th largest
-value between two thresholds; one chunked pass keeps the candidates above the low threshold; the
-k-th value is found by partitioning only the candidates between the two thresholds. Any miss of the
-bracket falls back to an exact pass, so the result never depends on the sample.
+The section layout: docs/wire-format.md (``topk:d``); how the selection is made fast (and
+exact whatever the sample): docs/codecs.md ("Implementation notes").
 """
 
 from __future__ import annotations

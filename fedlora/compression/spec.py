@@ -1,20 +1,15 @@
 """The codec spec grammar: text (or config) -> validated, ordered stages and the canonical spec.
 
-A pipeline is a chain of stages written as a spec string, stages separated by ``|``, each
-``id[:arg[:arg]]``::
-
-    [sparsifier] [value coder] [lossless byte stage ...]
-    sparsifier   topk:d | topk:d:tensor | ranks | lowrank:r   (at most one, first)
-    value coder  fp32 (default) | fp16 | bf16 | affine:b | sign | sign:tensor | drive[:mse]
-                 | eden:b[:mse]   (at most one; drive / eden take no sparsifier before them)
-    lossless     zstd | zstd:level                         (any number, last)
-
-Canonical spec (``Pipeline.spec``): stages in that order, whitespace removed, numbers normalised
-(``topk:5e-2`` -> ``topk:0.05``, ``zstd:3`` -> ``zstd``), and the default ``fp32`` value coder left
-out unless it is the only stage (``"fp32|zstd"`` -> ``"zstd"``; ``"fp32"`` stays ``"fp32"``); at
-most :data:`MAX_SPEC_BYTES` bytes of UTF-8. Stage ids are looked up in the registry of
-``codec.py``; each stage parses its own arguments (``from_args``) and config (``from_config``).
-:func:`fedlora.compression.parse_spec` turns a spec into a :class:`~.payload.Pipeline`.
+A spec is stages separated by ``|``, each ``id[:arg[:arg]]``: at most one sparsifier first
+(``topk:d[:tensor]``, ``ranks``, ``lowrank:r``), at most one value coder (``fp32`` default,
+``fp16``, ``bf16``, ``affine:b``, ``sign[:tensor]``, ``drive[:mse]``, ``eden:b[:mse]``; drive /
+eden take no sparsifier), then any number of lossless stages (``zstd[:level]``). The canonical
+spec (``Pipeline.spec``) orders the stages, removes whitespace, normalises numbers
+(``topk:5e-2`` -> ``topk:0.05``, ``zstd:3`` -> ``zstd``) and leaves the default ``fp32`` out
+unless it is the only stage; at most :data:`MAX_SPEC_BYTES` bytes of UTF-8. Stage ids are
+looked up in ``codec.py``'s registry; each stage parses its own arguments (``from_args``) and
+config (``from_config``). :func:`fedlora.compression.parse_spec` turns a spec into a
+:class:`~.payload.Pipeline`. The full grammar: docs/wire-format.md ("Spec grammar").
 """
 
 from __future__ import annotations

@@ -1,34 +1,15 @@
 """The download side of a round: what each node is sent, and the server's record of what it holds.
 
-Two modes (run-config ``download``):
-
-* ``full`` — every sampled node receives the round's target state encoded with ``codec-down``.
-  A lossy download codec costs accuracy every round (the node trains from the lossy copy) but
-  nothing accumulates: the server keeps the exact global.
-* ``delta`` — the server keeps, per node, an exact copy of the model that node holds (``held``:
-  the sum of everything it was sent, decoded exactly as the node decodes it) and sends only
-  ``C(target − held)``, encoded with ``codec-down``. The residual ``target − held`` — what the
-  codec dropped — stays in the record and goes out with the next delta: this is server-side
-  error feedback, per node, so a lossy or sparse download never drifts from the global.
-  A node the server has no record of (first contact, evicted record, failed or dropped last
-  reply, state lost on the node) gets a **full** download, encoded with ``codec-down-full``
-  (default: ``codec-down`` without its sparsifier, so a node never starts from a pruned
-  model). The message names the digest of the base the delta applies to (``down-base``) and of
-  the result (``down-digest``); a node whose stored copy does not match refuses the round with a
-  clear error, and the server serves it in full the next time.
-
-With ``download-init`` a node the server has no record of gets ``codec-down(target − init)``
-instead: ``init`` is the run's initial adapter state, which every node builds from
-``model-seed`` exactly as the server does (as it builds the frozen base), so nothing is sent for
-it; the message says ``down-from-init`` and names the init digest as its base. A node whose own
-initial state has another digest refuses the round (:class:`StaleDownload`) and is served in
-full from then on. Targets whose names or shapes differ from the initial state (rank variants)
-get the full download.
-
-The record is committed only when the node's reply for that round arrived and decoded: a node
-that failed, timed out or sent a bad reply may or may not have applied the download, so its
-record is forgotten and its next download is full. ``delta-max-nodes`` bounds the memory (least
-recently served records are evicted first).
+``download=full``: every sampled node gets ``codec-down(target)``. ``download=delta``: the
+server keeps, per node, an exact copy of what that node holds (``held``, decoded exactly as the
+node decodes it) and sends ``codec-down(target − held)``; what the codec dropped goes out with
+the next delta (server-side error feedback, per node). A node without a record gets a full
+download (``codec-down-full``) or, with ``download-init``, a delta from the run's initial state
+(``down-from-init``); the message names the digests of the base (``down-base``) and result
+(``down-digest``), and a node whose copy differs refuses the round (:class:`StaleDownload`) and
+is served in full next time. A record is committed only when the node's reply for that round
+arrived and decoded; ``delta-max-nodes`` bounds the records (least recently served evicted
+first). Why, and what it saves: docs/downloads.md.
 """
 
 from __future__ import annotations

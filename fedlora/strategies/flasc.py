@@ -1,23 +1,14 @@
 """FLASC (Kuo et al., arXiv 2406.05233; authors' code imkevinkuo/flasc): dense local LoRA,
 top-k sparse communication both ways, server AdamW.
 
-* Server: dense global trainable tensors (LoRA A, B and the head/norms) and a server optimizer
-  (``server-opt``: ``adamw`` (torch defaults + ``server-weight-decay`` 0.01, lr ``server-lr``),
-  ``sgd`` (lr ``server-lr``) or ``avg`` (plain averaging of deltas)).
-* Download: global top-k **by weight magnitude** across all trainable tensors at density
-  ``density-down`` (recomputed every round; sent sparse by the ``topk`` codec, values and coded
-  indices), then the ``codec-down`` value coder.
-* Client: starts from the masked global (pruned entries = 0), trains **all** entries densely,
-  uploads the global top-k **of its update** at ``density-up``. No client state across rounds
-  unless ``error-feedback`` is on.
-* Server step: pseudo-gradient = −(plain mean of the clients' sparse deltas) (uniform weights, as
-  the reference), one optimizer step on the dense tensors. Evaluation uses the masked model.
-* Density schedule d_t = d · ``density-decay`` ^ ⌊(t−1)/``density-decay-rounds``⌋.
-* Pruning baselines (``flasc-freeze``): ``client`` — clients only train the entries they received
-  (mask recomputed each round); ``server`` — the mask is computed once after one dense round and
-  kept fixed, clients train only inside it.
-* Tiers: ``tier-density`` gives each tier its own density both ways (FLASC's heterogeneity
-  setting: ``tier-density="0.0625,0.25,1"``).
+Server: dense global trainable tensors and a server optimizer (``server-opt``: ``adamw``,
+``sgd`` or ``avg``). Download: global top-k by weight magnitude at ``density-down``, recomputed
+every round (``topk`` codec, then ``codec-down``'s value coder). Client: starts from the masked
+global, trains every entry densely, uploads the global top-k of its update at ``density-up``.
+Server step: pseudo-gradient = −(plain mean of the sparse deltas), one optimizer step;
+evaluation uses the masked model. Also: the density schedule (``density-decay``,
+``density-decay-rounds``), the pruning baselines (``flasc-freeze``) and per-tier densities
+(``tier-density``). Details and formulas: docs/methods.md ("FLASC").
 """
 
 from __future__ import annotations

@@ -1,24 +1,17 @@
 """Bounds on what one node's reply can do to the global model (pure numpy, no Flower).
 
-The server calls these between decoding the replies of a round and the method's aggregation
-(``FedLoraStrategy.aggregate_train``):
+Called between decoding a round's replies and the method's aggregation (``aggregate_train``):
+* Weight: ``num-examples`` capped at ``max-weight-ratio`` × the round's median reported count
+  and at ``max-examples-per-client``; ``equal-weights`` ignores counts (:func:`cap_weights`).
+* Update norm (upload minus what the node was sent; for FLASC / LoRA-A2 the upload itself):
+  bounded by ``update-norm-bound`` or ``norm-bound-factor`` × the round's median norm when it has
+  at least :data:`MIN_REPLIES_AUTO` replies (:func:`norm_bound`), else by what the server already
+  trusts (:func:`trusted_bound`); over the bound: scaled to it or rejected (:func:`clip_scale`,
+  :func:`clip_update`).
+* ``aggregation``: coordinate-wise median or trimmed mean, unweighted, the numerics of Flower's
+  ``FedMedian`` / ``FedTrimmedAvg`` (:func:`robust_mean`).
 
-* **Aggregation weight**: each reply's ``num-examples`` is capped at ``max-weight-ratio`` × the
-  round's (lower) median reported count and at ``max-examples-per-client`` (the run's own cap on a
-  client's data); ``equal-weights`` ignores the counts altogether (:func:`cap_weights`).
-* **Update norm**: the L2 norm of each update (the upload minus what the node was sent; for
-  methods whose upload *is* a delta — FLASC's sparse deltas, LoRA-A2's rank slices — the upload
-  itself) is bounded by ``update-norm-bound``, or automatically by ``norm-bound-factor`` × the
-  round's (lower) median update norm when the round has at least :data:`MIN_REPLIES_AUTO`
-  replies (:func:`norm_bound`); in a round of 1–2 replies by what the server already trusts
-  (:func:`trusted_bound`: the medians of earlier applied rounds, else the global's norm); an
-  update over the bound is scaled to it or rejected (:func:`clip_scale`, :func:`clip_update`).
-* **Robust aggregation** (``aggregation``): coordinate-wise median or trimmed mean of the
-  decoded updates (:func:`robust_mean`), the numerics of Flower's ``FedMedian`` and
-  ``FedTrimmedAvg`` (unweighted).
-
-Medians here are *lower* medians (the smaller middle value for an even count): with two replies
-one of them cannot raise the median above the other's value.
+Medians are *lower* medians. Defaults, the trusted bound and attacks: docs/hostile-nodes.md.
 """
 
 from __future__ import annotations

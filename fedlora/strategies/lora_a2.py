@@ -1,24 +1,14 @@
 """LoRA-A2 (Koo et al., arXiv 2410.22815, ACL 2025): alternating freeze + adaptive rank selection.
 
-Rounds are 1-indexed. Odd rounds train and send B with A frozen, even rounds A with B frozen
-(round 1 trains B: B starts at zero, so A's gradient would be zero). Each round each client:
-
-1. a ``score-epochs`` (1) scoring pass from the global adapter, its update discarded;
-2. scores every rank i of every LoRA module m by ‖ΔB[:,i]·A[i,:]‖_F (odd) or ‖B[:,i]·ΔA[i,:]‖_F
-   (even) — computed as ‖ΔB[:,i]‖·‖A[i,:]‖ since the product is rank one;
-3. keeps the top r_i·N (m, i) pairs over the whole model (N = number of LoRA modules, r_i the
-   client's ``rank-budget`` or its tier's ``tier-rank``): a global budget, a module may get none;
-4. trains ``local-epochs`` from the global adapter with updates confined to the selected
-   columns of B / rows of A: gradients are masked **and** unselected entries are restored after
-   every optimizer step (AdamW's weight decay would move them); B's learning rate is
-   ``lr-b-ratio`` (5) × A's (the paper: 5e-4 / 2.5e-3);
-5. uploads the masked delta of the trained factor; the ``ranks`` codec carries only the selected
-   slices and their indices.
-
-Server: factor += Σ_k w_k · ΔF_k ⊙ M_k with w_k = |D_k| / Σ|D| over all participating clients
-(unselected ranks zero-filled, not re-normalised). The download is the dense global adapter;
-with ``download=delta`` only the rank slices that changed since the node's copy travel.
-Non-LoRA trainable tensors (a trained head, FLoCoRA's norms) are sent as dense deltas every round.
+Rounds are 1-indexed: odd rounds train and send B with A frozen, even rounds A with B frozen.
+Each round each client scores every rank of every LoRA module after a ``score-epochs`` pass
+(discarded), keeps the top ``r_i·N`` (module, rank) pairs over the whole model (``rank-budget``
+or its tier's ``tier-rank``), trains ``local-epochs`` with updates confined to the selected
+slices (B's learning rate ``lr-b-ratio`` × A's) and uploads the masked delta of the trained
+factor through the ``ranks`` codec. Server: factor += Σ_k w_k · ΔF_k ⊙ M_k, w_k = |D_k| / Σ|D|
+(unselected ranks zero-filled, not re-normalised). The download is the dense global adapter
+(with ``download=delta`` only the changed rank slices); non-LoRA trainable tensors travel as
+dense deltas. The algorithm step by step: docs/methods.md ("LoRA-A2 and its baselines").
 """
 
 from __future__ import annotations

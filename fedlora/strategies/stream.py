@@ -1,52 +1,18 @@
 """Streaming aggregation: the server's memory is the running sum plus one decoded reply, not
 every reply of the round.
 
-For the methods whose server step is a function of the uploads' mean — weighted by capped
-num-examples (fedavg, flocora, fl-lora, ffa-lora: ``stream_weights = "examples"``) or plain
-(FLASC's pseudo-gradient: ``"equal"``) — with ``aggregation=mean`` and no central DP,
-:func:`stream_mean` replaces "decode every reply, then bound, then average":
-
-1. every reply's metadata is validated first (``num-examples``, metrics: cheap, no decoding),
-   so the capped aggregation weights w_i and their total W are known before any payload is
-   (the cap's median is over these replies, including any whose payload then fails to decode:
-   such a reply moves the median by one place at most, as it would with a valid payload);
-2. each payload is then decoded, checked (codec, shapes, finite values, the method's own
-   checks), and w_i/W · x_i added to a float64 running sum, in the canonical reply order (partition-id,
-   then node id: ``FedLoraStrategy.canonical_order``, never arrival order) — exactly the sum
-   :func:`.base.weighted_mean` forms — with its update norm measured in the same pass
-   (:func:`.kernels.add_and_sumsq`: the number :func:`.guard.update_norm` gives), and freed;
-   When every reply's chain is dense ``affine:b`` / ``fp32`` (no sparsifier, no lossless
-   stage), the method has no checks of its own and every node was sent the same reference,
-   step 2 runs on all replies at once instead: each payload is checked by one compiled pass
-   (``Pipeline.sections(flat=True)``: every check a decode makes, the same errors) without
-   forming its values, then :func:`.kernels.sections_add_and_sumsq` decodes each tensor tile
-   by tile into a small buffer and adds it, every reply in turn, while the sum's tile is in
-   cache — the same float64 operations per element and per norm lane, so the same bits,
-   without a dense copy of any reply or a pass over the whole float64 sum per reply. A ``topk`` reply
-   with no reference to subtract and no checks of the method's own (FLASC's uploads, an
-   ``upload=delta`` top-k of fl-lora) is read as positions and kept values
-   (``Pipeline.sparse_sections``, every check a decode makes) and
-   :func:`.kernels.sparse_add_and_sumsq` adds only those: no dense copy of it, the same bits.
-   With ``fp32`` values (FLASC's default) or ``affine`` ones the whole reply is read by one
-   compiled pass into flat arrays (``TopK.read_flat``) and added by one
-   (:func:`.kernels.flat_add_and_sumsq`, into a sum whose tensors share one buffer:
-   :func:`.kernels.zeros_sum`), not tensor by tensor;
-3. the round's norm bound needs every norm (``norm-bound-factor`` × their median), so it is
-   known only after the last reply: a reply over it is decoded once more and its contribution
-   corrected (clip: + w_i/W · (clip(x_i) − x_i); reject: − w_i/W · x_i). A correction of an
-   update more than ``RESUM_RATIO`` × the bound would cancel the honest replies' digits in
-   float64 (a 1e30 update), so then the sum is formed again from every reply with its scale
-   known. Honest rounds clip nobody, so each payload is decoded once;
-4. if replies were dropped after step 1, the sum is rescaled to the survivors' total weight
-   (FLASC: Σ x_i in float64 divided by the number of survivors, as its own step does).
-
-The method's ``aggregate_updates`` then receives one pseudo-reply holding the weighted mean
-(the mean of one upload is that upload), as with ``aggregation=median`` and central DP. With
-no reply dropped or clipped, the result is bit-identical to the decode-all path.
-
-Not streamed (they need every update, or weigh them their own way): median / trimmed mean,
-central DP (its clipped sum is formed in :mod:`fedlora.privacy`), LoRA-A2 (rank-slice sums
-with float32 products), FlexLoRA (SVD of Σ w·BA), HetLoRA (per-node ranks from each reply).
+For methods whose server step is a function of the uploads' mean (``stream_weights``:
+``"examples"`` — fedavg, flocora, fl-lora, ffa-lora — or ``"equal"`` — FLASC), with
+``aggregation=mean`` and no central DP, :func:`stream_mean` replaces "decode every reply, then
+bound, then average": (1) validate every reply's metadata and cap the weights first; (2) decode,
+check and add each reply's weighted value to a float64 running sum in the canonical reply order,
+measuring its norm in the same pass, and free it (dense ``affine``/``fp32`` and ``topk`` replies
+are read as sections, without a dense copy); (3) correct the sum for replies over the round's
+norm bound, known only after the last one; (4) rescale to the survivors if replies were dropped.
+The method's ``aggregate_updates`` then receives one pseudo-reply holding the weighted mean.
+With no reply dropped or clipped the result is bit-identical to the decode-all path. Not
+streamed: median / trimmed mean, central DP, LoRA-A2, FlexLoRA, HetLoRA. Every step, its
+fast paths and why each is exact: docs/architecture.md ("Streaming aggregation").
 """
 
 from __future__ import annotations
