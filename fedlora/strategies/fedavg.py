@@ -3,23 +3,18 @@ the server takes the ``num-examples``-weighted mean."""
 
 from __future__ import annotations
 
-from . import flocora
-from .base import ClientResult, ClientRound, FedLoraStrategy, averaged
+from .averaging import WeightAveraging, train_weights
+from .base import ClientResult, ClientRound
 
 
-class FullFedAvg(FedLoraStrategy):
+class FullFedAvg(WeightAveraging):
     name = "fedavg"
     adapter = False
-    delta_upload = True
-    stream_weights = "examples"
-
-    def aggregate_updates(self, server_round, state, updates):
-        return averaged(self, state, updates)
 
 
 def client_train(cr: ClientRound) -> ClientResult:
-    """Same local rule as FLoCoRA's (load, train, send weights) on the full model."""
-    return flocora.client_train(cr, adapter=False)
+    """FLoCoRA's local rule (load, train, send weights) on the full model."""
+    return train_weights(cr, adapter=False)
 
 
 Strategy = FullFedAvg

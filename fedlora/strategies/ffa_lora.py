@@ -7,18 +7,16 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
-from .base import ClientResult, ClientRound, FedLoraStrategy, averaged, weighted_mean
+from .averaging import WeightAveraging
+from .base import ClientResult, ClientRound, averaged, weighted_mean
 
 
 def sent_keys(names) -> list[str]:
     return [k for k in names if ".lora_A." not in k]
 
 
-class FFALoRA(FedLoraStrategy):
+class FFALoRA(WeightAveraging):
     name = "ffa-lora"
-    adapter = True
-    delta_upload = True
-    stream_weights = "examples"
 
     def upload_shapes(self, server_round):
         return {k: self.shapes[k] for k in sent_keys(self.shapes)}

@@ -4,19 +4,12 @@ separately, weighted by |D_k| (the product of averages is not the average of pro
 
 from __future__ import annotations
 
-from . import flocora
-from .base import FedLoraStrategy, averaged
+from .averaging import WeightAveraging, train_weights
 
 
-class FLLoRA(FedLoraStrategy):
+class FLLoRA(WeightAveraging):
     name = "fl-lora"
-    adapter = True
-    delta_upload = True
-    stream_weights = "examples"
-
-    def aggregate_updates(self, server_round, state, updates):
-        return averaged(self, state, updates)
 
 
-client_train = flocora.client_train
+client_train = train_weights
 Strategy = FLLoRA
