@@ -70,7 +70,7 @@ class Params:
             raise bad("session id must be 16 bytes")
         if not 2 <= self.n <= MAX_NODES:
             raise bad(f"n={self.n} outside [2, {MAX_NODES}]")
-        if not 2 <= self.degree <= self.n - 1 or (self.degree < self.n - 1 and self.degree % 2):
+        if not 1 <= self.degree <= self.n - 1 or (self.degree < self.n - 1 and self.degree % 2):
             raise bad(f"degree {self.degree} must be even in [2, n−1) or n−1 = {self.n - 1}")
         if not 2 <= self.threshold <= self.degree + 1:
             raise bad(f"threshold {self.threshold} outside [2, degree+1 = {self.degree + 1}]")
@@ -331,7 +331,8 @@ class ServerSession:
     keys: dict[int, tuple[bytes, bytes, bytes]] = field(default_factory=dict)   # U1
     sent_keys: dict[int, list[int]] = field(default_factory=dict)
     shares: dict[int, dict[int, bytes]] = field(default_factory=dict)          # U2
-    masked: dict[int, np.ndarray] = field(default_factory=dict)                # U3
+    masked: set[int] = field(default_factory=set)                              # U3
+    total: np.ndarray | None = None  # Σ of the masked inputs mod 2^k (kept as a running sum)
     asked: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     reveals: dict[int, list[tuple[int, int, bytes]]] = field(default_factory=dict)  # U4
     excluded: dict[int, str] = field(default_factory=dict)
@@ -375,7 +376,11 @@ class ServerSession:
     def receive_masked(self, j: int, data: bytes) -> None:
         if j not in self.shares or j in self.masked:
             raise SecAggError(f"masked input from node index {j}, not in U2 or repeated")
-        self.masked[j] = ring.unpack(data, self.params.dim, self.params.ring_bits)
+        y = ring.unpack(data, self.params.dim, self.params.ring_bits)
+        if self.total is None:
+            self.total = np.zeros(self.params.dim, np.uint64)
+        self.total += y
+        self.masked.add(j)
 
     @property
     def survivors(self) -> list[int]:
@@ -451,9 +456,7 @@ class ServerSession:
         p = self.params
         self._need()
         kmask = np.uint64((1 << p.ring_bits) - 1)
-        total = np.zeros(p.dim, np.uint64)
-        for j in self.survivors:
-            total += self.masked[j]
+        total = self.total.copy()
         for j in self.survivors:
             b = self._reconstruct(j, m.KIND_SEED,
                                   lambda s, j=j: crypto.commit(p.session, s) == self.keys[j][2])

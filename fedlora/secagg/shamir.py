@@ -61,7 +61,7 @@ def combine(shares: Iterable[tuple[int, bytes]], t: int) -> bytes:
             if i != j:
                 num = num * (-xj) % P
                 den = den * (xi - xj) % P
-        secret = (secret + yi * num * pow(den, P - 2, P)) % P
+        secret = (secret + yi * num * pow(den, -1, P)) % P
     if secret >> (8 * SECRET_BYTES):
         raise RecoveryError("the shares do not interpolate to a 32-byte secret (a bad share)")
     return secret.to_bytes(SECRET_BYTES, "big")
