@@ -55,28 +55,21 @@ class LocalRound:
             s = stop.get(i)
             return s is None or STAGES.index(stage) < STAGES.index(s)
 
-        for i, c in nodes.items():
-            self.down["advertise"][i] = len(p.to_bytes())
-            if alive(i, "advertise"):
-                blob = node(i, c.advertise)
-                self.up["advertise"][i] = len(blob)
-                server(srv.receive_advertise, i, blob)
-        for i, req in server(srv.key_requests).items():
-            self.down["share"][i] = len(req)
-            if alive(i, "share"):
-                blob = node(i, nodes[i].share_keys, req)
-                self.up["share"][i] = len(blob)
-                server(srv.receive_shares, i, blob)
-        for i, req in server(srv.routed).items():
-            self.down["masked"][i] = len(req)
-            if alive(i, "masked"):
-                blob = node(i, nodes[i].masked_input, req, q[i], rng)
-                self.up["masked"][i] = len(blob)
-                server(srv.receive_masked, i, blob)
-        for i, req in server(srv.unmask_requests).items():
-            self.down["unmask"][i] = len(req)
-            if alive(i, "unmask"):
-                blob = node(i, nodes[i].unmask, req)
-                self.up["unmask"][i] = len(blob)
-                server(srv.receive_unmask, i, blob)
+        steps = [  # stage, the server's requests, the node's answer, the server's receive
+            ("advertise", lambda: {i: p.to_bytes() for i in nodes},
+             lambda i, req: nodes[i].advertise(), srv.receive_advertise),
+            ("share", srv.key_requests, lambda i, req: nodes[i].share_keys(req),
+             srv.receive_shares),
+            ("masked", srv.routed, lambda i, req: nodes[i].masked_input(req, q[i], rng),
+             srv.receive_masked),
+            ("unmask", srv.unmask_requests, lambda i, req: nodes[i].unmask(req),
+             srv.receive_unmask),
+        ]
+        for stage, requests, answer, receive in steps:
+            for i, req in server(requests).items():
+                self.down[stage][i] = len(req)
+                if alive(i, stage):
+                    blob = node(i, answer, i, req)
+                    self.up[stage][i] = len(blob)
+                    server(receive, i, blob)
         return server(srv.result)

@@ -126,6 +126,18 @@ class SecureRounds:
                 self._drop(stats, server_round, node, stage, err)
         return out
 
+    def _stage(self, grid: Grid, stage: str, blobs: Mapping[int, bytes], key: str, receive: Any,
+               server_round: int, stats: RoundStats) -> None:
+        """One exchange (:meth:`_exchange`), each valid answer handed to the session's
+        ``receive(index, bytes)``; one it refuses is dropped with its reason."""
+        by_index = {i: n for n, i in self.index.items()}
+        for i, data in sorted(self._exchange(grid, stage, blobs, key, server_round,
+                                             stats).items()):
+            try:
+                receive(i, data)
+            except SecAggError as err:
+                self._drop(stats, server_round, by_index[i], stage, err)
+
     def _drop(self, stats: RoundStats, server_round: int, node: Any, stage: str,
               err: Exception) -> None:
         reason = f"secagg {stage}: {type(err).__name__}: {err}"[:500]
@@ -146,23 +158,13 @@ class SecureRounds:
         p = self._params(server_round, len(node_ids))
         srv = self.session = ServerSession(p)
         blob = p.to_bytes()
-        ads = self._exchange(grid, "advertise", {i: blob for i in self.index.values()},
-                             "params", server_round, stats)
-        by_index = {i: n for n, i in self.index.items()}
-        for i, data in sorted(ads.items()):
-            try:
-                srv.receive_advertise(i, data)
-            except SecAggError as err:
-                self._drop(stats, server_round, by_index[i], "advertise", err)
+        self._stage(grid, "advertise", {i: blob for i in self.index.values()}, "params",
+                    srv.receive_advertise, server_round, stats)
         reqs = srv.key_requests()
+        by_index = {i: n for n, i in self.index.items()}
         for i, why in srv.excluded.items():
             self._drop(stats, server_round, by_index[i], "share", SecAggError(why))
-        shares = self._exchange(grid, "share", reqs, "keys", server_round, stats)
-        for i, data in sorted(shares.items()):
-            try:
-                srv.receive_shares(i, data)
-            except SecAggError as err:
-                self._drop(stats, server_round, by_index[i], "share", err)
+        self._stage(grid, "share", reqs, "keys", srv.receive_shares, server_round, stats)
         rec = self.records[server_round]
         rec.update({"secagg_n": p.n, "secagg_degree": p.degree, "secagg_threshold": p.threshold,
                     "secagg_ring_bits": p.ring_bits, "secagg_coordinates": p.dim,
@@ -201,15 +203,9 @@ class SecureRounds:
             except Exception as err:
                 self._drop(stats, server_round, node, "masked input", err)
         rec = self.records.setdefault(server_round, {})
-        by_index = {i: n for n, i in self.index.items()}
         try:
-            reqs = srv.unmask_requests()
-            reveals = self._exchange(self.grid, "unmask", reqs, "unmask", server_round, stats)
-            for i, data in sorted(reveals.items()):
-                try:
-                    srv.receive_unmask(i, data)
-                except SecAggError as err:
-                    self._drop(stats, server_round, by_index[i], "unmask", err)
+            self._stage(self.grid, "unmask", srv.unmask_requests(), "unmask",
+                        srv.receive_unmask, server_round, stats)
             total = srv.result()
         except RecoveryError as err:
             stats.rejected = f"RecoveryError: {err}"[:500]
