@@ -24,7 +24,8 @@ Two measurements, both written to ``--out`` (``secagg.json`` and ``secagg.txt``)
   unreported warm-up round: imports and caches) with
   ``upload=delta``, plain ``fp32`` vs ``secure-aggregation`` at ``--bits``: the round record's
   bytes per node both ways (Flower messages, secure-aggregation stages included) and the
-  round's wall time (``round_s``: training included).
+  round's wall time (``round_s``: training included; median of ``--repeats`` runs of each,
+  alternated).
 """
 
 from __future__ import annotations
@@ -131,15 +132,16 @@ class _Grid:
         return out
 
 
-def apps_rows(n: int, bits: int) -> list[dict]:
+def apps_rows(n: int, bits: int, repeats: int) -> list[dict]:
     from fedlora.config import RunConfig
     from fedlora.results import read_rounds
     from fedlora.server_app import run
 
-    rows = []
+    runs = {"plain fp32": {}, "secure": {"secure-aggregation": True, "secagg-bits": bits}}
+    order = [("warm-up", {})] + [kv for _ in range(repeats) for kv in runs.items()]
+    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in (("warm-up (not reported)", {}), ("plain fp32", {}),
-                            ("secure", {"secure-aggregation": True, "secagg-bits": bits})):
+        for k, (name, extra) in enumerate(order):
             rc = {"num-server-rounds": 1, "feature-maps": 8, "lora-rank": 4,
                   "local-epochs": 1, "max-examples-per-client": 32, "batch-size": 16,
                   "eval-max-examples": 32, "fraction-train": 1.0, "min-train-nodes": n,
@@ -147,21 +149,23 @@ def apps_rows(n: int, bits: int) -> list[dict]:
                   "client-threads": 1, "device": "cpu", "method": "flocora",
                   "upload": "delta", "update-norm-bound": 4.0, "norm-bound-factor": 0.0,
                   "data-dir": str(ROOT / "tests" / "data" / "fashion-mnist-sample"),
-                  "run-dir": tmp, "run-name": name.split(" ")[0], **extra}
+                  "run-dir": tmp, "run-name": f"run{k}", **extra}
             with _identity():
                 run(_Grid(rc, n), RunConfig.from_run_config(rc))
             r = [x for x in read_rounds(Path(tmp) / rc["run-name"]) if x["round"] == 1][0]
-            if name.startswith("warm-up"):  # first run: imports, data and model caches
+            if name == "warm-up":  # first run: imports, data and model caches
                 continue
-            rows.append({
+            row = rows.setdefault(name, {
                 "run": name, "nodes": n, "clients": r["clients"],
                 "train_down_bytes": r["bytes_down"] / n, "train_up_bytes": r["bytes_up"] / n,
                 "secagg_down_bytes": r.get("secagg_bytes_down", 0) / n,
                 "secagg_up_bytes": r.get("secagg_bytes_up", 0) / n,
                 "payload_up_bytes": r["payload_up"] / n,
-                "coordinates": r.get("secagg_coordinates"),
-                "round_s": r["round_s"]})
-    return rows
+                "coordinates": r.get("secagg_coordinates"), "round_s_all": []})
+            row["round_s_all"].append(r["round_s"])
+    for row in rows.values():
+        row["round_s"] = float(np.median(row["round_s_all"]))
+    return list(rows.values())
 
 
 def _identity():
@@ -181,6 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=16)
     ap.add_argument("--drop", type=float, default=0.05)
     ap.add_argument("--apps-nodes", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="apps: plain/secure runs alternated")
     ap.add_argument("--out", default=str(ROOT / "results" / "secagg"))
     a = ap.parse_args(argv)
     aff_spec = f"affine:{min(a.bits, 8)}"  # fedlora's affine codec goes to 8 bits
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
             row = protocol_row(n, a.dim, a.bits, drop)
             proto.append(row)
             print(json.dumps(row), flush=True)
-    apps = apps_rows(a.apps_nodes, a.bits) if a.apps_nodes else []
+    apps = apps_rows(a.apps_nodes, a.bits, a.repeats) if a.apps_nodes else []
     for r in apps:
         print(json.dumps(r), flush=True)
     out = Path(a.out)
@@ -214,7 +219,8 @@ def main(argv=None) -> int:
                      f"{r['total_bytes'] / fp32:.3f} | {r['node_s']:.3f} | {r['server_s']:.2f} |")
     if apps:
         lines += ["", f"real apps, in-process grid, {a.apps_nodes} nodes, one flocora round "
-                  "(bytes per node, Flower messages)",
+                  f"(bytes per node, Flower messages; round s: median of {a.repeats} alternated "
+                  "runs, training included)",
                   "| run | coordinates | train msg down B | train reply up B | secagg stages "
                   "down B | secagg stages up B | upload payload B | round s |",
                   "|" + "---|" * 8]
@@ -222,7 +228,7 @@ def main(argv=None) -> int:
             lines.append(f"| {r['run']} | {r['coordinates'] or ''} | {r['train_down_bytes']:.0f} | "
                          f"{r['train_up_bytes']:.0f} | {r['secagg_down_bytes']:.0f} | "
                          f"{r['secagg_up_bytes']:.0f} | {r['payload_up_bytes']:.0f} | "
-                         f"{r['round_s']:.2f} |")
+                         f"{r['round_s']:.2f} ({', '.join(f'{x:.2f}' for x in r['round_s_all'])}) |")
     (out / "secagg.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -5,6 +5,8 @@ the protocol's bytes; configs the protocol cannot serve are refused before anyth
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -57,15 +59,21 @@ def test_secure_round_matches_the_plain_round(tmp_path, sample_dir, task_identit
 
 
 def test_distributed_noise_is_accounted(tmp_path, sample_dir, task_identity):
-    """secagg-noise > 0: every round record carries dp_epsilon from the accountant (Gaussian
-    RDP at multiplier z·√(survivors/n), q = 1) and the model moved by noise of the order of
-    z·C/n on the mean."""
+    """secagg-noise > 0 with secagg-density 0.5: every round record carries dp_epsilon from the
+    accountant (Gaussian RDP at multiplier z·√(survivors/n), q = 1), the ring is widened for the
+    noise, and half the coordinates travel (k bits each)."""
     from dp_accounting import GaussianDpEvent
     from dp_accounting.rdp import RdpAccountant
 
-    _, recs = _run(tmp_path, sample_dir, "noisy", method="flocora", **{
-        "secure-aggregation": True, "secagg-noise": 1.0, "num-server-rounds": 2})
+    state, recs = _run(tmp_path, sample_dir, "noisy", method="flocora", **{
+        "secure-aggregation": True, "secagg-noise": 1.0, "num-server-rounds": 2,
+        "secagg-density": 0.5})
+    total = sum(v.size for v in state.values())
     for t, r in enumerate(recs, 1):
+        # half the coordinates, one set for all nodes; the ring has room for the noise
+        assert r["secagg_coordinates"] == math.ceil(0.5 * total)
+        assert r["secagg_ring_bits"] == 16 + math.ceil(math.log2(3 + 10)) + 1
+        assert r["payload_up"] == 3 * ((r["secagg_coordinates"] * r["secagg_ring_bits"] + 7) // 8)
         acc = RdpAccountant()
         acc.compose(GaussianDpEvent(1.0), t)
         assert r["dp_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
@@ -121,3 +129,56 @@ def test_real_flower_simulation_same_model_as_without(tmp_path, sample_dir):
     assert worst <= 2 * 4.0 / (2 ** 21 - 1), worst
     assert all(r["secagg_survivors"] == 3 and r["clients"] == 3 for r in out["secure"][1])
     assert all(r["secagg_bytes_up"] > 0 for r in out["secure"][1])
+
+
+class LossyGrid(InProcessGrid):
+    """The in-process grid with faults: ``corrupt_share`` nodes answer the share stage with
+    garbage; ``lose_train`` nodes' train replies never arrive (lost after sharing)."""
+
+    def __init__(self, rc, node_ids, corrupt_share=(), lose_train=()):
+        super().__init__(rc, node_ids=node_ids)
+        self.corrupt_share, self.lose_train = set(corrupt_share), set(lose_train)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, MessageType
+
+        msgs = list(messages)
+        out = []
+        for m, reply in zip(msgs, super().send_and_receive(msgs, timeout)):
+            node, kind = m.metadata.dst_node_id, m.metadata.message_type
+            if kind == MessageType.TRAIN and node in self.lose_train:
+                continue
+            if kind.endswith(".secagg") and m.content.config_records["config"]["stage"] == \
+                    "share" and node in self.corrupt_share:
+                reply.content.config_records["fedlora-secagg"] = ConfigRecord(
+                    {"reply": b"\x00\x00\x00\x07garbage"})
+            out.append(reply)
+        return out
+
+
+@pytest.mark.slow
+def test_node_faults_dropped_with_reasons_and_too_many_refused(tmp_path, sample_dir,
+                                                                task_identity):
+    """5 nodes (complete graph, t = 3): a node whose share answer is garbage is dropped with a
+    ``secagg share`` reason and left out; a node lost after sharing is recovered; the round is
+    applied with the 3 others. Losing 3 after sharing leaves 2 < t: the round is refused with a
+    RecoveryError (the strategy then keeps the previous global model)."""
+    from fedlora.results import read_rounds
+    from fedlora.server_app import run
+
+    nodes = (101, 102, 103, 104, 105)
+    rc = {**BASE, "method": "flocora", "min-train-nodes": 5, "min-available-nodes": 5,
+          "secure-aggregation": True, "data-dir": sample_dir, "run-dir": str(tmp_path)}
+    run(LossyGrid({**rc, "run-name": "faults"}, nodes, corrupt_share={101}, lose_train={102}),
+        RunConfig.from_run_config({**rc, "run-name": "faults"}))
+    r = [x for x in read_rounds(tmp_path / "faults") if x["round"] == 1][0]
+    assert r["rejected"] == "" and r["clients"] == 3 and r["secagg_survivors"] == 3
+    assert r["secagg_shared"] == 4 and r["secagg_dropped_after_sharing"] == 1
+    assert any(d["node"] == 101 and d["reason"].startswith("secagg share: SecAggError")
+               for d in r["dropped_reasons"]), r["dropped_reasons"]
+
+    run(LossyGrid({**rc, "run-name": "lost"}, nodes, lose_train={101, 102, 103}),
+        RunConfig.from_run_config({**rc, "run-name": "lost"}))
+    r = [x for x in read_rounds(tmp_path / "lost") if x["round"] == 1][0]
+    assert r["rejected"].startswith("RecoveryError") and "threshold t = 3" in r["rejected"]
+    assert r["secagg_recovered"] is False

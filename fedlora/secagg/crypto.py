@@ -4,6 +4,7 @@ encrypted shares, SHA-256 for the self-mask seed's commitment."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -32,8 +33,17 @@ def new_keypair() -> tuple[bytes, bytes]:
 
 
 def public_of(sk: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(sk).public_key().public_bytes(
+    if len(sk) != KEY_BYTES:
+        raise SecAggError(f"a private key is {KEY_BYTES} bytes")
+    return _private(sk).public_key().public_bytes(
         Encoding.Raw, PublicFormat.Raw)
+
+
+@functools.lru_cache(maxsize=256)
+def _private(sk: bytes) -> X25519PrivateKey:
+    """The key object of a raw private key (parsed once: a node agrees keys with every
+    neighbour, the server with every neighbour of a dropped node)."""
+    return X25519PrivateKey.from_private_bytes(sk)
 
 
 def agree(sk: bytes, pk: bytes, session: bytes, purpose: bytes, a: int, b: int) -> bytes:
@@ -41,7 +51,7 @@ def agree(sk: bytes, pk: bytes, session: bytes, purpose: bytes, a: int, b: int) 
     secret, salted with the round's session id, labelled with the purpose and the pair (in
     increasing order, so both ends label it alike). A malformed public key is a SecAggError."""
     try:
-        shared = X25519PrivateKey.from_private_bytes(sk).exchange(
+        shared = _private(sk).exchange(
             X25519PublicKey.from_public_bytes(pk))
     except ValueError as err:  # wrong length, or a low-order point (all-zero secret)
         raise SecAggError(f"bad public key: {err}") from None

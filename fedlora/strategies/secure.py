@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from ..privacy import Accountant
@@ -103,6 +104,11 @@ class SecureRounds:
             msgs.append(Message(RecordDict({CONFIG_KEY: ConfigRecord(conf)}),
                                 message_type=f"{MessageType.QUERY}.{ACTION}", dst_node_id=node))
         sent = sum(message_bytes(msg) for msg in msgs)
+        by_id = {}  # message id → node: the SuperLink's error reply for a lost node names it
+        for msg in msgs:
+            if not msg.metadata.message_id:  # as Flower's push sets it (see base.py)
+                msg.metadata.__dict__["_message_id"] = msg.object_id
+            by_id[msg.metadata.message_id] = msg.metadata.dst_node_id
         stats.control_bytes += sent
         rec = self.records.setdefault(server_round, {"secagg_bytes_down": 0, "secagg_bytes_up": 0})
         rec["secagg_bytes_down"] += sent
@@ -111,6 +117,8 @@ class SecureRounds:
             node = None
             try:
                 node = reply.metadata.src_node_id
+                if node == SUPERLINK_NODE_ID:
+                    node = by_id.get(reply.metadata.reply_to_message_id, node)
                 if node not in nodes or nodes[node] in out:
                     raise SecAggError("an answer from a node not asked, or a second answer")
                 size = message_bytes(reply, hashed=False)
