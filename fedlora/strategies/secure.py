@@ -92,15 +92,13 @@ class SecureRounds:
                       _seed(c.seed, server_round, "graph"), noise_var)
 
     def _exchange(self, grid: Grid, stage: str, blobs: Mapping[int, bytes], key: str,
-                  server_round: int, stats: RoundStats, extra: Mapping[int, dict] | None = None
-                  ) -> dict[int, bytes]:
+                  server_round: int, stats: RoundStats) -> dict[int, bytes]:
         """Send ``stage`` with ``blobs[i]`` (by protocol index) to each node; return the
         ``reply`` bytes of the valid answers by index (a bad answer is dropped with a reason)."""
         nodes = {n: i for n, i in self.index.items() if i in blobs}
         msgs = []
         for node, i in nodes.items():
-            conf = {"stage": stage, "server-round": server_round, "index": i, key: blobs[i],
-                    **((extra or {}).get(i, {}))}
+            conf = {"stage": stage, "server-round": server_round, "index": i, key: blobs[i]}
             msgs.append(Message(RecordDict({CONFIG_KEY: ConfigRecord(conf)}),
                                 message_type=f"{MessageType.QUERY}.{ACTION}", dst_node_id=node))
         sent = sum(message_bytes(msg) for msg in msgs)
