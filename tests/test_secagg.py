@@ -305,3 +305,22 @@ def test_distributed_noise_has_the_summed_variance():
     assert abs(out.mean()) < 0.5 and abs(out.var() / mu - 1) < 0.05, (out.mean(), out.var())
     assert not LocalRound(params(n=n, t=3, dim=100)).run(
         {i: np.zeros(100, np.int64) for i in range(n)}).any()
+
+
+def test_benchmark_script_writes_its_tables(tmp_path):
+    """``benchmarks/secagg.py`` at toy size: both result files, the masked input exactly
+    ⌈dim·k/8⌉ bytes per node, the sums checked inside."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import secagg as bench
+
+    assert bench.main(["--nodes", "10", "--dim", "256", "--apps-nodes", "0",
+                       "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "secagg.json").read_text())
+    rows = res["protocol"]
+    assert [r["lost_after_sharing"] for r in rows] == [0, 1]
+    assert all(r["masked_up_bytes"] == (256 * r["ring_bits"] + 7) // 8 for r in rows)
+    assert "| 10 | 9 | 6 |" in (tmp_path / "secagg.txt").read_text()

@@ -156,7 +156,6 @@ class LossyGrid(InProcessGrid):
         return out
 
 
-@pytest.mark.slow
 def test_node_faults_dropped_with_reasons_and_too_many_refused(tmp_path, sample_dir,
                                                                 task_identity):
     """5 nodes (complete graph, t = 3): a node whose share answer is garbage is dropped with a
@@ -182,3 +181,21 @@ def test_node_faults_dropped_with_reasons_and_too_many_refused(tmp_path, sample_
     r = [x for x in read_rounds(tmp_path / "lost") if x["round"] == 1][0]
     assert r["rejected"].startswith("RecoveryError") and "threshold t = 3" in r["rejected"]
     assert r["secagg_recovered"] is False
+
+
+def test_distributed_dp_accountant_survives_a_checkpoint():
+    """The strategy's checkpoint state carries the distributed-DP accountant's ledger: a fresh
+    strategy loaded from it reports the same ε."""
+    from collections import OrderedDict
+
+    from fedlora.strategies import get_method
+
+    cfg = RunConfig(method="flocora", upload="delta", update_norm_bound=1.0,
+                    norm_bound_factor=0.0, secure_aggregation=True, secagg_noise=1.5)
+    shapes = OrderedDict([("a.lora_A.weight", (2, 3))])
+    st = get_method("flocora").Strategy(cfg, shapes)
+    st.secure.accountant.charge(0.5, 1.5)
+    st.secure.accountant.charge(0.5, 1.5)
+    again = get_method("flocora").Strategy(cfg, shapes)
+    again.load_state_dict(st.state_dict())
+    assert again.secure.accountant.epsilon() == st.secure.accountant.epsilon() > 0
