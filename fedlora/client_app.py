@@ -16,7 +16,7 @@ from .privacy import privatize
 from .strategies import get_method, secure
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
                               arrays_to_state, state_to_arrays)
-from .strategies.downlink import Copy, client_apply
+from .strategies.downlink import Copy, client_apply, digest
 from .tasks import make_task
 from .wire import by_digest, decode_record, encode_record, payload_bytes
 
@@ -33,6 +33,14 @@ def _expected_shapes(task, adapter: bool) -> dict[str, tuple[int, ...]]:
     return shapes(state_to_numpy(travelling_state(task.new_model(adapter))))
 
 
+@functools.lru_cache(maxsize=4)
+def _initial_copy(task, adapter: bool) -> Copy:
+    """The run's initial adapter state as this node builds it from ``model-seed`` (the base of
+    a ``download-init`` delta; the server proves it is the same by its digest)."""
+    state = state_to_numpy(travelling_state(task.new_model(adapter)))
+    return Copy(state, digest(state))
+
+
 def _error_feedback(context: Context, upload, pipe: Pipeline, digest: bool):
     """Add the stored residual, encode, keep the new residual in the node's state."""
     stored = context.state.array_records.get(EF_KEY)
@@ -46,14 +54,14 @@ def _error_feedback(context: Context, upload, pipe: Pipeline, digest: bool):
     return record
 
 
-def _apply_download(context: Context, decoded, conf: dict):
+def _apply_download(context: Context, decoded, conf: dict, init=None):
     """Full or delta download (see :mod:`fedlora.strategies.downlink`); in delta mode the node
     keeps the resulting copy and its digest in its Context state."""
     stored = context.state.array_records.get(DOWN_KEY)
     meta = context.state.config_records.get(DOWN_META_KEY)
     held = (Copy(arrays_to_state(stored), str(meta["digest"]))
             if stored is not None and meta is not None and "digest" in meta else None)
-    state, keep = client_apply(decoded, conf, held)
+    state, keep = client_apply(decoded, conf, held, init)
     if keep is not None:
         context.state[DOWN_KEY] = state_to_arrays(keep.state)
         context.state[DOWN_META_KEY] = ConfigRecord({"digest": keep.digest})
@@ -73,7 +81,8 @@ def train(msg: Message, context: Context) -> Message:
     decoded = decode_record(msg.content.array_records[ADAPTER_KEY],
                             expected=_expected_shapes(task, adapter),
                             key=codec_key(cfg.seed, rnd, "down"))
-    received = _apply_download(context, decoded, conf)
+    received = _apply_download(context, decoded, conf,
+                               functools.partial(_initial_copy, task, adapter))
     codec_up = parse_spec(str(conf["codec-up"]))  # the chain the server asked for, parsed once
     who = int(conf.get("codec-key-id", msg.metadata.dst_node_id))  # its partition-id, if granted
     codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", who))

@@ -111,6 +111,9 @@ class RunConfig:
     codec_down_full: str = _f("", "`download=delta`: the codec of a full download (a node the "
                               "server holds no copy of); empty = `codec-down` without its "
                               "sparsifier.")
+    download_init: bool = _f(False, "`download=delta`: a node without a copy gets `codec-down`"
+                             "(global − initial adapter), not a full download; every node "
+                             "builds the initial adapter from `model-seed` (docs/downloads.md).")
     payload_table: str = _f("digest", "How a payload names its tensors: `digest` (8 bytes, payload "
                             "format 2) or `names` (the table spelled out, format 1, ~25 bytes a "
                             "tensor).")

@@ -64,6 +64,8 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     model = task.new_model(adapter=method.Strategy.adapter)
     init = state_to_numpy(travelling_state(model))
     strategy = method.Strategy(cfg, shapes(init))
+    if cfg.download_init and cfg.download == "delta":
+        strategy.downlink.set_init(init)
     full_params = num_params(state_to_numpy(task.base().state_dict()))
     fp = task.fingerprint()
     meta = {

@@ -289,12 +289,19 @@ def _check_combinations(cfg: RunConfig, pipes: dict[str, list]) -> None:
     up, down = OWN_SPARSIFIER.get(m, (False, False))
     down = down is True or (down == "delta" and cfg.download == "delta")
     for pipe in (ups if up else []) + (downs if down else []):
+        if pipe.value_coder.whole_body:  # drive, eden: one rotation of the whole update
+            raise ConfigError(f"{m} adds its own sparsifier, and codec spec {pipe.spec!r} codes "
+                              "the whole update at once (it cannot follow a sparsifier): use "
+                              "another value coder (e.g. 'sign', 'affine:2') with this method")
         if pipe.sparsifier is not None:
             raise ConfigError(f"{m} adds its own sparsifier: codec spec {pipe.spec!r} must not "
                               "sparsify")
     if m == "flasc" and cfg.download == "delta":
         raise ConfigError("flasc sends its own sparse download (top-k of the weights at "
                           "density-down); download='delta' is for the other methods")
+    if cfg.download_init and cfg.download != "delta":
+        raise ConfigError("download-init=true starts a node's copy at the initial adapter: it "
+                          "needs download='delta'")
     if cfg.aggregation != "mean" and m not in DELTA_UPLOAD:
         raise ConfigError(f"aggregation={cfg.aggregation!r} applies to the weight-averaging "
                           f"methods ({', '.join(DELTA_UPLOAD)}); {m} does not average uploads, "

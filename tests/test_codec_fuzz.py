@@ -349,7 +349,7 @@ def test_the_compiled_dense_reader_accepts_exactly_what_read_section_accepts(spe
     read again by read_section), the same values where both accept. The valid payload is read
     by the compiled pass alone (read_section not called), so the test covers it."""
     from fedlora.compression import quantize
-    from fedlora.compression.casts import Fp32
+    from fedlora.compression.quantize import Fp32
 
     rng = np.random.default_rng(7)
     t = dict(tensors(2))
@@ -376,7 +376,7 @@ def test_flat_sections_from_the_python_reader_are_the_compiled_readers(spec):
     body the Python reader accepts) holds the same offsets, scales and zero offsets as the
     compiled pass, so the sum it feeds is the same."""
     from fedlora.compression.binary import Reader
-    from fedlora.compression.codec import FlatDense
+    from fedlora.compression.quantize import FlatDense
     from fedlora.compression.payload import _open
 
     t = dict(tensors(4))

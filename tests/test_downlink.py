@@ -274,3 +274,69 @@ def test_a_codec_for_updates_is_refused_wherever_it_would_carry_weights(kw, why)
     # the same chains are accepted where they carry updates
     make({**kw, "upload": "delta", "download": "delta", "codec-down-full": "affine:8|zstd"})
 
+
+
+# ------------------------------------------------------------------ download-init (issue 31)
+def _node_side_init(dl, held, init_copy, link):
+    conf = {**link.message_config(dl)}
+    decoded = decode_payload(dl.payload, expected=SHAPES)
+    return client_apply(decoded, conf, held, lambda: init_copy)
+
+
+def test_download_init_sends_a_delta_from_the_initial_state_not_a_full_download():
+    """With the initial state known to both sides, a node's first download is codec-down of
+    (target − init): same size as any delta, far smaller than the full download, and the node
+    ends bit for bit at the server's record (it builds init itself; nothing else is sent)."""
+    init = toy(0)
+    target = OrderedDict((k, v + 0.05 * toy(1)[k]) for k, v in init.items())
+    plain, link = Downlink("delta", "affine:8"), Downlink("delta", "affine:8")
+    link.set_init(init)
+    pipe = parse_spec("sign:tensor")
+    full = plain.prepare(1, 7, target, pipe)
+    dl = link.prepare(1, 7, target, pipe)
+    assert full.mode == "full" and dl.mode == "delta"
+    assert dl.base == link.init.digest and link.message_config(dl)["down-from-init"] is True
+    assert len(dl.payload) * 4 < len(full.payload)
+    state, keep = _node_side_init(dl, None, Copy(link.init.state, link.init.digest), link)
+    assert keep.digest == dl.result.digest
+    for k in target:  # the node starts from init + C(target − init), exactly as recorded
+        np.testing.assert_array_equal(state[k], dl.result.state[k])
+    link.settle(1, {7})
+    assert link.held[7].digest == dl.result.digest and 7 not in link.from_init
+    assert link.prepare(2, 7, target, pipe).base == dl.result.digest  # an ordinary delta next
+
+
+def test_download_init_node_with_another_initial_state_refuses_then_gets_full():
+    """A node whose own initial state differs (other seed, other code) refuses the delta with
+    StaleDownload naming both digests; its failure makes the server serve it in full from then
+    on, while other nodes keep getting deltas from init."""
+    init = toy(0)
+    link = Downlink("delta", "affine:8")
+    link.set_init(init)
+    pipe = parse_spec("affine:4")
+    dl = link.prepare(1, 7, init, pipe)
+    other = toy(5)
+    with pytest.raises(StaleDownload, match="applies to copy"):
+        _node_side_init(dl, None, Copy(other, digest(other)), link)
+    link.prepare(1, 8, init, pipe)
+    link.settle(1, {8})  # node 7's reply failed
+    assert 7 in link.init_refused
+    assert link.prepare(2, 7, init, pipe).mode == "full"
+    assert link.prepare(2, 9, init, pipe).mode == "delta"  # a new node still starts at init
+
+
+def test_download_init_not_used_for_targets_of_another_shape():
+    """A rank variant (other shapes) cannot be a delta from the initial state: full download."""
+    init = toy(0)
+    link = Downlink("delta", "affine:8")
+    link.set_init(init)
+    smaller = OrderedDict((k, v[:8] if "lora_A" in k else v) for k, v in init.items())
+    assert link.prepare(1, 7, smaller, parse_spec("affine:4")).mode == "full"
+
+
+def test_download_init_needs_delta_downloads():
+    from fedlora.validate import ConfigError, check
+
+    with pytest.raises(ConfigError, match="download-init"):
+        check({"download-init": True, "download": "full"})
+    check({"download-init": True, "download": "delta"})

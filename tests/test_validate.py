@@ -146,7 +146,7 @@ def test_tables_mirror_the_code_they_stand_for():
 
 
 SHAPES = {"m.lora_A.weight": (16, 24), "m.lora_B.weight": (32, 16), "fc.bias": (32,)}
-SPECS = ["fp32", "topk:0.1|affine:4", "sign", "lowrank:2", "ranks"]
+SPECS = ["fp32", "topk:0.1|affine:4", "sign", "lowrank:2", "ranks", "eden:0.5:mse"]
 
 
 def test_launcher_and_strategies_refuse_the_same_combinations(task_identity):

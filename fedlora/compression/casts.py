@@ -1,4 +1,5 @@
-"""Float casts: ``fp32`` (raw, lossless), ``fp16`` and ``bf16`` (2 bytes per value on the wire).
+"""Float casts: ``fp16`` and ``bf16`` (2 bytes per value on the wire); ``fp32`` (raw, lossless,
+the same fixed-width base) lives in :mod:`.quantize`, whose compiled scanner reads it flat.
 
 Value section of ``n`` values: ``n`` little-endian float32 (``fp32``), IEEE binary16 (``fp16``) or
 bfloat16 (``bf16``: the top 16 bits of the float32 pattern, rounded to nearest, ties to even). The
@@ -16,8 +17,7 @@ import warnings
 import numpy as np
 
 from .arrays import _torch, as_bytes, check_finite
-from .binary import Reader
-from .codec import DenseSection, ValueCoder, register
+from .codec import ValueCoder, register
 from .errors import CodecError
 
 _TORCH_MIN = 1 << 15  # below this many values numpy is faster than a torch kernel launch
@@ -38,30 +38,6 @@ class _FixedWidth(ValueCoder):
 
     def max_expansion(self):
         return 4.0 / self.width
-
-
-@register
-class Fp32(_FixedWidth):
-    """Raw little-endian float32 (lossless)."""
-
-    codec_id = "fp32"
-
-    def encode_values(self, x, groups, out):
-        check_finite(x)
-        out.append(as_bytes(np.ascontiguousarray(x, dtype="<f4")))
-
-    def decode_values(self, r: Reader, shape, groups, name):
-        return self.read_section(r, shape, groups, name).values(shape)
-
-    def read_section(self, r: Reader, shape, groups, name):
-        raw = r.array("<f4", math.prod(shape), f"fp32 values of {name!r}")
-        check_finite(raw, f"tensor {name!r} (fp32 values)")
-        return DenseSection(raw)  # a view of the payload: DenseSection.values copies it
-
-    def read_flat(self, r: Reader, table):
-        from .quantize import read_flat_sections  # (quantize imports this module)
-
-        return read_flat_sections(r, table, 0)
 
 
 class _TwoByteCast(_FixedWidth):

@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from .binary import Reader
 from .errors import SpecError
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: quantize imports this module)
+    from .quantize import FlatDense
 
 __all__ = ["Codec", "Sparsifier", "ValueCoder", "LosslessCodec", "Dense", "slice_groups",
            "register", "registered_ids", "codec_class", "Section", "DenseSection"]
@@ -135,7 +138,7 @@ class ValueCoder(Codec):
 
     def read_flat(self, r: Reader, table) -> "FlatDense | None":
         """Every section of a dense body (the rest of ``r``: nothing may follow it) read by
-        one compiled pass into a :class:`FlatDense`, where a coder has such a reader
+        one compiled pass into a :class:`~.quantize.FlatDense`, where a coder has such a reader
         (``fp32``, ``affine``). None, with ``r`` unread, otherwise and for a body the pass
         refuses: the caller then reads the sections one by one (:meth:`read_section`), which
         raise the CodecError naming what was wrong."""
@@ -165,63 +168,6 @@ class DenseSection(Section):
     def values(self, shape):
         out = np.empty(shape, np.float32)
         out.reshape(-1)[...] = self.x
-        return out
-
-
-class FlatDense:
-    """The checked value sections of one dense payload, in flat arrays (what
-    :meth:`ValueCoder.read_flat` gives): tensor ``t`` (``names[t]``, ``ns[t]`` values, in the
-    payload's table order) is raw float32 at ``buf[offs[t]:]`` when ``groups[t] == 0`` or
-    ``bits == 0``, else ``affine:bits`` packed values at ``buf[offs[t]:]`` with its
-    ``groups[t]`` scales ``S[gofs[t]:]`` and zero offsets ``ZU[gofs[t]:]`` (as
-    :class:`~.quantize.AffineSection`). ``buf``: the payload as uint8, the memory the offsets
-    point into."""
-
-    kind = "dense-flat"
-
-    def __init__(self, names, ns, groups, bits, buf, offs, gofs, S, ZU) -> None:
-        self.names, self.ns, self.groups, self.bits = names, ns, groups, bits
-        self.buf, self.offs, self.gofs, self.S, self.ZU = buf, offs, gofs, S, ZU
-
-    @classmethod
-    def of(cls, names, sections, buf: np.ndarray) -> "FlatDense":
-        """The same form from sections read one by one (views of ``buf``): a body the compiled
-        pass refused and :meth:`ValueCoder.read_section` accepted (none is known). The bit
-        width is the affine sections' (one value coder wrote them all; 0 when none is)."""
-        bits = next((s.bits for s in sections.values() if s.kind == "affine"), 0)
-        base = buf.ctypes.data
-        ns, groups, offs, S, ZU = [], [], [], [], []
-        for name in names:
-            sec = sections[name]
-            ns.append(sec.n)
-            if sec.kind == "affine":
-                groups.append(sec.groups)
-                offs.append(sec.p.ctypes.data - base)
-                S.append(sec.s)
-                ZU.append(sec.zu)
-            else:
-                groups.append(0)
-                offs.append(np.asarray(sec.x).ctypes.data - base)
-        groups = np.array(groups, np.int64)
-        gofs = np.concatenate([[0], np.cumsum(groups)[:-1]]).astype(np.int64)
-        cat = (lambda a: np.concatenate(a).astype(np.float32) if a else np.zeros(0, np.float32))
-        return cls(list(names), np.array(ns, np.int64), groups, bits, buf,
-                   np.array(offs, np.int64), gofs, cat(S), cat(ZU))
-
-    def sections(self) -> "dict[str, Section]":
-        """The same sections as ``{name: Section}`` (:meth:`ValueCoder.read_section`'s form)."""
-        from .quantize import AffineSection
-
-        out = {}
-        for t, name in enumerate(self.names):
-            n, g, o = int(self.ns[t]), int(self.groups[t]), int(self.offs[t])
-            if self.bits == 0 or g == 0:
-                out[name] = DenseSection(self.buf[o:o + 4 * n].view("<f4"))
-            else:
-                go = int(self.gofs[t])
-                out[name] = AffineSection(self.S[go:go + g], self.ZU[go:go + g],
-                                          self.buf[o:o + (n * self.bits + 7) // 8], n, g,
-                                          self.bits)
         return out
 
 

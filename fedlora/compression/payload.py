@@ -97,8 +97,9 @@ import numpy as np
 
 from .arrays import to_float32
 from .binary import Reader, uvarint, uvarint_len
-from .codec import Dense, FlatDense, LosslessCodec, Sparsifier, ValueCoder, slice_groups
+from .codec import Dense, LosslessCodec, Sparsifier, ValueCoder, slice_groups
 from .errors import CodecError, SpecError
+from .quantize import FlatDense
 from .runtime import scratch_scope
 from .spec import MAX_SPEC_BYTES, chain_of, parse_stages, stages_from_config
 
@@ -427,7 +428,7 @@ class Pipeline:
         value coder allows (``affine``: :class:`~.quantize.AffineSection`), so a consumer can
         decode them straight into a running sum (``strategies/stream.py``). ``section.values(
         shape)`` is what :meth:`decode` returns for that tensor. With ``flat``: one
-        :class:`~.codec.FlatDense` (every section in flat arrays, in the payload's table order;
+        :class:`~.quantize.FlatDense` (every section in flat arrays, in the payload's table order;
         read by one compiled pass where the value coder has one, ``ValueCoder.read_flat``)."""
         if self.sparsifier is not None or self.lossless or self.value_coder.whole_body:
             raise NotImplementedError(f"{self.spec!r}: sections are for dense chains without "

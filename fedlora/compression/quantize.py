@@ -77,10 +77,10 @@ import warnings
 
 import numpy as np
 
-from .arrays import FLT_MAX, _torch, as_bytes
+from .arrays import FLT_MAX, _torch, as_bytes, check_finite
 from .binary import Reader, pack_bits, packed_len, unpack_bits
-from .casts import Fp32
-from .codec import FlatDense, Section, ValueCoder, register, slice_groups
+from .casts import _FixedWidth
+from .codec import DenseSection, Section, ValueCoder, register, slice_groups
 from .errors import CodecError, SpecError
 from .runtime import run_parallel, scratch
 
@@ -564,6 +564,83 @@ class AffineSection(Section):
     def values(self, shape):
         return _dequantize(_unpack(self.p, self.n, self.bits), self.s, self.zu, shape,
                            self.groups)
+
+
+class FlatDense:
+    """The checked value sections of one dense payload, in flat arrays (what
+    :meth:`ValueCoder.read_flat` gives): tensor ``t`` (``names[t]``, ``ns[t]`` values, in the
+    payload's table order) is raw float32 at ``buf[offs[t]:]`` when ``groups[t] == 0`` or
+    ``bits == 0``, else ``affine:bits`` packed values at ``buf[offs[t]:]`` with its
+    ``groups[t]`` scales ``S[gofs[t]:]`` and zero offsets ``ZU[gofs[t]:]`` (as
+    :class:`AffineSection`). ``buf``: the payload as uint8, the memory the offsets
+    point into."""
+
+    kind = "dense-flat"
+
+    def __init__(self, names, ns, groups, bits, buf, offs, gofs, S, ZU) -> None:
+        self.names, self.ns, self.groups, self.bits = names, ns, groups, bits
+        self.buf, self.offs, self.gofs, self.S, self.ZU = buf, offs, gofs, S, ZU
+
+    @classmethod
+    def of(cls, names, sections, buf: np.ndarray) -> "FlatDense":
+        """The same form from sections read one by one (views of ``buf``): a body the compiled
+        pass refused and :meth:`ValueCoder.read_section` accepted (none is known). The bit
+        width is the affine sections' (one value coder wrote them all; 0 when none is)."""
+        bits = next((s.bits for s in sections.values() if s.kind == "affine"), 0)
+        base = buf.ctypes.data
+        ns, groups, offs, S, ZU = [], [], [], [], []
+        for name in names:
+            sec = sections[name]
+            ns.append(sec.n)
+            if sec.kind == "affine":
+                groups.append(sec.groups)
+                offs.append(sec.p.ctypes.data - base)
+                S.append(sec.s)
+                ZU.append(sec.zu)
+            else:
+                groups.append(0)
+                offs.append(np.asarray(sec.x).ctypes.data - base)
+        groups = np.array(groups, np.int64)
+        gofs = np.concatenate([[0], np.cumsum(groups)[:-1]]).astype(np.int64)
+        cat = (lambda a: np.concatenate(a).astype(np.float32) if a else np.zeros(0, np.float32))
+        return cls(list(names), np.array(ns, np.int64), groups, bits, buf,
+                   np.array(offs, np.int64), gofs, cat(S), cat(ZU))
+
+    def sections(self) -> "dict[str, Section]":
+        """The same sections as ``{name: Section}`` (:meth:`ValueCoder.read_section`'s form)."""
+        out = {}
+        for t, name in enumerate(self.names):
+            n, g, o = int(self.ns[t]), int(self.groups[t]), int(self.offs[t])
+            if self.bits == 0 or g == 0:
+                out[name] = DenseSection(self.buf[o:o + 4 * n].view("<f4"))
+            else:
+                go = int(self.gofs[t])
+                out[name] = AffineSection(self.S[go:go + g], self.ZU[go:go + g],
+                                          self.buf[o:o + (n * self.bits + 7) // 8], n, g,
+                                          self.bits)
+        return out
+
+
+@register
+class Fp32(_FixedWidth):
+    """Raw little-endian float32 (lossless)."""
+
+    codec_id = "fp32"
+
+    def encode_values(self, x, groups, out):
+        check_finite(x)
+        out.append(as_bytes(np.ascontiguousarray(x, dtype="<f4")))
+
+    def decode_values(self, r: Reader, shape, groups, name):
+        return self.read_section(r, shape, groups, name).values(shape)
+
+    def read_section(self, r: Reader, shape, groups, name):
+        raw = r.array("<f4", math.prod(shape), f"fp32 values of {name!r}")
+        check_finite(raw, f"tensor {name!r} (fp32 values)")
+        return DenseSection(raw)  # a view of the payload: DenseSection.values copies it
+
+    def read_flat(self, r: Reader, table):
+        return read_flat_sections(r, table, 0)
 
 
 _RAW = Fp32()  # the value section of an ungrouped (1-D) tensor: raw float32

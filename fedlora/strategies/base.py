@@ -151,6 +151,10 @@ class FedLoraStrategy(FedAvg):
         pipes = ([self.codec_up, *self.tier_codec_up] if up else []) + \
                 ([self.codec_down, *self.tier_codec_down] if down else [])
         for pipe in pipes:
+            if pipe.value_coder.whole_body:  # drive, eden: one rotation of the whole update
+                raise ValueError(f"{self.name} adds its own sparsifier, and codec spec "
+                                 f"{pipe.spec!r} codes the whole update at once (it cannot "
+                                 "follow a sparsifier)")
             if pipe.sparsifier is not None:
                 raise ValueError(f"{self.name} adds its own sparsifier: codec spec {pipe.spec!r} "
                                  "must not sparsify")
@@ -400,7 +404,7 @@ class FedLoraStrategy(FedAvg):
                     raise MalformedReply(f"update norm {n} is not finite")
                 measured.append((u, ref, n))
             except Exception as err:
-                self._drop(stats, server_round, u.node_id, err)
+                stats.drop(u.node_id, err)
         bound = self.round_norm_bound(server_round, [n for _, _, n in measured])
         stats.norm_bound = bound
         kept = []
@@ -408,7 +412,7 @@ class FedLoraStrategy(FedAvg):
             scale = guard.clip_scale(n, bound)
             if scale < 1.0:
                 if g.norm_bound_action == "reject":
-                    self._drop(stats, server_round, u.node_id, MalformedReply(
+                    stats.drop(u.node_id, MalformedReply(
                         f"update norm {n:.6g} is over the bound {bound:.6g}"))
                     continue
                 u.tensors = guard.clip_update(u.tensors, scale, ref)
@@ -447,10 +451,11 @@ class FedLoraStrategy(FedAvg):
             keep = max(int(self.robustness.norm_bound_history), 1)
             self.norm_history = (self.norm_history + [m])[-keep:]
 
-    def _drop(self, stats: "RoundStats", server_round: int, node: Any, err: Exception) -> None:
-        stats.dropped.append({"node": node, "reason": f"{type(err).__name__}: {err}"[:500]})
-        log.warning("round %d: dropped reply of node %s: %s: %s", server_round, node,
-                    type(err).__name__, str(err)[:400])
+    @property
+    def checks_updates(self) -> bool:
+        """Whether the method adds checks of its own to each decoded update (it overrides
+        :meth:`validate_update`): streaming's flat path applies only without them."""
+        return type(self).validate_update is not FedLoraStrategy.validate_update
 
     def decode_reply(self, server_round: int, msg: Message) -> ClientUpdate:
         """Validate and decode one reply (:func:`.replies.decode_reply` with the codec asked of
@@ -473,7 +478,7 @@ class FedLoraStrategy(FedAvg):
                 stats.params_up[node] = int(up.metrics.get("params-up", 0))
                 updates.append(up)
             except Exception as err:  # node input never takes the ServerApp down
-                self._drop(stats, server_round, node, err)
+                stats.drop(node, err)
         return updates
 
     def stray_reason(self, server_round: int, stats: "RoundStats", node: Any, msg: Message,
@@ -568,7 +573,7 @@ class FedLoraStrategy(FedAvg):
                 stats.received[node] = message_bytes(msg, hashed=False)  # received: no chunk hashed
                 accepted.append(msg)
             except Exception as err:  # node input never takes the ServerApp down
-                self._drop(stats, server_round, node, err)
+                stats.drop(node, err)
         streaming = stream.streams(self) and self.secure is None
         try:
             if self.secure is not None:  # unmask stage: the survivors' mean, one pseudo-reply
@@ -635,6 +640,7 @@ class FedLoraStrategy(FedAvg):
                 "held": [(n, c.state, c.digest) for n, c in dl.held.items()],  # LRU order
                 "pending": [(n, rnd, c.state, c.digest) for n, (rnd, c) in dl.pending.items()],
                 "settle": (last, ok),
+                "init_refused": sorted(dl.init_refused),
             },
         }
 
@@ -659,6 +665,7 @@ class FedLoraStrategy(FedAvg):
         dl, saved = self.downlink, state["downlink"]
         dl.held = OrderedDict((int(n), copy(st)) for n, st, _ in saved["held"])
         dl.pending = {int(n): (int(rnd), copy(st)) for n, rnd, st, _ in saved["pending"]}
+        dl.init_refused = {int(n) for n in saved.get("init_refused", [])}
         last, ok = saved["settle"]
         if dl.delta:
             dl.settle(int(last), {int(n) for n in ok})

@@ -17,6 +17,14 @@ Two modes (run-config ``download``):
   the result (``down-digest``); a node whose stored copy does not match refuses the round with a
   clear error, and the server serves it in full the next time.
 
+With ``download-init`` a node the server has no record of gets ``codec-down(target − init)``
+instead: ``init`` is the run's initial adapter state, which every node builds from
+``model-seed`` exactly as the server does (as it builds the frozen base), so nothing is sent for
+it; the message says ``down-from-init`` and names the init digest as its base. A node whose own
+initial state has another digest refuses the round (:class:`StaleDownload`) and is served in
+full from then on. Targets whose names or shapes differ from the initial state (rank variants)
+get the full download.
+
 The record is committed only when the node's reply for that round arrived and decoded: a node
 that failed, timed out or sent a bad reply may or may not have applied the download, so its
 record is forgotten and its next download is full. ``delta-max-nodes`` bounds the memory (least
@@ -28,7 +36,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -93,6 +101,26 @@ class Downlink:
         self.held: "OrderedDict[int, Copy]" = OrderedDict()      # node → committed copy
         self.pending: dict[int, tuple[int, Copy]] = {}            # node → (round, sent copy)
         self._cache: dict[tuple, Download] = {}
+        #: download-init: the initial adapter state every node builds itself, the nodes sent a
+        #: delta from it this round, and those that refused one (served in full from then on)
+        self.init: Copy | None = None
+        self.from_init: set[int] = set()
+        self.init_refused: set[int] = set()
+
+    def set_init(self, state: Mapping[str, np.ndarray]) -> None:
+        """Start nodes without a record at ``state`` (the run's initial adapter state)."""
+        st = OrderedDict((k, np.asarray(v, np.float32)) for k, v in state.items())
+        self.init = Copy(st, digest(st))
+
+    def _start_copy(self, node: int, target: Mapping[str, np.ndarray]) -> Copy | None:
+        """The copy a node without a record starts from: the initial state, where it has the
+        target's names and shapes and the node never refused it; else None (a full download)."""
+        init = self.init
+        if init is None or node in self.init_refused or list(init.state) != list(target):
+            return None
+        if any(init.state[k].shape != np.shape(target[k]) for k in target):
+            return None
+        return init
 
     @property
     def delta(self) -> bool:
@@ -111,6 +139,10 @@ class Downlink:
             if rnd != server_round:
                 continue
             del self.pending[node]
+            if node in self.from_init:
+                self.from_init.discard(node)
+                if node not in ok:  # it may hold another initial state: serve it in full
+                    self.init_refused.add(node)
             if node in ok:
                 self.held[node] = copy
                 self.held.move_to_end(node)
@@ -136,6 +168,12 @@ class Downlink:
         held = self.held.get(node)
         if held is not None and list(held.state) != list(target):
             held = None  # the method changed what travels: start over
+        if held is None:
+            held = self._start_copy(node, target)
+            if held is not None:
+                self.from_init.add(node)
+        else:
+            self.from_init.discard(node)
         if held is None:
             full = self.full_pipe(pipe)
             key = ("full", full.spec, variant)
@@ -172,7 +210,10 @@ class Downlink:
         """Train-config entries that tell the node how to apply ``dl``."""
         if not self.delta:
             return {"down-mode": "full"}
-        return {"down-mode": dl.mode, "down-base": dl.base, "down-digest": dl.result.digest}
+        out = {"down-mode": dl.mode, "down-base": dl.base, "down-digest": dl.result.digest}
+        if self.init is not None and dl.mode == "delta" and dl.base == self.init.digest:
+            out["down-from-init"] = True
+        return out
 
 
 # ============================================================================ client half
@@ -182,14 +223,18 @@ class StaleDownload(ValueError):
     """The node does not hold the copy a delta download applies to."""
 
 
-def client_apply(decoded: Mapping[str, np.ndarray], config: Mapping, held: Copy | None
+def client_apply(decoded: Mapping[str, np.ndarray], config: Mapping, held: Copy | None,
+                 init: "Callable[[], Copy] | None" = None
                  ) -> tuple["OrderedDict[str, np.ndarray]", Copy | None]:
     """The node's side: the model it trains from, and the copy to keep (None in ``full`` mode).
 
     ``decoded`` is the decoded payload; ``config`` the train config; ``held`` the node's stored
-    copy (from its Context state) or None. A delta whose base is not the held copy raises
+    copy (from its Context state) or None; ``init`` builds the node's initial adapter state
+    (the base of a ``down-from-init`` delta). A delta whose base is not the held copy raises
     :class:`StaleDownload`; a result whose digest is not the server's raises it too."""
     mode = str(config.get("down-mode", "full"))
+    if mode == "delta" and config.get("down-from-init") and init is not None:
+        held = init() if held is None or held.digest != str(config.get("down-base", "")) else held
     if mode == "full" and "down-digest" not in config:
         return OrderedDict((k, np.asarray(v, np.float32)) for k, v in decoded.items()), None
     if mode == "delta":

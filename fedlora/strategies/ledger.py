@@ -4,9 +4,12 @@ traffic, failures, dropped/clipped/capped replies — and the round record made 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+log = logging.getLogger("flwr.fedlora")
 
 
 @dataclass
@@ -34,6 +37,12 @@ class RoundStats:
     rejected: str = ""                                           # why the round kept the global
     clients: int | None = None                                   # replies aggregated
     aggregated: list[Any] = field(default_factory=list)          # ... their node ids
+
+    def drop(self, node: Any, err: Exception) -> None:
+        """A reply left out of this round: recorded with its node id and reason, and logged."""
+        self.dropped.append({"node": node, "reason": f"{type(err).__name__}: {err}"[:500]})
+        log.warning("round %d: dropped reply of node %s: %s: %s", self.round, node,
+                    type(err).__name__, str(err)[:400])
 
     def record(self, tier_of: Callable[[int], int], partitions: Mapping[int, int]
                ) -> dict[str, Any]:

@@ -83,12 +83,6 @@ def streams(strategy: "FedLoraStrategy") -> bool:
             and not (strategy.privacy.enabled and strategy.privacy.central))
 
 
-def _base_validate():
-    from .base import FedLoraStrategy
-
-    return FedLoraStrategy.validate_update
-
-
 def _sectioned(strategy: "FedLoraStrategy", server_round: int, metas, want: dict, shapes,
                stats: "RoundStats"):
     """Step 2a's replies: when every reply's chain is one :func:`.replies.sections_apply`
@@ -97,9 +91,7 @@ def _sectioned(strategy: "FedLoraStrategy", server_round: int, metas, want: dict
     flat sections, ref)]`` for the replies whose sections pass every check (the others
     dropped here, with the errors a decode gives), and no reply left for step 2b. Otherwise
     ``[]`` and ``metas`` unchanged."""
-    from .base import FedLoraStrategy
-
-    if type(strategy).validate_update is not FedLoraStrategy.validate_update or not metas:
+    if strategy.checks_updates or not metas:
         return [], metas
     pipes = [want.setdefault(up.node_id, strategy.upload_pipeline(server_round, up.node_id))
              for _, up in metas]
@@ -111,7 +103,7 @@ def _sectioned(strategy: "FedLoraStrategy", server_round: int, metas, want: dict
         try:
             flat = section_tensors(msg, up, pipe, shapes)
         except Exception as err:
-            strategy._drop(stats, server_round, up.node_id, err)
+            stats.drop(up.node_id, err)
             continue
         out.append((msg, up, flat, ref))
     return out, []
@@ -128,7 +120,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         try:
             metas.append((msg, read_reply(msg)))
         except Exception as err:
-            strategy._drop(stats, server_round, msg.metadata.src_node_id, err)
+            stats.drop(msg.metadata.src_node_id, err)
     if not metas:
         return [], None
     guard.cap_reply_weights([u for _, u in metas], g, stats)
@@ -175,12 +167,12 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             n = math.sqrt(ss)
             if not math.isfinite(n):  # finite float32 values cannot get here
                 broken = True
-                strategy._drop(stats, server_round, up.node_id,
+                stats.drop(up.node_id,
                                MalformedReply(f"update norm {n} is not finite"))
                 continue
             keep(msg, up, ref, n)
         sectioned = None                      # the sections (~1x the model in small arrays)
-    plain = type(strategy).validate_update is _base_validate()
+    plain = not strategy.checks_updates
     for msg, up in metas:                     # 2b. decode, check, add + measure (one pass), free
         try:
             ref = strategy.update_reference(server_round, up.node_id)
@@ -190,7 +182,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             tensors = (sparse_tensors(msg, up, pipeline(up), shapes, flat=True) if sparse
                        else decode(msg, up))
         except Exception as err:
-            strategy._drop(stats, server_round, up.node_id, err)
+            stats.drop(up.node_id, err)
             continue
         if acc is None:
             acc = kernels.zeros_sum(shapes)
@@ -204,7 +196,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
                 raise MalformedReply(f"update norm {n} is not finite")
         except Exception as err:  # whatever the sum may hold of it: formed again without it
             broken = True
-            strategy._drop(stats, server_round, up.node_id, err)
+            stats.drop(up.node_id, err)
             continue
         keep(msg, up, ref, n)
         del tensors
@@ -224,7 +216,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             if scale < 1.0 and g.norm_bound_action == "reject":
                 if not resum:
                     add(tensors, -w)
-                strategy._drop(stats, server_round, up.node_id, MalformedReply(
+                stats.drop(up.node_id, MalformedReply(
                     f"update norm {n:.6g} is over the bound {bound:.6g}"))
                 continue
             if scale < 1.0:
