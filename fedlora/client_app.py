@@ -13,7 +13,7 @@ from .adapters import check_fingerprint, shapes, state_to_numpy, travelling_stat
 from .compression import ErrorFeedback, Pipeline, codec_key, parse_spec
 from .config import RunConfig, node_tier
 from .privacy import privatize
-from .strategies import get_method
+from .strategies import get_method, secure
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
                               arrays_to_state, state_to_arrays)
 from .strategies.downlink import Copy, client_apply, digest
@@ -93,6 +93,8 @@ def train(msg: Message, context: Context) -> Message:
         data_dir=str(nc.get("data-dir", "")), state=context.state, codec_up=codec_up)
     res = method.client_train(cr)
     res = privatize(res, conf)  # dp: clip (+ local noise) the update before the codec
+    if "secagg-routed" in conf:  # secure aggregation: masked k-bit integers, no codec
+        return secure.client_train_reply(msg, context, res)
     digest = by_digest(cfg.payload_table)
     if cfg.error_feedback:
         record = _error_feedback(context, res.upload, codec_up, digest)
@@ -111,3 +113,9 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: MetricRecord({
         "tier": node_tier(cfg, nc), "partition-id": int(nc.get("partition-id", -1))})}),
         reply_to=msg)
+
+
+@app.query(secure.ACTION)
+def secagg(msg: Message, context: Context) -> Message:
+    """Secure aggregation's setup and unmask stages (:func:`.strategies.secure.client_query`)."""
+    return secure.client_query(msg, context)

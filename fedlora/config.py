@@ -168,6 +168,23 @@ class RunConfig:
     dp_clip_lr: float = _f(0.2, "Adaptive clipping: geometric step η, C ← C·exp(−η(b̃ − γ)).")
     dp_count_stddev: float = _f(0.0, "Adaptive clipping: noise std σ_b of the clipped count; 0 = "
                                 "sampled nodes / 20; needs z < 2σ_b.")
+    # --- secure aggregation (docs/secure-aggregation.md) ---
+    secure_aggregation: bool = _f(False, "SecAgg+: the server learns only the sum of the nodes' "
+                                  "quantized updates (fedavg, flocora, fl-lora, ffa-lora with "
+                                  "`upload=delta`, lora-a2; a fixed `update-norm-bound`, which "
+                                  "nodes clip to; the mean is unweighted).")
+    secagg_bits: int = _f(16, "Secure aggregation: quantization bits of a coordinate (scale "
+                          "(2^(bits−1)−1)/`update-norm-bound`); on the wire bits + ⌈log2 n⌉ + 1.")
+    secagg_neighbours: int = _f(0, "Secure aggregation: neighbours of each node (even); 0 = "
+                                "2⌈log2 n⌉+2, or every other node when that is ≥ n−1.")
+    secagg_threshold: float = _f(0.5, "Secure aggregation: t = ⌊this·(neighbours+1)⌋+1 shares "
+                                 "rebuild a node's secrets; a round survives dropouts while every "
+                                 "node keeps t live holders.")
+    secagg_density: float = _f(1.0, "Secure aggregation: fraction of the coordinates sent each "
+                               "round, one random set for all nodes drawn from (seed, round).")
+    secagg_noise: float = _f(0.0, "Secure aggregation: distributed DP noise multiplier z; each "
+                             "node adds Skellam noise so the sum carries std z·C (C = "
+                             "`update-norm-bound`), accounted at `dp-delta`; 0 = off.")
     # --- FLASC ---
     density_down: float = _f(1.0, "FLASC: fraction of the global trainable weights sent down "
                              "(top-k by magnitude).")

@@ -103,6 +103,11 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "score-epochs": (0, None, True, False),
     "hetlora-gamma": (0, 1, False, True),
     "keep-checkpoints": (0, None, True, False),
+    "secagg-bits": (2, 24, True, True),
+    "secagg-neighbours": (0, None, True, False),
+    "secagg-threshold": (0.5, 1, True, False),
+    "secagg-density": (0, 1, False, True),
+    "secagg-noise": (0, None, True, False),
 }
 
 CODEC_KEYS = ("codec-up", "codec-down", "codec-down-full", "tier-codec-up", "tier-codec-down")
@@ -138,6 +143,7 @@ def check(run_config: Mapping[str, Any], cwd: str | Path | None = None,
     pipes = _check_codecs(cfg, light)
     _check_combinations(cfg, pipes)
     _check_privacy(cfg)
+    _check_secure(cfg)
     check_run_name(cfg.run_name)
     for key in ("run-dir", "data-dir", "resume"):
         value = str(out.get(key, getattr(cfg, key.replace("-", "_"))))
@@ -311,6 +317,15 @@ def _check_privacy(cfg: RunConfig) -> None:
         replies_are_deltas=m in NATIVE_DELTA or (m in DELTA_UPLOAD and cfg.upload == "delta"))
     try:
         ServerPrivacy.for_strategy(traits)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_secure(cfg: RunConfig) -> None:
+    from .secagg.settings import check_config  # the strategy's own check (no Flower)
+
+    try:
+        check_config(cfg, cfg.method)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

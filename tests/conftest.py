@@ -124,6 +124,8 @@ class InProcessGrid:
                     raise Crash(f"SuperLink gone in round {rnd}")
                 self.train_rounds.append(rnd)
                 reply = client_app.train(m, self.contexts[node])
+            elif m.metadata.message_type == f"{MessageType.QUERY}.secagg":
+                reply = client_app.secagg(m, self.contexts[node])
             else:
                 reply = client_app.query(m, self.contexts[node])
             reply.metadata.__dict__["_src_node_id"] = node

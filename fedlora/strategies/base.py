@@ -42,6 +42,7 @@ from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for th
 from .downlink import Downlink
 from .ledger import RoundStats, empty_record
 from .nodes import NodeDirectory
+from .secure import SecureRounds
 from .replies import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientUpdate,  # noqa: F401
                       MalformedReply, decode_reply, train_metrics)
 
@@ -116,6 +117,8 @@ class FedLoraStrategy(FedAvg):
         self._check_update_only_codecs()
         #: differential privacy (``dp-*``; inert when ``dp=off``): see :mod:`fedlora.privacy`
         self.privacy = ServerPrivacy.for_strategy(self)
+        #: secure aggregation (``secure-aggregation``; None when off): see :mod:`.secure`
+        self.secure = SecureRounds(self) if cfg.secure_aggregation else None
         self.keep_records(None)  # the ServerApp gives the recorder (round records: end_round)
 
     def _check_update_only_codecs(self) -> None:
@@ -280,6 +283,10 @@ class FedLoraStrategy(FedAvg):
         config = self.privacy.round_config(server_round, config, len(node_ids), len(all_nodes))
         if config is None:  # the round would exceed dp-target-epsilon: no more rounds
             return []
+        secure: dict[Any, dict[str, Any]] = {}
+        if self.secure is not None:  # SecAgg+ advertise and share stages (secure.py)
+            secure = self.secure.setup(grid, server_round, node_ids, stats, len(all_nodes))
+            node_ids = [n for n in node_ids if n in secure]
         download = self.download_state(server_round, self._global)
         targets: dict[Any, "OrderedDict[str, np.ndarray]"] = {}
         self.downlink.start_round()
@@ -306,6 +313,7 @@ class FedLoraStrategy(FedAvg):
                 "upload": "delta" if self.replies_are_deltas else "weights",
                 **self.downlink.message_config(dl),
                 **self.node_config(server_round, node_id),
+                **secure.get(node_id, {}),
             })
             msg = Message(content=RecordDict({ADAPTER_KEY: record, CONFIG_KEY: cfg}),
                           message_type=MessageType.TRAIN, dst_node_id=node_id)
@@ -600,9 +608,11 @@ class FedLoraStrategy(FedAvg):
                 accepted.append(msg)
             except Exception as err:  # node input never takes the ServerApp down
                 stats.drop(node, err)
-        streaming = stream.streams(self)
+        streaming = stream.streams(self) and self.secure is None
         try:
-            if streaming:  # decode → check → add → free, one reply at a time (stream.py)
+            if self.secure is not None:  # unmask stage: the survivors' mean, one pseudo-reply
+                updates, mean = self.secure.aggregate(server_round, accepted, stats)
+            elif streaming:  # decode → check → add → free, one reply at a time (stream.py)
                 updates, mean = stream.stream_mean(self, server_round, accepted, stats)
             else:
                 updates = self.bound_updates(server_round, self.decode_all(server_round,
@@ -620,7 +630,7 @@ class FedLoraStrategy(FedAvg):
         if not updates or self._global is None:
             return None, None
         try:
-            if streaming:
+            if streaming or self.secure is not None:
                 to_aggregate = [mean]
             else:
                 # central DP: clipped sum + noise over the fixed denominator, as one pseudo-reply
@@ -659,6 +669,7 @@ class FedLoraStrategy(FedAvg):
             "method": self.name,
             **self.nodes.state_dict(),
             "norm_history": list(self.norm_history),
+            **({"secure": self.secure.state_dict()} if self.secure is not None else {}),
             "downlink": {
                 "held": [(n, c.state, c.digest) for n, c in dl.held.items()],  # LRU order
                 "pending": [(n, rnd, c.state, c.digest) for n, (rnd, c) in dl.pending.items()],
@@ -683,6 +694,8 @@ class FedLoraStrategy(FedAvg):
             raise ValueError(f"checkpoint of method {state.get('method')!r}, not {self.name!r}")
         self.nodes.load_state_dict(state)
         self.norm_history = [float(x) for x in state.get("norm_history", [])]
+        if self.secure is not None:
+            self.secure.load_state_dict(state.get("secure", {}))
         dl, saved = self.downlink, state["downlink"]
         dl.held = OrderedDict((int(n), copy(st)) for n, st, _ in saved["held"])
         dl.pending = {int(n): (int(rnd), copy(st)) for n, rnd, st, _ in saved["pending"]}
@@ -727,7 +740,8 @@ class FedLoraStrategy(FedAvg):
         if s is None:
             rec = empty_record(server_round)
         else:  # + dp_epsilon, ... ({} when dp=off)
-            rec = {**s.record(self.tier_of, self.partitions), **self.privacy.record(server_round)}
+            rec = {**s.record(self.tier_of, self.partitions), **self.privacy.record(server_round),
+                   **(self.secure.record(server_round) if self.secure is not None else {})}
         if s is not None and self.tier_codec_up and s.clients is not None:
             rec["analytic_bytes_up"] = sum(self.analytic_upload_bytes(server_round, n)
                                            for n in s.aggregated)

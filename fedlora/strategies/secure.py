@@ -1,0 +1,321 @@
+"""Secure aggregation on Flower's Message API: SecAgg+'s extra message rounds
+(:mod:`fedlora.secagg`) inside one federated round, for the sum-based methods.
+
+:meth:`SecureRounds.setup` (from ``configure_train``, once the round's nodes are sampled) runs
+the *advertise* and *share* ``query.secagg`` exchanges through the grid and returns, per node
+that shared, the train-config entries that route the shares addressed to it; the node trains,
+clips its update to ``update-norm-bound``, quantizes, masks and replies with the k-bit packed
+vector (``client_app``). :meth:`SecureRounds.aggregate` (from ``aggregate_train``) reads the
+masked inputs, runs the *unmask* exchange and hands the method one pseudo-reply: the unweighted
+mean of the survivors' updates on the round's coordinate set. A bad message at any stage is
+dropped with its reason; a round that cannot be unmasked keeps the previous global model.
+Distributed DP (``secagg-noise``: Skellam shares) and how it is charged to the accountant (an
+approximation): docs/secure-aggregation.md ("Distributed differential privacy").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+
+from ..privacy import Accountant
+from ..secagg.settings import SUM_METHODS, check_config  # noqa: F401
+from ..secagg import (Params, RecoveryError, SecAggError, ServerSession, auto_degree,
+                      auto_threshold, coordinate_set, ring)
+from ..wire import message_bytes
+from .ledger import RoundStats
+from .replies import CONFIG_KEY, METRICS_KEY, ClientUpdate, positive_examples, reply_metrics
+
+log = logging.getLogger("flwr.fedlora")
+
+#: the Message API action of the protocol's query messages (``query.secagg``)
+ACTION = "secagg"
+#: the ConfigRecord of a node's masked-input reply, and of its Context state
+SECAGG_KEY = "fedlora-secagg"
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+class SecureRounds:
+    """The server's secure-aggregation state across rounds (the session of the current one,
+    the distributed-DP accountant, each round's record)."""
+
+    def __init__(self, strategy: Any) -> None:
+        cfg = strategy.cfg
+        check_config(cfg, strategy.name)
+        self.s, self.cfg = strategy, cfg
+        self.session: ServerSession | None = None
+        self.index: dict[int, int] = {}   # node id → protocol index, this round
+        self.coords: np.ndarray | None = None
+        self.total = 0
+        self.grid: Grid | None = None
+        self.available = 0
+        self.accountant = Accountant("central", "gaussian", cfg.dp_delta) \
+            if cfg.secagg_noise > 0 else None
+        self.records: dict[int, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _params(self, server_round: int, n: int) -> Params:
+        c, z = self.cfg, float(self.cfg.secagg_noise)
+        shapes = self.s.upload_shapes(server_round)
+        self.total = int(sum(int(np.prod(s)) for s in shapes.values()))
+        self.coords = coordinate_set(self.total, c.secagg_density, _seed(c.seed, server_round,
+                                                                          "coords"))
+        degree = c.secagg_neighbours if c.secagg_neighbours else auto_degree(n)
+        degree = min(degree, n - 1)
+        if degree < n - 1 and degree % 2:
+            degree -= 1
+        lv = ring.levels(c.secagg_bits)
+        noise_var = (z * lv) ** 2 / n if z > 0 else 0.0
+        return Params(os.urandom(16), n, degree, auto_threshold(degree, c.secagg_threshold),
+                      c.secagg_bits, ring.ring_bits(c.secagg_bits, n + math.ceil(10 * z)),
+                      float(c.update_norm_bound), int(self.coords.size),
+                      _seed(c.seed, server_round, "graph"), noise_var)
+
+    def _exchange(self, grid: Grid, stage: str, blobs: Mapping[int, bytes], key: str,
+                  server_round: int, stats: RoundStats) -> dict[int, bytes]:
+        """Send ``stage`` with ``blobs[i]`` (by protocol index) to each node; return the
+        ``reply`` bytes of the valid answers by index (a bad answer is dropped with a reason)."""
+        nodes = {n: i for n, i in self.index.items() if i in blobs}
+        msgs = []
+        for node, i in nodes.items():
+            conf = {"stage": stage, "server-round": server_round, "index": i, key: blobs[i]}
+            msgs.append(Message(RecordDict({CONFIG_KEY: ConfigRecord(conf)}),
+                                message_type=f"{MessageType.QUERY}.{ACTION}", dst_node_id=node))
+        sent = sum(message_bytes(msg) for msg in msgs)
+        by_id = {}  # message id → node: the SuperLink's error reply for a lost node names it
+        for msg in msgs:
+            if not msg.metadata.message_id:  # as Flower's push sets it (see base.py)
+                msg.metadata.__dict__["_message_id"] = msg.object_id
+            by_id[msg.metadata.message_id] = msg.metadata.dst_node_id
+        stats.control_bytes += sent
+        rec = self.records.setdefault(server_round, {"secagg_bytes_down": 0, "secagg_bytes_up": 0})
+        rec["secagg_bytes_down"] += sent
+        out: dict[int, bytes] = {}
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            node = None
+            try:
+                node = reply.metadata.src_node_id
+                if node == SUPERLINK_NODE_ID:
+                    node = by_id.get(reply.metadata.reply_to_message_id, node)
+                if node not in nodes or nodes[node] in out:
+                    raise SecAggError("an answer from a node not asked, or a second answer")
+                size = message_bytes(reply, hashed=False)
+                stats.control_bytes += size
+                rec["secagg_bytes_up"] += size
+                if reply.has_error():
+                    raise SecAggError(f"node failed: {str(reply.error.reason)[-300:]}")
+                blob = reply.content.config_records[SECAGG_KEY]["reply"]
+                if not isinstance(blob, bytes):
+                    raise SecAggError("the reply is not bytes")
+                out[nodes[node]] = blob
+            except Exception as err:  # a node's answer never stops the round
+                self._drop(stats, server_round, node, stage, err)
+        return out
+
+    def _stage(self, grid: Grid, stage: str, blobs: Mapping[int, bytes], key: str, receive: Any,
+               server_round: int, stats: RoundStats) -> None:
+        """One exchange (:meth:`_exchange`), each valid answer handed to the session's
+        ``receive(index, bytes)``; one it refuses is dropped with its reason."""
+        by_index = {i: n for n, i in self.index.items()}
+        for i, data in sorted(self._exchange(grid, stage, blobs, key, server_round,
+                                             stats).items()):
+            try:
+                receive(i, data)
+            except SecAggError as err:
+                self._drop(stats, server_round, by_index[i], stage, err)
+
+    def _drop(self, stats: RoundStats, server_round: int, node: Any, stage: str,
+              err: Exception) -> None:
+        reason = f"secagg {stage}: {type(err).__name__}: {err}"[:500]
+        stats.dropped.append({"node": node, "reason": reason})
+        log.warning("round %d: dropped node %s: %s", server_round, node, reason)
+
+    def setup(self, grid: Grid, server_round: int, node_ids: list[int], stats: RoundStats,
+              available: int) -> dict[int, dict[str, Any]]:
+        """Advertise and share stages; the train-config entries of each node that shared (the
+        others are not sent a train message)."""
+        self.grid, self.available = grid, available
+        self.session = None
+        if len(node_ids) < 2:
+            log.error("round %d: secure aggregation needs >= 2 nodes, %d sampled", server_round,
+                      len(node_ids))
+            return {}
+        self.index = {node: i for i, node in enumerate(node_ids)}
+        p = self._params(server_round, len(node_ids))
+        srv = self.session = ServerSession(p)
+        blob = p.to_bytes()
+        self._stage(grid, "advertise", {i: blob for i in self.index.values()}, "params",
+                    srv.receive_advertise, server_round, stats)
+        reqs = srv.key_requests()
+        by_index = {i: n for n, i in self.index.items()}
+        for i, why in srv.excluded.items():
+            self._drop(stats, server_round, by_index[i], "share", SecAggError(why))
+        self._stage(grid, "share", reqs, "keys", srv.receive_shares, server_round, stats)
+        rec = self.records[server_round]
+        rec.update({"secagg_n": p.n, "secagg_degree": p.degree, "secagg_threshold": p.threshold,
+                    "secagg_ring_bits": p.ring_bits, "secagg_coordinates": p.dim,
+                    "secagg_shared": len(srv.shares)})
+        return {by_index[i]: {"secagg-routed": blob, "secagg-index": i,
+                              "secagg-total": self.total,
+                              "secagg-density": float(self.cfg.secagg_density),
+                              "secagg-coords-seed": _seed(self.cfg.seed, server_round, "coords")}
+                for i, blob in srv.routed().items()}
+
+    # ------------------------------------------------------------------ masked input → sum
+    def aggregate(self, server_round: int, replies: list[Message], stats: RoundStats
+                  ) -> tuple[list[ClientUpdate], ClientUpdate | None]:
+        """The masked inputs read, the unmask stage run, the survivors' mean as one
+        pseudo-reply (None when the sum cannot be revealed: the round is not applied)."""
+        srv = self.session
+        if srv is None or self.grid is None:
+            return [], None
+        ups: dict[int, ClientUpdate] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                i = self.index.get(node)
+                if i is None:
+                    raise SecAggError("not a node of this round's session")
+                content = msg.content
+                metrics = content.metric_records[METRICS_KEY]
+                n_ex = positive_examples(metrics)
+                values = reply_metrics(metrics)
+                data = content.config_records[SECAGG_KEY]["masked"]
+                if not isinstance(data, bytes):
+                    raise SecAggError("masked input is not bytes")
+                srv.receive_masked(i, data)
+                stats.payload_up[node] = len(data)
+                ups[i] = ClientUpdate(node, OrderedDict(), n_ex, values)
+            except Exception as err:
+                self._drop(stats, server_round, node, "masked input", err)
+        rec = self.records.setdefault(server_round, {})
+        try:
+            self._stage(self.grid, "unmask", srv.unmask_requests(), "unmask",
+                        srv.receive_unmask, server_round, stats)
+            total = srv.result()
+        except RecoveryError as err:
+            stats.rejected = f"RecoveryError: {err}"[:500]
+            log.error("round %d: secure aggregation cannot reveal the sum: %s", server_round, err)
+            rec["secagg_recovered"] = False
+            return [], None
+        survivors = srv.survivors
+        rec.update({"secagg_survivors": len(survivors), "secagg_dropped_after_sharing":
+                    len(srv.dropped), "secagg_recovered": True})
+        p = srv.params
+        flat = np.zeros(self.total, np.float64)
+        flat[self.coords] = total.astype(np.float64) / (p.scale * len(survivors))
+        tensors, off = OrderedDict(), 0
+        for k, shape in sorted(self.s.upload_shapes(server_round).items()):
+            size = int(np.prod(shape))
+            tensors[k] = flat[off:off + size].reshape(shape).astype(np.float32)
+            off += size
+        updates = [ups[i] for i in survivors]
+        if self.accountant is not None:
+            z = float(self.cfg.secagg_noise) * math.sqrt(len(survivors) / p.n)
+            q = min(1.0, p.n / max(self.available, p.n))
+            self.accountant.charge(q, z)
+            rec.update({"dp_noise_multiplier": z, "dp_sample_rate": q,
+                        "dp_epsilon": self.accountant.epsilon(), "dp_delta": self.cfg.dp_delta})
+        pseudo = ClientUpdate(-1, tensors, sum(u.num_examples for u in updates), {})
+        return updates, pseudo
+
+    def record(self, server_round: int) -> dict[str, Any]:
+        return dict(self.records.get(server_round, {}))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accountant": self.accountant.state_dict() if self.accountant else []}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state.get("accountant", []))
+
+
+# ====================================================================== the node's half
+
+
+def flatten(upload: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The upload's tensors in name order as one float64 vector (the server's order)."""
+    return np.concatenate([np.asarray(upload[k], np.float64).reshape(-1)
+                           for k in sorted(upload)]) if upload else np.zeros(0)
+
+
+def client_masked_input(session: Any, conf: Mapping[str, Any], upload: Mapping[str, np.ndarray]
+                        ) -> bytes:
+    """The node's step in its train reply: clip the update to C (L2), take the round's
+    coordinates, quantize by stochastic rounding, add the noise share, mask, pack."""
+    p = session.params
+    x = flatten(upload)
+    total = int(conf["secagg-total"])
+    if x.size != total:
+        raise SecAggError(f"the update has {x.size} coordinates, the server expects {total}")
+    norm = float(np.linalg.norm(x))
+    if not math.isfinite(norm):
+        raise SecAggError("the update is not finite")
+    if norm > p.clip:
+        x = x * (p.clip / norm)
+    coords = coordinate_set(total, float(conf["secagg-density"]), int(conf["secagg-coords-seed"]))
+    if coords.size != p.dim:
+        raise SecAggError(f"coordinate set of {coords.size}, the session says {p.dim}")
+    q = ring.quantize(x[coords], p.bits, p.clip, np.random.default_rng())
+    return session.masked_input(conf["secagg-routed"], q)
+
+
+def _load(context: Any) -> Any:
+    from ..secagg import ClientSession
+
+    rec = context.state.config_records.get(SECAGG_KEY)
+    if rec is None:
+        raise SecAggError("no secure-aggregation session on this node (advertise first)")
+    return ClientSession.from_record(dict(rec))
+
+
+def client_query(msg: Message, context: Any) -> Message:
+    """A node's answer to a ``query.secagg`` message (stages advertise, share, unmask); the
+    session lives in the node's Context state between messages. Raises on a bad request (Flower
+    sends the server an error reply, which it records as the node's drop reason)."""
+    from ..secagg import ClientSession
+
+    conf = msg.content.config_records[CONFIG_KEY]
+    stage, index = str(conf["stage"]), int(conf["index"])
+    if stage == "advertise":
+        sess = ClientSession(Params.from_bytes(conf["params"]), index)
+        reply = sess.advertise()
+    else:
+        sess = _load(context)
+        if sess.index != index:
+            raise SecAggError(f"request for index {index}, this node's session is {sess.index}")
+        if stage == "share":
+            reply = sess.share_keys(conf["keys"])
+        elif stage == "unmask":
+            reply = sess.unmask(conf["unmask"])
+        else:
+            raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
+    context.state[SECAGG_KEY] = ConfigRecord(sess.to_record())
+    return Message(RecordDict({SECAGG_KEY: ConfigRecord({"reply": reply})}), reply_to=msg)
+
+
+def client_train_reply(msg: Message, context: Any, res: Any) -> Message:
+    """The train reply under secure aggregation: the masked, k-bit packed update and the
+    metrics (no adapter payload)."""
+    from flwr.app import MetricRecord
+
+    conf = msg.content.config_records[CONFIG_KEY]
+    sess = _load(context)
+    if sess.index != int(conf["secagg-index"]):
+        raise SecAggError("train message for another secure-aggregation index")
+    blob = client_masked_input(sess, conf, res.upload)
+    context.state[SECAGG_KEY] = ConfigRecord(sess.to_record())
+    metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
+                            "payload-up": len(blob)})
+    return Message(RecordDict({SECAGG_KEY: ConfigRecord({"masked": blob}),
+                               METRICS_KEY: metrics}), reply_to=msg)
