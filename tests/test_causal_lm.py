@@ -503,3 +503,65 @@ def test_real_flower_simulation(root, alpaca_dir, tmp_path):
     assert [r["round"] for r in rounds] == [0, 1, 2] and meta["config"]["task"] == "causal-lm"
     assert all(r["clients"] == 2 and r["dropped"] == 0 for r in rounds[1:])
     assert all(math.isfinite(r["perplexity"]) for r in rounds)
+
+
+# ------------------------------------------------------------------------------ evidence suite
+
+
+def test_evidence_suite_configs_pass_on_prepared_inputs(root, tmp_path, monkeypatch):
+    """The causal-shakespeare suite's every configuration passes the launcher's check once its
+    inputs exist (a tiny stand-in model; data in the prep script's layout, made by its own
+    speech parser from a play-like text)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import causal_prep
+    from benchmarks.suites import SUITES
+
+    play = ("ACT I.\n\nPROSPERO.\nTwelve year since, Miranda,\ntwelve year since.\n\n"
+            "MIRANDA.\nSir, are not you my father? [Aside.]\n\n[Enter Ariel.]\n\n"
+            "First Citizen.\nBefore we proceed any further, hear me speak.\n\n")
+    assert causal_prep.speeches(play) == [
+        ("PROSPERO", "Twelve year since, Miranda, twelve year since."),
+        ("MIRANDA", "Sir, are not you my father?"),
+        ("FIRST CITIZEN", "Before we proceed any further, hear me speak.")]
+    prep = tmp_path / "prep"
+    (prep / "model").parent.mkdir(parents=True)
+    import shutil
+    shutil.copytree(model_dir(root, "gpt2"), prep / "model")
+    rows = [{"text": s, "role": f"tempest/{r}"} for r, s in causal_prep.speeches(play)] * 10
+    lm_tiny.write_jsonl(prep / "shakespeare" / "train.jsonl", rows)
+    lm_tiny.write_jsonl(prep / "shakespeare" / "test.jsonl", rows[:3])
+    monkeypatch.setenv("FEDLORA_CAUSAL_PREP", str(prep))
+    spec = SUITES["causal-shakespeare"]()
+    assert spec["seeds"] == [1, 2, 3] and len(spec["runs"]) >= 5
+    for name, rc in spec["runs"].items():
+        check(rc, hub_offline=True)
+
+
+def test_flowertune_preset_needs_a_model_folder_and_data(root, alpaca_dir, tmp_path):
+    """The FlowerTune general-NLP preset is refused in one line without a model folder and data;
+    given them (and quantize off: this machine has no GPU) it passes the launcher's check with
+    FlowerTune's r=32, alpha=64, 20 clients at 10 %."""
+    import argparse
+
+    from fedlora import launch
+    from fedlora.presets import FLOWERTUNE_NLP
+
+    def args(*overrides):
+        return argparse.Namespace(cmd="sim", nodes=20, cpus_per_node=1, gpus_per_node=0,
+                                  work_dir=str(tmp_path / "w"), resume=None,
+                                  preset="flowertune-nlp", overrides=list(overrides))
+
+    with pytest.raises(ValueError, match=r"^preset 'flowertune-nlp' needs model \(.*\); "
+                                         r"data-dir \(") as err:
+        launch.prepare(args(), light=True)
+    assert "\n" not in str(err.value)
+    ok, _ = launch.prepare(args(f'model="{model_dir(root)}"', f'data-dir="{alpaca_dir}"',
+                                'quantize="none"', 'device="cpu"', f'run-dir="{tmp_path}"'),
+                           light=True)
+    assert (ok["lora-rank"], ok["lora-alpha"], ok["fraction-train"]) == (32, 64.0, 0.1)
+    assert FLOWERTUNE_NLP["min-available-nodes"] == 20 and ok["lr-schedule"] == "cosine"
+    with pytest.raises(ValueError, match="quantize='4bit' needs a CUDA GPU"):
+        launch.prepare(args(f'model="{model_dir(root)}"', f'data-dir="{alpaca_dir}"',
+                            f'run-dir="{tmp_path}"'), light=True)
