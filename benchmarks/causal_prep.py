@@ -194,10 +194,34 @@ def shakespeare(out: Path, cache: Path, min_speeches: int = 40, seed: int = 0) -
     return info
 
 
+SIZE_SPECS = ("fp32", "fp16", "affine:8|zstd", "affine:4|zstd", "sign:tensor|zstd",
+              "topk:0.1|affine:4|zstd")
+
+
+def sizes(model_dir: Path, rank: int = 8) -> dict:
+    """Payload bytes of one LoRA (rank ``rank``, every projection) message of the model in
+    ``model_dir`` under each codec of :data:`SIZE_SPECS`: an update of N(0, 1e-3²) values
+    (seed 0) for the value-dependent (zstd) ones."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from fedlora.adapters import num_params, state_to_numpy, travelling_state
+    from fedlora.tasks.causal import CausalModelConfig, build_model
+    from fedlora.wire import encode_record, payload_bytes
+
+    model = build_model(CausalModelConfig(path=str(model_dir), lora_rank=rank), adapter=True)
+    state = state_to_numpy(travelling_state(model))
+    rng = np.random.default_rng(0)
+    update = {k: (1e-3 * rng.standard_normal(v.shape)).astype(np.float32)
+              for k, v in state.items()}
+    return {"params": num_params(state), "tensors": len(state), "rank": rank,
+            **{spec: payload_bytes(encode_record(update, spec, True)) for spec in SIZE_SPECS}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("pretrain", "shakespeare", "all"))
+    ap.add_argument("what", choices=("pretrain", "shakespeare", "all", "sizes"))
     ap.add_argument("--out", default=str(prep_dir()))
     ap.add_argument("--steps", type=int, default=3000, help="pretraining steps (batch 32 x 128)")
     ap.add_argument("--min-speeches", type=int, default=40)
@@ -207,6 +231,8 @@ def main(argv=None) -> int:
         print(json.dumps(pretrain(out / "model", args.steps)))
     if args.what in ("shakespeare", "all"):
         print(json.dumps(shakespeare(out / "shakespeare", out, args.min_speeches)))
+    if args.what == "sizes":
+        print(json.dumps(sizes(out / "model")))
     return 0
 
 
