@@ -223,6 +223,36 @@ def test_chat_fallback_without_template(tmp_path):
     assert text.startswith("### System:\nbe brief\n\n### User:\n") and "### Assistant:\n" in text
 
 
+def test_csv_and_parquet_read_like_jsonl(tmp_path):
+    """The same alpaca rows from JSONL, CSV and parquet (and a chat whose messages are JSON text
+    in a CSV cell) tokenize to the same ids and labels."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = lm_tiny.tokenizer()
+    rows = lm_tiny.alpaca_rows(6)
+    with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    encs = [lm_data.encode_rows(lm_data.read_rows(str(p)), np.arange(6), "auto", tok, 512)
+            for p in (lm_tiny.write_jsonl(tmp_path / "a.jsonl", rows), tmp_path / "a.csv",
+                      tmp_path / "a.parquet")]
+    assert encs[0].ids == encs[1].ids == encs[2].ids and encs[0].labels == encs[2].labels
+    chats = lm_tiny.chat_rows(2)
+    with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["messages"])
+        w.writerows([[json.dumps(c["messages"])] for c in chats])
+    a = lm_data.encode_rows(lm_data.read_rows(str(tmp_path / "c.csv")), np.arange(2), "auto",
+                            tok, 1024)
+    b = lm_data.encode_rows(rows_of(tmp_path, chats, "c.jsonl"), np.arange(2), "auto", tok, 1024)
+    assert a.fmt == "chat" and a.ids == b.ids and a.labels == b.labels
+
+
 def test_text_layout_and_packing(tmp_path):
     """Plain text: every token but the first has a loss; packing concatenates a client's
     examples in order and cuts max-length chunks."""
@@ -394,9 +424,9 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
 
-METHOD_KW = {"flasc": {"density-down": 0.5, "density-up": 0.5},
+METHOD_KW = {"flasc": {"density-down": 0.5, "density-up": 0.5}, "ffa-lora": {"packing": True},
              "lora-a2": {"rank-budget": 1}, "flexlora": {"rank-budget": 2},
-             "hetlora": {"rank-budget": 2}}
+             "hetlora": {"rank-budget": 2, "tier-map": "0,1", "tier-rank": "1,2"}}
 
 
 @pytest.mark.parametrize("method", ["fl-lora", "ffa-lora", "flasc", "lora-a2", "flexlora",
