@@ -218,10 +218,41 @@ def sizes(model_dir: Path, rank: int = 8) -> dict:
             **{spec: payload_bytes(encode_record(update, spec, True)) for spec in SIZE_SPECS}}
 
 
+def client_cost(repeats: int = 3) -> dict:
+    """One client's local round under the suite's ``fl-lora-r8-fp32`` config, in this process
+    with one torch thread (as a ClientApp): seconds per local step (median of ``repeats``
+    rounds after a warm-up) and the process's peak RSS."""
+    import resource
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.suites import SUITES
+    from fedlora.config import RunConfig
+    from fedlora.tasks import make_task
+
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_run_config(SUITES["causal-shakespeare"]()["runs"]["fl-lora-r8-fp32"])
+    task = make_task(cfg)
+    data = task.client_data(0, 20)
+    per_step = []
+    for r in range(repeats + 1):
+        model = task.new_model(adapter=True)
+        t = time.perf_counter()
+        steps = task.train(model, data, seed=r)["train-steps"]
+        if r:  # the first round warms up
+            per_step.append((time.perf_counter() - t) / steps)
+    return {"seconds_per_step": round(statistics.median(per_step), 4), "steps": steps,
+            "batch": cfg.batch_size, "max_length": cfg.max_length,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("pretrain", "shakespeare", "all", "sizes"))
+    ap.add_argument("what", choices=("pretrain", "shakespeare", "all", "sizes",
+                                       "client-cost"))
     ap.add_argument("--out", default=str(prep_dir()))
     ap.add_argument("--steps", type=int, default=3000, help="pretraining steps (batch 32 x 128)")
     ap.add_argument("--min-speeches", type=int, default=40)
@@ -233,6 +264,8 @@ def main(argv=None) -> int:
         print(json.dumps(shakespeare(out / "shakespeare", out, args.min_speeches)))
     if args.what == "sizes":
         print(json.dumps(sizes(out / "model")))
+    if args.what == "client-cost":  # reads prep_dir(): set FEDLORA_CAUSAL_PREP for --out
+        print(json.dumps(client_cost()))
     return 0
 
 
