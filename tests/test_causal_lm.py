@@ -209,6 +209,17 @@ def test_chat_template_path_labels_each_assistant_turn(tmp_path):
         assert first.endswith("<|im_start|>assistant\n") and answers[0] not in first
 
 
+def test_chat_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    """A template whose rendering of a prefix is not a prefix of the whole (here: turns in
+    reverse order) cannot mark the assistant turns: refused naming the row."""
+    tok = lm_tiny.tokenizer()
+    tok.chat_template = ("{% for m in messages|reverse %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DataError, match=r"c\.jsonl:1: the tokenizer's chat template does not"):
+        lm_data.encode_rows(rows_of(tmp_path, lm_tiny.chat_rows(1), "c.jsonl"), np.arange(1),
+                            "chat", tok, 1024)
+
+
 def test_chat_fallback_without_template(tmp_path):
     """No chat template: the documented '### Role:' rendering; labelled = content + EOS."""
     tok = lm_tiny.tokenizer()

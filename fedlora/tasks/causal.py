@@ -244,6 +244,7 @@ def generate(model: nn.Module, tok, prompts: list[list[int]], max_new_tokens: in
         x = torch.as_tensor([ids], dtype=torch.long, device=dev)
         gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
                              max_new_tokens=int(max_new_tokens), pad_token_id=pad_id(tok),
+                             use_cache=True,
                              eos_token_id=tok.eos_token_id)
         out.append(tok.decode(gen[0, len(ids):], skip_special_tokens=True))
     return out
