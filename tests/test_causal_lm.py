@@ -453,6 +453,7 @@ def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, method)
     assert recs[1]["clients"] == 2 and recs[1]["dropped"] == 0 and recs[1]["failures"] == 0
     for r in recs:
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"])) and r["loss"] > 0
+        assert 0.0 <= r["accuracy"] <= 1.0              # next-token accuracy
     assert recs[1]["loss"] != recs[0]["loss"]       # the global model changed
 
 

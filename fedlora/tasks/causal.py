@@ -14,7 +14,8 @@ language model on instruction, chat or plain-text data (docs/causal-lm.md).
   is built (the ServerApp does so before round 1), so bad data stops the run before training.
 * Loops: AdamW on the mean token cross-entropy of the labelled tokens; central evaluation
   reports the held-out ``loss`` (mean over labelled tokens), ``perplexity`` = exp(loss) and
-  ``token_accuracy`` (greedy next-token hits); ``generate-prompts`` > 0 writes greedy
+  ``accuracy`` (greedy next-token hits on labelled tokens, so the accuracy-based reports and
+  TensorBoard charts work unchanged); ``generate-prompts`` > 0 writes greedy
   continuations of the first N held-out prompts to ``<run>/generations.jsonl`` at every
   evaluation. ``autocast-bf16`` (CPU or CUDA) and ``gradient-checkpointing`` are options.
 """
@@ -215,7 +216,7 @@ def train_loop(model: nn.Module, feats, y, st: TrainSettings, grad_hook=None, st
 def evaluate(model: nn.Module, feats, y, batch_size: int = 16, autocast: bool = False
              ) -> dict[str, float]:
     """Held-out ``loss`` (mean cross-entropy per labelled token), ``perplexity`` = exp(loss),
-    ``token_accuracy`` (greedy next-token hits) and ``eval_tokens``."""
+    ``accuracy`` (greedy next-token hits on the labelled tokens) and ``eval_tokens``."""
     model.eval()
     dev = model_device(model)
     total, count, hits = 0.0, 0, 0
@@ -230,7 +231,7 @@ def evaluate(model: nn.Module, feats, y, batch_size: int = 16, autocast: bool = 
         hits += int(((logits[:, :-1].argmax(-1) == yb[:, 1:]) & mask).sum())
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)),
-            "token_accuracy": hits / max(count, 1), "eval_tokens": float(count)}
+            "accuracy": hits / max(count, 1), "eval_tokens": float(count)}
 
 
 @torch.no_grad()
