@@ -440,14 +440,19 @@ METHOD_KW = {"flasc": {"density-down": 0.5, "density-up": 0.5}, "ffa-lora": {"pa
              "hetlora": {"rank-budget": 2, "tier-map": "0,1", "tier-rank": "1,2"}}
 
 
-@pytest.mark.parametrize("method", ["fl-lora", "ffa-lora", "flasc", "lora-a2", "flexlora",
-                                    "hetlora", "flocora", "fedavg"])
-def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, method):
+LORA_METHODS = ("fl-lora", "ffa-lora", "flasc", "lora-a2", "flexlora", "hetlora")
+
+
+@pytest.mark.parametrize("family,method", [(f, m) for f in FAMILIES for m in LORA_METHODS]
+                         + [("llama", "flocora"), ("llama", "fedavg")])
+def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, family, method):
     """The real ServerApp and ClientApp (in process, 2 nodes): one round with every reply
-    aggregated, a held-out loss and perplexity recorded before and after it."""
-    name = f"m-{method}"
-    server_run(base_rc(root, alpaca_dir, method=method, **{"run-name": name},
-                       **METHOD_KW.get(method, {})), node_ids=(1, 2))
+    aggregated, a held-out loss and perplexity recorded before and after it, for each LoRA
+    method on a Llama, a GPT-2 (Conv1D) and a GPT-NeoX model (FLoCoRA and full fine-tuning on
+    Llama)."""
+    name = f"m-{family}-{method}"
+    server_run(base_rc(root, alpaca_dir, method=method, model=str(model_dir(root, family)),
+                       **{"run-name": name}, **METHOD_KW.get(method, {})), node_ids=(1, 2))
     recs = records(root / "runs" / name)
     assert [r["round"] for r in recs] == [0, 1]
     assert recs[1]["clients"] == 2 and recs[1]["dropped"] == 0 and recs[1]["failures"] == 0
