@@ -350,6 +350,8 @@ def test_all_truncated_responses_refused_before_training(root, alpaca_dir):
     with pytest.raises(DataError, match=r"train\.jsonl:\d+: the response starts at token \d+, "
                                         r"at or after max-length 40"):
         CausalLMTask(cfg)
+    with pytest.raises(ValueError, match="max-length 300 exceeds the 256 positions"):
+        CausalLMTask(RunConfig.from_run_config(base_rc(root, alpaca_dir, **{"max-length": 300})))
 
 
 def test_config_checks_of_the_causal_task(root, alpaca_dir, tmp_path):

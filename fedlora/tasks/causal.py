@@ -155,6 +155,20 @@ def tokenizer_for(path: str):
     return tok
 
 
+def max_positions(path: str) -> int | None:
+    """The longest sequence the model's config allows (None: not stated, e.g. RoPE models
+    without a limit)."""
+    from transformers import AutoConfig
+
+    with _quiet_transformers():
+        cfg = AutoConfig.from_pretrained(path)
+    for key in ("n_positions", "max_position_embeddings"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def pad_id(tok) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
@@ -275,6 +289,10 @@ class CausalLMTask(TaskBase):
         self.model_path = resolve_model(cfg.model)
         self.tokenizer = tokenizer_for(self.model_path)
         self.max_length = int(cfg.max_length)
+        limit = max_positions(self.model_path)
+        if limit is not None and self.max_length > limit:
+            raise ValueError(f"run-config max-length {self.max_length} exceeds the "
+                             f"{limit} positions of {self.model_path!r}")
         self.autocast = cfg.autocast_bf16
         self.column = cfg.partition_column if cfg.partitioner in ("dirichlet", "pathological",
                                                                   "natural") else ""
