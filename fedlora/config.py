@@ -39,11 +39,12 @@ class RunConfig:
                               "`flower`: Flower's random sampling of node ids, no query.")
     seed: int = _f(42, "Seed of partitioning, node sampling and local shuffling/augmentation.")
     # --- model ---
-    task: str = _f("vision", "What is learned: `vision` (image classification) or `text` "
-                   "(sequence classification with a pretrained encoder).")
+    task: str = _f("vision", "What is learned: `vision` (image classification), `text` "
+                   "(sequence classification with a pretrained encoder) or `causal-lm` "
+                   "(instruction / chat / text fine-tuning of a causal LM, docs/causal-lm.md).")
     model: str = _f("resnet8", "vision: `resnet8` or `resnet18` (CIFAR-style, FLoCoRA's); text: "
                     "`minilm` (bundled, offline), a local Hugging Face folder, or a hub id when "
-                    "online.")
+                    "online; causal-lm: a local Hugging Face causal-LM folder.")
     feature_maps: int = _f(64, "vision: base width of the ResNet (paper: 64; 8-16 for quick runs).")
     norm: str = _f("group", "vision: `group` (GroupNorm, 2 groups) or `batch` (BatchNorm).")
     lora_rank: int = _f(32, "LoRA rank r: on every Conv2d (vision; norms and fc train in full) or "
@@ -56,11 +57,28 @@ class RunConfig:
     max_length: int = _f(64, "text: token length (batches are trimmed to their longest row).")
     train_head: bool = _f(False, "text: train the classifier head (then it travels); the paper "
                           "keeps it frozen.")
-    lora_targets: str = _f("", "text: comma list of module paths inside one layer; empty = the "
-                           "paper's 6 types (query, key, value, attention-output dense, "
-                           "intermediate dense, output dense).")
-    autocast_bf16: bool = _f(False, "text: bfloat16 autocast on CPU (~1.7x faster on CPUs with "
-                             "AVX512-BF16, slightly different numbers).")
+    lora_targets: str = _f("", "text, causal-lm: comma list of modules inside one block, by "
+                           "path (`attention.output.dense`) or name (`q_proj`, `c_attn`); empty "
+                           "= every Linear/Conv1D of every block (BERT: the paper's 6 types; "
+                           "Llama: q/k/v/o/gate/up/down_proj; GPT-2: c_attn, c_proj, c_fc).")
+    autocast_bf16: bool = _f(False, "text, causal-lm: bfloat16 autocast on the training device "
+                             "(CPU: ~1.7x faster on CPUs with AVX512-BF16, slightly different "
+                             "numbers).")
+    # --- causal-lm task ---
+    data_format: str = _f("auto", "causal-lm: layout of the data files: `alpaca` (instruction, "
+                          "input, output), `chat` (messages), `text`, or `auto` (by the columns).")
+    partition_column: str = _f("", "causal-lm: the column `partitioner=dirichlet` draws its "
+                               "classes from, or `natural` gives each value (a user, an "
+                               "author) whole to one partition.")
+    packing: bool = _f(False, "causal-lm: concatenate a client's examples and cut them into "
+                       "`max-length` chunks.")
+    gradient_checkpointing: bool = _f(False, "causal-lm: recompute activations in the backward "
+                                      "pass (less memory, ~30% slower).")
+    quantize: str = _f("none", "causal-lm: `4bit` (NF4, QLoRA) or `8bit` base through "
+                       "bitsandbytes (CUDA only; extra `qlora`), or `none`.")
+    generate_prompts: int = _f(0, "causal-lm: at every evaluation, greedy continuations of the "
+                               "first N held-out prompts go to `<run>/generations.jsonl`.")
+    generate_max_new_tokens: int = _f(32, "causal-lm: tokens generated per prompt.")
     # --- data ---
     dataset: str = _f("fashion-mnist", "vision: `fashion-mnist`, `cifar10` or any image set in "
                       "`data-dir` (e.g. `npz`); text: `bbc-news` (bundled, offline), `banking77`, "
@@ -70,7 +88,8 @@ class RunConfig:
                        "online. A node's `--node-config data-dir=...` overrides it.")
     partitioner: str = _f("dirichlet", "`dirichlet`, `iid` or `pathological` (flwr-datasets "
                           "partitioners; computed once per machine, cached in "
-                          "`~/.cache/fedlora/partitions/`).")
+                          "`~/.cache/fedlora/partitions/`); causal-lm also `natural` (by "
+                          "`partition-column`).")
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration of `partitioner=dirichlet`.")
     classes_per_partition: int = _f(2, "Classes per partition of `partitioner=pathological`.")
     min_partition_size: int = _f(1, "Every partition holds at least this many training "

@@ -37,7 +37,7 @@ from . import provenance
 from .validate import ConfigError, check_run_name, run_folder
 
 PROJECT = Path(__file__).resolve().parent.parent
-PRESET_NAMES = ("main", "vision")  # fedlora/presets.py (not imported here: it stays light)
+PRESET_NAMES = ("main", "vision", "flowertune-nlp")  # fedlora/presets.py (not imported here: it stays light)
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -924,9 +924,11 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
         raise ValueError("--cpus-per-node must be > 0 and --gpus-per-node >= 0")
     rc = _parse_kv(args.overrides)
     if getattr(args, "preset", None) and not getattr(args, "resume", None):
-        from .presets import PRESETS
+        from .presets import PRESETS, missing_keys
 
         rc = {**PRESETS[args.preset], **rc}
+        if missing_keys(args.preset, rc):
+            raise ValueError(missing_keys(args.preset, rc))
     if "run-name" in rc:
         check_run_name(str(rc["run-name"]))
     if getattr(args, "resume", None):

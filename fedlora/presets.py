@@ -35,7 +35,37 @@ VISION: dict[str, Any] = {
     "codec-down": "affine:4|zstd", "eval-every": 5,
 }
 
-PRESETS = {"main": MAIN, "vision": VISION}
+#: FlowerTune LLM's general-NLP challenge as fedlora runs it (docs/causal-lm.md): a local
+#: causal-LM folder and alpaca-layout data (e.g. alpaca-gpt4) that the user gives, 20 clients,
+#: 10 % a round, LoRA r=32 alpha=64 on every projection, 200 rounds of 10 local steps of 16
+#: examples at max-length 512, cosine lr from 5e-5, a 4-bit (NF4) base, bf16 autocast and
+#: gradient checkpointing on a CUDA GPU. ``--nodes 20 --gpus-per-node 0.2`` puts five virtual
+#: clients on one GPU.
+FLOWERTUNE_NLP: dict[str, Any] = {
+    "task": "causal-lm", "model": "", "data-dir": "", "dataset": "flowertune-general-nlp",
+    "data-format": "alpaca", "method": "fl-lora", "lora-rank": 32, "lora-alpha": 64.0,
+    "lr": 5e-5, "lr-schedule": "cosine", "weight-decay": 0.0, "num-server-rounds": 200,
+    "fraction-train": 0.1, "min-train-nodes": 2, "min-available-nodes": 20, "partitioner": "iid",
+    "local-epochs": 1, "batch-size": 16, "max-examples-per-client": 160, "max-length": 512,
+    "quantize": "4bit", "autocast-bf16": True, "gradient-checkpointing": True,
+    "device": "cuda", "eval-every": 20, "eval-max-examples": 500, "generate-prompts": 4,
+    "generate-max-new-tokens": 64, "seed": 42,
+}
+
+PRESETS = {"main": MAIN, "vision": VISION, "flowertune-nlp": FLOWERTUNE_NLP}
+
+#: keys a preset leaves for the user (``launch.prepare`` refuses the preset without them)
+REQUIRED = {"flowertune-nlp": {
+    "model": "a local Hugging Face causal-LM folder, e.g. model=\"/models/Qwen2.5-0.5B\"",
+    "data-dir": "a folder with train.jsonl in the alpaca layout (instruction, input, output), "
+                "e.g. data-dir=\"/data/alpaca-gpt4\""}}
+
+
+def missing_keys(name: str, rc: dict[str, Any]) -> str:
+    """'' when preset ``name`` has what it needs in ``rc``, else one line saying what is
+    missing."""
+    need = [f"{k} ({why})" for k, why in REQUIRED.get(name, {}).items() if not rc.get(k)]
+    return f"preset {name!r} needs " + "; ".join(need) if need else ""
 
 def _read(path: Path) -> dict:
     try:

@@ -134,6 +134,7 @@ class Recorder:
             "rounds": max((r["round"] for r in self.records), default=0),
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
+            **_final_perplexity(self.records),
             "total_mb_down": self.cum_down / 1e6,
             "total_mb_up": self.cum_up / 1e6,
             "total_mb_control": self.cum_control / 1e6,
@@ -273,6 +274,13 @@ def hparam_value(v: Any) -> "int | float | str":
     if isinstance(v, numbers.Real) and math.isfinite(float(v)):
         return v if isinstance(v, (int, float)) else float(v)
     return "" if v is None else str(v)
+
+
+def _final_perplexity(records: list[dict[str, Any]]) -> dict[str, float]:
+    """causal-lm runs: the last evaluation's held-out perplexity and loss ({} otherwise)."""
+    ppl = [r for r in records if "perplexity" in r]
+    return ({"final_perplexity": ppl[-1]["perplexity"], "final_loss": ppl[-1].get("loss")}
+            if ppl else {})
 
 
 def _number(v: Any) -> float | None:

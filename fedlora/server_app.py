@@ -112,6 +112,8 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         t = time.time()
         load_state(model, strategy.eval_state(server_round, arrays_to_state(arrays)))
         metrics = task.evaluate(model, test)
+        if hasattr(task, "after_evaluation"):  # causal-lm: generations.jsonl
+            task.after_evaluation(model, server_round, run_dir)
         metrics["eval_s"] = round(time.time() - t, 3)
         return MetricRecord(metrics)
 

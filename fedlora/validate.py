@@ -48,9 +48,11 @@ TEXT_DEFAULT = 'dataset="bbc-news" model="minilm" (both bundled)'
 
 CHOICES = {
     "client-sampling": ("partition", "flower"),
-    "task": ("vision", "text"),
+    "task": ("vision", "text", "causal-lm"),
     "norm": ("group", "batch"),
-    "partitioner": ("iid", "dirichlet", "pathological"),
+    "partitioner": ("iid", "dirichlet", "pathological", "natural"),
+    "data-format": ("auto", "alpaca", "chat", "text"),
+    "quantize": ("none", "4bit", "8bit"),
     "lr-schedule": ("constant", "cosine"),
     "upload": ("weights", "delta"),
     "download": ("full", "delta"),
@@ -108,6 +110,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "secagg-threshold": (0.5, 1, True, False),
     "secagg-density": (0, 1, False, True),
     "secagg-noise": (0, None, True, False),
+    "generate-prompts": (0, None, True, False),
+    "generate-max-new-tokens": (1, None, True, False),
 }
 
 CODEC_KEYS = ("codec-up", "codec-down", "codec-down-full", "tier-codec-up", "tier-codec-down")
@@ -341,6 +345,14 @@ def _check_task(cfg: RunConfig, out: dict[str, Any], base: Path) -> None:
 
     dataset = cfg.dataset.strip().lower()
     text_names = set(text_data.SUBDIRS) | set(text_data.ALIASES) | set(text_data.HUB)
+    if cfg.partitioner == "natural" and cfg.task != "causal-lm":
+        raise ConfigError("partitioner 'natural' (by a user/author column) is for "
+                          "task='causal-lm'")
+    if cfg.task == "causal-lm":
+        _check_causal(cfg, out, base)
+        return
+    if cfg.quantize != "none":
+        raise ConfigError(f"quantize={cfg.quantize!r} is for task='causal-lm'")
     if cfg.task == "vision":
         if cfg.model not in VISION_MODELS:
             raise ConfigError(f"run-config 'model' must be one of {list(VISION_MODELS)} for "
@@ -370,6 +382,57 @@ def _check_task(cfg: RunConfig, out: dict[str, Any], base: Path) -> None:
                               f"{str(local)!r} does not exist (a hub id is 'name' or "
                               "'org/name')")
         out["model"] = str(local)
+
+
+def _check_causal(cfg: RunConfig, out: dict[str, Any], base: Path) -> None:
+    """task='causal-lm': a local model folder (or a hub id when the hub is reachable), the data
+    files read and every row checked (fedlora/tasks/lm_data.py, no tokenizer), a quantized
+    base only where bitsandbytes can run."""
+    from .tasks import lm_data  # numpy (+ pyarrow for parquet) only
+
+    model = cfg.model.strip()
+    if model.lower() in VISION_MODELS or model.lower() in ("", "minilm"):
+        raise ConfigError(f"task 'causal-lm' needs run-config 'model' = a local Hugging Face "
+                          f"causal-LM folder, got {cfg.model!r}")
+    local = _absolute(model, base)
+    if _looks_like_path(model) or local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"run-config 'model' {model!r}: {str(local)!r} is not a Hugging "
+                              "Face model folder (no config.json)")
+        out["model"] = str(local)
+    if not cfg.data_dir:
+        raise ConfigError("task 'causal-lm' needs run-config 'data-dir': a folder with "
+                          "train.jsonl (or .jsonl.gz/.csv/.parquet; test.* optional)")
+    needs_column = cfg.partitioner in ("dirichlet", "pathological", "natural")
+    if needs_column and not cfg.partition_column:
+        raise ConfigError(f"partitioner {cfg.partitioner!r} for task 'causal-lm' needs "
+                          "run-config 'partition-column' (a category or user column)")
+    if Path(cfg.data_dir).is_dir():
+        try:
+            lm_data.check_files(cfg.data_dir, cfg.data_format,
+                                cfg.partition_column if needs_column else "")
+        except lm_data.DataError as err:
+            raise ConfigError(str(err)) from None
+    if cfg.quantize != "none":
+        _check_quantize(cfg)
+
+
+def _check_quantize(cfg: RunConfig) -> None:
+    """bitsandbytes' 4/8-bit layers run on CUDA only: refused on a CPU device, a machine without
+    an NVIDIA driver, or without bitsandbytes (checked without importing torch)."""
+    import importlib.util
+    import shutil
+
+    why = ""
+    if str(cfg.device).strip().lower() == "cpu":
+        why = "device='cpu'"
+    elif not (Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi")):
+        why = "this machine has no NVIDIA driver"
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        why = "bitsandbytes is not installed (pip install 'fedlora[qlora]')"
+    if why:
+        raise ConfigError(f"quantize={cfg.quantize!r} needs a CUDA GPU with bitsandbytes; "
+                          f"{why}: use quantize='none'")
 
 
 def _check_folders(cfg: RunConfig) -> None:

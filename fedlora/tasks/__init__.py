@@ -16,4 +16,8 @@ def make_task(cfg):
         from .text import TextTask
 
         return TextTask(cfg)
-    raise ValueError(f"task must be 'vision' or 'text', got {cfg.task!r}")
+    if cfg.task == "causal-lm":
+        from .causal import CausalLMTask
+
+        return CausalLMTask(cfg)
+    raise ValueError(f"task must be 'vision', 'text' or 'causal-lm', got {cfg.task!r}")

@@ -13,7 +13,8 @@ head, LoRA on the 6 linear module types of every layer, AdamW local training.
   query, key, value, attention.output.dense, intermediate.dense and output.dense of each layer
   (DistilBERT: q/k/v/out_lin, ffn.lin1/lin2), matched by full name so that ``output.dense``
   never catches ``attention.output.dense`` and the pooler/classifier are never wrapped:
-  MiniLM-L6 → 36 modules, RoBERTa-base → 72. ``lora-targets`` overrides the per-layer paths.
+  MiniLM-L6 → 36 modules, RoBERTa-base → 72. Found by inspecting the model
+  (:mod:`fedlora.tasks.lora_targets`), so any encoder works; ``lora-targets`` overrides them.
 * Data: ``text_data.load_text`` + Dirichlet/IID/pathological partitioning from ``data.py``;
   texts are tokenized once per process (padded to ``max-length``, trimmed per batch).
 * Loops: AdamW (``lr``, ``weight-decay``; ``param_groups`` override), seeded shuffling and
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import lora_targets
 from .loop import make_optimizer, model_device, to_device, train_epochs
 from .task import TaskBase, TrainSettings, evaluate_batches
 
@@ -49,11 +50,9 @@ PACKAGED_NAMES = ("", "minilm", "all-minilm-l6-v2", "minilm-l6")
 VISION_MODELS = ("resnet8", "resnet18")
 VISION_DATASETS = ("fashion-mnist", "cifar10", "npz")
 
-# the 6 LoRA module types, as paths inside one encoder layer (``...layer.<i>.<path>``)
-BERT_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                "attention.output.dense", "intermediate.dense", "output.dense")
-DISTILBERT_TARGETS = ("attention.q_lin", "attention.k_lin", "attention.v_lin",
-                      "attention.out_lin", "ffn.lin1", "ffn.lin2")
+# the 6 LoRA module types the automatic rule finds in BERT/RoBERTa and DistilBERT layers
+BERT_TARGETS = lora_targets.FAMILY_TARGETS["bert"]
+DISTILBERT_TARGETS = lora_targets.FAMILY_TARGETS["distilbert"]
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
 TEXT_LORA_ALPHA = 16.0
 
@@ -164,47 +163,19 @@ def build_base(mcfg: TextModelConfig) -> nn.Module:
 
 
 def detect_targets(model: nn.Module) -> tuple[str, ...]:
-    names = [n for n, _ in model.named_modules()]
-    for targets in (BERT_TARGETS, DISTILBERT_TARGETS):
-        if any(re.fullmatch(rf"(?:.*\.)?layer\.\d+\.{re.escape(targets[0])}", n) for n in names):
-            return targets
-    raise ValueError("cannot find BERT/RoBERTa or DistilBERT layer names in this model; set "
-                     "run-config lora-targets to the per-layer module paths (comma list)")
-
-
-def target_regex(targets: tuple[str, ...]) -> str:
-    """Full-name regex for peft: ``<anything>.layer.<i>.<one of targets>``, nothing else."""
-    alts = "|".join(re.escape(t) for t in targets)
-    return rf"(?:.*\.)?layer\.\d+\.(?:{alts})"
+    """Every Linear/Conv1D path inside the model's blocks (:mod:`fedlora.tasks.lora_targets`):
+    BERT/RoBERTa's 6 types, DistilBERT's 6, any other architecture's projections."""
+    return lora_targets.detect_targets(model)
 
 
 def wrap_lora(model: nn.Module, rank: int, alpha: float = TEXT_LORA_ALPHA,
               targets: tuple[str, ...] = (), train_head: bool = False, seed: int = 0
               ) -> nn.Module:
-    """peft LoRA on exactly the per-layer ``targets`` (auto: the 6 BERT/DistilBERT types) of
-    every layer; base and (unless ``train_head``) head frozen. Checks the wrapped count."""
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    targets = tuple(targets) or detect_targets(model)
-    regex = target_regex(targets)
-    matched = [n for n, m in model.named_modules()
-               if re.fullmatch(regex, n) and isinstance(m, nn.Linear)]
-    layers = {re.search(r"layer\.(\d+)\.", n).group(1) for n in matched}
-    if not matched or len(matched) != len(layers) * len(targets):
-        raise ValueError(f"LoRA targets {targets} matched {len(matched)} Linear modules over "
-                         f"{len(layers)} layers (expected {len(targets)} per layer)")
-    lcfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, bias="none",
-                      target_modules=regex,
-                      modules_to_save=head_names(model) if train_head else None)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # peft ↔ transformers 5 naming
-        torch.manual_seed(int(seed) + 1)
-        peft_model = get_peft_model(model, lcfg)
-    wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
-    if len(wrapped) != len(matched):
-        raise RuntimeError(f"peft wrapped {len(wrapped)} modules, expected {len(matched)}")
-    return peft_model
+    """peft LoRA on the ``targets`` (lora-targets entries; auto: every projection of every
+    block, :mod:`fedlora.tasks.lora_targets`); base and (unless ``train_head``) head frozen."""
+    return lora_targets.wrap(model, rank, alpha, tuple(targets),
+                             modules_to_save=head_names(model) if train_head else None,
+                             seed=seed)
 
 
 def build_model(mcfg: TextModelConfig, adapter: bool) -> nn.Module:
