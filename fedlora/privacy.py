@@ -1,33 +1,17 @@
-"""Differential privacy for adapter updates (issue 15): clipping, noise, adaptive clipping and a
-privacy accountant (Google's ``dp-accounting``), composed with fedlora's codecs.
+"""Differential privacy for adapter updates: clipping, noise, adaptive clipping and a privacy
+accountant (Google's ``dp-accounting``), composed with fedlora's codecs (``upload=delta``).
 
-Where each step sits in a round (``upload=delta`` updates only; see docs/privacy.md for the
-guarantee):
-
-* **Client** (:func:`privatize`, one call in ``client_app.train`` between the method's
-  ``client_train`` and the encode): the update over exactly the tensors the node uploads is
-  clipped to norm C (``dp-clip``, or this round's adaptive value from the train config) — L2 for
-  Gaussian noise, L1 for Laplace noise. ``dp=central``: nothing else (the node reports whether it
-  was clipped, for adaptive clipping). ``dp=local``: the node adds the noise itself — Gaussian with
-  standard deviation z·2C, or Laplace with scale z·2C (2C: the sensitivity of a clipped update when
-  one client's whole data is replaced) — and sends no data-dependent metadata (``num-examples``
-  1, no loss). The codec (top-k, rank slices, quantization, zstd) runs after this: post-processing.
-* **Server** (:meth:`ServerPrivacy.round_config` in ``configure_train``,
-  :meth:`ServerPrivacy.server_step` in ``aggregate_train``): before a round, the accountant
-  charges it (q = sampled/available nodes, noise multiplier z) and the round is not sent if that
-  would exceed ``dp-target-epsilon``; the round's C and z travel in the train config. After
-  decoding (``dp=central``): every update is clipped to C again (codec error can lift a norm a
-  little past C; a node's own clipping is not trusted), the clipped updates are **summed**,
-  N(0, (z_Δ·C)²) is added to every coordinate of every uploaded tensor, and the sum is divided
-  by the number of nodes sampled this round (DP-FedAvg's fixed denominator) — this replaces the
-  methods' ``num-examples``-weighted mean by an unweighted one, handed to the method as one
-  pseudo-reply. With ``dp-adaptive-clip`` C then moves toward the ``dp-target-quantile`` of the
-  update norms (Andrew et al. 2019, the rule Flower's DP strategies implement, with the paper's
-  sign: see :func:`adaptive_clip`).
-
-Noise comes from numpy's PCG64 seeded from OS entropy, never from the run's ``seed`` (which
-``run.json`` records). Everything here is numpy + ``dp_accounting``; nothing imports Flower's DP
-code.
+* Client (:func:`privatize`, between the method's ``client_train`` and the encode): the update
+  over the uploaded tensors is clipped to C (L2 for Gaussian, L1 for Laplace noise);
+  ``dp=local`` also adds the noise (scale z·2C) and sends no data-dependent metadata. The codec
+  runs after this (post-processing).
+* Server (:meth:`ServerPrivacy.round_config` before a round: the accountant charges it, or the
+  round is not sent past ``dp-target-epsilon``; :meth:`ServerPrivacy.server_step` after
+  decoding, ``dp=central``): every update clipped to C again, summed, N(0, (z·C)²) added, divided
+  by the nodes sampled (an unweighted mean, one pseudo-reply); ``dp-adaptive-clip`` moves C
+  toward ``dp-target-quantile`` (Andrew et al. 2019).
+Noise comes from numpy's PCG64 seeded from OS entropy, never from the run's ``seed``. The
+guarantee and each step in detail: docs/privacy.md ("Where each step sits in a round").
 """
 
 from __future__ import annotations

@@ -14,13 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 15
 
-# trimmed after the wave-3 merges (others are editing these files now; the lead trims them later)
-ALLOWED = {
-    "fedlora/privacy.py",
-    "fedlora/tasks/text.py",
-    "fedlora/tasks/text_data.py",
-    "fedlora/strategies/base.py",
-}
+# modules allowed a longer docstring: none (the list may only shrink)
+ALLOWED: set[str] = set()
 
 MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "fedlora").rglob("*.py"))
 
@@ -44,7 +39,7 @@ def test_the_allow_list_only_names_existing_modules():
     """An allow-list entry for a renamed or deleted file would silently allow nothing; the list
     is to shrink to empty, never to grow."""
     assert ALLOWED <= set(MODULES), ALLOWED - set(MODULES)
-    assert len(ALLOWED) <= 4
+    assert not ALLOWED
 
 
 def test_the_line_count_is_the_one_the_rule_means(tmp_path):

@@ -3,17 +3,13 @@ subclass assembled from named parts, and the hooks a method overrides.
 
 One round: ``configure_train`` settles last round's downloads, asks new nodes for their tier and
 partition (:class:`~.nodes.NodeDirectory`), samples, and encodes each node's download
-(:class:`~.downlink.Downlink`: full, or a delta from the copy the node holds);
-``aggregate_train`` decodes every reply as hostile input (:mod:`.replies`: the codec asked of
-that node, expected shapes, valid metrics; a bad reply is dropped with its node id and reason),
-bounds each update's influence (:mod:`.guard`), applies differential privacy if configured
-(:mod:`fedlora.privacy`) and hands the updates to the method's :meth:`aggregate_updates`; what
-happened is kept in the round's :class:`~.ledger.RoundStats`, whose record the ServerApp writes.
-The client half's types live in :mod:`.client`.
-
-This file is over 400 lines because the Flower round (configure/aggregate), the methods' hooks
-and the checkpoint state of the shared parts belong to one class; the parts it uses live in
-their own modules.
+(:class:`~.downlink.Downlink`); ``aggregate_train`` decodes every reply as hostile input
+(:mod:`.replies`; a bad reply is dropped with its node id and reason), bounds each update's
+influence (:mod:`.guard`), applies differential privacy or secure aggregation if configured and
+hands the updates to the method's :meth:`aggregate_updates`; :meth:`FedLoraStrategy.start` is
+the one run loop (fresh and resumed runs) and :meth:`FedLoraStrategy.end_round` writes each
+round's record. The Flower round, the methods' hooks and the shared parts' checkpoint state
+belong to one class; the parts live in their own modules.
 """
 
 from __future__ import annotations

