@@ -106,22 +106,26 @@ class DPSettings:
 
 
 def norm(tensors: Mapping[str, np.ndarray], order: int = 2) -> float:
-    """L2 (``order`` 2) or L1 (``order`` 1) norm over all tensors, accumulated in float64."""
-    total = 0.0
-    for v in tensors.values():
-        d = np.asarray(v, dtype=np.float64).ravel()
-        total += float(np.einsum("i,i->", d, d)) if order == 2 else float(np.abs(d).sum())
-    return math.sqrt(total) if order == 2 else total
+    """L2 (``order`` 2: the hostile-node guard's :func:`~.strategies.guard.update_norm`, the one
+    update norm of the project) or L1 (``order`` 1) norm over all tensors, in float64."""
+    if order == 2:
+        from .strategies import guard  # (torch via adapters: not on the launcher's check path)
+
+        return guard.update_norm(tensors)
+    return float(sum(np.abs(np.asarray(v, dtype=np.float64).ravel()).sum() for v in tensors.values()))
 
 
 def clip(tensors: Mapping[str, np.ndarray], bound: float, order: int = 2
          ) -> "tuple[OrderedDict[str, np.ndarray], float, bool]":
-    """``tensors`` scaled by min(1, bound/‖tensors‖) as float32 (norm ``order``: 2 or 1);
-    returns (clipped, norm before, whether it was scaled). A zero update is left as it is."""
+    """``tensors`` scaled by min(1, bound/‖tensors‖) as float32 (norm ``order``: 2 or 1) with the
+    guard's clip (:func:`~.strategies.guard.clip_update`), then shrunk by ulps until the norm is
+    within ``bound`` (DP needs ≤ C exactly); returns (clipped, norm before, whether it was
+    scaled). A zero update is left as it is."""
+    from .strategies import guard
+
     n = norm(tensors, order)
-    scale = bound / n if n > bound else 1.0
-    out = OrderedDict((k, (np.asarray(v, dtype=np.float64) * scale).astype(np.float32))
-                      for k, v in tensors.items())
+    scale = guard.clip_scale(n, bound)
+    out = guard.clip_update(tensors, scale)
     # float32 rounding can leave the norm a hair over the bound: shrink by ulps until it is not
     while norm(out, order) > bound:
         out = OrderedDict((k, np.nextafter(v, np.float32(0))) for k, v in out.items())

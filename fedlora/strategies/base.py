@@ -439,16 +439,11 @@ class FedLoraStrategy(FedAvg):
         stats.norm_bound = bound
         kept = []
         for u, ref, n in measured:
-            scale = guard.clip_scale(n, bound)
+            scale = guard.apply_bound(g, stats, u.node_id, n, bound)
+            if scale is None:
+                continue
             if scale < 1.0:
-                if g.norm_bound_action == "reject":
-                    stats.drop(u.node_id, MalformedReply(
-                        f"update norm {n:.6g} is over the bound {bound:.6g}"))
-                    continue
                 u.tensors = guard.clip_update(u.tensors, scale, ref)
-                stats.clipped.append({"node": u.node_id, "norm": n, "bound": bound})
-                log.warning("round %d: update of node %s clipped from norm %.4g to %.4g",
-                            server_round, u.node_id, n, bound)
             kept.append(u)
         return kept
 

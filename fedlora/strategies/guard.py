@@ -16,6 +16,7 @@ Medians are *lower* medians. Defaults, the trusted bound and attacks: docs/hosti
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ import numpy as np
 from ..adapters import rank_axis
 from ..config import check_at_least, settings_view
 from . import kernels
+from .replies import MalformedReply
+
+log = logging.getLogger("flwr.fedlora")
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 NORM_ACTIONS = ("clip", "reject")
@@ -175,6 +179,23 @@ def clip_scale(norm: float, bound: float | None) -> float:
     if bound is None or norm <= bound:
         return 1.0
     return bound / norm
+
+
+def apply_bound(g: "GuardSettings", stats: Any, node: Any, norm: float,
+                bound: float | None) -> float | None:
+    """One reply against the round's bound — the bounding step both aggregation paths share:
+    1.0 within it; over it, the clip factor (recorded in ``stats.clipped`` and logged), or with
+    ``norm-bound-action=reject`` None (the reply dropped into ``stats`` with the reason)."""
+    scale = clip_scale(norm, bound)
+    if scale >= 1.0:
+        return 1.0
+    if g.norm_bound_action == "reject":
+        stats.drop(node, MalformedReply(f"update norm {norm:.6g} is over the bound {bound:.6g}"))
+        return None
+    stats.clipped.append({"node": node, "norm": norm, "bound": bound})
+    log.warning("round %d: update of node %s clipped from norm %.4g to %.4g", stats.round,
+                node, norm, bound)
+    return scale
 
 
 def clip_update(tensors: Mapping[str, np.ndarray], scale: float,

@@ -175,23 +175,18 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             v.fill(0.0)
     survivors: list[ClientUpdate] = []
     for msg, up, ref, n in kept:              # 3. the replies over the bound (or all: resum)
-        scale = guard.clip_scale(n, bound)
-        if scale < 1.0 or resum:
+        scale = guard.apply_bound(g, stats, up.node_id, n, bound)  # the one bounding step
+        if scale is None or scale < 1.0 or resum:
             tensors = decode(msg, up)         # decoded and checked before: cannot fail now
             w = 1.0 if equal else up.num_examples / total
-            if scale < 1.0 and g.norm_bound_action == "reject":
+            if scale is None:                 # rejected: taken out of the running sum
                 if not resum:
                     add(tensors, -w)
-                stats.drop(up.node_id, MalformedReply(
-                    f"update norm {n:.6g} is over the bound {bound:.6g}"))
                 continue
             if scale < 1.0:
                 clipped = guard.clip_update(tensors, scale, ref)
                 add(clipped if resum else OrderedDict(
                     (k, clipped[k].astype(np.float64) - tensors[k]) for k in tensors), w)
-                stats.clipped.append({"node": up.node_id, "norm": n, "bound": bound})
-                log.warning("round %d: update of node %s clipped from norm %.4g to %.4g",
-                            server_round, up.node_id, n, bound)
             else:
                 add(tensors, w)
         survivors.append(up)
