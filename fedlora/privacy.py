@@ -563,7 +563,7 @@ class ServerPrivacy:
             self.clip_norm = adaptive_clip(self.clip_norm, b, self.settings.target_quantile,
                                            self.settings.clip_lr)
         return [dataclasses.replace(updates[0], node_id=-1, tensors=mean, num_examples=1,
-                                    metrics={}, config={})]
+                                    metrics={}, config={}, weight=1)]
 
     # ------------------------------------------------------------------ records
     def record(self, server_round: int) -> dict[str, Any]:

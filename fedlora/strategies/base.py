@@ -390,7 +390,7 @@ class FedLoraStrategy(FedAvg):
         if g.aggregation == "mean":
             return updates
         agg = guard.robust_mean([u.tensors for u in updates], g.aggregation, g.trim_fraction)
-        return [ClientUpdate(-1, agg, sum(u.num_examples for u in updates), {})]
+        return [ClientUpdate(-1, agg, sum(u.weight for u in updates), {})]
 
     def expected_upload_spec(self, server_round: int, node_id: int | None) -> str:
         """The canonical ``codec-up`` the server asked of ``node_id`` this round (deterministic
@@ -772,11 +772,11 @@ def weighted_mean(updates: list[ClientUpdate]) -> "OrderedDict[str, np.ndarray]"
     its tensors, which is what that sum gives, without the float64 copies)."""
     if len(updates) == 1:
         return OrderedDict((k, np.array(v, dtype=np.float32)) for k, v in updates[0].tensors.items())
-    total = float(sum(u.num_examples for u in updates))
+    total = float(sum(u.weight for u in updates))
     out: "OrderedDict[str, np.ndarray]" = OrderedDict()
     for k in updates[0].tensors:
         acc = np.zeros(updates[0].tensors[k].shape, dtype=np.float64)
         for u in updates:
-            acc += (u.num_examples / total) * u.tensors[k].astype(np.float64)
+            acc += (u.weight / total) * u.tensors[k].astype(np.float64)
         out[k] = acc.astype(np.float32)
     return out

@@ -96,18 +96,18 @@ class FlexLoRA(FedLoraStrategy):
                                          f"node's rank {rank}")
 
     def aggregate_updates(self, server_round, state, updates):
-        total = float(sum(u.num_examples for u in updates))
+        total = float(sum(u.weight for u in updates))
         out = OrderedDict((k, v.copy()) for k, v in state.items())
         for k in state:
             if not is_lora_key(k):
-                out[k] = sum((u.num_examples / total) * u.tensors[k].astype(np.float64)
+                out[k] = sum((u.weight / total) * u.tensors[k].astype(np.float64)
                              for u in updates).astype(np.float32)
         for mod, (ka, kb) in lora_modules(list(state)).items():
             rank = state[ka].shape[0]
             delta_w = 0.0
             for u in updates:
                 a, b = as_matrices(u.tensors[ka], u.tensors[kb])
-                delta_w = delta_w + (u.num_examples / total) * (b.astype(np.float64) @ a)
+                delta_w = delta_w + (u.weight / total) * (b.astype(np.float64) @ a)
             factors = svd_factors(delta_w, rank)
             if factors is None:
                 self.svd_failures += 1

@@ -102,15 +102,15 @@ def cap_weights(counts: Sequence[int], ratio: float, max_examples: int = 0,
 
 
 def cap_reply_weights(updates: Sequence[Any], g: "GuardSettings", stats: Any) -> None:
-    """Replace each reply's ``num_examples`` by its capped aggregation weight
-    (:func:`cap_weights` with the run's settings), recording the capped ones in
+    """Set each reply's aggregation ``weight`` to its capped count (:func:`cap_weights` with the
+    run's settings; ``num_examples`` stays as reported), recording the capped ones in
     ``stats.capped`` (node, reported, used)."""
     reported = [u.num_examples for u in updates]
     used = cap_weights(reported, g.max_weight_ratio, g.max_examples, g.equal_weights)
     for u, r, w in zip(updates, reported, used):
         if w != r:
             stats.capped.append({"node": u.node_id, "reported": r, "used": w})
-        u.num_examples = w
+        u.weight = w
 
 
 def update_norm(tensors: Mapping[str, np.ndarray],

@@ -85,12 +85,12 @@ class LoRAA2(FedLoraStrategy):
                                  f"{allowed}")
 
     def aggregate_updates(self, server_round, state, updates):
-        total = float(sum(u.num_examples for u in updates))
+        total = float(sum(u.weight for u in updates))
         out = OrderedDict((k, v.copy()) for k, v in state.items())
         for k in factor_keys(state, server_round):
             acc = np.zeros(state[k].shape, dtype=np.float64)
             for u in updates:
-                acc += (u.num_examples / total) * u.tensors[k]
+                acc += (u.weight / total) * u.tensors[k]
             out[k] = (state[k] + acc).astype(np.float32)
         return out
 

@@ -28,11 +28,19 @@ METRICS_KEY = "metrics"
 
 @dataclass
 class ClientUpdate:
+    """One decoded reply: ``num_examples`` as the node reported it, ``weight`` its aggregation
+    weight (the reported count until :func:`.guard.cap_reply_weights` caps it)."""
+
     node_id: int
     tensors: "OrderedDict[str, np.ndarray]"
     num_examples: int
     metrics: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
+    weight: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            self.weight = int(self.num_examples)
 
 
 class MalformedReply(ValueError):
@@ -80,11 +88,11 @@ def reply_metrics(metrics: MetricRecord) -> dict[str, float]:
 def train_metrics(updates: "list[ClientUpdate]") -> dict[str, float]:
     """Weighted mean (the aggregation weights) of each reply metric; a mean that overflows is
     left out; ``num-examples`` = the total weight."""
-    total = float(sum(u.num_examples for u in updates))
+    total = float(sum(u.weight for u in updates))
     keys = sorted({k for u in updates for k in u.metrics if k != "num-examples"})
     out: dict[str, float] = {}
     for k in keys:
-        v = float(sum((u.num_examples / total) * u.metrics.get(k, 0.0) for u in updates))
+        v = float(sum((u.weight / total) * u.metrics.get(k, 0.0) for u in updates))
         if math.isfinite(v):
             out[k] = v
     out["num-examples"] = int(total)

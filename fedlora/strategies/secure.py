@@ -226,7 +226,7 @@ class SecureRounds:
             self.accountant.charge(q, z)
             rec.update({"dp_noise_multiplier": z, "dp_sample_rate": q,
                         "dp_epsilon": self.accountant.epsilon(), "dp_delta": self.cfg.dp_delta})
-        pseudo = ClientUpdate(-1, tensors, sum(u.num_examples for u in updates), {})
+        pseudo = ClientUpdate(-1, tensors, sum(u.weight for u in updates), {})
         return updates, pseudo
 
     def record(self, server_round: int) -> dict[str, Any]:

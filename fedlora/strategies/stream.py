@@ -91,7 +91,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         return [], None
     guard.cap_reply_weights([u for _, u in metas], g, stats)
     equal = strategy.stream_weights == "equal"   # FLASC: Σ x_i, divided by the count at the end
-    total = 1.0 if equal else float(sum(u.num_examples for _, u in metas))
+    total = 1.0 if equal else float(sum(u.weight for _, u in metas))
     want = {}                                 # node → pipeline, shapes: asked once per node
     shapes = strategy.upload_shapes(server_round)
     acc: "OrderedDict[str, np.ndarray] | None" = None
@@ -126,7 +126,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     sectioned, metas = _sectioned(strategy, server_round, metas, want, shapes, stats)
     if sectioned:
         acc = kernels.zeros_sum(shapes)
-        weights = [1.0 if equal else up.num_examples / total for _, up, *_ in sectioned]
+        weights = [1.0 if equal else up.weight / total for _, up, *_ in sectioned]
         sums = kernels.sections_add_and_sumsq(acc, [flat for *_, flat, _ in sectioned],
                                               weights, sectioned[0][-1])
         for (msg, up, *_, ref), ss in zip(sectioned, sums):
@@ -153,7 +153,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         if acc is None:
             acc = kernels.zeros_sum(shapes)
         try:
-            w = 1.0 if equal else up.num_examples / total
+            w = 1.0 if equal else up.weight / total
             n = math.sqrt(kernels.add_and_sumsq(acc, tensors, w, ref) if not sparse else
                           kernels.sparse_add_and_sumsq(acc, tensors, w)
                           if isinstance(tensors, dict) else
@@ -178,7 +178,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         scale = guard.apply_bound(g, stats, up.node_id, n, bound)  # the one bounding step
         if scale is None or scale < 1.0 or resum:
             tensors = decode(msg, up)         # decoded and checked before: cannot fail now
-            w = 1.0 if equal else up.num_examples / total
+            w = 1.0 if equal else up.weight / total
             if scale is None:                 # rejected: taken out of the running sum
                 if not resum:
                     add(tensors, -w)
@@ -192,7 +192,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         survivors.append(up)
     if not survivors or acc is None:
         return survivors, None
-    kept_total = float(sum(u.num_examples for u in survivors))
+    kept_total = float(sum(u.weight for u in survivors))
     if equal:  # float64, as FLASC's own Σ x_i / n (the same sum, in the same order)
         for v in acc.values():
             v /= len(survivors)
