@@ -17,6 +17,7 @@
 #                   (+ .pub), ECDSA P-384 as `flower-supernode --auth-supernode-private-key`
 #                   and `flwr supernode register` take them. For nodes on this host (Docker);
 #                   a node on another machine makes its own pair and sends only the .pub
+#   RSA_BITS=N      size of the CA and server RSA keys (default 4096; the tests use 2048)
 #   KEY_OWNER=UID   chown server.key and the node keys to UID (needs root), still 0600: for a
 #                   SuperLink/SuperNode container that runs as another user (Docker: 49999)
 set -euo pipefail
@@ -59,9 +60,9 @@ subjectAltName = @alt
 [alt]
 $san
 CNF
-openssl genrsa -out ca.key 4096 2>/dev/null
+openssl genrsa -out ca.key "${RSA_BITS:-4096}" 2>/dev/null
 openssl req -new -x509 -key ca.key -sha256 -days 365 -subj "/CN=fedlora-ca" -out ca.crt
-openssl genrsa -out server.key 4096 2>/dev/null
+openssl genrsa -out server.key "${RSA_BITS:-4096}" 2>/dev/null
 openssl req -new -key server.key -config server.cnf -out server.csr
 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -sha256 \
   -extensions v3_req -extfile server.cnf -out server.pem 2>/dev/null
