@@ -1173,6 +1173,10 @@ def node_host_main(args: argparse.Namespace) -> int:
         ca = Path(args.ca).expanduser().resolve()
         if not ca.is_file():
             raise ValueError(f"--ca {str(ca)!r} is not a file (copy the SuperLink host's ca.crt)")
+        if args.check:
+            tls_check(args.superlink, ca)
+            print(f"fedlora: TLS to {args.superlink} verified with {ca}", flush=True)
+            return 0
         if not key.is_file():
             raise ValueError(f"no node key at {key}: make one with --make-key and have its .pub "
                              "registered on the SuperLink host")
@@ -1369,6 +1373,8 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
     nh.add_argument("--ca", metavar="FILE", help="the SuperLink host's ca.crt")
     nh.add_argument("--key", metavar="FILE",
                     help="this node's private key (default <work-dir>/supernode-key)")
+    nh.add_argument("--check", action="store_true",
+                    help="only check the TLS connection to --superlink with --ca, then exit")
     nh.add_argument("--make-key", action="store_true",
                     help="make the key pair (if missing), print the next step, exit")
     nh.add_argument("--node-config", default="", metavar="'K=V ...'",

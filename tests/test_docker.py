@@ -124,6 +124,45 @@ def test_compose_tls_and_gpu_overrides():
         compose_run.load([_write_tmp("services:\n  a:\n    image: x\n")], _env())
 
 
+SUPERLINK_HOST = DOCKER_DIR / "compose.superlink-host.yml"
+NODE_HOST = DOCKER_DIR / "compose.node-host.yml"
+
+
+def test_compose_multihost_files():
+    """The two files for separate machines: the SuperLink host serves Control on 127.0.0.1
+    only (TLS, node authentication) and the nodes' network through the Fleet proxy; its
+    ServerApp gets the evaluation data and the run folder. A node host's SuperNode dials the
+    given proxy address with ca.crt and its own key only (no server or CA key), and the file
+    refuses to start without the address, partition-id and num-partitions."""
+    s = compose_run.load([SUPERLINK_HOST], _env(FEDLORA_CERTS_DIR="/c",
+                                                FEDLORA_EVAL_DIR="/e"))["services"]
+    assert set(s) == {"superlink", "superexec-serverapp", "fleet-proxy"}
+    assert all(v["network_mode"] == "host" for v in s.values())
+    sl = s["superlink"]["command"]
+    assert sl[sl.index("--host") + 1] == "127.0.0.1" and "--enable-supernode-auth" in sl
+    assert "--insecure" not in sl
+    assert "/e:/data:ro" in s["superexec-serverapp"]["volumes"]
+    assert any(v.endswith(":/runs") for v in s["superexec-serverapp"]["volumes"])
+    assert "/c/fleet-proxy.conf:/etc/fedlora/nginx.conf:ro" in s["fleet-proxy"]["volumes"]
+    n = compose_run.load([NODE_HOST], _env(
+        FEDLORA_SUPERLINK="10.0.0.1:9443", FEDLORA_PARTITION_ID="1",
+        FEDLORA_NUM_PARTITIONS="3", FEDLORA_NODE_DIR="/n", FEDLORA_DATA_DIR="/d"))["services"]
+    assert set(n) == {"supernode", "superexec-clientapp"}
+    cmd = n["supernode"]["command"]
+    assert cmd[cmd.index("--superlink") + 1] == "10.0.0.1:9443"
+    assert cmd[cmd.index("--node-config") + 1] == 'partition-id=1 num-partitions=3 data-dir="/data"'
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert sorted(n["supernode"]["volumes"]) == ["/n/ca.crt:/certs/ca.crt:ro",
+                                                 "/n/supernode-key:/certs/supernode-key:ro"]
+    port = cmd[cmd.index("--port") + 1]
+    assert n["superexec-clientapp"]["command"] == [
+        "--insecure", "--runtime-api-address", f"127.0.0.1:{port}"]
+    assert "/d:/data:ro" in n["superexec-clientapp"]["volumes"]
+    with pytest.raises(compose_run.ComposeError, match="Fleet proxy"):
+        compose_run.load([NODE_HOST], _env(FEDLORA_PARTITION_ID="0",
+                                           FEDLORA_NUM_PARTITIONS="2"))
+
+
 def _write_tmp(text: str) -> Path:
     f = Path(tempfile.mkdtemp(prefix="fedlora-compose-")) / "compose.yml"
     f.write_text(text)

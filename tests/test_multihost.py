@@ -165,6 +165,9 @@ def test_tls_name_mismatch_is_one_line_naming_both(tmp_path, default_certs):
     with _tls_server(default_certs, "127.0.0.1") as port:
         launch.tls_check(f"127.0.0.1:{port}", default_certs / "ca.crt")
         launch.tls_check(f"localhost:{port}", default_certs / "ca.crt")
+        # what a node host (e.g. one running docker/compose.node-host.yml) checks by hand
+        assert launch.main(["node-host", "--check", "--superlink", f"localhost:{port}",
+                            "--ca", str(default_certs / "ca.crt")]) == 0
     with pytest.raises(TLSCheckError, match="connection refused"):
         launch.tls_check(f"127.0.0.1:{port}", default_certs / "ca.crt")
 
