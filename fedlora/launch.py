@@ -7,6 +7,10 @@ and ``flwr run <app> <connection> --stream``.
 
     python -m fedlora.launch sim --nodes 4 -- num-server-rounds=3 method="flocora"
 
+A deployment: ``deploy`` (SuperLink + N SuperNodes on this machine) is built from the two host
+roles of a multi-host federation, ``superlink-host`` (SuperLink on 127.0.0.1, Fleet proxy on
+--listen, node keys registered) and ``node-host`` (one SuperNode); docs/deployment.md.
+
 Before any process starts the whole run config is checked (:mod:`fedlora.validate`; relative
 paths resolve against the caller's directory). A run is judged by Flower's run status and its
 summary.json (:func:`judge`), not by ``flwr run``'s exit code. Exit status: 0 completed, 1 failed,
