@@ -190,7 +190,7 @@ def test_central_evaluation_needs_only_the_test_split(tmp_path):
     split = load_images("npz", str(test_only), "test")
     with np.load(SAMPLE / "test.npz") as z:
         assert len(split.y) == len(z["y"])
-    with pytest.raises(ConfigError, match="central evaluation.*no test split.*test.npz"):
+    with pytest.raises(ConfigError, match="central evaluation.*no dataset I can read for the test split.*test.npz"):
         check_eval_data(check({"dataset": "npz", "data-dir": str(train_only)}))
     # the launcher refuses it (exit 2) before any process starts
     assert launch.main(["sim", "--work-dir", str(tmp_path / "w"), 'dataset="npz"',

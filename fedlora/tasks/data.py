@@ -164,8 +164,8 @@ def _detect_dir_format(d: Path, split: str = "train") -> str:
         return "idx"
     want = {"train": "train.npz, train-*.parquet, data_batch_*, train-images-idx3-ubyte",
             "test": "test.npz, test-*.parquet, test_batch, t10k-images-idx3-ubyte"}[split]
-    raise DataError(f"{d} holds no {split} split I can read (looked for {want}; "
-                    "or cifar-10-batches-py/)")
+    raise DataError(f"{d} holds no dataset I can read for the {split} split (looked for "
+                    f"{want}; or cifar-10-batches-py/)")
 
 
 @functools.lru_cache(maxsize=4)
