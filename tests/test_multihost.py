@@ -328,7 +328,7 @@ def test_three_hosts_in_network_namespaces(hosts, tmp_path):
     evaluation = work / "eval"
     evaluation.mkdir()
     shutil.copy(SAMPLE / "test.npz", evaluation)   # central evaluation: the test split only
-    env = flower_env(work / "none")
+    env = flower_env(work / "none", {"RSA_BITS": "2048"})  # make-certs.sh: faster keys
     env.pop("FLWR_HOME")
     for h in "bcd":
         res = subprocess.run(_launch("node-host", "--make-key", "--work-dir", str(work / h)),
