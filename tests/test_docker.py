@@ -440,29 +440,37 @@ def test_compose_deployment_tls(engine, app_image, tmp_path):
 
 
 @contextlib.contextmanager
-def _dummy_address():
-    """A dummy interface with one private /32 address (no route beyond this host), removed
-    afterwards: a non-loopback address for the SuperLink host's Fleet proxy, reachable by the
-    node hosts' containers (all on the host network)."""
+def _private_address():
+    """A private /32 address on an interface of its own (a dummy one, or where the kernel has
+    no dummy driver one end of a veth pair), removed afterwards: a non-loopback address for
+    the SuperLink host's Fleet proxy, reachable by the node hosts' containers (all on the host
+    network) and by nothing beyond this host (no route, no peer outside it)."""
     name = f"fl39d{os.getpid() % 100000}"
     address = f"10.39.{200 + os.getpid() % 50}.1"
     add = subprocess.run(["ip", "link", "add", name, "type", "dummy"], capture_output=True,
                          text=True)
+    links = [name]
     if add.returncode != 0:
-        pytest.skip(f"cannot add a dummy interface: {add.stderr.strip()}")
+        add = subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name",
+                              name + "p"], capture_output=True, text=True)
+        links = [name, name + "p"]
+    if add.returncode != 0:
+        pytest.skip(f"cannot add a dummy or veth interface: {add.stderr.strip()}")
     try:
-        for args in (["addr", "add", f"{address}/32", "dev", name], ["link", "set", name, "up"]):
-            subprocess.run(["ip", *args], check=True, capture_output=True)
+        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", name], check=True,
+                       capture_output=True)
+        for link in links:
+            subprocess.run(["ip", "link", "set", link, "up"], check=True, capture_output=True)
         yield address
     finally:
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", name], capture_output=True)  # a veth's peer too
 
 
 @pytest.mark.slow
 def test_compose_superlink_host_and_node_hosts(engine, app_image, tmp_path):
     """compose.superlink-host.yml and two projects of compose.node-host.yml (as on separate
     machines), against each other over a non-loopback address: the Fleet proxy listens on a
-    dummy interface's 10.39.x.1, which the certificate names; each node host gets only ca.crt
+    private 10.39.x.1 on an interface of its own, which the certificate names; each node host gets only ca.crt
     and its own key; the SuperLink host's ServerApp gets an evaluation folder holding only
     test.npz. The operator registers both keys on the loopback port, the run completes and
     the records name exactly the registered nodes.
@@ -473,7 +481,7 @@ def test_compose_superlink_host_and_node_hosts(engine, app_image, tmp_path):
     nginx = launch_nginx()
     if nginx is None:
         pytest.skip("nginx not installed on the host (scripts/bootstrap.sh installs it)")
-    with _dummy_address() as address:
+    with _private_address() as address:
         certs, evaluation = tmp_path / "certs", tmp_path / "eval"
         evaluation.mkdir()
         shutil.copy(PROJECT / "tests" / "data" / "fashion-mnist-sample" / "test.npz", evaluation)
