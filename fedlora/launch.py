@@ -613,8 +613,11 @@ def make_certs(out: Path, names: list[str]) -> None:
     127.0.0.1 and ``names``; RuntimeError with the script's message when it refuses or fails."""
     res = subprocess.run(["bash", str(MAKE_CERTS), str(out), *names], capture_output=True,
                          text=True)
+    if res.returncode == 2:  # refused: a folder git would track
+        raise ValueError("certificates not made: " + " ".join(res.stderr.split()).removeprefix(
+            "make-certs.sh: refused: "))
     if res.returncode != 0:
-        raise RuntimeError(f"scripts/make-certs.sh failed: {one_line(RuntimeError(res.stderr))}")
+        raise RuntimeError("scripts/make-certs.sh failed: " + " ".join(res.stderr.split()))
 
 
 def check_cert_names(pem: Path, required: list[str], fix: str) -> None:
@@ -1432,6 +1435,9 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
         return EXIT_REFUSED
     try:
         res, run_dir = _launch(args, rc, work)
+    except ValueError as err:  # refused before a daemon started (e.g. certificates' folder)
+        print(f"fedlora: refused: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:  # a daemon did not start
         print(f"fedlora: run failed: {one_line(err)}", file=sys.stderr, flush=True)
         return EXIT_FAILED
