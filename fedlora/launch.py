@@ -850,7 +850,8 @@ class SuperLinkHost:
         host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
         url = f"https://{host}:{self.fleet_port}/v1/fleet/pull-messages"
         try:
-            r = httpx.post(url, verify=str(self.ca), content=b"", timeout=15.0,
+            r = httpx.post(url, verify=ssl.create_default_context(cafile=str(self.ca)),
+                           content=b"", timeout=15.0,
                            headers={"content-type": "application/protobuf"})
         except httpx.HTTPError as err:
             raise TLSCheckError(f"the Fleet proxy at {host}:{self.fleet_port} does not answer "

@@ -1,7 +1,7 @@
 """Multi-host deployments: the launcher's host roles (``superlink-host``, ``node-host``), their
 certificates and TLS checks, and the SuperLink host's evaluation data.
 
-Fast tests (no Flower process):
+Fast tests (no Flower process but one SuperLink and nginx in the last of them):
 
 * ``scripts/make-certs.sh`` always names localhost and 127.0.0.1 and adds the extra names; it
   refuses to write keys into this repository unless .gitignore covers the folder.
@@ -11,6 +11,8 @@ Fast tests (no Flower process):
 * central evaluation reads only the test split: a folder with only ``test.npz`` passes the
   launcher's check and loads; one with only ``train.npz`` is refused before the run.
 * the node-host command refuses bad node configs and a missing key in one line.
+* a Fleet proxy that cannot verify the SuperLink (a certificate without ``localhost``) is
+  reported by the SuperLink host at start, in one line naming both names.
 
 Slow test: three hosts as network namespaces created here (a bridge inside host A, private
 10.39.0.0/24 addresses that exist only inside the namespaces): ``superlink-host`` in A
@@ -402,3 +404,57 @@ def test_three_hosts_in_network_namespaces(hosts, tmp_path):
     assert {int(n) for n in rounds[1]["bytes_up_per_node"]} == registered
     summary = json.loads((work / "runs" / "netns" / "summary.json").read_text())
     assert summary["rounds"] == 1
+
+
+def _certs_without_localhost(out: Path) -> None:
+    """A CA and a server certificate naming only 127.0.0.1: what make-certs.sh produced when
+    given addresses before it always added localhost."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    srv = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+           .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+           .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName(
+               [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (out / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (out / "server.pem").write_bytes(srv.public_bytes(pem))
+    (out / "server.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (out / "server.key").chmod(0o600)
+
+
+def test_fleet_proxy_that_cannot_verify_the_superlink_says_so(tmp_path, monkeypatch):
+    """The proxy checks the SuperLink as ``localhost``. With a certificate that lacks that name
+    (the SuperLink host's own name check switched off here, to get past it) the proxy answers
+    502 to every node; the SuperLink host reports it at start, in one line naming the expected
+    and the presented names, instead of nodes retrying forever."""
+    _need("openssl")
+    if launch.nginx_binary() is None:
+        pytest.skip("nginx not installed (scripts/bootstrap.sh installs it)")
+    _certs_without_localhost(tmp_path / "certs")
+    monkeypatch.setattr(SuperLinkHost, "ensure_certs", lambda self: None)
+    with Processes(tmp_path / "logs") as procs:
+        h = SuperLinkHost(procs, tmp_path, certs=tmp_path / "certs")
+        with pytest.raises(TLSCheckError) as err:
+            h.start_superlink()
+    msg = str(err.value)
+    assert msg == ("TLS name mismatch: the Fleet proxy checks the SuperLink as 'localhost' but "
+                   "its certificate names 127.0.0.1"), msg
