@@ -7,6 +7,10 @@ and ``flwr run <app> <connection> --stream``.
 
     python -m fedlora.launch sim --nodes 4 -- num-server-rounds=3 method="flocora"
 
+A deployment: ``deploy`` (SuperLink + N SuperNodes on this machine) is built from the two host
+roles of a multi-host federation, ``superlink-host`` (SuperLink on 127.0.0.1, Fleet proxy on
+--listen, node keys registered) and ``node-host`` (one SuperNode); docs/deployment.md.
+
 Before any process starts the whole run config is checked (:mod:`fedlora.validate`; relative
 paths resolve against the caller's directory). A run is judged by Flower's run status and its
 summary.json (:func:`judge`), not by ``flwr run``'s exit code. Exit status: 0 completed, 1 failed,
@@ -24,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -34,7 +39,7 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from . import provenance
-from .validate import ConfigError, check_run_name, run_folder
+from .validate import ConfigError, check_eval_data, check_run_name, run_folder
 
 PROJECT = Path(__file__).resolve().parent.parent
 PRESET_NAMES = ("main", "vision", "flowertune-nlp")  # fedlora/presets.py (not imported here: it stays light)
@@ -542,43 +547,201 @@ def render_nginx_conf(*, fleet_listen: str, superlink: str, superlink_name: str,
     return text
 
 
-class Deployment:
-    """A real SuperLink and N SuperNodes on this machine (one ``FLWR_HOME`` each, as if on
-    separate hosts), started through a :class:`Processes` that stops them all.
+# ------------------------------------------------------------ certificates and the TLS name check
 
-    Default (secure): a fresh CA and server certificate (``scripts/make-certs.sh``), SuperNode
-    authentication (one ECDSA key per node, registered by the operator with ``flwr supernode
-    register``), and the SuperLink bound to **127.0.0.1 only**: Flower 1.41 serves Control,
-    Runtime and Fleet on that one port, and its Control API has no authentication. SuperNodes
-    reach it through an nginx *Fleet proxy* on ``host`` (``deploy/nginx-fleet.conf.template``,
-    TLS with the same certificate) that forwards only the Fleet calls a registered node makes;
-    Control (``flwr run/ls``, node registration) answers only on the loopback port, which the
-    operator's CLI connection ``connection`` uses.
+#: names every SuperLink certificate carries: the Fleet proxy checks its upstream as ``localhost``
+#: (``proxy_ssl_name``), the operator's ``flwr`` CLI dials ``127.0.0.1``
+DEFAULT_CERT_NAMES = ("localhost", "127.0.0.1")
+MAKE_CERTS = PROJECT / "scripts" / "make-certs.sh"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class TLSCheckError(RuntimeError):
+    """A TLS connection that a node (or the Fleet proxy) would make fails; the message is one
+    line naming what was expected and what was presented."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) → (host, port); ValueError naming the address otherwise."""
+    host, sep, port = str(address).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def cert_names(cert: bytes | Path) -> list[str]:
+    """The DNS names and IP addresses in a certificate's subjectAltName (PEM/DER bytes or a PEM
+    file), in the certificate's order."""
+    from cryptography import x509
+
+    data = Path(cert).read_bytes() if isinstance(cert, Path) else cert
+    c = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----")
+         else x509.load_der_x509_certificate(data))
+    try:
+        san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+def name_matches(name: str, names: list[str]) -> bool:
+    """Would a TLS client dialing ``name`` accept a certificate naming ``names``? IPs compare as
+    addresses, DNS names case-insensitively, ``*.example.org`` covers one label."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        ip = None
+    for n in names:
+        if ip is not None:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(n) == ip:
+                    return True
+            continue
+        n, host = n.lower().rstrip("."), name.lower().rstrip(".")
+        if n == host or (n.startswith("*.") and "." in host
+                         and host.split(".", 1)[1] == n[2:]):
+            return True
+    return False
+
+
+def make_certs(out: Path, names: list[str]) -> None:
+    """``scripts/make-certs.sh out names...``: a CA and a server certificate naming localhost,
+    127.0.0.1 and ``names``; RuntimeError with the script's message when it refuses or fails."""
+    res = subprocess.run(["bash", str(MAKE_CERTS), str(out), *names], capture_output=True,
+                         text=True)
+    if res.returncode == 2:  # refused: a folder git would track
+        raise ValueError("certificates not made: " + " ".join(res.stderr.split()).removeprefix(
+            "make-certs.sh: refused: "))
+    if res.returncode != 0:
+        raise RuntimeError("scripts/make-certs.sh failed: " + " ".join(res.stderr.split()))
+
+
+def check_cert_names(pem: Path, required: list[str], fix: str) -> None:
+    """ValueError (one line) unless the certificate ``pem`` names every one of ``required``."""
+    have = cert_names(pem)
+    missing = [n for n in required if not name_matches(n, have)]
+    if missing:
+        raise ValueError(f"certificate {pem} names {', '.join(have) or 'nothing'} but not "
+                         f"{', '.join(missing)} (needed: {', '.join(required)}): {fix}")
+
+
+def _presented_names(host: str, port: int, timeout: float) -> list[str]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout) as sock, \
+            ctx.wrap_socket(sock, server_hostname=host) as tls:
+        der = tls.getpeercert(binary_form=True)
+    return cert_names(der) if der else []
+
+
+def tls_check(address: str, ca: Path, timeout: float = 10.0, who: str = "this node") -> None:
+    """Open the TLS connection a SuperNode opens to ``address`` (verify against ``ca``, check
+    the name it dials) and translate a failure into one line: a name mismatch names the name
+    dialed and the names the certificate presents; an unknown CA, a refused connection, a
+    timeout say so. Flower itself only logs "Connection attempt failed, retrying" forever."""
+    host, port = split_address(address)
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as err:
+        raise TLSCheckError(f"cannot read the CA certificate {ca}: {one_line(err)}") from None
+    try:
+        with socket.create_connection((host, port), timeout) as sock, \
+                ctx.wrap_socket(sock, server_hostname=host):
+            return
+    except ssl.SSLCertVerificationError as err:
+        if err.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
+            try:
+                presented = ", ".join(_presented_names(host, port, timeout)) or "no names"
+            except (OSError, ValueError):
+                presented = "(could not read them)"
+            raise TLSCheckError(
+                f"TLS name mismatch: {who} dials {host!r} but the certificate at {address} "
+                f"names {presented}; the SuperLink host must name {host} in its certificate "
+                f"(superlink-host --name {host}, or scripts/make-certs.sh DIR {host}), or dial "
+                "one of the names it has") from None
+        raise TLSCheckError(
+            f"TLS check of {address} failed: {err.verify_message} (is {ca} the SuperLink "
+            "host's ca.crt?)") from None
+    except ssl.SSLError as err:
+        raise TLSCheckError(f"TLS handshake with {address} failed ({err.reason or err}): is "
+                            "that the Fleet proxy's HTTPS port?") from None
+    except socket.gaierror as err:
+        raise TLSCheckError(f"cannot resolve {host!r}: {err.strerror or err}") from None
+    except ConnectionRefusedError:
+        raise TLSCheckError(f"nothing listens at {address} (connection refused): is the "
+                            "SuperLink host's Fleet proxy up, and is this its --listen "
+                            "address?") from None
+    except (socket.timeout, TimeoutError):
+        raise TLSCheckError(f"no answer from {address} within {timeout:.0f} s (a firewall, or a "
+                            "wrong address?)") from None
+    except OSError as err:
+        raise TLSCheckError(f"cannot reach {address}: {err.strerror or err}") from None
+
+
+# ------------------------------------------------------------------------------ the host roles
+
+
+def state_dir(role: str) -> Path:
+    """Default work folder of a host role: ``$XDG_STATE_HOME/fedlora/<role>`` (default
+    ``~/.local/state/...``), outside any repository: it holds private keys."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return Path(base) / "fedlora" / role
+
+
+def _start_on(procs: Processes, name: str, cmd_for_port: Callable[[int], list[str]],
+              env: Mapping[str, str], port: int | None, cwd: Path | None = None,
+              ready: str = UVICORN_BOUND, timeout: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """:func:`start_daemon` on a free port, or on the fixed ``port`` (RuntimeError when that is
+    taken)."""
+    if port is None:
+        return start_daemon(procs, name, cmd_for_port, env, cwd=cwd, ready=ready,
+                            timeout=timeout)
+    proc = procs.start(name, cmd_for_port(port), env, cwd=cwd)
+    if not wait_bound(procs, name, proc, ready, timeout):
+        raise RuntimeError(f"{name}: port {port} is already in use on this host")
+    return proc, port
+
+
+class SuperLinkHost:
+    """The SuperLink host's role: certificates, the SuperLink, the Fleet proxy, node keys.
+
+    Default (secure): a CA and server certificate naming localhost, 127.0.0.1, ``host`` and
+    ``names`` (made with ``scripts/make-certs.sh`` in ``certs``, or an existing set whose names
+    are checked first), SuperNode authentication (keys registered by the operator with ``flwr
+    supernode register``), and the SuperLink bound to **127.0.0.1 only**: Flower 1.41 serves
+    Control, Runtime and Fleet on that one port, and its Control API has no authentication.
+    SuperNodes reach it through an nginx *Fleet proxy* on ``host`` (TLS with the same
+    certificate; ``deploy/nginx-fleet.conf.template``) that forwards only the Fleet calls a
+    registered node makes; Control answers only on the loopback port, which the operator's CLI
+    connection ``connection`` (in ``cli_home``) uses.
 
     ``insecure=True``: plain HTTP, no node authentication, no proxy; the SuperLink itself
-    listens on ``host`` and everyone who reaches it may register nodes and submit runs."""
+    listens on ``host`` and everyone who reaches it may register nodes and submit runs.
+    ``superlink_port``/``fleet_port``: fixed ports (None: free ones)."""
 
-    def __init__(self, procs: Processes, work_dir: Path, nodes: int = 2, insecure: bool = False,
-                 host: str = "127.0.0.1", node_configs: list[Mapping[str, Any]] | None = None,
-                 connection: str = "deployment",
-                 node_env: Mapping[int, Mapping[str, str]] | None = None) -> None:
+    def __init__(self, procs: Processes, work_dir: Path, insecure: bool = False,
+                 host: str = "127.0.0.1", connection: str = "deployment",
+                 superlink_port: int | None = None, fleet_port: int | None = None,
+                 names: list[str] | tuple[str, ...] = (), certs: Path | None = None) -> None:
         self.procs, self.work_dir, self.insecure = procs, Path(work_dir), insecure
-        #: extra environment per SuperNode index (its SuperExec and ClientApps inherit it)
-        self.node_env = {int(k): dict(v) for k, v in (node_env or {}).items()}
         self.tls = self.auth = self.proxy = not insecure
         self.host, self.connection = host, connection
-        # the SuperLink's own port (Control + Runtime + Fleet) and the Fleet proxy's, once started
-        self.port: int | None = None
-        self.fleet_port: int | None = None
+        # the SuperLink's own port (Control + Runtime + Fleet) and the Fleet proxy's
+        self.port: int | None = superlink_port
+        self.fleet_port: int | None = fleet_port
         self.superlink_host = host if insecure else "127.0.0.1"
         self.cli_home = self.work_dir / "cli"
-        self.certs = self.work_dir / "certs"
-        self.node_configs = list(node_configs or [
-            {"partition-id": i, "num-partitions": nodes} for i in range(nodes)])
-        self.supernodes: list[subprocess.Popen] = []
-        self._supernode_specs: list[tuple[int, Mapping[str, Any], Path | None, str]] = []
+        self.certs = Path(certs) if certs else self.work_dir / "certs"
+        self.names = [n for n in names if n]
         self.keys: list[Path] = []
         self.registered: list[int] = []  # node ids fixed by `flwr supernode register`
+        self.registered_keys: dict[Path, int | None] = {}  # .pub → node id (None: known before)
 
     @property
     def address(self) -> str:
@@ -598,6 +761,27 @@ class Deployment:
     def _tls_args(self) -> list[str]:
         return ["--root-certificates", str(self.ca)] if self.tls else ["--insecure"]
 
+    def cert_names_needed(self) -> list[str]:
+        """localhost, 127.0.0.1, the proxy's listen address (unless a wildcard) and ``names``."""
+        out = list(DEFAULT_CERT_NAMES)
+        for n in [self.host, *self.names]:
+            if n not in WILDCARD_HOSTS and n not in out:
+                out.append(n)
+        return out
+
+    def ensure_certs(self) -> None:
+        """Make the certificates, or check that existing ones name everything needed (a node
+        dialing a name the certificate lacks would retry forever, the proxy would answer 502)."""
+        needed = self.cert_names_needed()
+        if (self.certs / "server.pem").exists():
+            check_cert_names(
+                self.certs / "server.pem", needed,
+                f"remove {self.certs} to have new ones made (then copy the new ca.crt to every "
+                f"node host), or remake them: scripts/make-certs.sh {self.certs} "
+                + " ".join(needed[2:]))
+            return
+        make_certs(self.certs, needed[2:])
+
     def start_superlink(self) -> subprocess.Popen:
         """The SuperLink (and, unless insecure, the Fleet proxy in front of it); writes the
         operator's CLI connection."""
@@ -609,10 +793,7 @@ class Deployment:
                 "(scripts/bootstrap.sh installs it: apt-get install nginx). Plain HTTP without "
                 "node authentication only with insecure=True / --insecure.")
         if self.tls:
-            sans = ["localhost", "127.0.0.1"] + [h for h in (self.host,)
-                                                 if h not in ("localhost", "127.0.0.1")]
-            subprocess.run(["bash", str(PROJECT / "scripts" / "make-certs.sh"), str(self.certs),
-                            *sans], check=True, capture_output=True)
+            self.ensure_certs()
 
         def cmd(port: int) -> list[str]:
             c = ["flower-superlink", "--host", self.superlink_host, "--port", str(port),
@@ -628,7 +809,8 @@ class Deployment:
                 c += ["--enable-supernode-auth"]
             return c
 
-        proc, self.port = start_daemon(self.procs, "superlink", cmd, flower_env(home), cwd=home)
+        proc, self.port = _start_on(self.procs, "superlink", cmd, flower_env(home), self.port,
+                                    cwd=home)
         scheme = "https" if self.tls else "http"
         wait_http(f"{scheme}://{self.address}/health", proc=proc,
                   verify=str(self.ca) if self.tls else True)
@@ -639,7 +821,9 @@ class Deployment:
         return proc
 
     def start_fleet_proxy(self) -> subprocess.Popen:
-        """nginx on ``host``: TLS, only the Fleet calls, forwarded to the loopback SuperLink."""
+        """nginx on ``host``: TLS, only the Fleet calls, forwarded to the loopback SuperLink;
+        then one Fleet call through it, so that a proxy that cannot reach or verify the
+        SuperLink is reported here, in one line, rather than as the nodes' endless retries."""
         state = self.work_dir / "fleet-proxy"
         state.mkdir(parents=True, exist_ok=True)
         conf = state / "nginx.conf"
@@ -654,66 +838,76 @@ class Deployment:
             return [binary, "-p", str(state), "-e", "stderr", "-c", str(conf),
                     "-g", "daemon off;"]
 
-        proc, self.fleet_port = start_daemon(self.procs, "fleet-proxy", cmd, os.environ,
-                                             cwd=state, ready=NGINX_BOUND, timeout=30)
+        proc, self.fleet_port = _start_on(self.procs, "fleet-proxy", cmd, os.environ,
+                                          self.fleet_port, cwd=state, ready=NGINX_BOUND,
+                                          timeout=30)
+        self.check_fleet_proxy()
         return proc
+
+    def check_fleet_proxy(self) -> None:
+        """An unsigned Fleet call through the proxy must reach Flower (401). A 502 means nginx
+        could not talk to the SuperLink: its log says why (a name mismatch names both)."""
+        host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+        url = f"https://{host}:{self.fleet_port}/v1/fleet/pull-messages"
+        try:
+            r = httpx.post(url, verify=ssl.create_default_context(cafile=str(self.ca)),
+                           content=b"", timeout=15.0,
+                           headers={"content-type": "application/protobuf"})
+        except httpx.HTTPError as err:
+            raise TLSCheckError(f"the Fleet proxy at {host}:{self.fleet_port} does not answer "
+                                f"over TLS: {one_line(err)}") from None
+        if r.status_code != 502:
+            return
+        log = self.procs.log("fleet-proxy")
+        upstream = [ln for ln in log.splitlines() if "upstream" in ln]
+        have = ", ".join(cert_names(self.certs / "server.pem"))
+        if any("does not match" in ln for ln in upstream):
+            raise TLSCheckError(f"TLS name mismatch: the Fleet proxy checks the SuperLink as "
+                                f"'localhost' but its certificate names {have}")
+        raise TLSCheckError("the Fleet proxy cannot reach the SuperLink (502): "
+                            + (upstream[-1].strip() if upstream else "see its log"))
 
     def make_key(self, name: str) -> Path:
         """A fresh ECDSA P-384 key pair ``keys/<name>`` + ``.pub`` (an old pair is replaced;
         ssh-keygen would otherwise stop and ask whether to overwrite it)."""
-        key = self.work_dir / "keys" / name
-        key.parent.mkdir(parents=True, exist_ok=True)
-        for old in (key, key.with_name(key.name + ".pub")):
-            old.unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
-                        str(key)], check=True, stdin=subprocess.DEVNULL)
+        key = make_node_key(self.work_dir / "keys" / name)
         self.keys.append(key)
         return key
 
     def register(self, key: Path) -> subprocess.CompletedProcess:
         """``flwr supernode register <key>.pub <connection>``; on success the node id fixed at
         registration ("SuperNode <id> registered successfully.") is added to ``registered``."""
-        res = self.cli(["supernode", "register", str(key) + ".pub", self.connection])
+        return self.register_pub(Path(str(key) + ".pub"))
+
+    def register_pub(self, pub: Path) -> subprocess.CompletedProcess:
+        res = self.cli(["supernode", "register", str(pub), self.connection])
         m = re.search(r"SuperNode (\d+) registered", res.stdout)
         if res.returncode == 0 and m:
             self.registered.append(int(m.group(1)))
+            self.registered_keys[Path(pub)] = int(m.group(1))
+        elif "already in use" in res.stdout + res.stderr:  # registered by an earlier start
+            self.registered_keys[Path(pub)] = None
         return res
+
+    def register_folder(self, folder: Path) -> list[tuple[Path, int | None]]:
+        """Register every ``*.pub`` in ``folder`` not registered yet (a key known to this
+        SuperLink from an earlier start counts as registered); returns the new ones. A key
+        Flower refuses is a ValueError naming the file."""
+        new = []
+        for pub in sorted(Path(folder).glob("*.pub")):
+            if pub in self.registered_keys:
+                continue
+            res = self.register_pub(pub)
+            if pub not in self.registered_keys:
+                text = _ANSI.sub("", res.stdout + res.stderr).strip().splitlines()
+                raise ValueError(f"node key {pub} was not registered: "
+                                 f"{text[-1] if text else res.returncode}")
+            new.append((pub, self.registered_keys[pub]))
+        return new
 
     def cli(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=flower_env(self.cli_home), cwd=PROJECT,
                               capture_output=True, text=True, timeout=timeout)
-
-    def _spawn_supernode(self, slot: int) -> subprocess.Popen:
-        index, node_config, key, name = self._supernode_specs[slot]
-        home = self.work_dir / f"supernode-{index}"
-        home.mkdir(parents=True, exist_ok=True)
-        cmd = ["flower-supernode", *self._tls_args(), "--superlink", self.fleet_address,
-               "--host", "127.0.0.1", "--port", str(free_port()),
-               "--node-config", config_string(node_config)]
-        if key is not None:
-            cmd += ["--auth-supernode-private-key", str(key)]
-        return self.procs.start(name, cmd, flower_env(home, self.node_env.get(index)), cwd=home)
-
-    def _supernode_bound(self, slot: int, attempts: int = 5) -> subprocess.Popen:
-        """Wait until SuperNode ``slot`` holds its Runtime API port; start it again on a new
-        port when another process took that one first."""
-        name = self._supernode_specs[slot][3]
-        for attempt in range(1, attempts + 1):
-            if wait_bound(self.procs, name, self.supernodes[slot], UVICORN_BOUND):
-                return self.supernodes[slot]
-            self.procs.retire(name, self.supernodes[slot], f"bind-failed-{attempt}")
-            self.supernodes[slot] = self._spawn_supernode(slot)
-        raise RuntimeError(f"{name}: every Runtime API port tried was taken")
-
-    def start_supernode(self, index: int, node_config: Mapping[str, Any],
-                        key: Path | None = None, name: str | None = None,
-                        wait: bool = True) -> subprocess.Popen:
-        """A SuperNode connecting to :attr:`fleet_address`. ``wait``: return once it holds its
-        Runtime API port (it may still fail to join the SuperLink afterwards)."""
-        self._supernode_specs.append((index, node_config, key, name or f"supernode-{index}"))
-        slot = len(self._supernode_specs) - 1
-        self.supernodes.append(self._spawn_supernode(slot))
-        return self._supernode_bound(slot) if wait else self.supernodes[slot]
 
     def node_list(self) -> list[dict[str, Any]]:
         """``flwr supernode list <connection> --format json`` → its ``nodes`` (``node-id``,
@@ -742,29 +936,20 @@ class Deployment:
             raise RuntimeError(f"flwr ls failed: {res.stdout}{res.stderr}")
         return json.loads(res.stdout)["runs"]
 
-    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+    def wait_nodes(self, n: int, timeout: float = 120,
+                   between: Callable[[], None] | None = None) -> None:
+        """Until ``n`` SuperNodes are online (``between`` runs after every look, e.g. to
+        register keys that arrived meanwhile); TimeoutError after ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.online_nodes() >= n:
+        while True:
+            online = self.online_nodes()
+            if online >= n:
                 return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{online} of {n} SuperNodes online after {timeout:.0f} s")
+            if between is not None:
+                between()
             time.sleep(1.0)
-        raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout:.0f}s")
-
-    def start(self) -> "Deployment":
-        self.start_superlink()
-        first = len(self.supernodes)
-        for i, nc in enumerate(self.node_configs):
-            key = None
-            if self.auth:
-                key = self.make_key(f"supernode-{i}")
-                reg = self.register(key)
-                if reg.returncode != 0:
-                    raise RuntimeError(f"flwr supernode register failed: {reg.stdout}{reg.stderr}")
-            self.start_supernode(i, nc, key, wait=False)
-        for slot in range(first, len(self.supernodes)):  # started together, checked in turn
-            self._supernode_bound(slot)
-        self.wait_nodes(len(self.node_configs))
-        return self
 
     def run(self, run_config: Mapping[str, Any], timeout: float = 1800,
             log_file: Path | None = None, stream: bool = False) -> RunResult:
@@ -776,6 +961,145 @@ class Deployment:
         if log_file is not None and res.stdout is None:
             res.stdout = Path(log_file).read_text(errors="replace")
         return judge(res, self.cli, self.connection, run_folder(run_config), started)
+
+
+def make_node_key(key: Path) -> Path:
+    """A fresh ECDSA P-384 key pair ``key`` + ``key.pub`` (mode 0600 / 0644), as
+    ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register`` take it."""
+    key = Path(key)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    for old in (key, key.with_name(key.name + ".pub")):
+        old.unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", key.name,
+                    "-f", str(key)], check=True, stdin=subprocess.DEVNULL)
+    return key
+
+
+class NodeHost:
+    """The node host's role: one SuperNode dialing ``superlink`` (the Fleet proxy's address)
+    with the CA certificate ``ca`` (None: plain HTTP) and its own key, its node config, its
+    Runtime API on 127.0.0.1 (``runtime_port``, None: a free port), ``home`` its FLWR_HOME."""
+
+    def __init__(self, procs: Processes, home: Path, superlink: str,
+                 node_config: Mapping[str, Any], ca: Path | None = None,
+                 key: Path | None = None, name: str = "supernode",
+                 env: Mapping[str, str] | None = None, runtime_port: int | None = None) -> None:
+        self.procs, self.home, self.superlink = procs, Path(home), superlink
+        self.node_config, self.ca, self.key, self.name = dict(node_config), ca, key, name
+        self.env, self.runtime_port = dict(env or {}), runtime_port
+        self.proc: subprocess.Popen | None = None
+
+    def preflight(self) -> None:
+        """The TLS connection the SuperNode will make, checked first (:func:`tls_check`)."""
+        if self.ca is not None:
+            tls_check(self.superlink, self.ca)
+
+    def spawn(self) -> subprocess.Popen:
+        self.home.mkdir(parents=True, exist_ok=True)
+        tls = ["--root-certificates", str(self.ca)] if self.ca is not None else ["--insecure"]
+        cmd = ["flower-supernode", *tls, "--superlink", self.superlink,
+               "--host", "127.0.0.1", "--port", str(self.runtime_port or free_port()),
+               "--node-config", config_string(self.node_config)]
+        if self.key is not None:
+            cmd += ["--auth-supernode-private-key", str(self.key)]
+        self.proc = self.procs.start(self.name, cmd, flower_env(self.home, self.env),
+                                     cwd=self.home)
+        return self.proc
+
+    def bound(self, attempts: int = 5) -> subprocess.Popen:
+        """Wait until the SuperNode holds its Runtime API port; start it again on a new port
+        when another process took that one first."""
+        assert self.proc is not None
+        for attempt in range(1, attempts + 1):
+            if wait_bound(self.procs, self.name, self.proc, UVICORN_BOUND):
+                return self.proc
+            if self.runtime_port is not None:
+                raise RuntimeError(f"{self.name}: port {self.runtime_port} is already in use")
+            self.procs.retire(self.name, self.proc, f"bind-failed-{attempt}")
+            self.spawn()
+        raise RuntimeError(f"{self.name}: every Runtime API port tried was taken")
+
+    def start(self, wait: bool = True) -> subprocess.Popen:
+        self.spawn()
+        return self.bound() if wait else self.proc  # type: ignore[return-value]
+
+    def joined(self, timeout: float = 120.0) -> int:
+        """Wait until the SuperLink accepted this node: its id. RuntimeError (one line) when
+        the node exits first, e.g. with an unregistered key."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            log = _ANSI.sub("", self.procs.log(self.name))
+            m = re.search(r"SuperNode ID: (\d+)", log)
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(supernode_failure(log, self.proc.returncode, self.key))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not join within {timeout:.0f} s "
+                                   f"(log: {self.procs.log_dir / (self.name + '.log')})")
+            time.sleep(0.3)
+
+
+def supernode_failure(log: str, code: int | None, key: Path | None) -> str:
+    """One line for a SuperNode that exited: the reason Flower logged, and the fix."""
+    if "Failed to activate" in log:
+        pub = f"{key}.pub" if key else "its .pub"
+        return (f"the SuperLink refused this node's key (Failed to activate, exit {code}): "
+                f"{pub} is not registered there; put it in the SuperLink host's --node-keys "
+                "folder")
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    return f"the SuperNode exited with {code}: {lines[-1] if lines else '(empty log)'}"
+
+
+class Deployment(SuperLinkHost):
+    """A real SuperLink and N SuperNodes on this machine, built from the two host roles: one
+    :class:`SuperLinkHost` (this object) and one :class:`NodeHost` per node, each with its own
+    ``FLWR_HOME`` as if on separate hosts, all started through a :class:`Processes` that stops
+    them. Secure by default (see :class:`SuperLinkHost`); one key per node is made here and
+    registered through Control before the node starts."""
+
+    def __init__(self, procs: Processes, work_dir: Path, nodes: int = 2, insecure: bool = False,
+                 host: str = "127.0.0.1", node_configs: list[Mapping[str, Any]] | None = None,
+                 connection: str = "deployment",
+                 node_env: Mapping[int, Mapping[str, str]] | None = None) -> None:
+        super().__init__(procs, work_dir, insecure=insecure, host=host, connection=connection)
+        #: extra environment per SuperNode index (its SuperExec and ClientApps inherit it)
+        self.node_env = {int(k): dict(v) for k, v in (node_env or {}).items()}
+        self.node_configs = list(node_configs or [
+            {"partition-id": i, "num-partitions": nodes} for i in range(nodes)])
+        self.nodes: list[NodeHost] = []
+
+    @property
+    def supernodes(self) -> list[subprocess.Popen]:
+        return [n.proc for n in self.nodes if n.proc is not None]
+
+    def start_supernode(self, index: int, node_config: Mapping[str, Any],
+                        key: Path | None = None, name: str | None = None,
+                        wait: bool = True) -> subprocess.Popen:
+        """A SuperNode connecting to :attr:`fleet_address`. ``wait``: return once it holds its
+        Runtime API port (it may still fail to join the SuperLink afterwards)."""
+        node = NodeHost(self.procs, self.work_dir / f"supernode-{index}", self.fleet_address,
+                        node_config, ca=self.ca if self.tls else None, key=key,
+                        name=name or f"supernode-{index}", env=self.node_env.get(index))
+        self.nodes.append(node)
+        return node.start(wait)
+
+    def start(self) -> "Deployment":
+        self.start_superlink()
+        first = len(self.nodes)
+        for i, nc in enumerate(self.node_configs):
+            key = None
+            if self.auth:
+                key = self.make_key(f"supernode-{i}")
+                reg = self.register(key)
+                if reg.returncode != 0:
+                    raise RuntimeError(f"flwr supernode register failed: {reg.stdout}{reg.stderr}")
+            self.start_supernode(i, nc, key, wait=False)
+        for node in self.nodes[first:]:  # started together, checked in turn
+            node.bound()
+        self.wait_nodes(len(self.node_configs))
+        return self
 
 
 def _parse_kv(items: list[str]) -> dict[str, Any]:
@@ -799,6 +1123,195 @@ def _parse_kv(items: list[str]) -> dict[str, Any]:
                 raise ValueError(f"run-config key {k!r} given twice")
         out.update(kv)
     return out
+
+
+NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir", "tier")
+
+
+def _node_config(text: str, data_dir: str | None) -> dict[str, Any]:
+    """``--node-config 'partition-id=0 num-partitions=2'`` (+ ``--data-dir``), checked here:
+    known keys, integer ids in range, an existing data folder (made absolute)."""
+    import shlex
+
+    nc = _parse_kv(shlex.split(text or ""))
+    for key in nc:
+        if key not in NODE_CONFIG_KEYS:
+            raise ValueError(f"unknown node-config key {key!r} (known: "
+                             f"{', '.join(NODE_CONFIG_KEYS)})")
+    if data_dir:
+        nc["data-dir"] = data_dir
+    for key in ("partition-id", "num-partitions"):
+        if key not in nc:
+            raise ValueError(f"--node-config needs {key} (e.g. 'partition-id=0 "
+                             "num-partitions=2')")
+        if not isinstance(nc[key], int) or isinstance(nc[key], bool):
+            raise ValueError(f"node-config {key} must be an integer, got {nc[key]!r}")
+    if not 0 <= nc["partition-id"] < nc["num-partitions"]:
+        raise ValueError(f"node-config partition-id {nc['partition-id']} is outside "
+                         f"0..{nc['num-partitions'] - 1}")
+    if "data-dir" in nc:
+        d = Path(str(nc["data-dir"])).expanduser().resolve()
+        if not d.is_dir():
+            raise ValueError(f"node-config data-dir {str(d)!r} is not a folder on this host")
+        nc["data-dir"] = str(d)
+    return nc
+
+
+def _exit_on_sigint() -> None:
+    """The host roles serve until stopped: Ctrl-C exits 130 like SIGTERM (143), stopping
+    every process started, without a traceback."""
+    signal.signal(signal.SIGINT, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def node_host_main(args: argparse.Namespace) -> int:
+    """``node-host``: one SuperNode of a multi-host federation (see :class:`NodeHost`)."""
+    work = Path(args.work_dir).expanduser().resolve()
+    key = Path(args.key).expanduser().resolve() if args.key else work / "supernode-key"
+    if args.make_key:
+        if key.exists():
+            print(f"fedlora: key {key} exists already (kept)", flush=True)
+        else:
+            make_node_key(key)
+            print(f"fedlora: new node key {key} (private: it never leaves this host)", flush=True)
+        print(f"Next: send {key}.pub to the SuperLink host's operator, who puts it in the "
+              "--node-keys folder of `python -m fedlora.launch superlink-host`; then, with "
+              "that host's ca.crt here, run:\n  python -m fedlora.launch node-host --superlink "
+              f"<its --listen address> --ca ca.crt --key {key} --node-config "
+              "'partition-id=I num-partitions=N' [--data-dir DIR]", flush=True)
+        return 0
+    try:
+        if not args.superlink or not args.ca:
+            raise ValueError("node-host needs --superlink HOST:PORT (the SuperLink host's Fleet "
+                             "proxy) and --ca (its ca.crt), or --make-key")
+        split_address(args.superlink)
+        ca = Path(args.ca).expanduser().resolve()
+        if not ca.is_file():
+            raise ValueError(f"--ca {str(ca)!r} is not a file (copy the SuperLink host's ca.crt)")
+        if args.check:
+            tls_check(args.superlink, ca)
+            print(f"fedlora: TLS to {args.superlink} verified with {ca}", flush=True)
+            return 0
+        if not key.is_file():
+            raise ValueError(f"no node key at {key}: make one with --make-key and have its .pub "
+                             "registered on the SuperLink host")
+        nc = _node_config(args.node_config, args.data_dir)
+        tls_check(args.superlink, ca)
+    except (ValueError, OSError, TLSCheckError) as err:
+        print(f"fedlora: refused: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    _exit_on_sigint()
+    with Processes(work / "logs") as procs:
+        node = NodeHost(procs, work / "home", args.superlink, nc, ca=ca, key=key,
+                        runtime_port=args.runtime_port)
+        try:
+            node.start()
+            node_id = node.joined(timeout=args.join_timeout)
+        except (RuntimeError, OSError) as err:
+            print(f"fedlora: node failed: {one_line(err)}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        print(f"fedlora: joined {args.superlink} as node {node_id} ({config_string(nc)}); "
+              f"log {procs.log_dir / 'supernode.log'}. Next: the SuperLink host runs the app "
+              "once every node is online. Ctrl-C (or SIGTERM) leaves.", flush=True)
+        assert node.proc is not None
+        code = node.proc.wait()
+        print(f"fedlora: node failed: {supernode_failure(procs.log('supernode'), code, key)}",
+              file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+
+def superlink_host_main(args: argparse.Namespace, light: bool = False) -> int:
+    """``superlink-host``: certificates, SuperLink on 127.0.0.1, the Fleet proxy on --listen,
+    the node keys of --node-keys registered; then runs the app once --nodes are online (exit
+    status judged as for ``deploy``), or (--serve) serves until stopped."""
+    try:
+        host, port = split_address(args.listen)
+        keys = Path(args.node_keys).expanduser().resolve()
+        if not keys.is_dir():
+            raise ValueError(f"--node-keys {str(keys)!r} is not a folder (put each node's "
+                             ".pub there)")
+        if (args.nodes is None) == (not args.serve):
+            raise ValueError("give --nodes N (run the app once N nodes are online) or --serve "
+                             "(keep serving; submit runs with flwr run)")
+        if args.serve and args.overrides:
+            raise ValueError("run-config overrides go with --nodes, not --serve")
+        if nginx_binary() is None:
+            raise ValueError("nginx not found: the SuperLink host puts it in front of the "
+                             "SuperLink (scripts/bootstrap.sh installs it)")
+        rc: dict[str, Any] = {}
+        if not args.serve:
+            rc, _ = prepare(args, light=light)
+        work = Path(args.work_dir).expanduser().resolve()
+        certs = Path(args.certs).expanduser().resolve() if args.certs else None
+        names = [n for n in args.name if n]
+        for n in names:
+            if re.search(r"[\s/]", n):
+                raise ValueError(f"--name {n!r} is not a host name or IP address")
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"fedlora: refused: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    _exit_on_sigint()
+    with Processes(work / "logs") as procs:
+        h = SuperLinkHost(procs, work, host=host, fleet_port=port,
+                          superlink_port=args.superlink_port, names=names, certs=certs,
+                          connection="superlink-host")
+        try:
+            h.start_superlink()
+            new = h.register_folder(keys)
+        except (ValueError, TLSCheckError) as err:
+            print(f"fedlora: refused: {one_line(err)}", file=sys.stderr, flush=True)
+            return EXIT_REFUSED
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            print(f"fedlora: failed: {one_line(err)}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        dial = f"{names[0] if host in WILDCARD_HOSTS and names else host}:{h.fleet_port}"
+        print(superlink_host_banner(h, keys, new, dial), flush=True)
+
+        def register_new() -> None:
+            try:
+                for pub, node_id in h.register_folder(keys):
+                    print(f"fedlora: registered {pub.name} -> node {node_id}", flush=True)
+            except ValueError as err:  # one bad key must not stop the others
+                print(f"fedlora: {one_line(err)}", file=sys.stderr, flush=True)
+
+        if args.serve:
+            print(f"fedlora: serving; new .pub files in {keys} are registered as they arrive. "
+                  "Ctrl-C (or SIGTERM) stops everything.", flush=True)
+            while True:
+                time.sleep(5.0)
+                register_new()
+        try:
+            print(f"fedlora: waiting for {args.nodes} SuperNodes (at most {args.wait:.0f} s)",
+                  flush=True)
+            h.wait_nodes(args.nodes, timeout=args.wait, between=register_new)
+            print(f"fedlora: {args.nodes} SuperNodes online: {sorted(h.online_node_ids())}",
+                  flush=True)
+            res = h.run(rc, stream=True)
+        except (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError) as err:
+            print(f"fedlora: run failed: {one_line(err)}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+    if res.returncode != 0:
+        print(f"fedlora: run failed: {res.reason}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    print(f"records: {run_folder(rc)}/rounds.jsonl  rounds.csv  summary.json")
+    return 0
+
+
+def superlink_host_banner(h: SuperLinkHost, keys: Path, new: list[tuple[Path, int | None]],
+                          dial: str) -> str:
+    regs = ", ".join(f"{p.name} -> node {i if i is not None else '(registered before)'}"
+                     for p, i in new) or f"none yet (no .pub in {keys})"
+    return "\n".join([
+        "fedlora: SuperLink host ready",
+        f"  SuperLink    {h.address}  (Fleet + Control + Runtime API: this host only)",
+        f"  Fleet proxy  {h.fleet_address}  (the one port the node hosts may reach)",
+        f"  certificate  {h.certs / 'server.pem'} names {', '.join(cert_names(h.certs / 'server.pem'))}",
+        f"  node keys    {regs}",
+        "Next, on each node host:",
+        f"  1. copy {h.ca} there (public; ca.key and server.key stay on this host)",
+        f"  2. python -m fedlora.launch node-host --superlink {dial} --ca ca.crt --key <its key> "
+        "--node-config 'partition-id=I num-partitions=N' [--data-dir DIR]",
+        f"Operator, on this host: FLWR_HOME={h.cli_home} flwr ls {h.connection}",
+    ])
 
 
 RESUME_HELP = ("continue the run in RUN_DIR from its last complete round (its checkpoint's run "
@@ -835,6 +1348,59 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
     dep.add_argument("--work-dir", default=str(PROJECT / "runs" / ".deploy"))
     dep.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
     dep.add_argument("overrides", nargs="*", help='run-config overrides: key=value (TOML values)')
+    sh = sub.add_parser(
+        "superlink-host", help="this host runs the SuperLink and the Fleet proxy of a "
+        "multi-host federation (docs/deployment.md)",
+        description="Certificates naming localhost, 127.0.0.1, the --listen address and every "
+        "--name (made in --certs, or existing ones checked); the SuperLink with TLS and "
+        "SuperNode authentication on 127.0.0.1 only; the nginx Fleet proxy on --listen (the "
+        "one port for the node hosts); every .pub in --node-keys registered (and new ones "
+        "while waiting). Prints the next step for the node hosts. Then, with --nodes N, runs "
+        "the app with the overrides once N nodes are online and stops (exit status as for "
+        "deploy); with --serve, keeps serving until stopped.")
+    sh.add_argument("--listen", required=True, metavar="HOST:PORT",
+                    help="the Fleet proxy's address on the nodes' network, e.g. 10.0.0.1:9443")
+    sh.add_argument("--name", action="append", default=[], metavar="NAME",
+                    help="another DNS name or IP the nodes dial (repeatable); the certificate "
+                    "always names localhost, 127.0.0.1 and the --listen host")
+    sh.add_argument("--node-keys", required=True, metavar="DIR",
+                    help="folder of the node hosts' public keys (*.pub)")
+    sh.add_argument("--superlink-port", type=int, default=9093,
+                    help="the SuperLink's port on 127.0.0.1 (default 9093)")
+    sh.add_argument("--certs", metavar="DIR", help="certificate folder (default "
+                    "<work-dir>/certs; made when missing, checked when present)")
+    sh.add_argument("--work-dir", default=str(state_dir("superlink-host")),
+                    help="SuperLink state, CLI home, certificates, logs (default %(default)s)")
+    sh.add_argument("--nodes", type=int, help="run the app once this many nodes are online")
+    sh.add_argument("--wait", type=float, default=600.0,
+                    help="seconds to wait for --nodes (default 600)")
+    sh.add_argument("--serve", action="store_true", help="do not run: serve until stopped")
+    sh.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
+    sh.add_argument("overrides", nargs="*", help="run-config overrides: key=value (TOML values)")
+    nh = sub.add_parser(
+        "node-host", help="this host runs one SuperNode of a multi-host federation "
+        "(docs/deployment.md)",
+        description="--make-key: a new key pair (send the .pub to the SuperLink host). "
+        "Otherwise: checks the TLS connection to --superlink (a name mismatch is reported "
+        "with the name dialed and the names the certificate has), starts the SuperNode and "
+        "waits until the SuperLink accepted it; it keeps running until stopped.")
+    nh.add_argument("--superlink", metavar="HOST:PORT",
+                    help="the SuperLink host's Fleet proxy (its --listen address)")
+    nh.add_argument("--ca", metavar="FILE", help="the SuperLink host's ca.crt")
+    nh.add_argument("--key", metavar="FILE",
+                    help="this node's private key (default <work-dir>/supernode-key)")
+    nh.add_argument("--check", action="store_true",
+                    help="only check the TLS connection to --superlink with --ca, then exit")
+    nh.add_argument("--make-key", action="store_true",
+                    help="make the key pair (if missing), print the next step, exit")
+    nh.add_argument("--node-config", default="", metavar="'K=V ...'",
+                    help="partition-id=I num-partitions=N [tier=T] [data-dir=\"DIR\"]")
+    nh.add_argument("--data-dir", help="this node's data folder (node-config data-dir)")
+    nh.add_argument("--runtime-port", type=int,
+                    help="the SuperNode's Runtime API port on 127.0.0.1 (default: a free one)")
+    nh.add_argument("--join-timeout", type=float, default=120.0)
+    nh.add_argument("--work-dir", default=str(state_dir("node-host")),
+                    help="FLWR_HOME, key, logs (default %(default)s)")
     px = sub.add_parser(
         "fleet-proxy-conf", help="print the nginx config of the Fleet proxy (for a deployment "
         "by hand or Docker: docs/deployment.md)")
@@ -859,6 +1425,10 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
         return 0
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    if args.cmd == "node-host":
+        return node_host_main(args)
+    if args.cmd == "superlink-host":
+        return superlink_host_main(args, light=light)
     try:
         rc, work = prepare(args, light=light)
     except (ConfigError, ValueError, OSError) as err:
@@ -866,6 +1436,9 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
         return EXIT_REFUSED
     try:
         res, run_dir = _launch(args, rc, work)
+    except ValueError as err:  # refused before a daemon started (e.g. certificates' folder)
+        print(f"fedlora: refused: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:  # a daemon did not start
         print(f"fedlora: run failed: {one_line(err)}", file=sys.stderr, flush=True)
         return EXIT_FAILED
@@ -908,7 +1481,8 @@ EXIT_FAILED, EXIT_REFUSED = 1, 2
 
 def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
-    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+    return text if isinstance(err, (ValueError, TLSCheckError)) else \
+        f"{type(err).__name__}: {text}"
 
 
 def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, Any], Path]:
@@ -941,10 +1515,11 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
     rc.setdefault("run-dir", str(PROJECT / "runs"))
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
     rc = check(rc, cwd=os.getcwd(), light=light, hub_offline=hub_offline())
+    check_eval_data(rc)  # the ServerApp's test split, on this (the SuperLink's) host
     base = Path(args.work_dir).expanduser().resolve()
     if base.exists() and not base.is_dir():
         raise ValueError(f"--work-dir {str(base)!r} is not a folder")
-    if args.cmd == "sim":
+    if args.cmd in ("sim", "superlink-host"):
         return rc, base
     if not args.insecure and nginx_binary() is None:
         raise ValueError("nginx not found: the secure deployment puts it in front of the "

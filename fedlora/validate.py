@@ -163,6 +163,23 @@ def check(run_config: Mapping[str, Any], cwd: str | Path | None = None,
     return out
 
 
+def check_eval_data(run_config: Mapping[str, Any]) -> None:
+    """The ServerApp's central evaluation reads the test split of run-config ``data-dir`` on the
+    SuperLink's host (the nodes read their train split from their own node config): refuse a
+    vision run whose ``data-dir`` holds no test split there, before any Flower process starts.
+    ``run_config`` is :func:`check`'s output (absolute paths)."""
+    cfg = RunConfig.from_run_config(dict(run_config))
+    if cfg.task != "vision" or not cfg.data_dir:
+        return
+    from .tasks.data import DataError, _detect_dir_format  # numpy only
+
+    try:
+        _detect_dir_format(Path(cfg.data_dir), "test")
+    except DataError as err:
+        raise ConfigError(f"run-config 'data-dir' is the central evaluation's folder on the "
+                          f"SuperLink's host: {err}") from None
+
+
 def check_run_name(name: str) -> None:
     """``run-name`` must be one plain folder name: ``../x``, ``/tmp/x``, ``a/b`` could put a run
     (and a deployment's keys and logs) outside its folder."""

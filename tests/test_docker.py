@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -122,6 +123,45 @@ def test_compose_tls_and_gpu_overrides():
     # a service on a Docker network is refused, not run
     with pytest.raises(compose_run.ComposeError, match="network_mode: host"):
         compose_run.load([_write_tmp("services:\n  a:\n    image: x\n")], _env())
+
+
+SUPERLINK_HOST = DOCKER_DIR / "compose.superlink-host.yml"
+NODE_HOST = DOCKER_DIR / "compose.node-host.yml"
+
+
+def test_compose_multihost_files():
+    """The two files for separate machines: the SuperLink host serves Control on 127.0.0.1
+    only (TLS, node authentication) and the nodes' network through the Fleet proxy; its
+    ServerApp gets the evaluation data and the run folder. A node host's SuperNode dials the
+    given proxy address with ca.crt and its own key only (no server or CA key), and the file
+    refuses to start without the address, partition-id and num-partitions."""
+    s = compose_run.load([SUPERLINK_HOST], _env(FEDLORA_CERTS_DIR="/c",
+                                                FEDLORA_EVAL_DIR="/e"))["services"]
+    assert set(s) == {"superlink", "superexec-serverapp", "fleet-proxy"}
+    assert all(v["network_mode"] == "host" for v in s.values())
+    sl = s["superlink"]["command"]
+    assert sl[sl.index("--host") + 1] == "127.0.0.1" and "--enable-supernode-auth" in sl
+    assert "--insecure" not in sl
+    assert "/e:/data:ro" in s["superexec-serverapp"]["volumes"]
+    assert any(v.endswith(":/runs") for v in s["superexec-serverapp"]["volumes"])
+    assert "/c/fleet-proxy.conf:/etc/fedlora/nginx.conf:ro" in s["fleet-proxy"]["volumes"]
+    n = compose_run.load([NODE_HOST], _env(
+        FEDLORA_SUPERLINK="10.0.0.1:9443", FEDLORA_PARTITION_ID="1",
+        FEDLORA_NUM_PARTITIONS="3", FEDLORA_NODE_DIR="/n", FEDLORA_DATA_DIR="/d"))["services"]
+    assert set(n) == {"supernode", "superexec-clientapp"}
+    cmd = n["supernode"]["command"]
+    assert cmd[cmd.index("--superlink") + 1] == "10.0.0.1:9443"
+    assert cmd[cmd.index("--node-config") + 1] == 'partition-id=1 num-partitions=3 data-dir="/data"'
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert sorted(n["supernode"]["volumes"]) == ["/n/ca.crt:/certs/ca.crt:ro",
+                                                 "/n/supernode-key:/certs/supernode-key:ro"]
+    port = cmd[cmd.index("--port") + 1]
+    assert n["superexec-clientapp"]["command"] == [
+        "--insecure", "--runtime-api-address", f"127.0.0.1:{port}"]
+    assert "/d:/data:ro" in n["superexec-clientapp"]["volumes"]
+    with pytest.raises(compose_run.ComposeError, match="Fleet proxy"):
+        compose_run.load([NODE_HOST], _env(FEDLORA_PARTITION_ID="0",
+                                           FEDLORA_NUM_PARTITIONS="2"))
 
 
 def _write_tmp(text: str) -> Path:
@@ -397,6 +437,130 @@ def test_compose_deployment_two_rounds(engine, app_image, tmp_path):
 @pytest.mark.slow
 def test_compose_deployment_tls(engine, app_image, tmp_path):
     _run_and_check(engine, tmp_path, [COMPOSE], rounds=1, tls=True)
+
+
+@contextlib.contextmanager
+def _private_address():
+    """A private /32 address on an interface of its own (a dummy one, or where the kernel has
+    no dummy driver one end of a veth pair), removed afterwards: a non-loopback address for
+    the SuperLink host's Fleet proxy, reachable by the node hosts' containers (all on the host
+    network) and by nothing beyond this host (no route, no peer outside it)."""
+    name = f"fl39d{os.getpid() % 100000}"
+    address = f"10.39.{200 + os.getpid() % 50}.1"
+    add = subprocess.run(["ip", "link", "add", name, "type", "dummy"], capture_output=True,
+                         text=True)
+    links = [name]
+    if add.returncode != 0:
+        add = subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name",
+                              name + "p"], capture_output=True, text=True)
+        links = [name, name + "p"]
+    if add.returncode != 0:
+        pytest.skip(f"cannot add a dummy or veth interface: {add.stderr.strip()}")
+    try:
+        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", name], check=True,
+                       capture_output=True)
+        for link in links:
+            subprocess.run(["ip", "link", "set", link, "up"], check=True, capture_output=True)
+        yield address
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)  # a veth's peer too
+
+
+@pytest.mark.slow
+def test_compose_superlink_host_and_node_hosts(engine, app_image, tmp_path):
+    """compose.superlink-host.yml and two projects of compose.node-host.yml (as on separate
+    machines), against each other over a non-loopback address: the Fleet proxy listens on a
+    private 10.39.x.1 on an interface of its own, which the certificate names; each node host gets only ca.crt
+    and its own key; the SuperLink host's ServerApp gets an evaluation folder holding only
+    test.npz. The operator registers both keys on the loopback port, the run completes and
+    the records name exactly the registered nodes.
+
+    No image registry here: the app image stands in for the SuperLink/SuperNode images, and
+    for nginx:1.27 the host's Debian nginx binary is mounted into the app image (same Debian
+    release), run as root like the official image's master process."""
+    nginx = launch_nginx()
+    if nginx is None:
+        pytest.skip("nginx not installed on the host (scripts/bootstrap.sh installs it)")
+    with _private_address() as address:
+        certs, evaluation = tmp_path / "certs", tmp_path / "eval"
+        evaluation.mkdir()
+        shutil.copy(PROJECT / "tests" / "data" / "fashion-mnist-sample" / "test.npz", evaluation)
+        subprocess.run(["bash", str(PROJECT / "scripts" / "make-certs.sh"), str(certs),
+                        address], check=True, capture_output=True,
+                       env={**os.environ, "NODE_KEYS": "2", "KEY_OWNER": "49999",
+                            "RSA_BITS": "2048"})
+        fleet_port, superlink_port = free_port(), free_port()
+        conf = subprocess.run(
+            [sys.executable, "-m", "fedlora.launch", "fleet-proxy-conf", "--listen",
+             f"{address}:{fleet_port}", "--superlink", f"127.0.0.1:{superlink_port}",
+             "--certs", "/certs", "--state-dir", "/tmp"], capture_output=True, text=True,
+            check=True, cwd=PROJECT)
+        (certs / "fleet-proxy.conf").write_text(conf.stdout)
+        proxy = tmp_path / "proxy-here.yml"
+        proxy.write_text(
+            "services:\n  fleet-proxy:\n    image: " + IMAGE + "\n    user: \"0:0\"\n"
+            "    entrypoint: [/usr/sbin/nginx]\n    volumes:\n"
+            f"      - {nginx}:/usr/sbin/nginx:ro\n")
+        nodes = {}
+        for i in (0, 1):
+            d = tmp_path / f"node-{i}"
+            d.mkdir()
+            shutil.copy(certs / "ca.crt", d / "ca.crt")
+            shutil.copy2(certs / f"supernode-{i}", d / "supernode-key")
+            os.chown(d / "supernode-key", 49999, -1)
+            nodes[i] = d
+        with contextlib.ExitStack() as stack:
+            env, logs_a = stack.enter_context(deployment(
+                engine, tmp_path / "a", [SUPERLINK_HOST, proxy],
+                {"FEDLORA_CERTS_DIR": str(certs), "FEDLORA_EVAL_DIR": str(evaluation),
+                 "FEDLORA_SUPERLINK_PORT": str(superlink_port)}))
+            local = f"127.0.0.1:{superlink_port}"
+            wait_http(f"https://{local}/health", timeout=180,
+                      verify=ssl.create_default_context(cafile=str(certs / "ca.crt")))
+            cli_home = tmp_path / "cli"
+            write_connection(cli_home, "cluster", local, insecure=False,
+                             root_certificates=str(certs / "ca.crt"))
+            ids = set()
+            for i in (0, 1):
+                reg = subprocess.run(["flwr", "supernode", "register",
+                                      str(certs / f"supernode-{i}.pub"), "cluster"],
+                                     env=flower_env(cli_home), cwd=PROJECT, capture_output=True,
+                                     text=True, timeout=120)
+                assert reg.returncode == 0, reg.stdout + reg.stderr
+                ids.add(int(re.search(r"SuperNode (\d+) registered", reg.stdout).group(1)))
+            logs = [logs_a]
+            for i, d in nodes.items():
+                _, logs_n = stack.enter_context(deployment(
+                    engine, tmp_path / f"b{i}", [NODE_HOST],
+                    {"FEDLORA_SUPERLINK": f"{address}:{fleet_port}",
+                     "FEDLORA_PARTITION_ID": str(i), "FEDLORA_NUM_PARTITIONS": "2",
+                     "FEDLORA_NODE_DIR": str(d), "FEDLORA_SUPERNODE_PORT": str(free_port()),
+                     "FEDLORA_DATA_DIR": str(PROJECT / "tests" / "data" /
+                                             "fashion-mnist-sample")}))
+                logs.append(logs_n)
+            try:
+                _wait_nodes(cli_home, "cluster", 2)
+            except TimeoutError as e:
+                pytest.fail(f"{e}\n" + "\n".join(f() for f in logs))
+            rc = {**BASE, "num-server-rounds": 1, "data-dir": "/data", "run-dir": "/runs",
+                  "run-name": "multihost"}
+            res = flwr_run(PROJECT, "cluster", cli_home, rc, timeout=900)
+            assert res.returncode == 0, res.stdout[-4000:] + "\n" + logs_a()
+            status = subprocess.run(["flwr", "ls", "cluster", "--format", "json"],
+                                    env=flower_env(cli_home), cwd=PROJECT, capture_output=True,
+                                    text=True, timeout=120)
+            assert [r["status"] for r in json.loads(status.stdout)["runs"]] == \
+                ["finished:completed"], status.stdout
+    recs = read_rounds(tmp_path / "a" / "runs" / "multihost")
+    assert [r["round"] for r in recs] == [0, 1]
+    assert recs[1]["clients"] == 2 and recs[1]["failures"] == 0
+    assert {int(n) for n in recs[1]["bytes_up_per_node"]} == ids
+
+
+def launch_nginx() -> str | None:
+    from fedlora.launch import nginx_binary
+
+    return nginx_binary()
 
 
 @pytest.mark.slow
