@@ -1,11 +1,8 @@
 """Start and stop real Flower processes for a run, by PID, even on failure.
 
-Used by ``./run``, the tests and the benchmarks. A simulation run here is the same code path as
-``flwr run .``: a ``flower-superlink --simulation`` (started by us, so we know its PID instead of
-leaving Flower's detached managed SuperLink behind), a connection in ``$FLWR_HOME/config.toml``,
-and ``flwr run <app> <connection> --stream``.
-
-    python -m fedlora.launch sim --nodes 4 -- num-server-rounds=3 method="flocora"
+Used by ``./run``, the tests and the benchmarks. ``sim`` (e.g. ``python -m fedlora.launch sim
+--nodes 4 -- num-server-rounds=3``) is ``flwr run .``'s code path on a ``flower-superlink
+--simulation`` we start (its PID known), with a connection in ``$FLWR_HOME/config.toml``.
 
 A deployment: ``deploy`` (SuperLink + N SuperNodes on this machine) is built from the two host
 roles of a multi-host federation, ``superlink-host`` (SuperLink on 127.0.0.1, Fleet proxy on
