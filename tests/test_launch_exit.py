@@ -45,7 +45,6 @@ def launcher(*args: str, cwd: Path, timeout: float = 60) -> subprocess.Completed
 def test_refused_before_anything_is_created(cmd, args, says, tmp_path, sample_dir):
     cwd = tmp_path / "here"
     cwd.mkdir()
-    t0 = time.perf_counter()
     res = launcher(cmd, "--work-dir", str(tmp_path / "work"), *args,
                    f'data-dir="{sample_dir}"' if "data-dir" not in str(args) else "", cwd=cwd)
     assert res.returncode == 2, res.stdout + res.stderr
@@ -55,7 +54,6 @@ def test_refused_before_anything_is_created(cmd, args, says, tmp_path, sample_di
     # nothing made: no work dir (deploy: certs, keys, SuperLink state), nothing beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
     assert list(cwd.iterdir()) == []
-    assert time.perf_counter() - t0 < 10
 
 
 class FakeCli:
