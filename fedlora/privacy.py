@@ -436,7 +436,7 @@ class ServerPrivacy:
         s = DPSettings.from_config(cfg)
         if s.enabled:
             if not strategy.replies_are_deltas:
-                if getattr(strategy, "delta_upload", False):
+                if getattr(strategy, "uploads", None) == "either":  # Uploads.EITHER
                     raise ValueError(f"dp={s.mode!r} clips and noises the update: {strategy.name} "
                                      "must send it, set upload='delta'")
                 raise ValueError(f"dp={s.mode!r} needs a method whose server step adds up "

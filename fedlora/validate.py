@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .config import RunConfig, split_list
+from .strategies.protocol import Uploads
 
 __all__ = ["ConfigError", "check", "check_run_name", "run_folder"]
 
@@ -39,6 +40,14 @@ class ConfigError(ValueError):
 DELTA_UPLOAD = ("fedavg", "flocora", "fl-lora", "ffa-lora")
 #: methods whose replies are updates already
 NATIVE_DELTA = ("flasc", "lora-a2")
+
+
+def uploads_of(method: str) -> Uploads:
+    """The method's :class:`~.strategies.protocol.Uploads`, from the two tables above."""
+    return (Uploads.EITHER if method in DELTA_UPLOAD else
+            Uploads.UPDATES if method in NATIVE_DELTA else Uploads.WEIGHTS)
+
+
 #: methods that add their own sparsifier: (to uploads, to downloads; "delta" = with download=delta)
 OWN_SPARSIFIER = {"flasc": (True, True), "flexlora": (True, False), "hetlora": (True, False),
                   "lora-a2": (True, "delta")}
@@ -334,8 +343,8 @@ def _check_privacy(cfg: RunConfig) -> None:
 
     m = cfg.method
     traits = types.SimpleNamespace(
-        cfg=cfg, name=m, delta_upload=m in DELTA_UPLOAD,
-        replies_are_deltas=m in NATIVE_DELTA or (m in DELTA_UPLOAD and cfg.upload == "delta"))
+        cfg=cfg, name=m, uploads=uploads_of(m),
+        replies_are_deltas=uploads_of(m).replies_are_deltas(cfg.upload))
     try:
         ServerPrivacy.for_strategy(traits)
     except ValueError as err:

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..adapters import load_state, num_params, state_to_numpy, travelling_state
 from .base import ClientResult, ClientRound, FedLoraStrategy, averaged
+from .protocol import Uploads
 
 SCALE = 1.0
 CALLS = {"aggregate": 0, "client": 0}
@@ -51,7 +52,7 @@ CALLS = {"aggregate": 0, "client": 0}
 class ToyMean(FedLoraStrategy):
     name = "toy-mean"
     adapter = True
-    delta_upload = True
+    uploads = Uploads.EITHER
     stream_weights = "examples"
 
     def aggregate_updates(self, server_round, state, updates):

@@ -135,8 +135,7 @@ def test_tables_mirror_the_code_they_stand_for():
 
     for m in METHODS:
         s = get_method(m).Strategy
-        assert (m in validate.DELTA_UPLOAD) == bool(s.delta_upload), m
-        assert (m in validate.NATIVE_DELTA) == bool(s.native_delta_upload), m
+        assert validate.uploads_of(m) is s.uploads, m
     assert set(validate.VISION_MODELS) == set(vision.ARCHS) == set(text.VISION_MODELS)
     assert validate.VISION_DATASETS == text.VISION_DATASETS
     c = validate.CHOICES

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from ..adapters import load_state, num_params, state_to_numpy, travelling_state
 from .base import ClientResult, ClientRound, FedLoraStrategy, averaged
+from .protocol import Uploads
 
 
 class WeightAveraging(FedLoraStrategy):
     adapter = True
-    delta_upload = True
+    uploads = Uploads.EITHER
     stream_weights = "examples"
 
     def aggregate_updates(self, server_round, state, updates):

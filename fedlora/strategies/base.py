@@ -38,6 +38,7 @@ from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for th
 from .downlink import Downlink
 from .ledger import RoundStats, empty_record
 from .nodes import NodeDirectory
+from .protocol import Uploads
 from .secure import SecureRounds
 from .replies import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientUpdate,  # noqa: F401
                       MalformedReply, decode_reply, train_metrics)
@@ -66,11 +67,9 @@ class FedLoraStrategy(FedAvg):
 
     name = "base"
     adapter = True  # clients build the peft adapter model (False: the full model)
-    #: ``upload=delta`` accepted: the method averages weights, so clients may send their update
-    #: (trained − received) instead and the server adds the mean update to the global
-    delta_upload = False
-    #: the method's replies are updates already (FLASC, LoRA-A2): ``upload=delta`` is a no-op
-    native_delta_upload = False
+    #: what the method's replies can be (:class:`.protocol.Uploads`): weights only, weights or
+    #: updates (``upload=delta``: the server adds the mean update to the global), updates always
+    uploads: Uploads = Uploads.WEIGHTS
     #: how the method's server step weighs the uploads, when it is a function of their mean
     #: alone (then :mod:`.stream` can aggregate one reply at a time): ``"examples"`` (the
     #: weight-averaging methods: capped num-examples), ``"equal"`` (FLASC), None (not streamed)
@@ -104,12 +103,11 @@ class FedLoraStrategy(FedAvg):
                                  by_digest(cfg.payload_table))
         if cfg.upload not in ("weights", "delta"):
             raise ValueError(f"run-config 'upload' must be 'weights' or 'delta', got {cfg.upload!r}")
-        if cfg.upload == "delta" and not (self.delta_upload or self.native_delta_upload):
+        if cfg.upload == "delta" and self.uploads is Uploads.WEIGHTS:
             raise ValueError(f"{self.name} aggregates client weights; upload='delta' is for "
                              "flocora, fedavg, fl-lora and ffa-lora")
         #: replies are updates (trained − received), not weights
-        self.replies_are_deltas = self.native_delta_upload or (
-            self.delta_upload and cfg.upload == "delta")
+        self.replies_are_deltas = self.uploads.replies_are_deltas(cfg.upload)
         self._check_update_only_codecs()
         #: differential privacy (``dp-*``; inert when ``dp=off``): see :mod:`fedlora.privacy`
         self.privacy = ServerPrivacy.for_strategy(self)
@@ -338,7 +336,7 @@ class FedLoraStrategy(FedAvg):
         that accepts ``upload=delta``: fedavg, flocora, fl-lora, ffa-lora)."""
         if "_robustness" not in self.__dict__:
             self._robustness = guard.GuardSettings.from_config(
-                self.cfg, self.name, robust_ok=bool(getattr(self, "delta_upload", False)))
+                self.cfg, self.name, robust_ok=self.uploads is Uploads.EITHER)
         return self._robustness
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,

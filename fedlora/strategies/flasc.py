@@ -26,6 +26,7 @@ from ..compression.sparsify import TopK
 from ..config import tier_value
 from . import guard
 from .base import ClientResult, ClientRound, FedLoraStrategy, RejectRound
+from .protocol import Uploads
 
 FREEZE_MODES = ("none", "client", "server")
 SERVER_OPTS = ("adamw", "sgd", "avg")
@@ -40,7 +41,7 @@ def with_topk(density: float, pipe: Pipeline) -> Pipeline:
 class FLASC(FedLoraStrategy):
     name = "flasc"
     adapter = True
-    native_delta_upload = True
+    uploads = Uploads.UPDATES
     stream_weights = "equal"  # its pseudo-gradient is the plain mean of the deltas
 
     def __init__(self, cfg, shapes) -> None:

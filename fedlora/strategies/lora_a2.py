@@ -24,6 +24,7 @@ from ..config import tier_value
 from ..compression.ranks import Ranks
 from . import guard
 from .base import ClientResult, ClientRound, FedLoraStrategy, MalformedReply
+from .protocol import Uploads
 
 
 def trains_b(server_round: int) -> bool:
@@ -40,7 +41,7 @@ def factor_keys(names, server_round: int) -> list[str]:
 class LoRAA2(FedLoraStrategy):
     name = "lora-a2"
     adapter = True
-    native_delta_upload = True
+    uploads = Uploads.UPDATES
 
     def __init__(self, cfg, shapes) -> None:
         super().__init__(cfg, shapes)
