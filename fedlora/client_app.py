@@ -92,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
         partition_id=int(nc["partition-id"]), num_partitions=int(nc["num-partitions"]),
         data_dir=str(nc.get("data-dir", "")), state=context.state, codec_up=codec_up)
     res = method.client_train(cr)
-    res = privatize(res, conf)  # dp: clip (+ local noise) the update before the codec
+    res = privatize(res, conf, codec_up=codec_up)  # dp: clip (+ local noise) before the codec
     if "secagg-routed" in conf:  # secure aggregation: masked k-bit integers, no codec
         return secure.client_train_reply(msg, context, res)
     digest = by_digest(cfg.payload_table)

@@ -346,22 +346,23 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
 # ============================================================================ client half
 
 
-def sent_values(upload: Mapping[str, np.ndarray], spec: str) -> int:
-    """How many values an upload puts on the wire: the ``topk`` density's share, else all."""
-    from .compression import parse_spec
-
+def sent_values(upload: Mapping[str, np.ndarray], pipe: Any) -> int:
+    """How many values an upload puts on the wire through the chain ``pipe`` (a parsed
+    ``Pipeline``): the ``topk`` density's share, else all."""
     n = int(sum(np.asarray(v).size for v in upload.values()))
-    density = getattr(parse_spec(spec).sparsifier, "density", 1.0)
+    density = getattr(pipe.sparsifier, "density", 1.0)
     return int(density * n) if density < 1.0 else n
 
 
-def privatize(res: Any, conf: Mapping[str, Any], rng: np.random.Generator | None = None) -> Any:
+def privatize(res: Any, conf: Mapping[str, Any], rng: np.random.Generator | None = None,
+              codec_up: Any = None) -> Any:
     """A node's DP step on its :class:`~fedlora.strategies.base.ClientResult` before encoding;
     ``conf`` is the round's train config. ``dp`` off: ``res`` unchanged. Central: the upload
     clipped to ``dp-clip`` (L2), metric :data:`CLIPPED_METRIC`. Local: clipped (L2 for Gaussian,
     L1 for Laplace), noise of scale z·2C added to every coordinate of every uploaded tensor
     (``rng``: default a fresh OS-entropy generator), ``num-examples`` 1 and only ``params-up``
-    sent as metric. The upload must be the update (``upload`` = ``delta``)."""
+    sent as metric. The upload must be the update (``upload`` = ``delta``). ``codec_up``: the
+    upload chain the node already parsed (else parsed from ``conf``)."""
     mode = str(conf.get("dp", "off"))
     if mode == "off":
         return res
@@ -383,9 +384,12 @@ def privatize(res: Any, conf: Mapping[str, Any], rng: np.random.Generator | None
                                    metrics={**res.metrics, CLIPPED_METRIC: float(was_clipped)})
     rng = rng if rng is not None else np.random.default_rng()
     noisy = add_noise(clipped, local_noise_scale(bound, z), rng, mechanism)
-    spec = str(conf.get("codec-up", "fp32"))
+    if codec_up is None:
+        from .compression import parse_spec
+
+        codec_up = parse_spec(str(conf.get("codec-up", "fp32")))
     return dataclasses.replace(res, upload=noisy, num_examples=1,
-                               metrics={"params-up": float(sent_values(noisy, spec))})
+                               metrics={"params-up": float(sent_values(noisy, codec_up))})
 
 
 # ============================================================================ server half
