@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E4
 
 from fedlora.adapters import state_to_numpy, travelling_state  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
-from fedlora.strategies import get_method  # noqa: E402
+from fedlora.methods import get_method  # noqa: E402
 from fedlora.strategies.base import ADAPTER_KEY, METRICS_KEY, state_to_arrays  # noqa: E402
 from fedlora.tasks import make_task  # noqa: E402
 from fedlora.wire import by_digest, payload_record  # noqa: E402

@@ -27,7 +27,7 @@ from benchmarks.codecs import best  # noqa: E402
 from fedlora.adapters import state_to_numpy, travelling_state  # noqa: E402
 from fedlora.compression import parse_spec  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
-from fedlora.strategies import get_method  # noqa: E402
+from fedlora.methods import get_method  # noqa: E402
 from fedlora.strategies.base import ClientUpdate, RoundStats  # noqa: E402
 from fedlora.tasks.vision import VisionModelConfig, build_model  # noqa: E402
 

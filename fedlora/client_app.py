@@ -13,7 +13,8 @@ from .adapters import check_fingerprint, shapes, state_to_numpy, travelling_stat
 from .compression import ErrorFeedback, Pipeline, codec_key, parse_spec
 from .config import RunConfig, node_tier
 from .privacy import privatize
-from .strategies import get_method, secure
+from .methods import get_method
+from .strategies import secure
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
                               arrays_to_state, state_to_arrays)
 from .strategies.downlink import Copy, client_apply, digest

@@ -21,7 +21,7 @@ from .compression import Pipeline
 from .compression.payload import DIGEST_VERSION, FORMAT_VERSION
 from .config import RunConfig
 from .results import Recorder
-from .strategies import get_method
+from .methods import get_method
 from .strategies.base import ADAPTER_KEY, arrays_to_state, state_to_arrays
 from .wire import STYPE, by_digest, encode_record, message_bytes
 from .tasks import make_task

@@ -226,7 +226,7 @@ def _check_range(key: str, value: float, low, high, low_in: bool, high_in: bool)
 
 
 def _check_method(cfg: RunConfig) -> None:
-    from .strategies import METHODS  # the package's __init__ only: no torch
+    from .methods import METHODS  # the package's __init__ only: no torch
 
     if cfg.method not in METHODS:
         close = difflib.get_close_matches(cfg.method, list(METHODS), n=1)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from fedlora.adapters import load_state, state_to_numpy, travelling_state  # noqa: E402
 from fedlora.compression import decode_payload, parse_spec  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
-from fedlora.strategies import flasc, flocora, lora_a2  # noqa: E402
+from fedlora.methods import flasc, flocora, lora_a2  # noqa: E402
 from fedlora.strategies.base import ClientRound, ClientUpdate, weighted_mean  # noqa: E402
 from fedlora.tasks import make_task  # noqa: E402
 from fedlora.tasks.data import load_images  # noqa: E402

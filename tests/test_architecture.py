@@ -115,3 +115,11 @@ def test_graph_sees_imports_inside_functions():
 def test_no_import_cycles_in_fedlora():
     found = cycles(import_graph())
     assert not found, f"import cycles (each a set of modules importing each other): {found}"
+
+
+def test_round_machinery_never_imports_a_method():
+    """fedlora/strategies/ (the shared round machinery) is below fedlora/methods/: the methods
+    import it, never the other way round."""
+    up = {m: sorted(t for t in targets if t.startswith("fedlora.methods"))
+          for m, targets in import_graph().items() if m.startswith("fedlora.strategies")}
+    assert not {m: t for m, t in up.items() if t}, up

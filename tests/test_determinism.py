@@ -144,7 +144,7 @@ def test_canonical_order_is_partition_then_node_id(task_identity):
 def test_no_method_overrides_aggregate_train(task_identity):
     """The canonical order is applied once, in FedLoraStrategy.aggregate_train: a method that
     replaced it would bypass it."""
-    from fedlora.strategies import get_method
+    from fedlora.methods import get_method
 
     for m in ALL:
         assert get_method(m).Strategy.aggregate_train is FedLoraStrategy.aggregate_train, m

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedlora import configdoc
 from fedlora.config import RunConfig
-from fedlora.strategies import METHODS
+from fedlora.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

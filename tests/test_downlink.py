@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedlora.compression import decode_payload, parse_spec
 from fedlora.config import RunConfig
-from fedlora.strategies import get_method
+from fedlora.methods import get_method
 from fedlora.strategies.base import ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, state_to_arrays
 from fedlora.strategies.downlink import (Copy, Downlink, StaleDownload, apply_delta,
                                          client_apply, digest)

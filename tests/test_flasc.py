@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.compression import topk_mask
 from fedlora.config import RunConfig
-from fedlora.strategies import get_method
+from fedlora.methods import get_method
 from fedlora.strategies.base import ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays
 from fedlora.wire import decode_record, encode_record
 

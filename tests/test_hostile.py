@@ -15,7 +15,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from fedlora.adapters import rank_mask, truncate_ranks
 from fedlora.config import RunConfig
-from fedlora.strategies import get_method, guard
+from fedlora.methods import get_method
+from fedlora.strategies import guard
 from fedlora.strategies.base import ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays
 from fedlora.wire import decode_record, encode_record
 

@@ -11,10 +11,10 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.adapters import state_to_numpy, travelling_state
 from fedlora.config import RunConfig
-from fedlora.strategies import get_method
+from fedlora.methods import get_method
 from fedlora.strategies.base import (ADAPTER_KEY, METRICS_KEY, ClientRound, ClientUpdate,
                                      state_to_arrays)
-from fedlora.strategies.lora_a2 import rank_scores, select_ranks
+from fedlora.methods.lora_a2 import rank_scores, select_ranks
 from fedlora.tasks import make_task
 from fedlora.wire import encode_record
 

@@ -16,7 +16,7 @@ from fedlora.compression.binary import uvarint
 from fedlora.compression.payload import (DIGEST_VERSION, FORMAT_VERSION, MAGIC, _encode_table,
                                          table_digest)
 from fedlora.config import RunConfig
-from fedlora.strategies import get_method
+from fedlora.methods import get_method
 from fedlora.strategies.base import ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays
 from fedlora.strategies.downlink import digest as copy_digest
 from fedlora.wire import by_digest, encode_record, message_bytes

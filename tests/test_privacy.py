@@ -22,7 +22,7 @@ from fedlora.adapters import rank_mask
 from fedlora.config import RunConfig
 from fedlora.privacy import (PrivacyBudgetError, ServerPrivacy, adaptive_clip, clip,
                              noisy_unclipped_fraction, privatize)
-from fedlora.strategies import get_method
+from fedlora.methods import get_method
 from fedlora.strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientResult,
                                      arrays_to_state, state_to_arrays)
 from fedlora.wire import decode_record, encode_record

@@ -5,7 +5,7 @@ server step is the examples-weighted mean times 1.0 (so a round of it must land 
 ``flocora``, the same client rule, lands on), and ``be32``, a value coder that sends float32
 big-endian (lossless, so a round through it must equal one through ``fp32``). The module is a
 real file in a temporary folder added to the package's ``__path__`` (the recipe's "one file in
-``fedlora/strategies/`` / ``fedlora/compression/``"), and the registration edits (``METHODS``,
+``fedlora/methods/`` / ``fedlora/compression/``"), and the registration edits (``METHODS``,
 the validate tables, the method help, the ``compression/__init__.py`` import) are made in
 process and undone afterwards. Before each step, the test shows what goes wrong without it, so
 a recipe step that stopped being needed or stopped being enough fails here.
@@ -42,8 +42,8 @@ from collections import OrderedDict
 import numpy as np
 
 from ..adapters import load_state, num_params, state_to_numpy, travelling_state
-from .base import ClientResult, ClientRound, FedLoraStrategy, averaged
-from .protocol import Uploads
+from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, averaged
+from ..strategies.protocol import Uploads
 
 SCALE = 1.0
 CALLS = {"aggregate": 0, "client": 0}
@@ -130,12 +130,12 @@ def test_add_a_method_recipe_end_to_end(tmp_path, sample_dir, task_identity, mon
     registration step is needed: without it the run or a guarding test refuses."""
     import test_docs
     import test_validate
-    from fedlora import configdoc, strategies
-    from fedlora.strategies import METHODS, get_method
+    from fedlora import configdoc, methods
+    from fedlora.methods import METHODS, get_method
 
     rc = tiny_run_config(tmp_path, sample_dir, "toy", method="toy-mean")
-    # steps 1-2: the module, in fedlora/strategies/ (here: a folder on the package's path)
-    scratch_package("fedlora.strategies", "toy_mean", TOY_METHOD)
+    # steps 1-2: the module, in fedlora/methods/ (here: a folder on the package's path)
+    scratch_package("fedlora.methods", "toy_mean", TOY_METHOD)
 
     # step 3, first half: without its line in METHODS neither the ClientApp/ServerApp lookup
     # nor the launcher's check knows the method
@@ -145,7 +145,7 @@ def test_add_a_method_recipe_end_to_end(tmp_path, sample_dir, task_identity, mon
         validate.check(rc)
     monkeypatch.setitem(METHODS, "toy-mean", "toy_mean")
     toy = get_method("toy-mean")
-    assert toy.Strategy.name == "toy-mean" and toy is strategies.get_method("toy-mean")
+    assert toy.Strategy.name == "toy-mean" and toy is methods.get_method("toy-mean")
 
     # step 3, second half: the launcher's tables must say what the class declares; without
     # that, tests/test_validate.py fails and upload=delta is refused though the strategy takes it

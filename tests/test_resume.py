@@ -304,7 +304,7 @@ def test_hetlora_and_flasc_state_round_trip(tmp_path, task_identity):
     follow partitions to new node ids after a simulation restart."""
     from conftest import FakeGrid
 
-    from fedlora.strategies import get_method
+    from fedlora.methods import get_method
     from fedlora.strategies.base import RoundStats
 
     shapes = {"a.lora_A.weight": (4, 3), "a.lora_B.weight": (5, 4), "fc.bias": (5,)}

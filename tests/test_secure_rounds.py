@@ -188,7 +188,7 @@ def test_distributed_dp_accountant_survives_a_checkpoint():
     strategy loaded from it reports the same ε."""
     from collections import OrderedDict
 
-    from fedlora.strategies import get_method
+    from fedlora.methods import get_method
 
     cfg = RunConfig(method="flocora", upload="delta", update_norm_bound=1.0,
                     norm_bound_factor=0.0, secure_aggregation=True, secagg_noise=1.5)

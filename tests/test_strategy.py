@@ -11,7 +11,7 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageT
 
 from fedlora.compression import parse_spec
 from fedlora.config import RunConfig
-from fedlora.strategies import get_method
+from fedlora.methods import get_method
 from fedlora.strategies.base import (ADAPTER_KEY, METRICS_KEY, arrays_to_state, state_to_arrays)
 from fedlora.wire import encode_record
 

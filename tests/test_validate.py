@@ -129,7 +129,8 @@ def test_every_benchmark_and_preset_config_passes():
 
 def test_tables_mirror_the_code_they_stand_for():
     from fedlora import wire
-    from fedlora.strategies import METHODS, flasc, get_method, guard
+    from fedlora.methods import METHODS, flasc, get_method
+    from fedlora.strategies import guard
     from fedlora.strategies.downlink import MODES
     from fedlora.tasks import text, vision
 
@@ -154,7 +155,7 @@ def test_launcher_and_strategies_refuse_the_same_combinations(task_identity):
     """Every method × upload × download × codec-up × codec-down (and a sparsifying tier codec,
     robust aggregation, DP): the check refuses exactly what the strategy refuses when it is
     built (and validates its robustness settings at start)."""
-    from fedlora.strategies import METHODS, get_method
+    from fedlora.methods import METHODS, get_method
 
     cases = [dict(method=m, upload=u, download=d, codec_up=cu, codec_down=cd)
              for m, u, d, cu, cd in itertools.product(METHODS, ("weights", "delta"),

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..adapters import as_matrices, lora_modules
 from . import flexlora, flocora
-from .base import ClientResult, ClientRound, MalformedReply, weighted_mean
+from ..strategies.base import ClientResult, ClientRound, MalformedReply, weighted_mean
 
 
 class HetLoRA(flexlora.FlexLoRA):

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
 from .averaging import WeightAveraging
-from .base import ClientResult, ClientRound, averaged, weighted_mean
+from ..strategies.base import ClientResult, ClientRound, averaged, weighted_mean
 
 
 def sent_keys(names) -> list[str]:

@@ -10,8 +10,8 @@ for ``upload=delta``). A method of this family sets only its ``name`` and ``adap
 from __future__ import annotations
 
 from ..adapters import load_state, num_params, state_to_numpy, travelling_state
-from .base import ClientResult, ClientRound, FedLoraStrategy, averaged
-from .protocol import Uploads
+from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, averaged
+from ..strategies.protocol import Uploads
 
 
 class WeightAveraging(FedLoraStrategy):

@@ -24,9 +24,9 @@ from ..adapters import load_state, state_to_numpy, trainable_params, travelling_
 from ..compression import Pipeline, parse_spec, topk_mask
 from ..compression.sparsify import TopK
 from ..config import tier_value
-from . import guard
-from .base import ClientResult, ClientRound, FedLoraStrategy, RejectRound
-from .protocol import Uploads
+from ..strategies import guard
+from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, RejectRound
+from ..strategies.protocol import Uploads
 
 FREEZE_MODES = ("none", "client", "server")
 SERVER_OPTS = ("adamw", "sgd", "avg")

@@ -16,9 +16,10 @@ import numpy as np
 
 from ..adapters import as_matrices, is_lora_key, lora_modules, truncate_ranks
 from ..config import tier_value
-from . import flocora, guard
+from ..strategies import guard
+from . import flocora
 from ..compression.ranks import Ranks
-from .base import FedLoraStrategy, MalformedReply
+from ..strategies.base import FedLoraStrategy, MalformedReply
 
 log = logging.getLogger("flwr.fedlora")
 

@@ -22,9 +22,9 @@ from ..adapters import (as_matrices, is_lora_key, load_state, lora_modules, rank
                         state_to_numpy, trainable_params, travelling_state)
 from ..config import tier_value
 from ..compression.ranks import Ranks
-from . import guard
-from .base import ClientResult, ClientRound, FedLoraStrategy, MalformedReply
-from .protocol import Uploads
+from ..strategies import guard
+from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, MalformedReply
+from ..strategies.protocol import Uploads
 
 
 def trains_b(server_round: int) -> bool:

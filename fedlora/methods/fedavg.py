@@ -4,7 +4,7 @@ the server takes the ``num-examples``-weighted mean."""
 from __future__ import annotations
 
 from .averaging import WeightAveraging, train_weights
-from .base import ClientResult, ClientRound
+from ..strategies.base import ClientResult, ClientRound
 
 
 class FullFedAvg(WeightAveraging):
