@@ -106,7 +106,10 @@ def child_main() -> None:
         report = {"type": msg.metadata.message_type, "wall_s": wall, "cpu_s": cpu,
                   "rss_peak": _rss_peak_bytes(), "bytes_down": len(raw), "bytes_up": len(out),
                   "threads": torch.get_num_threads(), **state_bytes(ctx.state),
-                  "modules": sorted(m for m in WATCH if m in sys.modules)}
+                  "modules": sorted(m for m in WATCH if m in sys.modules),
+                  "reply_records": sorted(reply.content.keys()),
+                  "metrics": {k: v for rec in reply.content.metric_records.values()
+                              for k, v in rec.items()}}
         _send(stdout, out)
         _send(stdout, json.dumps(report).encode())
 
@@ -152,13 +155,16 @@ class Node:
 class ProcGrid:
     """A Flower Grid whose nodes are :class:`Node` children (sequential, one at a time)."""
 
-    def __init__(self, run_config: dict, nodes: int, node_config: dict | None = None,
+    def __init__(self, run_config: dict, nodes: int, node_config=None,
                  nice: int = 0, env=None) -> None:
+        """``node_config``: extra node-config keys, one dict for all nodes or a list (one
+        per node)."""
         self.nodes = {}
+        extra = node_config if isinstance(node_config, list) else [node_config or {}] * nodes
         try:
             for i in range(nodes):
                 nc = {"partition-id": i, "num-partitions": nodes,
-                      "data-dir": run_config.get("data-dir", ""), **(node_config or {})}
+                      "data-dir": run_config.get("data-dir", ""), **extra[i]}
                 self.nodes[101 + i] = Node(101 + i, run_config, nc, env=env, nice=nice)
         except BaseException:
             self.close()
@@ -174,8 +180,7 @@ class ProcGrid:
         return [n.close() for n in self.nodes.values()]
 
 
-def run_with_nodes(run_config: dict, nodes: int, node_config: dict | None = None,
-                   nice: int = 0) -> tuple[dict, dict]:
+def run_with_nodes(run_config: dict, nodes: int, node_config=None, nice: int = 0) -> tuple[dict, dict]:
     """A whole run: the ServerApp here, ``nodes`` ClientApp children. Returns (the run's
     summary, {node_id: {"start": ..., "reports": [...]}})."""
     from flwr.supercore.task_identity import TaskIdentity

@@ -212,6 +212,7 @@ class VisionTask(TaskBase):
         known = {"cifar10": 10, "fashion-mnist": 10}
         self.num_classes = max(test.num_classes, known.get(cfg.dataset, 0))
         self.channels = test.channels
+        self.example_bytes = 4 * int(np.prod(test.x.shape[1:]))  # float32 C·H·W
         self.model_cfg = VisionModelConfig(
             arch=cfg.model, num_classes=self.num_classes, in_channels=self.channels,
             feature_maps=cfg.feature_maps, norm=cfg.norm, lora_rank=cfg.lora_rank,
