@@ -13,7 +13,7 @@ which hands it to the real ClientApp (``fedlora.client_app:app``) and keeps the 
 
 * ``wall_s`` / ``cpu_s``: the ClientApp call (decode the download, train, encode the upload);
   CPU = user + system time of the node process (``resource.getrusage``);
-* ``rss_peak_mb``: the node process's peak resident set so far (``ru_maxrss``; it only grows);
+* ``rss_peak_mb``: the node process's peak resident set so far (``VmHWM``; it only grows);
 * ``down_kb`` / ``up_kb``: the serialized message each way (what a SuperNode receives/sends,
   Flower's envelope included);
 * ``state_mem_kb``: the arrays the node keeps between rounds (``context.state``: error-feedback
@@ -21,6 +21,8 @@ which hands it to the real ClientApp (``fedlora.client_app:app``) and keeps the 
   serialized as Flower serializes a RecordDict (what persisting it would take).
 
 The node's start (importing the ClientApp) is reported apart: ``start_s`` and ``start_rss_mb``.
+Round 1 also carries the node's one-time work (loading and partitioning or tokenizing its data,
+building the model), which later rounds reuse from the process's caches.
 Central evaluation (server side) is cut to 100 test examples: it is not the node's cost. The
 per-machine partition cache is filled before the nodes start, so no node computes partitions
 (one that does also imports datasets/pyarrow for it).

@@ -46,9 +46,19 @@ def _recv(stream) -> bytes:
 
 
 def _rss_peak_bytes() -> int:
+    """This process's peak resident set: ``VmHWM`` of its own address space. Not
+    ``ru_maxrss``: Linux carries that across ``execve`` from the process that forked it, so a
+    child of a big parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB elsewhere
 
 
 def _cpu_s() -> float:
