@@ -85,9 +85,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(rows: list[dict], out: Path, note: str = "") -> None:
+def write(rows: list[dict], out: Path, note: str = "", command: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"command": "python benchmarks/images.py " + " ".join(sys.argv[1:]), "note": note,
+    command = command or "python benchmarks/images.py " + " ".join(sys.argv[1:])
+    doc = {"command": command, "note": note,
            "load_avg": os.getloadavg(), "images": rows}
     (out / "images.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "images.md").write_text("# App images: size and cold start\n\n" + (note + "\n\n" if note else "")

@@ -459,6 +459,8 @@ def test_node_image_is_smaller_and_starts(engine, app_image, node_image):
     assert node["examples"] == full["examples"] > 0   # the same partition, with or without datasets
     if os.environ.get("FEDLORA_IMAGES_OUT"):
         images.write(rows, Path(os.environ["FEDLORA_IMAGES_OUT"]),
+                     command="FEDLORA_IMAGES_OUT=<folder> pytest tests/test_docker.py -k "
+                             "'smaller' (it builds both images first)",
                      note=f"measured by tests/test_docker.py on its private dockerd; load "
                           f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
