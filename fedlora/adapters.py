@@ -1,6 +1,6 @@
 """Which tensors travel, under which names, and the fingerprint of the frozen base.
 
-* For an adapter model (peft) the travelling state is peft's adapter state dict
+* For an adapter model (peft, or :class:`fedlora.lora.LoraNet` with the same names) the travelling state is peft's adapter state dict
   (``get_peft_model_state_dict``: LoRA A/B of every target plus the ``modules_to_save`` layers,
   with their float buffers for BatchNorm) under short names (``base_model.model.`` stripped).
 * For a full model (FedAvg baseline) it is every floating tensor of the ``state_dict``.
@@ -26,12 +26,14 @@ class BaseMismatchError(RuntimeError):
 
 
 def is_adapter_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
+    return hasattr(model, "peft_config") or hasattr(model, "adapter_state")
 
 
 def travelling_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """Short name → tensor (detached, float32) of everything that travels for this model."""
-    if is_adapter_model(model):
+    if hasattr(model, "adapter_state"):  # fedlora.lora.LoraNet (vision): short names already
+        items = model.adapter_state().items()
+    elif is_adapter_model(model):
         from peft import get_peft_model_state_dict
 
         raw = get_peft_model_state_dict(model)
@@ -75,7 +77,9 @@ def load_state(model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor])
         if tuple(v.shape) != tuple(ref.shape):
             raise ValueError(f"{k}: shape {tuple(v.shape)} != model's {tuple(ref.shape)}")
         tensors[k] = v
-    if is_adapter_model(model):
+    if hasattr(model, "load_adapter_state"):  # fedlora.lora.LoraNet
+        model.load_adapter_state(tensors)
+    elif is_adapter_model(model):
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, {PEFT_PREFIX + k: v for k, v in tensors.items()})

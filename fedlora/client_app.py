@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .adapters import check_fingerprint, shapes, state_to_numpy, travelling_state
 from .compression import ErrorFeedback, Pipeline, codec_key, parse_spec
 from .config import RunConfig, node_tier
+from .node import NodeLimits, limits, set_threads
 from .privacy import privatize
 from .methods import get_method
 from .strategies import secure
@@ -72,7 +72,13 @@ def _apply_download(context: Context, decoded, conf: dict, init=None):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_run_config(context.run_config)
-    torch.set_num_threads(max(1, cfg.client_threads))
+    lim = NodeLimits.from_node_config(context.node_config)  # the node's own caps, never sent
+    set_threads(cfg.client_threads, lim)
+    with limits(lim):
+        return _train(msg, context, cfg)
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     conf = dict(msg.content.config_records[CONFIG_KEY])
     method = get_method(str(conf["method"]))
     task = make_task(cfg)

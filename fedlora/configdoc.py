@@ -31,7 +31,8 @@ Every key of `[tool.flwr.app.config]`: defaults in `pyproject.toml`, mirrored by
 
 OUTRO = """\
 Node config (deployment: `flower-supernode --node-config "..."`; simulation sets the first two):
-`partition-id`, `num-partitions`, optional `data-dir` and `tier`.
+`partition-id`, `num-partitions`, optional `data-dir` and `tier`; a node's own resource caps
+(never sent): `threads`, `interop-threads`, `max-local-steps`, `max-data-mb` (docs/edge.md).
 """
 
 

@@ -56,6 +56,8 @@ TLS = DOCKER_DIR / "compose.tls.yml"
 INSECURE = DOCKER_DIR / "compose.insecure.yml"
 PROXY = DOCKER_DIR / "compose.proxy.yml"
 GPU = DOCKER_DIR / "compose.gpu.yml"
+EDGE = DOCKER_DIR / "compose.edge.yml"
+NODE_IMAGE = "fedlora-node:vision"
 
 
 # ------------------------------------------------------------------ compose files (no daemon)
@@ -162,6 +164,22 @@ def test_compose_multihost_files():
     with pytest.raises(compose_run.ComposeError, match="Fleet proxy"):
         compose_run.load([NODE_HOST], _env(FEDLORA_PARTITION_ID="0",
                                            FEDLORA_NUM_PARTITIONS="2"))
+
+
+def test_compose_edge_override_changes_only_the_clientapp_images():
+    """compose.edge.yml puts the slim node image under each ClientApp SuperExec and changes
+    nothing else (the SuperLink and the ServerApp's SuperExec keep the full image)."""
+    base = compose_run.load([COMPOSE, INSECURE], _env(FEDLORA_IMAGE="full:1"))["services"]
+    edge = compose_run.load([COMPOSE, INSECURE, EDGE], _env(FEDLORA_IMAGE="full:1"))["services"]
+    assert set(edge) == set(base)
+    for name, svc in edge.items():
+        if name.startswith("superexec-clientapp-"):
+            assert svc["image"] == NODE_IMAGE
+            assert {**svc, "image": "full:1"} == base[name]
+        else:
+            assert svc == base[name], name
+    custom = compose_run.load([COMPOSE, EDGE], _env(FEDLORA_NODE_IMAGE="n:2"))["services"]
+    assert custom["superexec-clientapp-1"]["image"] == "n:2"
 
 
 def _write_tmp(text: str) -> Path:
@@ -326,6 +344,21 @@ def app_image(engine):
     return IMAGE
 
 
+@pytest.fixture(scope="module")
+def node_image(engine, app_image):
+    """The slim vision node image (FEDLORA_VARIANT=node-vision), from the same fetched wheels."""
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", str(DOCKER_DIR / "build-offline.sh")],
+                         env={**engine.env, "FEDLORA_VARIANT": "node-vision",
+                              "FEDLORA_IMAGE": NODE_IMAGE, "FEDLORA_DOCKER_CACHE": str(CACHE)},
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    size = int(engine.docker(["image", "inspect", "-f", "{{.Size}}", NODE_IMAGE]).stdout)
+    print(f"\n[test_docker] image {NODE_IMAGE}: {size / 1e9:.2f} GB, "
+          f"build {time.monotonic() - t0:.0f} s", flush=True)
+    return NODE_IMAGE
+
+
 @contextlib.contextmanager
 def deployment(engine: Engine, work: Path, files: list[Path], extra_env: dict[str, str]):
     """compose_run up (app image standing in for SuperLink/SuperNode), yields (env, logs);
@@ -382,9 +415,10 @@ def _wait_nodes(cli_home: Path, connection: str, n: int, timeout: float = 240) -
     raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout:.0f}s: {last[-800:]}")
 
 
-def _run_and_check(engine, work: Path, files: list[Path], rounds: int, tls: bool) -> None:
+def _run_and_check(engine, work: Path, files: list[Path], rounds: int, tls: bool,
+                   extra_env: dict[str, str] | None = None) -> None:
     certs = work / "certs"
-    extra = {}
+    extra = dict(extra_env or {})
     if tls:  # node keys too, handed to uid 49999 (the daemons' user in the images), still 0600
         subprocess.run(["bash", str(PROJECT / "scripts" / "make-certs.sh"), str(certs),
                         "localhost", "127.0.0.1"], check=True, capture_output=True,
@@ -561,6 +595,38 @@ def launch_nginx() -> str | None:
     from fedlora.launch import nginx_binary
 
     return nginx_binary()
+
+
+@pytest.mark.slow
+def test_compose_deployment_edge_vision_nodes(engine, app_image, node_image, tmp_path):
+    """The slim vision node image as both SuperNode daemons and both ClientApp SuperExecs
+    (compose.edge.yml): a real round trains on nodes without transformers/peft/datasets."""
+    _run_and_check(engine, tmp_path, [COMPOSE, INSECURE, EDGE], rounds=1, tls=False,
+                   extra_env={"FEDLORA_NODE_IMAGE": node_image,
+                              "FLWR_SUPERNODE_IMAGE": node_image})
+
+
+@pytest.mark.slow
+def test_node_image_is_smaller_and_starts(engine, app_image, node_image):
+    """Size and cold start of both images (benchmarks/images.py); the slim one is smaller and
+    holds none of the text stack. FEDLORA_IMAGES_OUT=<folder> writes the measurement there."""
+    sys.path.insert(0, str(PROJECT))
+    from benchmarks import images
+
+    rows = images.measure([app_image, node_image], run=lambda a: engine.docker(a, check=False))
+    full, node = rows
+    print("\n" + images.table(rows), flush=True)
+    assert node["size_mb"] < full["size_mb"]
+    assert not {"transformers", "peft", "datasets", "pyarrow", "pandas", "scipy"} & \
+        set(node["holds"]), node["holds"]
+    assert {"transformers", "peft"} <= set(full["holds"])
+    assert node["examples"] == full["examples"] > 0   # the same partition, with or without datasets
+    if os.environ.get("FEDLORA_IMAGES_OUT"):
+        images.write(rows, Path(os.environ["FEDLORA_IMAGES_OUT"]),
+                     command="FEDLORA_IMAGES_OUT=<folder> pytest tests/test_docker.py -k "
+                             "'smaller' (it builds both images first)",
+                     note=f"measured by tests/test_docker.py on its private dockerd; load "
+                          f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 @pytest.mark.slow

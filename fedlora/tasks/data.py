@@ -287,10 +287,14 @@ def _compute_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: 
 def _draw_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: float,
                      seed: int, classes_per_partition: int, min_size: int
                      ) -> list[np.ndarray]:
-    from datasets import Dataset
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner, IidPartitioner, PathologicalPartitioner,
-    )
+    try:
+        from datasets import Dataset
+        from flwr_datasets.partitioner import (
+            DirichletPartitioner, IidPartitioner, PathologicalPartitioner,
+        )
+    except ImportError:  # a slim node image (docs/edge.md): the same partitions in numpy
+        return draw_partitions_numpy(labels, num_partitions, scheme, alpha, seed,
+                                     classes_per_partition, min_size)
 
     # All partitions at once: ``load_partition(i)`` builds a Dataset per call (~8.5 ms each:
     # 85 s of round 1 at 10,000 nodes). The partitioners' own assignment, read in bulk, is the
@@ -326,3 +330,69 @@ def _draw_partitions(labels: tuple, num_partitions: int, scheme: str, alpha: flo
             "dirichlet-alpha, or min-partition-size=0 to allow empty clients") from None
     table = part._partition_id_to_indices  # positions in ds, whose "idx" column is the position
     return [np.asarray(table[i], dtype=np.int64) for i in range(num_partitions)]
+
+
+def draw_partitions_numpy(labels, num_partitions: int, scheme: str, alpha: float, seed: int,
+                          classes_per_partition: int, min_size: int) -> list[np.ndarray]:
+    """The partitions :func:`_draw_partitions` gets from flwr-datasets (IID shard of a seeded
+    permutation; ``DirichletPartitioner(self_balancing=False)``; ``PathologicalPartitioner(
+    class_assignment_mode="deterministic")``; both with their default shuffle), drawn with numpy
+    alone, for nodes without ``datasets``/``pyarrow`` (the slim node image). The same random
+    draws in the same order: ``tests/test_data.py`` checks index for index that both give the
+    same partitions (and the same errors)."""
+    y = np.asarray(labels, dtype=np.int64)
+    n = int(y.size)
+    if num_partitions <= 0:
+        raise ValueError(f"num_partitions must be > 0, got {num_partitions}")
+    if scheme == "iid":
+        order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+        div, mod = divmod(order.size, num_partitions)
+        return [order[div * i + min(i, mod): div * (i + 1) + min(i + 1, mod)]
+                for i in range(num_partitions)]
+    if scheme not in ("dirichlet", "pathological"):
+        raise ValueError(f"partitioner must be iid, dirichlet or pathological, got {scheme!r}")
+    if num_partitions > n:
+        raise ValueError("The number of partitions needs to be smaller than the number of "
+                         "samples in the dataset.")
+    rng = np.random.default_rng(seed=seed)
+    classes = sorted(set(y.tolist()))
+    if scheme == "dirichlet":
+        if alpha <= 0:
+            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+        alphas = np.full(num_partitions, float(alpha))
+        for attempt in range(11):  # flwr-datasets: the first draw and up to 10 redraws
+            parts: list[list[int]] = [[] for _ in range(num_partitions)]
+            for k in classes:
+                members = np.nonzero(y == k)[0]
+                cuts = (np.cumsum(rng.dirichlet(alphas)) * len(members)).astype(int)[:-1]
+                for part, chunk in zip(parts, np.split(members, cuts)):
+                    part.extend(chunk.tolist())
+            if min(len(p) for p in parts) >= min_size:
+                break
+        else:
+            raise DataError(
+                f"Dirichlet({alpha}) over {num_partitions} partitions left a partition below "
+                f"min-partition-size={min_size} in 10 draws: use fewer partitions, a larger "
+                "dirichlet-alpha, or min-partition-size=0 to allow empty clients")
+    else:
+        if classes_per_partition > len(classes):
+            raise ValueError(f"classes-per-partition={classes_per_partition} is greater than "
+                             f"the {len(classes)} classes of the dataset")
+        owned = [[classes[(p + i) % len(classes)] for i in range(classes_per_partition)]
+                 for p in range(num_partitions)]
+        times = {k: sum(k in o for o in owned) for k in classes}
+        for k in classes:
+            if times[k] > int(np.sum(y == k)):
+                raise ValueError(f"label {k} is needed in {times[k]} partitions but has only "
+                                 f"{int(np.sum(y == k))} examples")
+        parts = [[] for _ in range(num_partitions)]
+        for k in classes:
+            if times[k] == 0:
+                continue
+            chunks = iter(np.array_split(np.where(y == k)[0], times[k]))
+            for p in range(num_partitions):
+                if k in owned[p]:
+                    parts[p].extend(next(chunks))
+    for part in parts:  # both partitioners shuffle each partition with the same generator
+        rng.shuffle(part)
+    return [np.asarray(p, dtype=np.int64) for p in parts]

@@ -67,7 +67,11 @@ def train_epochs(model: nn.Module, n: int, epochs: int, batch_size: int, seed: i
     ``step_hook()`` after each optimizer step (e.g. restore frozen entries). The global torch
     RNG (dropout) is seeded too, inside a fork, so a call is reproducible (on a GPU up to
     cuDNN's own nondeterminism). Batches are drawn on the CPU; ``batch_loss`` moves them to the
-    model's device."""
+    model's device. A node's ``max-local-steps`` (node config, :mod:`fedlora.node`) stops the
+    loop after that many steps."""
+    from ..node import current
+
+    max_steps = current().max_local_steps  # the node's own cap (node config), 0 = none
     gen = torch.Generator().manual_seed(int(seed))
     total, steps = 0.0, 0
     model.train()
@@ -79,6 +83,8 @@ def train_epochs(model: nn.Module, n: int, epochs: int, batch_size: int, seed: i
         for _ in range(epochs):
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, batch_size):
+                if max_steps and steps >= max_steps:
+                    break
                 idx = perm[start: start + batch_size]
                 opt.zero_grad(set_to_none=True)
                 loss = batch_loss(idx, gen)

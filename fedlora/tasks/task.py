@@ -69,6 +69,7 @@ class TaskBase:
     ``_train(model, data, settings, **hooks)`` and ``evaluate``."""
 
     kind = ""
+    example_bytes = 0  # one training example's tensors in memory (node config max-data-mb)
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -87,12 +88,14 @@ class TaskBase:
 
     def cap_client(self, idx: np.ndarray, partition_id: int) -> np.ndarray:
         """A client's indices, capped at ``max-examples-per-client`` by a (seed, partition)
-        draw."""
+        draw, then at what fits the node's ``max-data-mb`` (:func:`fedlora.node.cap_by_memory`)."""
         cap = self.cfg.max_examples_per_client
         if cap and len(idx) > cap:
             rng = np.random.default_rng([self.cfg.seed, partition_id])
             idx = np.sort(rng.choice(idx, cap, replace=False))
-        return idx
+        from ..node import cap_by_memory  # the node's own max-data-mb (fedlora/node.py)
+
+        return cap_by_memory(idx, self.example_bytes, partition_id, self.cfg.seed)
 
     def test_subset(self, n: int) -> np.ndarray | None:
         """``eval-max-examples`` > 0: a fixed random subset of the test split (seed 0, the same

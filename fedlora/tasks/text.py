@@ -307,6 +307,7 @@ class TextTask(TaskBase):
         self.dataset = canonical(cfg.dataset)
         self.model_path = resolve_model(cfg.model)
         self.max_length = cfg.max_length
+        self.example_bytes = 2 * 8 * int(cfg.max_length)  # int64 token ids + attention mask
         self.autocast = cfg.autocast_bf16
         if self.max_length < 2:
             raise ValueError(f"run-config max-length must be >= 2, got {self.max_length}")

@@ -117,12 +117,26 @@ def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
 
 
 def build_model(cfg: VisionModelConfig, adapter: bool) -> nn.Module:
-    """The seeded base, wrapped with peft LoRA (mode 2) when ``adapter``; fully trainable otherwise."""
+    """The seeded base, wrapped with LoRA (mode 2) when ``adapter``; fully trainable otherwise.
+    The wrapper is :class:`fedlora.lora.LoraNet` (plain torch, the model peft builds for the same
+    ``LoraConfig``, without importing peft/transformers on a vision node)."""
     model = build_base(cfg)
     if not adapter:
         return model
+    from ..lora import LoraNet
+
+    convs, full = lora_targets(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        return LoraNet(model, cfg.lora_rank, cfg.alpha, convs, full)
+
+
+def build_peft_model(cfg: VisionModelConfig) -> nn.Module:
+    """The same adapter model built by peft (the reference :func:`build_model` is tested
+    against; needs peft, hence transformers)."""
     from peft import LoraConfig, get_peft_model
 
+    model = build_base(cfg)
     convs, full = lora_targets(model)
     lcfg = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
@@ -198,6 +212,7 @@ class VisionTask(TaskBase):
         known = {"cifar10": 10, "fashion-mnist": 10}
         self.num_classes = max(test.num_classes, known.get(cfg.dataset, 0))
         self.channels = test.channels
+        self.example_bytes = 4 * int(np.prod(test.x.shape[1:]))  # float32 C·H·W
         self.model_cfg = VisionModelConfig(
             arch=cfg.model, num_classes=self.num_classes, in_channels=self.channels,
             feature_maps=cfg.feature_maps, norm=cfg.norm, lora_rank=cfg.lora_rank,
