@@ -37,13 +37,7 @@ def layer_path(name: str) -> str:
     return re.sub(r"^.*?layer\.\d+\.", "", name)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Like a client (client-threads = 1); also keeps timings sane on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
