@@ -75,7 +75,7 @@ class FlexLoRA(FedLoraStrategy):
         return super().upload_pipeline(server_round, node_id).with_sparsifier(Ranks())
 
     def node_config(self, server_round, node_id):
-        return {"rank-budget": self.client_rank(node_id)}
+        return {"rank_budget": self.client_rank(node_id)}
 
     def update_reference(self, server_round, node_id):
         """A node trains from the global truncated to its rank: its update is measured (and

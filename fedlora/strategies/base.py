@@ -38,7 +38,7 @@ from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for th
 from .downlink import Downlink
 from .ledger import RoundStats, empty_record
 from .nodes import NodeDirectory
-from .protocol import Uploads
+from .protocol import TrainInstruction, Uploads, base_of
 from .secure import SecureRounds
 from .replies import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientUpdate,  # noqa: F401
                       MalformedReply, decode_reply, train_metrics)
@@ -232,7 +232,8 @@ class FedLoraStrategy(FedAvg):
         return download
 
     def node_config(self, server_round: int, node_id: int) -> dict[str, Any]:
-        """Extra per-node entries for the train ConfigRecord."""
+        """The method's own fields of ``node_id``'s :class:`.protocol.TrainInstruction`, by
+        field name (e.g. ``{"rank_budget": 2}``)."""
         return {}
 
     def upload_shapes(self, server_round: int) -> Mapping[str, tuple[int, ...]]:
@@ -274,10 +275,10 @@ class FedLoraStrategy(FedAvg):
                  f" (partitions {[self.partitions.get(n, -1) for n in node_ids]})"
                  if self.samples_partitions else "")
         # differential privacy: charge the round (this round's clip travels in the config)
-        config = self.privacy.round_config(server_round, config, len(node_ids), len(all_nodes))
-        if config is None:  # the round would exceed dp-target-epsilon: no more rounds
+        send, dp = self.privacy.round_config(server_round, len(node_ids), len(all_nodes))
+        if not send:  # the round would exceed dp-target-epsilon: no more rounds
             return []
-        secure: dict[Any, dict[str, Any]] = {}
+        secure: dict[Any, Any] = {}
         if self.secure is not None:  # SecAgg+ advertise and share stages (secure.py)
             secure = self.secure.setup(grid, server_round, node_ids, stats, len(all_nodes))
             node_ids = [n for n in node_ids if n in secure]
@@ -294,22 +295,16 @@ class FedLoraStrategy(FedAvg):
             dl = self.downlink.prepare(server_round, node_id, targets[variant], pipe, variant)
             record = payload_record(dl.payload)
             up = self.upload_pipeline(server_round, node_id)
-            # rotating codecs (drive, eden) key the upload by the node's partition-id: say which
-            key_id = {"codec-key-id": self.key_identity(node_id)} if up.needs_key else {}
-            cfg = ConfigRecord({
-                **{k: config[k] for k in config.keys()},
-                "server-round": server_round,
-                "method": self.name,
-                "codec-down": dl.spec,
-                "codec-up": up.spec,
-                **key_id,
-                "tier": self.tier_of(node_id),
-                "upload": "delta" if self.replies_are_deltas else "weights",
-                **self.downlink.message_config(dl),
-                **self.node_config(server_round, node_id),
-                **secure.get(node_id, {}),
-            })
-            msg = Message(content=RecordDict({ADAPTER_KEY: record, CONFIG_KEY: cfg}),
+            ins = TrainInstruction(
+                server_round=server_round, method=self.name, codec_down=dl.spec,
+                codec_up=up.spec, tier=self.tier_of(node_id),
+                upload="delta" if self.replies_are_deltas else "weights",
+                # rotating codecs (drive, eden) key the upload by the node's partition-id
+                codec_key_id=self.key_identity(node_id) if up.needs_key else None,
+                base_fingerprint=base_of(config), dp=dp,
+                down=self.downlink.message_config(dl), secagg=secure.get(node_id),
+                **self.node_config(server_round, node_id))
+            msg = Message(content=RecordDict({ADAPTER_KEY: record, CONFIG_KEY: ins.to_config()}),
                           message_type=MessageType.TRAIN, dst_node_id=node_id)
             stats.sent[node_id] = message_bytes(msg)
             if not msg.metadata.message_id:  # as Flower's push sets it (a grid may replace it)
@@ -498,7 +493,7 @@ class FedLoraStrategy(FedAvg):
             try:
                 up = self.decode_reply(server_round, msg)
                 stats.payload_up[node] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
-                stats.params_up[node] = int(up.metrics.get("params-up", 0))
+                stats.params_up[node] = int(up.reply.params_up or 0)
                 updates.append(up)
             except Exception as err:  # node input never takes the ServerApp down
                 stats.drop(node, err)

@@ -118,7 +118,7 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
 
     def keep(msg: Message, up: ClientUpdate, ref, n: float) -> None:
         stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
-        stats.params_up[up.node_id] = int(up.metrics.get("params-up", 0))
+        stats.params_up[up.node_id] = int(up.reply.params_up or 0)
         kept.append((msg, up, ref, n))
 
     # 2a. dense affine / fp32 replies sharing one reference: every check first, then decoded
