@@ -25,7 +25,8 @@ from ..compression import Pipeline, topk_mask
 from ..compression.sparsify import TopK
 from ..config import tier_value
 from ..strategies import guard
-from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, RejectRound
+from ..strategies.base import (ClientResult, ClientRound, FedLoraStrategy, RejectRound,
+                              weighted_mean)
 from ..strategies.protocol import TrainReply, Uploads
 
 FREEZE_MODES = ("none", "client", "server")
@@ -124,8 +125,7 @@ class FLASC(FedLoraStrategy):
         if n == 1 and all(updates[0].tensors[k].dtype == np.float64 for k in self._params):
             grads = OrderedDict((k, updates[0].tensors[k]) for k in self._params)  # (0 + x) / 1
         else:
-            grads = OrderedDict((k, sum(u.tensors[k].astype(np.float64) for u in updates) / n)
-                                for k in self._params)
+            grads = weighted_mean(updates, list(self._params), equal=True)  # Σ x / n, float64
         norm = guard.update_norm(grads)
         if not math.isfinite(norm):
             self.rollback(server_round)

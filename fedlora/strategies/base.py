@@ -37,6 +37,7 @@ from . import guard, stream
 from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for the methods)
 from .downlink import Downlink
 from .ledger import RoundStats, empty_record
+from .mean import weighted_mean  # noqa: F401  (the one weighted mean; re-exported for methods)
 from .nodes import NodeDirectory
 from .protocol import TrainInstruction, Uploads, base_of
 from .secure import SecureRounds
@@ -758,18 +759,3 @@ def averaged(strategy: FedLoraStrategy, state: "OrderedDict[str, np.ndarray]",
 def _tiered(per_tier: list[Pipeline], tier: int, default: Pipeline) -> Pipeline:
     """Entry ``tier`` of a per-tier list (the last one for higher tiers), else ``default``."""
     return per_tier[min(max(tier, 0), len(per_tier) - 1)] if per_tier else default
-
-
-def weighted_mean(updates: list[ClientUpdate]) -> "OrderedDict[str, np.ndarray]":
-    """Σ_k n_k x_k / Σ_k n_k over each tensor, in float64 then cast to float32 (one update:
-    its tensors, which is what that sum gives, without the float64 copies)."""
-    if len(updates) == 1:
-        return OrderedDict((k, np.array(v, dtype=np.float32)) for k, v in updates[0].tensors.items())
-    total = float(sum(u.weight for u in updates))
-    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
-    for k in updates[0].tensors:
-        acc = np.zeros(updates[0].tensors[k].shape, dtype=np.float64)
-        for u in updates:
-            acc += (u.weight / total) * u.tensors[k].astype(np.float64)
-        out[k] = acc.astype(np.float32)
-    return out
