@@ -429,17 +429,24 @@ class FedLoraStrategy(FedAvg):
                 measured.append((u, ref, n))
             except Exception as err:
                 stats.drop(u.node_id, err)
-        bound = self.round_norm_bound(server_round, [n for _, _, n in measured])
-        stats.norm_bound = bound
+        scales = self.bound_round(server_round, [(u.node_id, n) for u, _, n in measured], stats)
         kept = []
-        for u, ref, n in measured:
-            scale = guard.apply_bound(g, stats, u.node_id, n, bound)
+        for (u, ref, n), scale in zip(measured, scales):
             if scale is None:
                 continue
             if scale < 1.0:
                 u.tensors = guard.clip_update(u.tensors, scale, ref)
             kept.append(u)
         return kept
+
+    def bound_round(self, server_round: int, norms: "list[tuple[Any, float]]",
+                    stats: "RoundStats") -> "list[float | None]":
+        """The one bounding step of a round, for both aggregation paths: the round's bound from
+        its valid replies' ``(node, norm)`` (:meth:`round_norm_bound`, kept in
+        ``stats.norm_bound``), then each reply against it (:func:`.guard.apply_bound`): 1.0,
+        its clip factor, or None (rejected, dropped into ``stats``), in the replies' order."""
+        bound = stats.norm_bound = self.round_norm_bound(server_round, [n for _, n in norms])
+        return [guard.apply_bound(self.robustness, stats, node, n, bound) for node, n in norms]
 
     def round_norm_bound(self, server_round: int, norms: list[float]) -> float | None:
         """The round's bound on an update's norm, from its valid replies' ``norms``:

@@ -155,15 +155,15 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             continue
         keep(msg, up, ref, n)
         del tensors
-    bound = strategy.round_norm_bound(server_round, [n for *_, n in kept])
-    stats.norm_bound = bound
+    # the one bounding step (FedLoraStrategy.bound_round): the bound, then each reply's scale
+    scales = strategy.bound_round(server_round, [(up.node_id, n) for _, up, _, n in kept], stats)
+    bound = stats.norm_bound
     worst = max((n for *_, n in kept), default=0.0)
     resum = broken or (bound is not None and worst > RESUM_RATIO * bound)
     if resum:  # correcting a huge addend would cancel the honest digits: sum again, scales known
         acc.clear()
     survivors: list[ClientUpdate] = []
-    for msg, up, ref, n in kept:              # 3. the replies over the bound (or all: resum)
-        scale = guard.apply_bound(g, stats, up.node_id, n, bound)  # the one bounding step
+    for (msg, up, ref, n), scale in zip(kept, scales):  # 3. those over the bound (or all)
         if scale is None or scale < 1.0 or resum:
             tensors = decode(msg, up)         # decoded and checked before: cannot fail now
             if scale is None:                 # rejected: taken out of the running sum
