@@ -16,11 +16,11 @@ from fedlora.secagg import messages as m
 from fedlora.secagg.local import LocalRound
 
 
-def params(n=10, degree=None, t=None, bits=8, dim=500, seed=3, noise=0.0):
+def params(n=10, degree=None, t=None, bits=8, dim=500, seed=3, noise=0.0, cap=0):
     degree = n - 1 if degree is None else degree
     t = auto_threshold(degree, 0.5) if t is None else t
     return Params(bytes(range(16)), n, degree, t, bits, ring.ring_bits(bits, n), 1.0, dim, seed,
-                  noise)
+                  noise, cap)
 
 
 def updates(p, rng, extreme=False):
@@ -204,7 +204,8 @@ def test_decoders_fuzzed_never_raise_anything_else():
     srv, nodes = _through_shares(p)
     routed = srv.routed()
     y = nodes[1].masked_input(routed[1], np.zeros(p.dim, np.int64))
-    samples = [p.to_bytes(), routed[0], y, m.encode_unmask([0, 1], [2]),
+    samples = [p.to_bytes(), params(n=5, t=3, dim=33, cap=100).to_bytes(), routed[0], y,
+               m.encode_unmask([0, 1], [2]),
                m.encode_reveal([(1, 0, bytes(66))]), m.encode_keys(nodes[0].peers), bytes(96)]
 
     def variants():
@@ -324,3 +325,98 @@ def test_benchmark_script_writes_its_tables(tmp_path):
     assert [r["lost_after_sharing"] for r in rows] == [0, 1]
     assert all(r["masked_up_bytes"] == (256 * r["ring_bits"] + 7) // 8 for r in rows)
     assert "| 10 | 9 | 6 |" in (tmp_path / "secagg.txt").read_text()
+
+
+def _clipped(rng, n, dim, clip=1.0):
+    xs = []
+    for _ in range(n):
+        x = rng.normal(0.0, 1.0, dim) * rng.uniform(0.05, 1.0)
+        xs.append(x * min(1.0, clip / np.linalg.norm(x)))
+    return xs
+
+
+def test_weighted_secure_mean_is_the_plain_weighted_mean():
+    """Weighted round (W = 100, 12 bits): the unmasked sum is exactly Σ of the nodes' integer
+    vectors (scaled values and the weight coordinate: Σ w_i exact, a reported 250 capped to W
+    by the node itself), also with a node lost after sharing; de-scaled it is the plain
+    weighted mean Σ w_i x_i / Σ w_i of the clipped updates within the rounding bound
+    n·W/(s·Σw), while the unweighted mean is far outside that bound (so the test would catch a
+    lost weight)."""
+    from fedlora.secagg.mean import node_vector, survivors_mean
+
+    rng = np.random.default_rng(11)
+    n, dim, cap = 7, 300, 100
+    p = params(n=n, bits=12, dim=dim + 1, cap=cap)
+    xs = _clipped(rng, n, dim)
+    reported = [1, 3, 40, 250, 100, 7, 60]
+    w = [min(r, cap) for r in reported]
+    xs[3] = xs[3] * 0 + 1.0 / np.sqrt(dim)  # the heavy node pulls the weighted mean away
+    q = {i: node_vector(xs[i], reported[i], p, rng) for i in range(n)}
+    assert [int(v[-1]) for v in q.values()] == w
+    for lost in ({}, {5: "masked"}):
+        alive = [i for i in range(n) if i not in lost]
+        total = LocalRound(p).run(q, stop_before=lost)
+        np.testing.assert_array_equal(total, sum(q[i] for i in alive))
+        mean, wsum = survivors_mean(total, p, len(alive))
+        assert wsum == sum(w[i] for i in alive)
+        plain = sum(w[i] * xs[i] for i in alive) / wsum
+        bound = len(alive) * cap / (p.scale * wsum)
+        assert np.abs(mean - plain).max() <= bound
+        unweighted = sum(xs[i] for i in alive) / len(alive)
+        assert np.abs(unweighted - plain).max() > 10 * bound
+
+
+def test_weighted_round_at_the_cap_cannot_overflow():
+    """At the bound: W = L (the largest cap Params accepts) and every node at +L (then −L) on
+    every value coordinate with weight W: the sum n·L comes back exact in the usual
+    k = bits + ⌈log2 n⌉ + 1 ring, no extra bit. node_vector reaches ±L exactly for x = ±C·e_j
+    and weight ≥ W. Past the bound: W = L + 1 is refused, and so is a weight coordinate outside
+    [0, W] at the node and a weight sum outside (0, survivors·W] at the server."""
+    from fedlora.secagg.mean import node_vector, survivors_mean
+
+    bits, n = 8, 10
+    lv = ring.levels(bits)
+    p = params(n=n, bits=bits, dim=33, cap=lv)
+    assert p.ring_bits == bits + 4 + 1
+    for sign in (1, -1):
+        q = {i: np.concatenate([np.full(32, sign * lv, np.int64), [lv]]) for i in range(n)}
+        total = LocalRound(p).run(q)
+        assert total[:-1].tolist() == [sign * n * lv] * 32 and total[-1] == n * lv
+        mean, wsum = survivors_mean(total, p, n)
+        np.testing.assert_allclose(mean, sign * 1.0)  # C = 1: everyone at +C, weight W
+    e = np.zeros(32)
+    e[5] = -1.0
+    v = node_vector(e, 10**9, p, np.random.default_rng(0))
+    assert v[5] == -lv and v[-1] == lv and not np.delete(v, [5, 32]).any()
+    with pytest.raises(SecAggError, match="weight cap"):
+        params(n=n, bits=bits, dim=33, cap=lv + 1)
+    with pytest.raises(SecAggError, match="no distributed noise"):
+        params(n=n, bits=bits, dim=33, cap=lv, noise=1.0)
+    srv, nodes = _through_shares(params(n=5, t=3, bits=bits, dim=4, cap=50))
+    for bad in (51, -1):
+        with pytest.raises(SecAggError, match="weight coordinate"):
+            nodes[0].masked_input(srv.routed()[0], np.array([0, 0, 0, bad]))
+    for wsum in (0, -3, 5 * 50 + 1):
+        with pytest.raises(SecAggError, match="weight sum"):
+            survivors_mean(np.array([0, 0, 0, wsum]), srv.params, 5)
+
+
+def test_weighted_params_round_trip_and_fuzz():
+    """The weight cap travels in the round's parameters (to_bytes/from_bytes); a parameter blob
+    whose cap field is flipped past L or whose length is off is refused with SecAggError, never
+    another exception."""
+    p = params(n=5, t=3, bits=8, dim=9, cap=100)
+    assert Params.from_bytes(p.to_bytes()) == p
+    blob = bytearray(p.to_bytes())
+    blob[-4:] = (200).to_bytes(4, "big")
+    with pytest.raises(SecAggError, match="weight cap"):
+        Params.from_bytes(bytes(blob))
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        b = bytearray(p.to_bytes())
+        b[int(rng.integers(0, len(b)))] ^= int(rng.integers(1, 256))
+        for d in (bytes(b), bytes(b[:-1]), bytes(b) + b"\0"):
+            try:
+                Params.from_bytes(d)
+            except SecAggError:
+                pass

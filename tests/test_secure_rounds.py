@@ -58,6 +58,32 @@ def test_secure_round_matches_the_plain_round(tmp_path, sample_dir, task_identit
     assert r["payload_up"] == 3 * ((r["secagg_coordinates"] * k + 7) // 8)
 
 
+def test_weighted_secure_round_matches_the_plain_weighted_round(tmp_path, sample_dir,
+                                                               task_identity):
+    """Unequal partitions (Dirichlet α = 0.3, up to 400 examples a node, no ratio cap): the plain
+    flocora round takes the num-examples-weighted mean, and so does the secure one (weights
+    capped at W = max-examples-per-client, the weight sum unmasked as one extra coordinate):
+    both globals agree within the weighted rounding bound n·W/(s·Σw) plus float32 rounding,
+    while the same secure round with equal-weights is the unweighted mean and lands far outside
+    that bound (so the test sees a lost weight)."""
+    extra = {"method": "flocora", "partitioner": "dirichlet", "dirichlet-alpha": 0.3,
+             "max-examples-per-client": 400, "max-weight-ratio": 0.0}
+    plain, _ = _run(tmp_path, sample_dir, "plain", **extra)
+    secure, recs = _run(tmp_path, sample_dir, "secure", **extra, **{
+        "secure-aggregation": True, "secagg-bits": 22})
+    r = recs[0]
+    wsum = r["secagg_weight_sum"]
+    assert r["secagg_weight_cap"] == 400 and r["secagg_survivors"] == 3
+    assert 3 <= wsum < 3 * 400, wsum  # unequal: some node under the cap
+    bound = 3 * 400 * 4.0 / ((2 ** 21 - 1) * wsum) + 1e-6
+    worst = max(float(np.abs(plain[k] - secure[k]).max()) for k in plain)
+    assert worst <= bound, (worst, bound)
+    equal, recs = _run(tmp_path, sample_dir, "equal", **extra, **{
+        "secure-aggregation": True, "secagg-bits": 22, "equal-weights": True})
+    assert recs[0]["secagg_weight_cap"] == 0 and recs[0]["secagg_weight_sum"] == 3
+    assert max(float(np.abs(plain[k] - equal[k]).max()) for k in plain) > 10 * bound
+
+
 def test_distributed_noise_is_accounted(tmp_path, sample_dir, task_identity):
     """secagg-noise > 0 with secagg-density 0.5: every round record carries dp_epsilon from the
     accountant (Gaussian RDP at multiplier z·√(survivors/n), q = 1), the ring is widened for the
@@ -80,7 +106,9 @@ def test_distributed_noise_is_accounted(tmp_path, sample_dir, task_identity):
 
 
 @pytest.mark.parametrize("bad,why", [
-    ({"method": "flasc"}, "sum of the"),
+    ({"method": "flasc", "density-up": 0.1}, "density-up=1"),
+    ({"method": "flexlora", "upload": "weights"}, "sum of the"),
+    ({"max-examples-per-client": 40000}, "max-examples-per-client"),
     ({"method": "hetlora", "upload": "weights"}, "sum of the"),
     ({"upload": "weights"}, "upload='delta'"),
     ({"update-norm-bound": 0.0}, "update-norm-bound"),

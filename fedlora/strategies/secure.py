@@ -6,8 +6,9 @@ the *advertise* and *share* ``query.secagg`` exchanges through the grid and retu
 that shared, the train-config entries that route the shares addressed to it; the node trains,
 clips its update to ``update-norm-bound``, quantizes, masks and replies with the k-bit packed
 vector (``client_app``). :meth:`SecureRounds.aggregate` (from ``aggregate_train``) reads the
-masked inputs, runs the *unmask* exchange and hands the method one pseudo-reply: the unweighted
-mean of the survivors' updates on the round's coordinate set. A bad message at any stage is
+masked inputs, runs the *unmask* exchange and hands the method one pseudo-reply: the survivors'
+mean on the round's coordinate set — weighted by ``num-examples`` (capped at W) for the methods
+whose plain mean is, via one extra masked coordinate (:mod:`fedlora.secagg.mean`). A bad message at any stage is
 dropped with its reason; a round that cannot be unmasked keeps the previous global model.
 Distributed DP (``secagg-noise``: Skellam shares) and how it is charged to the accountant (an
 approximation): docs/secure-aggregation.md ("Distributed differential privacy").
@@ -28,9 +29,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from ..privacy import Accountant
-from ..secagg.settings import SUM_METHODS, check_config  # noqa: F401
+from ..secagg.settings import SUM_METHODS, check_config, weight_cap, weighted  # noqa: F401
 from ..secagg import (Params, RecoveryError, SecAggError, ServerSession, auto_degree,
                       auto_threshold, coordinate_set, ring)
+from ..secagg.mean import node_vector, survivors_mean
 from ..wire import message_bytes
 from .ledger import RoundStats
 from .replies import CONFIG_KEY, METRICS_KEY, ClientUpdate, positive_examples, reply_metrics
@@ -76,10 +78,11 @@ class SecureRounds:
             degree -= 1
         lv = ring.levels(c.secagg_bits)
         noise_var = (z * lv) ** 2 / n if z > 0 else 0.0
+        cap = weight_cap(c) if weighted(c, self.s.name) else 0
         return Params(os.urandom(16), n, degree, auto_threshold(degree, c.secagg_threshold),
                       c.secagg_bits, ring.ring_bits(c.secagg_bits, n + math.ceil(10 * z)),
-                      float(c.update_norm_bound), int(self.coords.size),
-                      _seed(c.seed, server_round, "graph"), noise_var)
+                      float(c.update_norm_bound), int(self.coords.size) + (1 if cap else 0),
+                      _seed(c.seed, server_round, "graph"), noise_var, cap)
 
     def _exchange(self, grid: Grid, stage: str, blobs: Mapping[int, bytes], key: str,
                   server_round: int, stats: RoundStats) -> dict[int, bytes]:
@@ -164,7 +167,7 @@ class SecureRounds:
         rec = self.records[server_round]
         rec.update({"secagg_n": p.n, "secagg_degree": p.degree, "secagg_threshold": p.threshold,
                     "secagg_ring_bits": p.ring_bits, "secagg_coordinates": p.dim,
-                    "secagg_shared": len(srv.shares)})
+                    "secagg_weight_cap": p.weight_cap, "secagg_shared": len(srv.shares)})
         return {by_index[i]: {"secagg-routed": blob, "secagg-index": i,
                               "secagg-total": self.total,
                               "secagg-density": float(self.cfg.secagg_density),
@@ -212,8 +215,15 @@ class SecureRounds:
         rec.update({"secagg_survivors": len(survivors), "secagg_dropped_after_sharing":
                     len(srv.dropped), "secagg_recovered": True})
         p = srv.params
+        try:
+            mean, wsum = survivors_mean(total, p, len(survivors))
+        except SecAggError as err:  # a weight coordinate no honest node sends: not applied
+            stats.rejected = f"SecAggError: {err}"[:500]
+            log.error("round %d: %s", server_round, err)
+            return [], None
+        rec["secagg_weight_sum"] = wsum
         flat = np.zeros(self.total, np.float64)
-        flat[self.coords] = total.astype(np.float64) / (p.scale * len(survivors))
+        flat[self.coords] = mean
         tensors, off = OrderedDict(), 0
         for k, shape in sorted(self.s.upload_shapes(server_round).items()):
             size = int(np.prod(shape))
@@ -226,7 +236,7 @@ class SecureRounds:
             self.accountant.charge(q, z)
             rec.update({"dp_noise_multiplier": z, "dp_sample_rate": q,
                         "dp_epsilon": self.accountant.epsilon(), "dp_delta": self.cfg.dp_delta})
-        pseudo = ClientUpdate(-1, tensors, sum(u.weight for u in updates), {})
+        pseudo = ClientUpdate(-1, tensors, wsum, {})
         return updates, pseudo
 
     def record(self, server_round: int) -> dict[str, Any]:
@@ -249,13 +259,28 @@ def flatten(upload: Mapping[str, np.ndarray]) -> np.ndarray:
                            for k in sorted(upload)]) if upload else np.zeros(0)
 
 
-def client_masked_input(session: Any, conf: Mapping[str, Any], upload: Mapping[str, np.ndarray]
-                        ) -> bytes:
+def announced_coordinates(conf: Mapping[str, Any], total: int) -> np.ndarray:
+    """The round's coordinate set as the train config announces it (``secagg-density``,
+    ``secagg-coords-seed``: every node derives the same set, the server too), each field
+    checked: SecAggError on a wrong type or range (the node then sends nothing)."""
+    d, seed = conf.get("secagg-density"), conf.get("secagg-coords-seed")
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < float(d) <= 1:
+        raise SecAggError(f"secagg-density {d!r} is not a number in (0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise SecAggError(f"secagg-coords-seed {seed!r} is not an integer in [0, 2^63)")
+    return coordinate_set(total, float(d), seed)
+
+
+def client_masked_input(session: Any, conf: Mapping[str, Any], upload: Mapping[str, np.ndarray],
+                        num_examples: int = 1) -> bytes:
     """The node's step in its train reply: clip the update to C (L2), take the round's
-    coordinates, quantize by stochastic rounding, add the noise share, mask, pack."""
+    coordinates, quantize by stochastic rounding (scaled by its capped weight and followed by
+    it, in a weighted round), add the noise share, mask, pack."""
     p = session.params
     x = flatten(upload)
-    total = int(conf["secagg-total"])
+    total = conf.get("secagg-total")
+    if isinstance(total, bool) or not isinstance(total, int):
+        raise SecAggError(f"secagg-total {total!r} is not an integer")
     if x.size != total:
         raise SecAggError(f"the update has {x.size} coordinates, the server expects {total}")
     norm = float(np.linalg.norm(x))
@@ -263,10 +288,8 @@ def client_masked_input(session: Any, conf: Mapping[str, Any], upload: Mapping[s
         raise SecAggError("the update is not finite")
     if norm > p.clip:
         x = x * (p.clip / norm)
-    coords = coordinate_set(total, float(conf["secagg-density"]), int(conf["secagg-coords-seed"]))
-    if coords.size != p.dim:
-        raise SecAggError(f"coordinate set of {coords.size}, the session says {p.dim}")
-    q = ring.quantize(x[coords], p.bits, p.clip, np.random.default_rng())
+    coords = announced_coordinates(conf, total)
+    q = node_vector(x[coords], num_examples, p, np.random.default_rng())
     return session.masked_input(conf["secagg-routed"], q)
 
 
@@ -313,7 +336,7 @@ def client_train_reply(msg: Message, context: Any, res: Any) -> Message:
     sess = _load(context)
     if sess.index != int(conf["secagg-index"]):
         raise SecAggError("train message for another secure-aggregation index")
-    blob = client_masked_input(sess, conf, res.upload)
+    blob = client_masked_input(sess, conf, res.upload, int(res.num_examples))
     context.state[SECAGG_KEY] = ConfigRecord(sess.to_record())
     metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
                             "payload-up": len(blob)})
