@@ -190,10 +190,9 @@ class RunConfig:
     # --- secure aggregation (docs/secure-aggregation.md) ---
     secure_aggregation: bool = _f(False, "SecAgg+: the server learns only the sum of the nodes' "
                                   "quantized updates (fedavg, flocora, fl-lora, ffa-lora with "
-                                  "`upload=delta`, lora-a2, flasc at `density-up` 1; a fixed "
-                                  "`update-norm-bound`, which nodes clip to; the mean is weighted "
-                                  "by num-examples capped at `max-examples-per-client` unless "
-                                  "`equal-weights`, flasc or `secagg-noise`).")
+                                  "`upload=delta`, lora-a2, flasc; nodes clip to a fixed "
+                                  "`update-norm-bound`; weights capped at "
+                                  "`max-examples-per-client`).")
     secagg_bits: int = _f(16, "Secure aggregation: quantization bits of a coordinate (scale "
                           "(2^(bits−1)−1)/`update-norm-bound`); on the wire bits + ⌈log2 n⌉ + 1.")
     secagg_neighbours: int = _f(0, "Secure aggregation: neighbours of each node (even); 0 = "

@@ -420,3 +420,47 @@ def test_weighted_params_round_trip_and_fuzz():
                 Params.from_bytes(d)
             except SecAggError:
                 pass
+
+
+def test_announced_coordinate_fields_checked_and_fuzzed():
+    """The node's half of a weighted round (``client_masked_input``): the fields the train
+    config announces — ``secagg-total``, ``secagg-density``, ``secagg-coords-seed`` — are
+    checked: each wrong type or range is a SecAggError naming the field, and random values of
+    random types give only SecAggError or a valid masked input; an honest announcement (density
+    0.5: half the coordinates + the weight) gives a masked input that the server unmasks to the
+    node's capped weight."""
+    from fedlora.strategies.secure import announced_coordinates, client_masked_input
+
+    total = 40
+    dim = coordinate_set(total, 0.5, 7).size + 1
+    p = params(n=3, bits=10, dim=dim, cap=10)
+    srv, nodes = _through_shares(p)
+    routed = srv.routed()
+    upload = {"b": np.full((4, 5), 0.01), "a": np.full((20,), -0.02)}
+    good = {"secagg-total": total, "secagg-density": 0.5, "secagg-coords-seed": 7}
+
+    def fresh(i):
+        return ClientSession.from_record({**nodes[i].to_record(), "stage": "shared"})
+
+    for i in range(3):
+        y = client_masked_input(nodes[i], {**good, "secagg-routed": routed[i]}, upload, 25)
+        srv.receive_masked(i, y)
+    for i, req in srv.unmask_requests().items():
+        srv.receive_unmask(i, nodes[i].unmask(req))
+    assert srv.result()[-1] == 3 * 10  # each node capped its 25 examples at W = 10
+    bad = [("secagg-density", v) for v in (0, -0.1, 1.5, float("nan"), "0.5", True, None)] + \
+          [("secagg-coords-seed", v) for v in (-1, 2 ** 63, 1.5, "7", True, None)] + \
+          [("secagg-total", v) for v in (None, "40", True, 41, 39)]
+    for key, v in bad:
+        with pytest.raises(SecAggError):
+            client_masked_input(fresh(0), {**good, key: v, "secagg-routed": routed[0]}, upload)
+    rng = np.random.default_rng(13)
+    pool = [0, 1, -1, 7, 40, 2 ** 64, 0.5, 1.0, 1e-9, float("inf"), "x", b"\x00", None, [1]]
+    for _ in range(200):
+        conf = {k: pool[int(rng.integers(0, len(pool)))] if rng.random() < 0.5 else v
+                for k, v in good.items()}
+        try:
+            announced_coordinates(conf, total)
+            client_masked_input(fresh(1), {**conf, "secagg-routed": routed[1]}, upload)
+        except SecAggError:
+            pass

@@ -84,6 +84,22 @@ def test_weighted_secure_round_matches_the_plain_weighted_round(tmp_path, sample
     assert max(float(np.abs(plain[k] - equal[k]).max()) for k in plain) > 10 * bound
 
 
+def test_flasc_secure_round_is_the_plain_unweighted_round(tmp_path, sample_dir, task_identity):
+    """FLASC at density-up 1 (its upload dense; a sparse round would be secagg-density's shared
+    set): the secure round is unweighted as FLASC's pseudo-gradient is (no weight coordinate),
+    and with server-opt=avg its global equals the plain run's up to the 22-bit grid."""
+    extra = {"method": "flasc", "server-opt": "avg", "partitioner": "dirichlet",
+             "max-examples-per-client": 400}
+    plain, _ = _run(tmp_path, sample_dir, "plain", **extra)
+    secure, recs = _run(tmp_path, sample_dir, "secure", **extra, **{
+        "secure-aggregation": True, "secagg-bits": 22})
+    r = recs[0]
+    assert r["secagg_weight_cap"] == 0 and r["secagg_weight_sum"] == 3
+    worst = max(float(np.abs(plain[k] - secure[k]).max()) for k in plain)
+    assert worst <= 2 * 4.0 / (2 ** 21 - 1), worst
+    assert max(float(np.abs(plain[k]).max()) for k in plain) > 0
+
+
 def test_distributed_noise_is_accounted(tmp_path, sample_dir, task_identity):
     """secagg-noise > 0 with secagg-density 0.5: every round record carries dp_epsilon from the
     accountant (Gaussian RDP at multiplier z·√(survivors/n), q = 1), the ring is widened for the
