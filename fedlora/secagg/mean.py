@@ -11,7 +11,7 @@ unmasks Σ q_i (≈ s/W · Σ w_i x_i) and Σ w_i (exact) and returns Σ q_i · 
 Unweighted (W = 0): q_i = Q(x_i), no weight coordinate, mean = Σ q_i / (s · survivors).
 
 Rounding: each node's integer is off by < 1 per coordinate, so the weighted mean is within
-n·W / (s·Σw) of the plain weighted mean of the clipped updates (n·/(s·n) = 1/s unweighted); with
+n·W / (s·Σw) of the plain weighted mean of the clipped updates (unweighted: n/(s·n) = 1/s); with
 weights near W that is ≈ 1/s = C/L per coordinate, and it grows as W / mean(w) when W is far
 above the nodes' real weights (pick W, i.e. ``max-examples-per-client``, close to them).
 """
