@@ -205,6 +205,9 @@ class RunConfig:
     secagg_noise: float = _f(0.0, "Secure aggregation: distributed DP noise multiplier z; each "
                              "node adds Skellam noise so the sum carries std z·C (C = "
                              "`update-norm-bound`), accounted at `dp-delta`; 0 = off.")
+    secagg_rank_union: bool = _f(False, "Secure aggregation, lora-a2: mask only the union of the "
+                                 "nodes' selected rank slices, learned from a first secure sum "
+                                 "of 0/1 slice indicators (two more exchanges a round).")
     # --- FLASC ---
     density_down: float = _f(1.0, "FLASC: fraction of the global trainable weights sent down "
                              "(top-k by magnitude).")

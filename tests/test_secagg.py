@@ -464,3 +464,67 @@ def test_announced_coordinate_fields_checked_and_fuzzed():
             client_masked_input(fresh(1), {**conf, "secagg-routed": routed[1]}, upload)
         except SecAggError:
             pass
+
+
+def test_rank_union_messages_strict_and_fuzzed():
+    """Rank union (lora-a2, secagg-rank-union), the node's half: its train reply masks one 0/1
+    indicator per rank slice (the carried ones: here slices 2 and 4 of 8) and keeps its clipped
+    update; the values request (announced bitmap + routed shares) gives a masked input on the
+    announced slices' coordinates plus the non-LoRA tensor and the weight. A bitmap of the wrong
+    length, with padding bits set, announcing a set the session's size does not match, a
+    truncated or random request, or no kept update: SecAggError, never another exception."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from fedlora.strategies.secure import (client_indicator_input, client_values,
+                                           slice_indicators, slice_table, union_coordinates)
+
+    up = {"m.lora_B.weight": np.zeros((5, 4)), "n.lora_B.weight": np.zeros((3, 4)),
+          "head.bias": np.full(3, 0.1)}
+    up["m.lora_B.weight"][:, 2] = 0.2
+    up["n.lora_B.weight"][:, 0] = -0.1
+    shapes = {k: v.shape for k, v in up.items()}
+    assert slice_table(shapes)[2] == ("m.lora_B.weight", 2) and len(slice_table(shapes)) == 8
+    assert slice_indicators(up).tolist() == [0, 0, 1, 0, 1, 0, 0, 0]
+    ctx = SimpleNamespace(state=RecordDict())
+    srv_a, nodes_a = _through_shares(params(n=3, bits=10, dim=8))
+    y = client_indicator_input(nodes_a[0], {"secagg-total": 35,
+                                            "secagg-routed": srv_a.routed()[0]}, up, 7, ctx)
+    assert len(y) == ring.packed_len(8, srv_a.params.ring_bits)
+    chosen = np.zeros(8, bool)
+    chosen[[2, 4]] = True
+    coords = union_coordinates(shapes, chosen)
+    assert coords.size == 3 + 5 + 3
+    p_b = params(n=3, bits=10, dim=coords.size + 1, cap=10)
+    srv_b, nodes_b = _through_shares(p_b)
+    routed = srv_b.routed()[0]
+
+    def fresh():
+        return ClientSession.from_record({**nodes_b[0].to_record(), "stage": "shared"})
+
+    good = m.encode_values(m.encode_bitmap(chosen), routed)
+    assert len(client_values(fresh(), good, ctx)) == ring.packed_len(p_b.dim, p_b.ring_bits)
+    other = chosen.copy()
+    other[5] = True
+    bad = [m.encode_values(m.encode_bitmap(other), routed),        # another union: wrong size
+           m.encode_values(b"\x14\x01", routed),                     # 2 bytes for 8 bits
+           m.encode_values(m.encode_bitmap(chosen), routed[:-1]),  # truncated shares
+           good[:3], b""]
+    for d in bad:
+        with pytest.raises(SecAggError):
+            client_values(fresh(), d, ctx)
+    with pytest.raises(SecAggError, match="padding"):
+        m.decode_bitmap(b"\x00\x02", 9)
+    with pytest.raises(SecAggError, match="kept update"):
+        client_values(fresh(), good, SimpleNamespace(state=RecordDict()))
+    rng = np.random.default_rng(14)
+    for _ in range(200):
+        b = bytearray(good)
+        b[int(rng.integers(0, len(b)))] ^= int(rng.integers(1, 256))
+        for d in (bytes(b), bytes(b[:int(rng.integers(0, len(b)))]),
+                  bytes(rng.integers(0, 256, int(rng.integers(0, 60)), dtype=np.uint8))):
+            try:
+                client_values(fresh(), d, ctx)
+            except SecAggError:
+                pass

@@ -84,6 +84,27 @@ def test_weighted_secure_round_matches_the_plain_weighted_round(tmp_path, sample
     assert max(float(np.abs(plain[k] - equal[k]).max()) for k in plain) > 10 * bound
 
 
+def test_lora_a2_rank_union_round_matches_the_plain_round(tmp_path, sample_dir, task_identity):
+    """lora-a2 with secagg-rank-union (rank 4, budget 1, 3 nodes): the first secure sum counts
+    the selected slices, only their union is masked in the second session, and the global equals
+    the plain round's up to 2 grid steps; the union is at most 3 of the 4 slices of each module,
+    so the values upload is smaller than the dense one (the same round without the union)."""
+    extra = {"method": "lora-a2", "upload": "weights", "rank-budget": 1, "lora-rank": 4}
+    plain, _ = _run(tmp_path, sample_dir, "plain", **extra)
+    sec = {"secure-aggregation": True, "secagg-bits": 22}
+    union, recs = _run(tmp_path, sample_dir, "union", **extra, **sec, **{
+        "secagg-rank-union": True})
+    _, dense = _run(tmp_path, sample_dir, "dense", **extra, **sec)
+    r = recs[0]
+    assert r["rejected"] == "" and r["secagg_survivors"] == 3, r
+    modules = r["secagg_slices"] // 4
+    assert 1 <= r["secagg_union_slices"] <= 3 * modules
+    assert r["secagg_values_coordinates"] < dense[0]["secagg_coordinates"] - 1
+    worst = max(float(np.abs(plain[k] - union[k]).max()) for k in plain)
+    assert worst <= 2 * 4.0 / (2 ** 21 - 1), worst
+    assert r["payload_up"] < dense[0]["payload_up"]
+
+
 def test_flasc_secure_round_is_the_plain_unweighted_round(tmp_path, sample_dir, task_identity):
     """FLASC at density-up 1 (its upload dense; a sparse round would be secagg-density's shared
     set): the secure round is unweighted as FLASC's pseudo-gradient is (no weight coordinate),
@@ -125,6 +146,7 @@ def test_distributed_noise_is_accounted(tmp_path, sample_dir, task_identity):
     ({"method": "flasc", "density-up": 0.1}, "density-up=1"),
     ({"method": "flexlora", "upload": "weights"}, "sum of the"),
     ({"max-examples-per-client": 40000}, "max-examples-per-client"),
+    ({"secagg-rank-union": True}, "secagg-rank-union"),
     ({"method": "hetlora", "upload": "weights"}, "sum of the"),
     ({"upload": "weights"}, "upload='delta'"),
     ({"update-norm-bound": 0.0}, "update-norm-bound"),

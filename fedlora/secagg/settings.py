@@ -62,5 +62,9 @@ def check_config(cfg: Any, method: str) -> None:
                          f"coordinate <= L = 2^(secagg-bits-1)-1 = {levels(cfg.secagg_bits)}: "
                          f"max-examples-per-client {cfg.max_examples_per_client} is over it; "
                          f"lower it, raise secagg-bits, or set equal-weights=true")
+    if cfg.secagg_rank_union and (method != "lora-a2" or cfg.secagg_density < 1
+                                  or cfg.secagg_noise > 0):
+        raise ValueError("secagg-rank-union is for lora-a2 without secagg-density < 1 or "
+                         "secagg-noise (the slice indicators are summed exactly)")
     if cfg.secagg_neighbours and cfg.secagg_neighbours % 2:
         raise ValueError("secagg-neighbours must be even (a k-regular circulant graph)")

@@ -32,6 +32,7 @@ from ..privacy import Accountant
 from ..secagg.settings import SUM_METHODS, check_config, weight_cap, weighted  # noqa: F401
 from ..secagg import (Params, RecoveryError, SecAggError, ServerSession, auto_degree,
                       auto_threshold, coordinate_set, ring)
+from ..secagg import messages as wire_msgs
 from ..secagg.mean import node_vector, survivors_mean
 from ..wire import message_bytes
 from .ledger import RoundStats
@@ -43,6 +44,9 @@ log = logging.getLogger("flwr.fedlora")
 ACTION = "secagg"
 #: the ConfigRecord of a node's masked-input reply, and of its Context state
 SECAGG_KEY = "fedlora-secagg"
+#: a node's clipped update kept between its train reply and the values stage (rank union)
+UPLOAD_KEY = "fedlora-secagg-upload"
+
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
@@ -64,6 +68,15 @@ class SecureRounds:
         self.accountant = Accountant("central", "gaussian", cfg.dp_delta) \
             if cfg.secagg_noise > 0 else None
         self.records: dict[int, dict[str, Any]] = {}
+        #: lora-a2 with secagg-rank-union: the train reply masks 0/1 slice indicators; the
+        #: values of the union of the selected slices follow in a second session
+        self.union = bool(cfg.secagg_rank_union)
+        self.first_index: dict[int, int] = {}
+
+    def _degree(self, n: int) -> int:
+        c = self.cfg
+        degree = min(c.secagg_neighbours if c.secagg_neighbours else auto_degree(n), n - 1)
+        return degree - 1 if degree < n - 1 and degree % 2 else degree
 
     # ------------------------------------------------------------------ setup
     def _params(self, server_round: int, n: int) -> Params:
@@ -72,16 +85,16 @@ class SecureRounds:
         self.total = int(sum(int(np.prod(s)) for s in shapes.values()))
         self.coords = coordinate_set(self.total, c.secagg_density, _seed(c.seed, server_round,
                                                                           "coords"))
-        degree = c.secagg_neighbours if c.secagg_neighbours else auto_degree(n)
-        degree = min(degree, n - 1)
-        if degree < n - 1 and degree % 2:
-            degree -= 1
+        degree = self._degree(n)
         lv = ring.levels(c.secagg_bits)
         noise_var = (z * lv) ** 2 / n if z > 0 else 0.0
         cap = weight_cap(c) if weighted(c, self.s.name) else 0
+        dim = int(self.coords.size) + (1 if cap else 0)
+        if self.union:  # first session: one 0/1 indicator per rank slice, unweighted
+            dim, cap = len(slice_table(shapes)), 0
         return Params(os.urandom(16), n, degree, auto_threshold(degree, c.secagg_threshold),
                       c.secagg_bits, ring.ring_bits(c.secagg_bits, n + math.ceil(10 * z)),
-                      float(c.update_norm_bound), int(self.coords.size) + (1 if cap else 0),
+                      float(c.update_norm_bound), dim,
                       _seed(c.seed, server_round, "graph"), noise_var, cap)
 
     def _exchange(self, grid: Grid, stage: str, blobs: Mapping[int, bytes], key: str,
@@ -168,7 +181,8 @@ class SecureRounds:
         rec.update({"secagg_n": p.n, "secagg_degree": p.degree, "secagg_threshold": p.threshold,
                     "secagg_ring_bits": p.ring_bits, "secagg_coordinates": p.dim,
                     "secagg_weight_cap": p.weight_cap, "secagg_shared": len(srv.shares)})
-        return {by_index[i]: {"secagg-routed": blob, "secagg-index": i,
+        union = {"secagg-union": True} if self.union else {}
+        return {by_index[i]: {"secagg-routed": blob, "secagg-index": i, **union,
                               "secagg-total": self.total,
                               "secagg-density": float(self.cfg.secagg_density),
                               "secagg-coords-seed": _seed(self.cfg.seed, server_round, "coords")}
@@ -202,10 +216,18 @@ class SecureRounds:
             except Exception as err:
                 self._drop(stats, server_round, node, "masked input", err)
         rec = self.records.setdefault(server_round, {})
+        coords = self.coords
         try:
             self._stage(self.grid, "unmask", srv.unmask_requests(), "unmask",
                         srv.receive_unmask, server_round, stats)
             total = srv.result()
+            if self.union:  # the counts of the slice indicators → the values session
+                first = {i: ups[i].node_id for i in srv.survivors}
+                srv, total, coords = self._values_round(server_round, first, total, stats, rec)
+                if srv is None:
+                    return [], None
+                ups = {i: ups[self.first_index[node]] for node, i in self.index.items()
+                       if node in self.first_index}
         except RecoveryError as err:
             stats.rejected = f"RecoveryError: {err}"[:500]
             log.error("round %d: secure aggregation cannot reveal the sum: %s", server_round, err)
@@ -223,7 +245,7 @@ class SecureRounds:
             return [], None
         rec["secagg_weight_sum"] = wsum
         flat = np.zeros(self.total, np.float64)
-        flat[self.coords] = mean
+        flat[coords] = mean
         tensors, off = OrderedDict(), 0
         for k, shape in sorted(self.s.upload_shapes(server_round).items()):
             size = int(np.prod(shape))
@@ -238,6 +260,55 @@ class SecureRounds:
                         "dp_epsilon": self.accountant.epsilon(), "dp_delta": self.cfg.dp_delta})
         pseudo = ClientUpdate(-1, tensors, wsum, {})
         return updates, pseudo
+
+    def _values_round(self, server_round: int, first: Mapping[int, Any], counts: np.ndarray,
+                      stats: RoundStats, rec: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """Rank union (lora-a2, ``secagg-rank-union``): the first session's unmasked sum is,
+        per rank slice, how many nodes selected it; the union (count > 0) is announced to the
+        first session's survivors, which run a second, fresh session (own keys, own self-mask
+        seeds: the first session's seeds were revealed) and mask their update's values on the
+        union's coordinates only (weighted as usual). Returns (the second ServerSession, its
+        unmasked sum, the coordinates), or (None, None, None) when the round cannot go on."""
+        c, grid = self.cfg, self.grid
+        chosen = np.asarray(counts) > 0
+        coords = union_coordinates(self.s.upload_shapes(server_round), chosen)
+        rec.update({"secagg_slices": int(chosen.size), "secagg_union_slices": int(chosen.sum()),
+                    "secagg_values_coordinates": int(coords.size),
+                    "secagg_weight_cap": weight_cap(c) if weighted(c, self.s.name) else 0})
+        nodes = [first[i] for i in sorted(first)]
+        self.first_index = dict(self.index)  # node → first-session index
+        if len(nodes) < 2 or coords.size == 0:
+            stats.rejected = (f"secure aggregation, rank union: {len(nodes)} nodes and "
+                              f"{coords.size} coordinates left for the values session")
+            log.error("round %d: %s", server_round, stats.rejected)
+            return None, None, None
+        n, cap = len(nodes), (weight_cap(c) if weighted(c, self.s.name) else 0)
+        degree = self._degree(n)
+        p = Params(os.urandom(16), n, degree, auto_threshold(degree, c.secagg_threshold),
+                   c.secagg_bits, ring.ring_bits(c.secagg_bits, n), float(c.update_norm_bound),
+                   int(coords.size) + (1 if cap else 0),
+                   _seed(c.seed, server_round, "graph-values"), 0.0, cap)
+        self.index = {node: j for j, node in enumerate(nodes)}
+        srv = self.session = ServerSession(p)
+        blob = p.to_bytes()
+        self._stage(grid, "advertise", {j: blob for j in range(n)}, "params",
+                    srv.receive_advertise, server_round, stats)
+        reqs = srv.key_requests()
+        for j, why in srv.excluded.items():
+            self._drop(stats, server_round, nodes[j], "share", SecAggError(why))
+        self._stage(grid, "share", reqs, "keys", srv.receive_shares, server_round, stats)
+        bitmap = wire_msgs.encode_bitmap(chosen)
+
+        def receive(j: int, data: bytes) -> None:
+            srv.receive_masked(j, data)
+            stats.payload_up[nodes[j]] = stats.payload_up.get(nodes[j], 0) + len(data)
+
+        self._stage(grid, "values", {j: wire_msgs.encode_values(bitmap, r)
+                                     for j, r in srv.routed().items()}, "values", receive,
+                    server_round, stats)
+        self._stage(grid, "unmask", srv.unmask_requests(), "unmask", srv.receive_unmask,
+                    server_round, stats)
+        return srv, srv.result(), coords
 
     def record(self, server_round: int) -> dict[str, Any]:
         return dict(self.records.get(server_round, {}))
@@ -257,6 +328,50 @@ def flatten(upload: Mapping[str, np.ndarray]) -> np.ndarray:
     """The upload's tensors in name order as one float64 vector (the server's order)."""
     return np.concatenate([np.asarray(upload[k], np.float64).reshape(-1)
                            for k in sorted(upload)]) if upload else np.zeros(0)
+
+
+def slice_table(shapes: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Every rank slice of the upload's LoRA factors, (key, rank index), keys in name order:
+    the order of the rank-union indicators and bitmap."""
+    from ..adapters import is_lora_key, rank_axis
+
+    return [(k, i) for k in sorted(shapes) if is_lora_key(k)
+            for i in range(int(tuple(shapes[k])[rank_axis(k)]))]
+
+
+def slice_indicators(upload: Mapping[str, np.ndarray]) -> np.ndarray:
+    """1 for each slice of :func:`slice_table` that the update carries (a non-zero value), else
+    0 (int64): a node's input to the rank-union's first secure sum."""
+    from ..adapters import is_lora_key, rank_axis
+    from .guard import carried_ranks
+
+    out = []
+    for k in sorted(upload):
+        if is_lora_key(k):
+            v = np.asarray(upload[k])
+            ind = np.zeros(v.shape[rank_axis(k)], np.int64)
+            ind[carried_ranks(k, v)] = 1
+            out.append(ind)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def union_coordinates(shapes: Mapping[str, Any], chosen: np.ndarray) -> np.ndarray:
+    """The flat coordinates (in :func:`flatten`'s order) of the announced slices ``chosen``
+    (bool, one per :func:`slice_table` entry) and of every non-LoRA tensor."""
+    from ..adapters import is_lora_key, rank_axis, rank_mask
+
+    parts, j = [], 0
+    for k in sorted(shapes):
+        shape = tuple(int(d) for d in shapes[k])
+        if is_lora_key(k):
+            r = shape[rank_axis(k)]
+            parts.append(rank_mask(k, shape, np.flatnonzero(chosen[j:j + r])).reshape(-1))
+            j += r
+        else:
+            parts.append(np.ones(int(np.prod(shape)), bool))
+    if j != len(chosen):
+        raise SecAggError(f"{len(chosen)} announced slices for {j} rank slices")
+    return np.flatnonzero(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 def announced_coordinates(conf: Mapping[str, Any], total: int) -> np.ndarray:
@@ -283,14 +398,56 @@ def client_masked_input(session: Any, conf: Mapping[str, Any], upload: Mapping[s
         raise SecAggError(f"secagg-total {total!r} is not an integer")
     if x.size != total:
         raise SecAggError(f"the update has {x.size} coordinates, the server expects {total}")
-    norm = float(np.linalg.norm(x))
-    if not math.isfinite(norm):
-        raise SecAggError("the update is not finite")
-    if norm > p.clip:
-        x = x * (p.clip / norm)
+    x = _clipped(x, p.clip)
     coords = announced_coordinates(conf, total)
     q = node_vector(x[coords], num_examples, p, np.random.default_rng())
     return session.masked_input(conf["secagg-routed"], q)
+
+
+def _clipped(x: np.ndarray, clip: float) -> np.ndarray:
+    norm = float(np.linalg.norm(x))
+    if not math.isfinite(norm):
+        raise SecAggError("the update is not finite")
+    return x * (clip / norm) if norm > clip else x
+
+
+def client_indicator_input(session: Any, conf: Mapping[str, Any],
+                           upload: Mapping[str, np.ndarray], num_examples: int,
+                           context: Any) -> bytes:
+    """Rank union, the node's train reply: keep its clipped update and weight in its Context
+    (for the values stage) and mask its 0/1 slice indicators in the first session."""
+    import json
+
+    p = session.params
+    x = flatten(upload)
+    total = conf.get("secagg-total")
+    if isinstance(total, bool) or not isinstance(total, int) or x.size != total:
+        raise SecAggError(f"the update has {x.size} coordinates, the server expects {total!r}")
+    x = _clipped(x, p.clip)
+    ind = slice_indicators(upload)
+    if ind.size != p.dim:
+        raise SecAggError(f"{ind.size} rank slices, the session masks {p.dim}")
+    context.state[UPLOAD_KEY] = ConfigRecord({
+        "x": x.astype(np.float64).tobytes(), "w": int(num_examples),
+        "shapes": json.dumps({k: list(np.shape(upload[k])) for k in sorted(upload)})})
+    return session.masked_input(conf["secagg-routed"], ind)
+
+
+def client_values(session: Any, data: bytes, context: Any) -> bytes:
+    """Rank union, the values stage: the announced slices (strict bitmap) → the kept update's
+    values on their coordinates, quantized (weighted) and masked in the second session."""
+    import json
+
+    rec = context.state.config_records.get(UPLOAD_KEY)
+    if rec is None:
+        raise SecAggError("no kept update on this node (no rank-union train reply this round)")
+    shapes = {k: tuple(v) for k, v in json.loads(str(rec["shapes"])).items()}
+    table = slice_table(shapes)
+    chosen, routed = wire_msgs.decode_values(data, len(table), session.params.n)
+    coords = union_coordinates(shapes, chosen)
+    x = np.frombuffer(bytes(rec["x"]), np.float64)
+    q = node_vector(x[coords], int(rec["w"]), session.params, np.random.default_rng())
+    return session.masked_input(routed, q)
 
 
 def _load(context: Any) -> Any:
@@ -321,6 +478,8 @@ def client_query(msg: Message, context: Any) -> Message:
             reply = sess.share_keys(conf["keys"])
         elif stage == "unmask":
             reply = sess.unmask(conf["unmask"])
+        elif stage == "values":
+            reply = client_values(sess, conf["values"], context)
         else:
             raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
     context.state[SECAGG_KEY] = ConfigRecord(sess.to_record())
@@ -336,7 +495,10 @@ def client_train_reply(msg: Message, context: Any, res: Any) -> Message:
     sess = _load(context)
     if sess.index != int(conf["secagg-index"]):
         raise SecAggError("train message for another secure-aggregation index")
-    blob = client_masked_input(sess, conf, res.upload, int(res.num_examples))
+    if conf.get("secagg-union"):
+        blob = client_indicator_input(sess, conf, res.upload, int(res.num_examples), context)
+    else:
+        blob = client_masked_input(sess, conf, res.upload, int(res.num_examples))
     context.state[SECAGG_KEY] = ConfigRecord(sess.to_record())
     metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
                             "payload-up": len(blob)})
