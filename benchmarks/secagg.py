@@ -22,8 +22,8 @@ Two measurements, both written to ``--out`` (``secagg.json`` and ``secagg.txt``)
   deployment, but not sent over a network), a tiny vision model (ResNet-8 width 8, LoRA r = 4,
   32 examples a node, the committed Fashion-MNIST sample), one round of flocora (after one
   unreported warm-up round: imports and caches) of each of ``--apps-methods`` (flocora with
-  ``upload=delta``, weighted; lora-a2 at rank-budget 1 of rank 4), plain ``fp32`` vs
-  ``secure-aggregation`` at ``--bits``: the round record's
+  ``upload=delta``, weighted; lora-a2 at rank-budget 1 of rank 16, also with
+  ``secagg-rank-union``), plain ``fp32`` vs ``secure-aggregation`` at ``--bits``: the round record's
   bytes per node both ways (Flower messages, secure-aggregation stages included) and the
   round's wall time (``round_s``: training included; median of ``--repeats`` runs of each,
   alternated).
@@ -133,10 +133,12 @@ class _Grid:
         return out
 
 
-#: the apps part's methods: flocora (weighted secure mean) and lora-a2 (rank-budget 1 of rank
-#: 4: plain uploads carry the selected rank slices only, secure ones the whole trained factor)
+#: the apps part's methods: flocora (rank 4, weighted secure mean) and lora-a2 (rank-budget 1
+#: of rank 16, LoRA-A2's low-budget regime: plain uploads carry the selected rank slices only,
+#: secure ones the whole trained factor, or with secagg-rank-union the union of the selections)
 APPS_METHODS = {"flocora": {"method": "flocora"},
-                "lora-a2": {"method": "lora-a2", "upload": "weights", "rank-budget": 1}}
+                "lora-a2": {"method": "lora-a2", "upload": "weights", "lora-rank": 16,
+                            "rank-budget": 1}}
 
 
 def apps_rows(n: int, bits: int, repeats: int, methods: tuple[str, ...] = ("flocora",)
@@ -150,6 +152,8 @@ def apps_rows(n: int, bits: int, repeats: int, methods: tuple[str, ...] = ("floc
         runs[f"{m} plain fp32"] = APPS_METHODS[m]
         runs[f"{m} secure"] = {**APPS_METHODS[m], "secure-aggregation": True,
                                "secagg-bits": bits}
+        if m == "lora-a2":
+            runs[f"{m} secure rank-union"] = {**runs[f"{m} secure"], "secagg-rank-union": True}
     order = [("warm-up", {})] + [kv for _ in range(repeats) for kv in runs.items()]
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,7 +178,12 @@ def apps_rows(n: int, bits: int, repeats: int, methods: tuple[str, ...] = ("floc
                 "secagg_down_bytes": r.get("secagg_bytes_down", 0) / n,
                 "secagg_up_bytes": r.get("secagg_bytes_up", 0) / n,
                 "payload_up_bytes": r["payload_up"] / n,
-                "coordinates": r.get("secagg_coordinates"),
+                # masked coordinates, the weight included (rank union: the values session's)
+                "coordinates": (r["secagg_values_coordinates"] + (1 if r["secagg_weight_cap"]
+                                                                  else 0)
+                                if "secagg_values_coordinates" in r
+                                else r.get("secagg_coordinates")),
+                "union_slices": r.get("secagg_union_slices"), "slices": r.get("secagg_slices"),
                 "weight_cap": r.get("secagg_weight_cap"), "round_s_all": []})
             row["round_s_all"].append(r["round_s"])
     for row in rows.values():
@@ -190,6 +199,10 @@ def _identity():
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     return contextlib.nullcontext()
+
+
+def _slices(r: dict) -> str:
+    return "" if r.get("slices") is None else f"{r['union_slices']} / {r['slices']}"
 
 
 def main(argv=None) -> int:
@@ -238,12 +251,14 @@ def main(argv=None) -> int:
         lines += ["", f"real apps, in-process grid, {a.apps_nodes} nodes, one round "
                   f"(bytes per node, Flower messages; round s: median of {a.repeats} alternated "
                   "runs, training included; coordinates: masked, the weight included when W > 0)",
-                  "| run | coordinates | W | train msg down B | train reply up B | secagg stages "
-                  "down B | secagg stages up B | upload payload B | round s |",
-                  "|" + "---|" * 9]
+                  "| run | coordinates | W | rank slices (union / all) | train msg down B | "
+                  "train reply up B | secagg stages down B | secagg stages up B | upload payload "
+                  "B | round s |",
+                  "|" + "---|" * 10]
         for r in apps:
             lines.append(f"| {r['run']} | {r['coordinates'] or ''} | "
                          f"{'' if r['weight_cap'] is None else r['weight_cap']} | "
+                         f"{_slices(r)} | "
                          f"{r['train_down_bytes']:.0f} | "
                          f"{r['train_up_bytes']:.0f} | {r['secagg_down_bytes']:.0f} | "
                          f"{r['secagg_up_bytes']:.0f} | {r['payload_up_bytes']:.0f} | "
