@@ -265,3 +265,41 @@ def test_distributed_dp_accountant_survives_a_checkpoint():
     again = get_method("flocora").Strategy(cfg, shapes)
     again.load_state_dict(st.state_dict())
     assert again.secure.accountant.epsilon() == st.secure.accountant.epsilon() > 0
+
+
+class ValuesLossGrid(LossyGrid):
+    """The in-process grid where ``lose_values`` nodes' answers to the rank union's values
+    stage never arrive (lost after sharing in the second session)."""
+
+    def __init__(self, rc, node_ids, lose_values=()):
+        super().__init__(rc, node_ids)
+        self.lose_values = set(lose_values)
+
+    def send_and_receive(self, messages, timeout=None):
+        msgs = list(messages)
+        out = []
+        for m, reply in zip(msgs, super().send_and_receive(msgs, timeout)):
+            if m.metadata.message_type.endswith(".secagg") and m.metadata.dst_node_id in \
+                    self.lose_values and m.content.config_records["config"]["stage"] == "values":
+                continue
+            out.append(reply)
+        return out
+
+
+def test_rank_union_node_lost_in_the_values_session_is_recovered(tmp_path, sample_dir,
+                                                                   task_identity):
+    """lora-a2 with secagg-rank-union on 5 nodes: a node whose values answer is lost (after
+    it sent its indicators and shared its second-session keys) is recovered by the second
+    session's unmask: the round is applied with the 4 others."""
+    from fedlora.results import read_rounds
+    from fedlora.server_app import run
+
+    nodes = (101, 102, 103, 104, 105)
+    rc = {**BASE, "method": "lora-a2", "upload": "weights", "rank-budget": 1,
+          "min-train-nodes": 5, "min-available-nodes": 5, "secure-aggregation": True,
+          "secagg-rank-union": True, "data-dir": sample_dir, "run-dir": str(tmp_path),
+          "run-name": "lost"}
+    run(ValuesLossGrid(rc, nodes, lose_values={102}), RunConfig.from_run_config(rc))
+    r = [x for x in read_rounds(tmp_path / "lost") if x["round"] == 1][0]
+    assert r["rejected"] == "" and r["clients"] == 4 and r["secagg_survivors"] == 4, r
+    assert r["secagg_dropped_after_sharing"] == 1 and r["secagg_recovered"]
