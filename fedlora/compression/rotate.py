@@ -134,6 +134,22 @@ def _fwht_from(a, d, h):  # pragma: no cover - compiled
         h *= 2
 
 
+_L1 = 4096  # values (16 KiB) whose stages run together while they stay in the L1 cache
+
+
+@cached_njit
+def _fwht_blocked(a, d, h):  # pragma: no cover - compiled
+    """:func:`_fwht_from`, the stages below ``_L1`` block by block (each value still gets its
+    stages in order, so the result is the same bit for bit), then the rest over ``a[:d]``:
+    2 passes over a 16,384-value chunk in L2 instead of 6 (-20% of the transform's time)."""
+    if d <= _L1 or h >= _L1:
+        _fwht_from(a, d, h)
+        return
+    for b in range(0, d, _L1):
+        _fwht_from(a[b:b + _L1], _L1, h)
+    _fwht_from(a, d, _L1)
+
+
 @cached_njit
 def fwht(a, d):  # pragma: no cover - compiled
     """In-place unnormalized Walsh–Hadamard transform of ``a[:d]`` (``d`` a power of two): the
@@ -141,7 +157,7 @@ def fwht(a, d):  # pragma: no cover - compiled
     if d >= 8:
         for i in range(0, d, 8):
             _bfly8(a, i)
-        _fwht_from(a, d, 8)
+        _fwht_blocked(a, d, 8)
     else:
         _fwht_from(a, d, 1)
 
@@ -166,55 +182,65 @@ def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
     """``buf[:8 ceil(v/8)]`` = the 8-point transforms of ``D x[s:s+v]`` (zero beyond ``v``; ``sgn``
     the flat sign rows ``SGNF``),
     and ``sum x^2`` (8 float32 lanes, a fixed order; float64 when that leaves (1e-30, 1e30)),
-    in one pass."""
-    acc = np.zeros(8, np.float32)
+    in one pass. The lanes live in registers (an array of 8 made every group a load and a
+    store on one chain: ~20% of the pass)."""
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = np.float32(0.0)
     full = v >> 3
-    for g in range(full):
-        if g & 7 == 0:
-            word = _mix(kc + np.uint64(g >> 3))
-        r = np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255)) * 8
-        o = 8 * g
-        i = s + o
-        a0 = x[i] * sgn[r]
-        a1 = x[i + 1] * sgn[r + 1]
-        a2 = x[i + 2] * sgn[r + 2]
-        a3 = x[i + 3] * sgn[r + 3]
-        a4 = x[i + 4] * sgn[r + 4]
-        a5 = x[i + 5] * sgn[r + 5]
-        a6 = x[i + 6] * sgn[r + 6]
-        a7 = x[i + 7] * sgn[r + 7]
-        acc[0] += a0 * a0
-        acc[1] += a1 * a1
-        acc[2] += a2 * a2
-        acc[3] += a3 * a3
-        acc[4] += a4 * a4
-        acc[5] += a5 * a5
-        acc[6] += a6 * a6
-        acc[7] += a7 * a7
-        b0 = a0 + a1
-        b1 = a0 - a1
-        b2 = a2 + a3
-        b3 = a2 - a3
-        b4 = a4 + a5
-        b5 = a4 - a5
-        b6 = a6 + a7
-        b7 = a6 - a7
-        c0 = b0 + b2
-        c2 = b0 - b2
-        c1 = b1 + b3
-        c3 = b1 - b3
-        c4 = b4 + b6
-        c6 = b4 - b6
-        c5 = b5 + b7
-        c7 = b5 - b7
-        buf[o] = c0 + c4
-        buf[o + 4] = c0 - c4
-        buf[o + 1] = c1 + c5
-        buf[o + 5] = c1 - c5
-        buf[o + 2] = c2 + c6
-        buf[o + 6] = c2 - c6
-        buf[o + 3] = c3 + c7
-        buf[o + 7] = c3 - c7
+    for w in range((full + 7) >> 3):  # one word of the sign stream: 8 groups of 8 values
+        word = _mix(kc + np.uint64(w))
+        for gg in range(min(8, full - 8 * w)):
+            r = np.int64((word >> np.uint64(8 * gg)) & np.uint64(255)) * 8
+            o = 64 * w + 8 * gg
+            i = s + o
+            a0 = x[i] * sgn[r]
+            a1 = x[i + 1] * sgn[r + 1]
+            a2 = x[i + 2] * sgn[r + 2]
+            a3 = x[i + 3] * sgn[r + 3]
+            a4 = x[i + 4] * sgn[r + 4]
+            a5 = x[i + 5] * sgn[r + 5]
+            a6 = x[i + 6] * sgn[r + 6]
+            a7 = x[i + 7] * sgn[r + 7]
+            q0 += a0 * a0
+            q1 += a1 * a1
+            q2 += a2 * a2
+            q3 += a3 * a3
+            q4 += a4 * a4
+            q5 += a5 * a5
+            q6 += a6 * a6
+            q7 += a7 * a7
+            b0 = a0 + a1
+            b1 = a0 - a1
+            b2 = a2 + a3
+            b3 = a2 - a3
+            b4 = a4 + a5
+            b5 = a4 - a5
+            b6 = a6 + a7
+            b7 = a6 - a7
+            c0 = b0 + b2
+            c2 = b0 - b2
+            c1 = b1 + b3
+            c3 = b1 - b3
+            c4 = b4 + b6
+            c6 = b4 - b6
+            c5 = b5 + b7
+            c7 = b5 - b7
+            buf[o] = c0 + c4
+            buf[o + 4] = c0 - c4
+            buf[o + 1] = c1 + c5
+            buf[o + 5] = c1 - c5
+            buf[o + 2] = c2 + c6
+            buf[o + 6] = c2 - c6
+            buf[o + 3] = c3 + c7
+            buf[o + 7] = c3 - c7
+    acc = np.empty(8, np.float32)
+    acc[0] = q0
+    acc[1] = q1
+    acc[2] = q2
+    acc[3] = q3
+    acc[4] = q4
+    acc[5] = q5
+    acc[6] = q6
+    acc[7] = q7
     if v > 8 * full:
         word = _mix(kc + np.uint64(full >> 3))
         r = np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255)) * 8
@@ -285,16 +311,39 @@ def _quantize(buf, d, bits, bounds, cents, lab, packed, o, nbytes):  # pragma: n
     cz = np.zeros(8)
     cc = np.zeros(8)
     if bits == 1:  # the sign: label 1 for z >= 0 (c = +1), 0 for z < 0 (c = -1)
-        acc = np.zeros(8, np.float32)  # |z| <= 2^114 (the caller's range): float32 lanes
+        # |z| <= 2^114 (the caller's range): float32 lanes, in registers
+        q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = np.float32(0.0)
         for grp in range(d // 8):
-            zs = buf[8 * grp:8 * grp + 8]
-            byte = np.int32(0)
-            for j in range(8):
-                byte |= np.int32(zs[j] >= 0) << j
-                acc[j] += abs(zs[j])
-            packed[o + grp] = np.uint8(byte)
-        for j in range(8):
-            cz[j] += np.float64(acc[j])
+            i = 8 * grp
+            z0 = buf[i]
+            z1 = buf[i + 1]
+            z2 = buf[i + 2]
+            z3 = buf[i + 3]
+            z4 = buf[i + 4]
+            z5 = buf[i + 5]
+            z6 = buf[i + 6]
+            z7 = buf[i + 7]
+            packed[o + grp] = np.uint8(
+                np.int32(z0 >= 0) | (np.int32(z1 >= 0) << 1) | (np.int32(z2 >= 0) << 2)
+                | (np.int32(z3 >= 0) << 3) | (np.int32(z4 >= 0) << 4)
+                | (np.int32(z5 >= 0) << 5) | (np.int32(z6 >= 0) << 6)
+                | (np.int32(z7 >= 0) << 7))
+            q0 += abs(z0)
+            q1 += abs(z1)
+            q2 += abs(z2)
+            q3 += abs(z3)
+            q4 += abs(z4)
+            q5 += abs(z5)
+            q6 += abs(z6)
+            q7 += abs(z7)
+        cz[0] += np.float64(q0)
+        cz[1] += np.float64(q1)
+        cz[2] += np.float64(q2)
+        cz[3] += np.float64(q3)
+        cz[4] += np.float64(q4)
+        cz[5] += np.float64(q5)
+        cz[6] += np.float64(q6)
+        cz[7] += np.float64(q7)
         byte = 0
         for j in range(d - 8 * (d // 8)):  # a chunk of 1, 2 or 4 values
             z = buf[8 * (d // 8) + j]
@@ -327,8 +376,10 @@ def _quantize(buf, d, bits, bounds, cents, lab, packed, o, nbytes):  # pragma: n
 
 @cached_njit
 def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax, limit, c0, c1,
-                  T, packed):  # pragma: no cover - compiled
-    """Rotate, quantize and pack chunks ``[c0, c1)`` of the ``m`` values ``x``: labels
+                  T, packed, n, sample):  # pragma: no cover - compiled
+    """Rotate, quantize and pack chunks ``[c0, c1)`` of the ``m`` values ``x`` (``sample``: of the
+    ``m`` values at the strata positions (:func:`_strata`) among the ``n`` values ``x``, gathered
+    chunk by chunk into cache, not into a second array): labels
     (``bits`` wide, the bucket of each rotated value among the sorted ``bounds``) into
     ``packed`` at the chunk's byte, the chunk's scale into ``T`` (unbiased: ``||x|| / <c, z>``;
     else the least-squares ``||x|| <c, z> / (d ||c||^2)``). Returns flags: 1 a value is NaN or
@@ -338,7 +389,9 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
         dmax = max(dmax, sizes[c])
     buf = np.empty(dmax, np.float32)
     bb = buf.view(np.uint32)
-    xb = x.view(np.uint32)
+    xs = np.empty(dmax if sample else 0, np.float32)  # a chunk's sampled values
+    pos = np.empty(dmax if sample else 0, np.int64)
+    wt = np.empty(dmax if sample else 0, np.int64)
     lab = np.zeros(dmax + 8, np.uint8)
     bsc = np.empty(bounds.size, np.float32)
     sgn = SGNF
@@ -349,12 +402,22 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
         d = sizes[c]
         v = min(d, m - s)
         kc = _chunk_key(key, c)
+        if sample:
+            _strata(n, m, key, s, s + v, pos, wt)
+            for i in range(v):
+                xs[i] = x[pos[i]]
+            src = xs
+            s0 = 0
+        else:
+            src = x
+            s0 = s
+        xb = src.view(np.uint32)
         h0 = 1
         if d >= 8:  # D x and the first three stages in one pass
-            g2 = _load8(x, s, v, kc, sgn, buf)
+            g2 = _load8(src, s0, v, kc, sgn, buf)
             h0 = 8
         else:
-            g2 = _load(x, xb, s, v, kc, bb)
+            g2 = _load(src, xb, s0, v, kc, bb)
         if not (g2 < np.inf):  # NaN or Inf
             flags |= 1
             continue
@@ -369,14 +432,14 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
         f = 1.0  # buf = f D x; the transform of unscaled values stays far from over/underflow
         if not (2.0 ** -100 < g < 2.0 ** 100):
             f = 1.0 / g
-            _load(x, xb, s, v, kc, bb)
+            _load(src, xb, s0, v, kc, bb)
             for i in range(v):
                 buf[i] = np.float32(np.float64(buf[i]) * f)
             h0 = 1
         if h0 == 8:
             for i in range(8 * ((v + 7) // 8), d):
                 buf[i] = np.float32(0.0)
-            _fwht_from(buf, d, 8)
+            _fwht_blocked(buf, d, 8)
         else:
             for i in range(v, d):
                 buf[i] = np.float32(0.0)
@@ -394,15 +457,20 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
 
 
 @cached_njit
-def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
-                  out):  # pragma: no cover - compiled
+def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1, out, n, sample,
+                  weighted):  # pragma: no cover - compiled
     """Inverse of :func:`encode_chunks` for chunks ``[c0, c1)``: ``out[s + i] = D_i * (T *
-    (H c)_i)`` for the chunk's ``min(d, m - s)`` values. Returns 1 when a chunk of scale 0 has
+    (H c)_i)`` for the chunk's ``min(d, m - s)`` values (``sample``: those values at their
+    strata positions among the ``n`` of ``out``, times the strata sizes when ``weighted``, every
+    other value of the chunk's strata written 0, so ``out`` needs no zeroing: :func:`_place`). Returns 1 when a chunk of scale 0 has
     a non-zero label (the encoder writes zeros), else 0; the caller checked the scales."""
     dmax = 0
     for c in range(c0, c1):
         dmax = max(dmax, sizes[c])
     buf = np.empty(dmax + 8, np.float32)
+    vbuf = np.empty(dmax if sample else 0, np.float32)
+    pos = np.empty(dmax if sample else 0, np.int64)
+    wt = np.empty(dmax if sample else 0, np.int64)
     sgn = SGNF
     wht8 = WHT8F
     mask = np.uint64((1 << bits) - 1)
@@ -413,48 +481,79 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1,
         v = min(d, m - s)
         o = (s * bits) >> 3
         nbytes = (d * bits + 7) >> 3
+        if sample:
+            dst = vbuf
+            ds = 0
+        else:
+            dst = out
+            ds = s
         t = T[c]
         if t == 0:
             for j in range(nbytes):
                 bad |= packed[o + j] != 0
             for i in range(v):
-                out[s + i] = np.float32(0.0)
-            continue
-        if bits == 1 and d >= 8:  # labels and the first three stages by table
-            for grp in range(nbytes):
-                r = np.int64(packed[o + grp]) * 8
-                for j in range(8):
-                    buf[8 * grp + j] = wht8[r + j]
-            _fwht_from(buf, d, 8)
-        elif bits == 1:
-            byte = np.int32(packed[o])
-            for j in range(8):
-                buf[j] = np.float32(2 * ((byte >> j) & 1) - 1)
-            fwht(buf, d)
+                dst[ds + i] = np.float32(0.0)
         else:
-            for grp in range((d + 7) // 8):
-                w = np.uint64(0)
-                for k in range(bits):
-                    if bits * grp + k < nbytes:
-                        w |= np.uint64(packed[o + bits * grp + k]) << np.uint64(8 * k)
-                for j in range(8):
-                    buf[8 * grp + j] = cents[(w >> np.uint64(bits * j)) & mask]
-            fwht(buf, d)
-        kc = _chunk_key(key, c)
-        full = v >> 3
-        for g in range(full):  # out = D (t H c), a row of 8 signs at a time
-            if g & 7 == 0:
-                word = _mix(kc + np.uint64(g >> 3))
-            r = np.int64((word >> np.uint64(8 * (g & 7))) & np.uint64(255)) * 8
-            o8 = s + 8 * g
-            for j in range(8):
-                out[o8 + j] = (buf[8 * g + j] * t) * sgn[r + j]
-        if v > 8 * full:
-            word = _mix(kc + np.uint64(full >> 3))
-            r = np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255)) * 8
-            for j in range(v - 8 * full):
-                out[s + 8 * full + j] = (buf[8 * full + j] * t) * sgn[r + j]
+            _decode_chunk(packed, o, nbytes, d, v, bits, mask, cents, wht8, sgn, t,
+                          _chunk_key(key, c), buf, dst, ds)
+        if sample:
+            _place(vbuf, n, m, key, s, s + v, weighted, pos, wt, out)
     return bad
+
+
+@cached_njit
+def _decode_chunk(packed, o, nbytes, d, v, bits, mask, cents, wht8, sgn, t, kc, buf, dst,
+                  ds):  # pragma: no cover - compiled
+    """``dst[ds + i] = D_i * (t * (H c)_i)`` for the ``v`` values of a chunk of ``d`` whose
+    labels are ``packed[o:o + nbytes]``."""
+    if bits == 1 and d >= 8:  # labels and the first three stages by table
+        for grp in range(nbytes):
+            r = np.int64(packed[o + grp]) * 8
+            for j in range(8):
+                buf[8 * grp + j] = wht8[r + j]
+        _fwht_blocked(buf, d, 8)
+    elif bits == 1:
+        byte = np.int32(packed[o])
+        for j in range(8):
+            buf[j] = np.float32(2 * ((byte >> j) & 1) - 1)
+        fwht(buf, d)
+    else:
+        for grp in range((d + 7) // 8):
+            w = np.uint64(0)
+            for k in range(bits):
+                if bits * grp + k < nbytes:
+                    w |= np.uint64(packed[o + bits * grp + k]) << np.uint64(8 * k)
+            for j in range(8):
+                buf[8 * grp + j] = cents[(w >> np.uint64(bits * j)) & mask]
+        fwht(buf, d)
+    full = v >> 3
+    for w in range((full + 7) >> 3):  # dst = D (t H c), a row of 8 signs at a time
+        word = _mix(kc + np.uint64(w))
+        for gg in range(min(8, full - 8 * w)):
+            r = np.int64((word >> np.uint64(8 * gg)) & np.uint64(255)) * 8
+            o8 = 64 * w + 8 * gg
+            for j in range(8):
+                dst[ds + o8 + j] = (buf[o8 + j] * t) * sgn[r + j]
+    if v > 8 * full:
+        word = _mix(kc + np.uint64(full >> 3))
+        r = np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255)) * 8
+        for j in range(v - 8 * full):
+            dst[ds + 8 * full + j] = (buf[8 * full + j] * t) * sgn[r + j]
+
+
+@cached_njit
+def _place(vals, n, k, key, j0, j1, weighted, pos, wt, out):  # pragma: no cover - compiled
+    """Strata ``[j0, j1)`` of ``k`` over ``n`` values, all of their values written:
+    ``vals[j - j0]`` (times the stratum's size when ``weighted``) at the stratum's position
+    (:func:`_strata`), 0 at the others."""
+    _strata(n, k, key, j0, j1, pos, wt)
+    out[(j0 * n) // k:(j1 * n) // k] = np.float32(0.0)  # in cache for what follows
+    if weighted:
+        for j in range(j1 - j0):
+            out[pos[j]] = vals[j] * np.float32(wt[j])
+    else:
+        for j in range(j1 - j0):
+            out[pos[j]] = vals[j]
 
 
 @cached_njit
@@ -478,31 +577,3 @@ def _strata(n, k, key, j0, j1, pos, wt):  # pragma: no cover - compiled
         wt[j - j0] = q2 - q
         q = q2
         r = r2
-
-
-_BLOCK = 4096  # strata whose positions are computed together
-
-
-@cached_njit
-def gather(x, n, k, key, j0, j1, out):  # pragma: no cover - compiled
-    """``out[j] = x[position of stratum j]`` for ``j`` in ``[j0, j1)``."""
-    pos = np.empty(_BLOCK, np.int64)
-    wt = np.empty(_BLOCK, np.int64)
-    for b in range(j0, j1, _BLOCK):
-        e = min(j1, b + _BLOCK)
-        _strata(n, k, key, b, e, pos, wt)
-        for j in range(b, e):
-            out[j] = x[pos[j - b]]
-
-
-@cached_njit
-def scatter(vals, n, k, key, weighted, j0, j1, out):  # pragma: no cover - compiled
-    """``out[position of stratum j] = vals[j]`` (times the stratum's size when ``weighted``)
-    for ``j`` in ``[j0, j1)``; ``out`` holds zeros elsewhere."""
-    pos = np.empty(_BLOCK, np.int64)
-    wt = np.empty(_BLOCK, np.int64)
-    for b in range(j0, j1, _BLOCK):
-        e = min(j1, b + _BLOCK)
-        _strata(n, k, key, b, e, pos, wt)
-        for j in range(b, e):
-            out[pos[j - b]] = vals[j] * np.float32(wt[j - b]) if weighted else vals[j]
