@@ -7,7 +7,8 @@ bytes, so any change in the rotation's signs, the Walsh–Hadamard order of addi
 sums, the sampling or the packing fails here. The cases cover every label width (1..4 and three
 sub-bit fractions), both scales, ``:tensor``, chunk plans with full 16,384-value chunks, the
 binary tail and a padded last chunk (including chunks of 1..8 values), a tensor of zeros, inputs
-far from 1 (the 2^±100 rescaling path) and several tensors.
+far from 1 (the 2^±100 rescaling path) and several tensors; ``sign`` and ``sign:tensor`` (whose
+decoder the same work made faster) ride along.
 
 Regenerate ONLY for an intended wire change: ``python tests/test_subbit_golden.py --write``.
 """
@@ -30,7 +31,8 @@ from fedlora.compression import decode_payload, parse_spec  # noqa: E402
 KEY = 0x0DDC_0FFE_E15_BAD5
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "subbit_golden.json")
 SPECS = ["drive", "drive:mse", "drive:tensor", "drive:mse:tensor", "eden:2", "eden:3:mse",
-         "eden:4", "eden:0.5", "eden:0.5:mse:tensor", "eden:0.25", "eden:0.25:mse", "eden:0.1"]
+         "eden:4", "eden:0.5", "eden:0.5:mse:tensor", "eden:0.25", "eden:0.25:mse", "eden:0.1",
+         "sign", "sign:tensor"]
 
 
 def inputs() -> dict[str, OrderedDict]:
