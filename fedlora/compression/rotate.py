@@ -178,17 +178,22 @@ SGNF, WHT8F = SGN.reshape(-1).copy(), WHT8.reshape(-1).copy()  # flat: row b at 
 
 
 @cached_njit
-def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
-    """``buf[:8 ceil(v/8)]`` = the 8-point transforms of ``D x[s:s+v]`` (zero beyond ``v``; ``sgn``
-    the flat sign rows ``SGNF``),
-    and ``sum x^2`` (8 float32 lanes, a fixed order; float64 when that leaves (1e-30, 1e30)),
-    in one pass. The lanes live in registers (an array of 8 made every group a load and a
-    store on one chain: ~20% of the pass)."""
-    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = np.float32(0.0)
-    full = v >> 3
-    for w in range((full + 7) >> 3):  # one word of the sign stream: 8 groups of 8 values
+def _load8_run(x, s, g0, g1, kc, sgn, buf, lanes):  # pragma: no cover - compiled
+    """Groups ``[g0, g1)`` (``g0`` a multiple of 8) of 8 values of :func:`_load8`: ``buf[8 g:8 g +
+    8]`` = the 8-point transform of ``D x[s + 8 g:s + 8 g + 8]``; each value's square added to
+    its float32 lane, ``lanes`` carried in and out (in registers between: an array of 8 made
+    every group a load and a store on one chain)."""
+    q0 = lanes[0]
+    q1 = lanes[1]
+    q2 = lanes[2]
+    q3 = lanes[3]
+    q4 = lanes[4]
+    q5 = lanes[5]
+    q6 = lanes[6]
+    q7 = lanes[7]
+    for w in range(g0 >> 3, (g1 + 7) >> 3):  # one word of the sign stream: 8 groups of 8
         word = _mix(kc + np.uint64(w))
-        for gg in range(min(8, full - 8 * w)):
+        for gg in range(min(8, g1 - 8 * w)):
             r = np.int64((word >> np.uint64(8 * gg)) & np.uint64(255)) * 8
             o = 64 * w + 8 * gg
             i = s + o
@@ -232,15 +237,37 @@ def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
             buf[o + 6] = c2 - c6
             buf[o + 3] = c3 + c7
             buf[o + 7] = c3 - c7
-    acc = np.empty(8, np.float32)
-    acc[0] = q0
-    acc[1] = q1
-    acc[2] = q2
-    acc[3] = q3
-    acc[4] = q4
-    acc[5] = q5
-    acc[6] = q6
-    acc[7] = q7
+    lanes[0] = q0
+    lanes[1] = q1
+    lanes[2] = q2
+    lanes[3] = q3
+    lanes[4] = q4
+    lanes[5] = q5
+    lanes[6] = q6
+    lanes[7] = q7
+
+
+@cached_njit
+def _lanes_sum(x, s, v, lanes):  # pragma: no cover - compiled
+    """``sum x^2`` from the 8 float32 lanes, in float64 (a fixed order); exactly in float64
+    (:func:`_sumsq8`) when that leaves (1e-30, 1e30): underflow, overflow, NaN or zero."""
+    g2 = 0.0
+    for j in range(8):
+        g2 += np.float64(lanes[j])
+    if not (1e-30 < g2 < 1e30):
+        g2 = _sumsq8(x[s:s + v])
+    return g2
+
+
+@cached_njit
+def _load8(x, s, v, kc, sgn, buf, lanes):  # pragma: no cover - compiled
+    """``buf[:8 ceil(v/8)]`` = the 8-point transforms of ``D x[s:s+v]`` (zero beyond ``v``; ``sgn``
+    the flat sign rows ``SGNF``),
+    and ``sum x^2`` (8 float32 lanes, a fixed order; float64 when that leaves (1e-30, 1e30)),
+    in one pass (``lanes``: 8 float32 of scratch)."""
+    lanes[:] = np.float32(0.0)
+    full = v >> 3
+    _load8_run(x, s, 0, full, kc, sgn, buf, lanes)
     if v > 8 * full:
         word = _mix(kc + np.uint64(full >> 3))
         r = np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255)) * 8
@@ -248,17 +275,12 @@ def _load8(x, s, v, kc, sgn, buf):  # pragma: no cover - compiled
             i = 8 * full + j
             if i < v:
                 t = x[s + i] * sgn[r + j]
-                acc[j] += t * t
+                lanes[j] += t * t
                 buf[i] = t
             else:
                 buf[i] = np.float32(0.0)
         _bfly8(buf, 8 * full)
-    g2 = 0.0
-    for j in range(8):
-        g2 += np.float64(acc[j])
-    if not (1e-30 < g2 < 1e30):  # underflow, overflow, NaN or zero: exactly, in float64
-        g2 = _sumsq8(x[s:s + v])
-    return g2
+    return _lanes_sum(x, s, v, lanes)
 
 
 @cached_njit
@@ -393,6 +415,7 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
     pos = np.empty(dmax if sample else 0, np.int64)
     wt = np.empty(dmax if sample else 0, np.int64)
     lab = np.zeros(dmax + 8, np.uint8)
+    lanes = np.empty(8, np.float32)
     bsc = np.empty(bounds.size, np.float32)
     sgn = SGNF
     cmax = max(abs(cents[0]), abs(cents[cents.size - 1]))
@@ -414,7 +437,7 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
         xb = src.view(np.uint32)
         h0 = 1
         if d >= 8:  # D x and the first three stages in one pass
-            g2 = _load8(src, s0, v, kc, sgn, buf)
+            g2 = _load8(src, s0, v, kc, sgn, buf, lanes)
             h0 = 8
         else:
             g2 = _load(src, xb, s0, v, kc, bb)
@@ -506,6 +529,9 @@ def _decode_chunk(packed, o, nbytes, d, v, bits, mask, cents, wht8, sgn, t, kc, 
                   ds):  # pragma: no cover - compiled
     """``dst[ds + i] = D_i * (t * (H c)_i)`` for the ``v`` values of a chunk of ``d`` whose
     labels are ``packed[o:o + nbytes]``."""
+    if bits == 1 and d == 4 * _L1 and v == d:  # a full chunk: the fused passes
+        _decode_full1(packed, o, wht8, sgn, t, kc, buf, dst, ds)
+        return
     if bits == 1 and d >= 8:  # labels and the first three stages by table
         for grp in range(nbytes):
             r = np.int64(packed[o + grp]) * 8
@@ -539,6 +565,71 @@ def _decode_chunk(packed, o, nbytes, d, v, bits, mask, cents, wht8, sgn, t, kc, 
         r = np.int64((word >> np.uint64(8 * (full & 7))) & np.uint64(255)) * 8
         for j in range(v - 8 * full):
             dst[ds + 8 * full + j] = (buf[8 * full + j] * t) * sgn[r + j]
+
+
+@cached_njit
+def _table4(packed, o, wht8, buf, g0, g1):  # pragma: no cover - compiled
+    """Label groups ``[g0, g1)`` (a multiple of 4) of a 1-bit chunk into ``buf``: each byte's
+    8-point transform by table (stages 1, 2, 4), and stages 8 and 16 (the radix-4 pass of
+    :func:`_fwht_from` at ``h = 8``, the same additions) before the values are stored."""
+    for g in range(g0, g1, 4):
+        r0 = np.int64(packed[o + g]) * 8
+        r1 = np.int64(packed[o + g + 1]) * 8
+        r2 = np.int64(packed[o + g + 2]) * 8
+        r3 = np.int64(packed[o + g + 3]) * 8
+        i = 8 * g
+        for j in range(8):
+            p = wht8[r0 + j]
+            q = wht8[r1 + j]
+            r = wht8[r2 + j]
+            u = wht8[r3 + j]
+            x0 = p + q
+            x1 = p - q
+            x2 = r + u
+            x3 = r - u
+            buf[i + j] = x0 + x2
+            buf[i + 16 + j] = x0 - x2
+            buf[i + 8 + j] = x1 + x3
+            buf[i + 24 + j] = x1 - x3
+
+
+@cached_njit
+def _decode_full1(packed, o, wht8, sgn, t, kc, buf, dst, ds):  # pragma: no cover - compiled
+    """:func:`_decode_chunk` of a full 1-bit chunk of ``4 _L1`` values in three passes: per
+    ``_L1`` block (in L1) the labels by table and stages 1..2048 (:func:`_table4`,
+    :func:`_fwht_from`); then stages 4096 and 8192 (radix 4, as :func:`_fwht_from`) with
+    ``dst = D (t H c)`` written from the registers, each value its sign row's
+    ``(z * t) * sign``."""
+    gb = _L1 // 8  # groups a block
+    for b in range(4):
+        _table4(packed, o, wht8, buf, b * gb, (b + 1) * gb)
+        _fwht_from(buf[b * _L1:(b + 1) * _L1], _L1, 32)
+    h = _L1
+    for w in range(h // 64):  # 64 values of each quarter: one sign word each
+        w0 = _mix(kc + np.uint64(w))
+        w1 = _mix(kc + np.uint64(w + h // 64))
+        w2 = _mix(kc + np.uint64(w + 2 * (h // 64)))
+        w3 = _mix(kc + np.uint64(w + 3 * (h // 64)))
+        for gg in range(8):
+            sh = np.uint64(8 * gg)
+            r0 = np.int64((w0 >> sh) & np.uint64(255)) * 8
+            r1 = np.int64((w1 >> sh) & np.uint64(255)) * 8
+            r2 = np.int64((w2 >> sh) & np.uint64(255)) * 8
+            r3 = np.int64((w3 >> sh) & np.uint64(255)) * 8
+            i = 64 * w + 8 * gg
+            for j in range(8):
+                p = buf[i + j]
+                q = buf[i + h + j]
+                r = buf[i + 2 * h + j]
+                u = buf[i + 3 * h + j]
+                x0 = p + q
+                x1 = p - q
+                x2 = r + u
+                x3 = r - u
+                dst[ds + i + j] = ((x0 + x2) * t) * sgn[r0 + j]
+                dst[ds + i + 2 * h + j] = ((x0 - x2) * t) * sgn[r2 + j]
+                dst[ds + i + h + j] = ((x1 + x3) * t) * sgn[r1 + j]
+                dst[ds + i + 3 * h + j] = ((x1 - x3) * t) * sgn[r3 + j]
 
 
 @cached_njit
