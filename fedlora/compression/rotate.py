@@ -409,7 +409,6 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
     buf = np.empty(dmax, np.float32)
     bb = buf.view(np.uint32)
     xs = np.empty(dmax if sample else 0, np.float32)  # a chunk's sampled values
-    pos = np.empty(0, np.int64)
     lab = np.zeros(8 * ((dmax + 15) // 8), np.uint8)  # >= dmax + 8, whole uint64 words
     lanes = np.empty(8, np.float32)
     bsc = np.empty(bounds.size, np.float32)
@@ -422,7 +421,7 @@ def encode_chunks(x, m, starts, sizes, key, bits, bounds, cents, unbiased, wmax,
         v = min(d, m - s)
         kc = _chunk_key(key, c)
         if sample:
-            _strata(n, m, key, s, s + v, pos, pos, x, xs)
+            _strata(n, m, key, s, s + v, False, False, x, xs)
             src = xs
             s0 = 0
         else:
@@ -486,8 +485,6 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1, out, n,
         dmax = max(dmax, sizes[c])
     buf = np.empty(dmax + 8, np.float32)
     vbuf = np.empty(dmax if sample else 0, np.float32)
-    pos = np.empty(dmax if sample else 0, np.int64)
-    wt = np.empty(dmax if sample else 0, np.int64)
     sgn = SGNF
     wht8 = WHT8F
     mask = np.uint64((1 << bits) - 1)
@@ -514,7 +511,7 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1, out, n,
             _decode_chunk(packed, o, nbytes, d, v, bits, mask, cents, wht8, sgn, t,
                           _chunk_key(key, c), buf, dst, ds)
         if sample:
-            _place(vbuf, n, m, key, s, s + v, weighted, pos, wt, out)
+            _place(vbuf, n, m, key, s, s + v, weighted, out)
     return bad
 
 
@@ -627,33 +624,26 @@ def _decode_full1(packed, o, wht8, sgn, t, kc, buf, dst, ds):  # pragma: no cove
 
 
 @cached_njit
-def _place(vals, n, k, key, j0, j1, weighted, pos, wt, out):  # pragma: no cover - compiled
+def _place(vals, n, k, key, j0, j1, weighted, out):  # pragma: no cover - compiled
     """Strata ``[j0, j1)`` of ``k`` over ``n`` values, all of their values written:
     ``vals[j - j0]`` (times the stratum's size when ``weighted``) at the stratum's position
     (:func:`_strata`), 0 at the others."""
-    _strata(n, k, key, j0, j1, pos, wt, vals, vals[:0])
     out[(j0 * n) // k:(j1 * n) // k] = np.float32(0.0)  # in cache for what follows
-    if weighted:
-        for j in range(j1 - j0):
-            out[pos[j]] = vals[j] * np.float32(wt[j])
-    else:
-        for j in range(j1 - j0):
-            out[pos[j]] = vals[j]
+    _strata(n, k, key, j0, j1, True, weighted, vals, out)
 
 
 @cached_njit
-def _strata(n, k, key, j0, j1, pos, wt, src, xs):  # pragma: no cover - compiled
-    """For strata ``j`` in ``[j0, j1)`` of ``k`` over ``n`` values: ``pos[j - j0]``, uniform in
-    ``[floor(j n / k), floor((j+1) n / k))`` by the sampling key, and ``wt[j - j0]``, the
-    stratum's size (its Horvitz–Thompson weight); or, where ``xs`` is not empty, only
-    ``xs[j - j0] = src[position]`` (the encoder's gather: 30% faster than through ``pos``).
-    The bounds are stepped, not divided."""
+def _strata(n, k, key, j0, j1, place, weighted, src, dst):  # pragma: no cover - compiled
+    """Strata ``j`` in ``[j0, j1)`` of ``k`` over ``n`` values, each of one position uniform in
+    ``[floor(j n / k), floor((j+1) n / k))`` by the sampling key (the bounds stepped, not
+    divided): ``dst[j - j0] = src[position]`` (the encoder's gather), or with ``place``
+    ``dst[position] = src[j - j0]``, times the stratum's size (its Horvitz–Thompson weight)
+    when ``weighted``. Positions are used as they are computed: no array of them."""
     ks = _mix(key ^ _SAMPLE_SALT)
     q = (j0 * n) // k
     r = (j0 * n) % k
     qn = n // k
     rn = n % k
-    take = xs.size > 0
     for j in range(j0, j1):
         q2 = q + qn
         r2 = r + rn
@@ -662,10 +652,11 @@ def _strata(n, k, key, j0, j1, pos, wt, src, xs):  # pragma: no cover - compiled
             r2 -= k
         u = _mix(ks + np.uint64(j)) >> np.uint64(32)
         p = q + np.int64((u * np.uint64(q2 - q)) >> np.uint64(32))
-        if take:
-            xs[j - j0] = src[p]
+        if not place:
+            dst[j - j0] = src[p]
+        elif weighted:
+            dst[p] = src[j - j0] * np.float32(q2 - q)
         else:
-            pos[j - j0] = p
-            wt[j - j0] = q2 - q
+            dst[p] = src[j - j0]
         q = q2
         r = r2
