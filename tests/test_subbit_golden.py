@@ -55,6 +55,9 @@ def inputs() -> dict[str, OrderedDict]:
         "mixed": OrderedDict([("t", np.concatenate([g(2000), np.zeros(20000, np.float32),
                                                     g(3000, scale=1e-3)]))]),
         "par": OrderedDict([("t", g(40 * 16384 + 100))]),  # split over the threads
+        # ``:tensor`` scaling by 2^-e that rounds to subnormals (and back by 2^e)
+        "subn": OrderedDict([("a", np.array([1e3, 1e-39, 3e-40, 1.5e-45, -2.2e-38, 7e-39, 1e-41,
+                                             5.0, -3e-39], np.float32)), ("b", g(40))]),
     }
 
 
