@@ -16,8 +16,8 @@ baseline included) N times and judges each codec by its worst run (the row print
 run's; ``runs`` lists every run's combined ratio). Exit status 1 when a target fails.
 ``cpu x``: the same combined ratio in process CPU time (every thread's, best of ``--repeats``),
 the range over the runs: the work a codec does against the copy's, which other processes on the
-cores disturb far less than the wall time (a codec that uses two cores shows its whole work). The load
-average is printed: other processes competing for the cores make every number worse.
+cores disturb far less than the wall time (a codec that uses two cores shows its whole work).
+The load average is printed: other processes competing for the cores make every number worse.
 ``--specs``: only these rows (comma-separated; the first is the size reference). ``drive`` and
 ``eden:b`` (issue 32: combined >= 0.10) are encoded and decoded with a fixed codec key.
 """

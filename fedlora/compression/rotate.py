@@ -463,8 +463,9 @@ def decode_chunks(packed, m, starts, sizes, key, bits, cents, T, c0, c1, out, n,
     """Inverse of :func:`encode_chunks` for chunks ``[c0, c1)``: ``out[s + i] = D_i * (T *
     (H c)_i)`` for the chunk's ``min(d, m - s)`` values (``sample``: those values at their
     strata positions among the ``n`` of ``out``, times the strata sizes when ``weighted``, every
-    other value of the chunk's strata written 0, so ``out`` needs no zeroing: :func:`_place`). Returns 1 when a chunk of scale 0 has
-    a non-zero label (the encoder writes zeros), else 0; the caller checked the scales."""
+    other value of the chunk's strata written 0, so ``out`` needs no zeroing: :func:`_place`).
+    Returns 1 when a chunk of scale 0 has a non-zero label (the encoder writes zeros), else 0;
+    the caller checked the scales."""
     dmax = 0
     for c in range(c0, c1):
         dmax = max(dmax, sizes[c])
