@@ -271,16 +271,35 @@ def _load8(x, s, v, kc, sgn, buf, lanes):  # pragma: no cover - compiled
 
 @cached_njit
 def _sumsq8(x):  # pragma: no cover - compiled
-    """``sum x^2`` of a 1-D array in float64, in 8 lanes (vectorized; the order is fixed)."""
-    acc = np.zeros(8)
+    """``sum x^2`` of a 1-D array in float64, in 8 lanes (in registers; the order is fixed)."""
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = 0.0
     e = x.size & ~7
     for i in range(0, e, 8):
-        for j in range(8):
-            t = np.float64(x[i + j])
-            acc[j] += t * t
+        t0 = np.float64(x[i])
+        t1 = np.float64(x[i + 1])
+        t2 = np.float64(x[i + 2])
+        t3 = np.float64(x[i + 3])
+        t4 = np.float64(x[i + 4])
+        t5 = np.float64(x[i + 5])
+        t6 = np.float64(x[i + 6])
+        t7 = np.float64(x[i + 7])
+        q0 += t0 * t0
+        q1 += t1 * t1
+        q2 += t2 * t2
+        q3 += t3 * t3
+        q4 += t4 * t4
+        q5 += t5 * t5
+        q6 += t6 * t6
+        q7 += t7 * t7
     g = 0.0
-    for j in range(8):
-        g += acc[j]
+    g += q0
+    g += q1
+    g += q2
+    g += q3
+    g += q4
+    g += q5
+    g += q6
+    g += q7
     for i in range(e, x.size):
         g += np.float64(x[i]) * np.float64(x[i])
     return g
