@@ -116,7 +116,7 @@ class Sign(ValueCoder):
             raise CodecError(f"tensor {name!r}: non-zero padding bits in signs")
         # each byte's 8 sign bits as float32 sign masks by table (one gather), OR-ed with the
         # slice's scale: the bits of s or -s (s >= 0), what negating s where a bit is set gave,
-        # in two passes instead of an unpack and a masked negate (5x faster on 10M values)
+        # in two passes instead of an unpack and a masked negate (docs/codecs-subbit.md, Speed)
         bits = _SIGN_MASKS[p].reshape(-1)[:n].reshape(g, -1)
         zero = s == 0
         if zero.any() and bits[zero].any():  # the encoder sends a zero slice as all "+"
