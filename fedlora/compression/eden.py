@@ -58,6 +58,12 @@ def codec_key(run_seed: int, server_round: int, direction: str, node: int | None
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+def _pow2(e: int) -> np.float32:
+    """``2^e`` as a float32 (exact for ``e`` in [-149, 127]): multiplying by it rounds once, as
+    ``np.ldexp`` does, subnormal results included (``tests/test_subbit_golden.py``)."""
+    return np.float32(math.ldexp(1.0, e))
+
+
 def _tables(bits: int):
     half = np.array(CENTROIDS[bits], np.float32)
     cents = np.concatenate([-half[::-1], half]).astype(np.float32)
@@ -177,17 +183,12 @@ class Eden(ValueCoder):
                     xs[...] = t.reshape(-1)
                 elif exps[i] == _ZERO_TENSOR:
                     xs[...] = 0.0
-                else:  # divided by a power of two: exact
-                    np.ldexp(t.reshape(-1), -int(exps[i]), out=xs)
+                else:  # times 2^-e (a float32 for e in [-127, 127]): np.ldexp's bits, 2x as fast
+                    np.multiply(t.reshape(-1), _pow2(-int(exps[i])), out=xs)
                 o += t.size
         k64 = np.uint64(key)
-        if self.p is not None:
-            k = self.kept(n)
-            kept = scratch(4 * k).view(np.float32)
-            run_parallel(lambda a, b: rot.gather(x, n, k, k64, a, b, kept), k,
-                         min_per_part=1 << 16)
-            x = kept
-        m = x.size
+        sample = self.p is not None  # the kept values are gathered chunk by chunk
+        m = self.kept(n)
         starts, sizes = rot.chunk_plan(m)
         T = np.empty(sizes.size, np.float32)
         padded = int(sizes.sum())
@@ -196,7 +197,7 @@ class Eden(ValueCoder):
         flags = run_parallel(
             lambda a, b: rot.encode_chunks(x, m, starts, sizes, k64, self.bits, self.bounds,
                                            self.cents, not self.mse, wmax, _LIMIT, a, b, T,
-                                           packed),
+                                           packed, n, sample),
             sizes.size, min_per_part=_PART)
         if any(f & 1 for f in flags):
             raise CodecError("input contains NaN or Inf")
@@ -248,7 +249,7 @@ class Eden(ValueCoder):
         if need > r.remaining:  # before anything of the declared size is allocated
             raise CodecError(f"truncated payload: {name} body needs {need} bytes, "
                              f"{r.remaining} left")
-        flat = np.zeros(n, np.float32) if self.p is not None else np.empty(n, np.float32)
+        flat = np.empty(n, np.float32)  # every value is written (sub-bit: 0 off the sample)
         if n:
             T = r.array("<f4", sizes.size, f"{name} scales").astype(np.float32)
             cmax = float(abs(self.cents[-1]))
@@ -262,17 +263,14 @@ class Eden(ValueCoder):
             used = padded * self.bits - 8 * (nbytes - 1)
             if used < 8 and int(packed[-1]) >> used:
                 raise CodecError(f"{name}: non-zero padding bits after the labels")
-            vals = flat if self.p is None else scratch(4 * m).view(np.float32)
             k64 = np.uint64(key)
             bad = run_parallel(
                 lambda a, b: rot.decode_chunks(packed, m, starts, sizes, k64, self.bits,
-                                               self.cents, T, a, b, vals),
+                                               self.cents, T, a, b, flat, n,
+                                               self.p is not None, not self.mse),
                 sizes.size, min_per_part=_PART)
             if any(bad):
                 raise CodecError(f"{name}: non-zero labels in a chunk of scale 0")
-            if self.p is not None:
-                run_parallel(lambda a, b: rot.scatter(vals, n, m, k64, not self.mse, a, b, flat),
-                             m, min_per_part=1 << 16)
         if exps is not None:
             o = 0
             for i, (_, shape) in enumerate(table):
@@ -280,7 +278,7 @@ class Eden(ValueCoder):
                 if exps[i] == _ZERO_TENSOR:
                     flat[o:o + size] = 0.0
                 else:
-                    np.ldexp(flat[o:o + size], int(exps[i]), out=flat[o:o + size])
+                    np.multiply(flat[o:o + size], _pow2(int(exps[i])), out=flat[o:o + size])
                 o += size
         out, o = {}, 0
         for tname, shape in table:
