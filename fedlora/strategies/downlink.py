@@ -132,6 +132,25 @@ class Downlink:
         while len(self.held) > self.max_nodes:
             self.held.popitem(last=False)
 
+    def settle_node(self, node: int, ok: bool) -> None:
+        """:meth:`settle` for one node, whatever round its copy was sent in (the async loop:
+        each reply settles its own node's download as it arrives): commit the copy sent to
+        ``node`` if ``ok``, else forget its record (its next download is full)."""
+        if node not in self.pending:
+            return
+        _, copy = self.pending.pop(node)
+        if node in self.from_init:
+            self.from_init.discard(node)
+            if not ok:
+                self.init_refused.add(node)
+        if ok:
+            self.held[node] = copy
+            self.held.move_to_end(node)
+        else:
+            self.held.pop(node, None)
+        while len(self.held) > self.max_nodes:
+            self.held.popitem(last=False)
+
     def start_round(self) -> None:
         self._cache.clear()
 
