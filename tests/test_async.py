@@ -259,10 +259,11 @@ def test_simulated_order_gives_the_same_records_whatever_the_arrival_order(task_
         return records(s, 6), s._global
 
     a, ga = one(0, {}, "simulated")
-    b, gb = one(1, {1: 3, 4: 1}, "simulated")
-    assert a == b
-    for k in SHAPES:
-        assert np.array_equal(ga[k], gb[k])
+    for seed, delay in ((1, {1: 3, 4: 1}), (2, {2: 2, 3: 5})):
+        b, gb = one(seed, delay, "simulated")
+        assert a == b
+        for k in SHAPES:
+            assert np.array_equal(ga[k], gb[k])
     assert any(r["staleness_hist"] != {"0": 2} for r in a)  # stragglers made some stale
     c, _ = one(0, {}, "arrival")
     d, _ = one(1, {1: 3, 4: 1}, "arrival")
@@ -402,3 +403,33 @@ class InProcessAsyncGrid(AsyncGrid):
         reply = client_app.train(msg, self.ctx[node])
         reply.metadata.__dict__["_src_node_id"] = node
         return reply
+
+
+def test_central_dp_charges_each_step_and_takes_one_reply_per_node(task_identity):
+    """``dp=central``: every step is charged to the accountant as one Gaussian release with no
+    sampling amplification (q = 1: the record's ε after t steps is that of t plain Gaussian
+    mechanisms, from dp_accounting), the buffer never holds two replies of one node (so the
+    clipped sum's sensitivity is C), and each step's update is the noisy clipped sum / K."""
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    s = make(buffer_size=2, dp="central", dp_noise_multiplier=1.0, dp_clip=0.05,
+             norm_bound_factor=0.0, update_norm_bound=0.0)
+    grid = AsyncGrid([1, 2, 3], delay={3: 2})
+    loop = AsyncLoop(s)
+    seen = []
+    orig = loop.step
+
+    def spy():
+        seen.append([b.update.node_id for b in loop.buffer])
+        orig()
+
+    loop.step = spy
+    loop.run(grid, state_to_arrays(INIT), 4, timeout=60.0)
+    assert len(seen) == 4 and all(len(set(b)) == len(b) == 2 for b in seen)
+    for t in range(1, 5):
+        acc = RdpAccountant()
+        acc.compose(GaussianDpEvent(1.0), t)
+        rec = s.round_record(t)
+        assert rec["dp_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+        assert rec["dp_sample_rate"] == 1.0 and rec["dp_denominator"] == 2

@@ -211,10 +211,13 @@ class AsyncLoop:
         else:
             self.arrived[mid] = msg
 
-    def process(self) -> None:
+    def process(self, grid: Grid, concurrency: int) -> None:
         """Process the replies whose turn has come (see the module docstring: ``arrival``: all
         that arrived, in canonical node order; ``simulated``: while the task due first in
-        simulated time has its reply), stepping the global as the buffer fills."""
+        simulated time has its reply), stepping the global as the buffer fills; each freed node
+        is sent new work at once, before the next reply is processed (so what it is sent — the
+        version, the simulated start time — does not depend on how the pulls batched the
+        replies)."""
         s = self.strategy
         if not self.simulated:
             got = [self.arrived.pop(m) for m in list(self.arrived)]
@@ -222,6 +225,8 @@ class AsyncLoop:
                 if self.version >= self.num_steps:
                     return
                 self.on_reply(msg)
+                if self.version < self.num_steps:
+                    self.fill(grid, concurrency)
             return
         while self.in_flight and self.version < self.num_steps:
             first = min(self.in_flight.values(),
@@ -231,6 +236,8 @@ class AsyncLoop:
                 return
             self.clock = max(self.clock, first.due)
             self.on_reply(msg)
+            if self.version < self.num_steps:
+                self.fill(grid, concurrency)
 
     def on_reply(self, msg: Message) -> None:
         """One reply: matched to its task, staleness-checked, decoded into the buffer (or
@@ -396,7 +403,7 @@ class AsyncLoop:
             pulled = list(grid.pull_messages(list(self.in_flight)))
             for msg in pulled:
                 self.receive(msg)
-            self.process()
+            self.process(grid, concurrency)
             self.expire(timeout)
             while self.stepped:
                 v, arrays = self.stepped.pop(0)
