@@ -1,35 +1,16 @@
 """Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022): the second run loop, beside
-:meth:`.base.FedLoraStrategy.start`, chosen by ``aggregation-mode=async`` (docs/async.md).
+:meth:`.base.FedLoraStrategy.start`, for ``aggregation-mode=async`` (docs/async.md).
 
-The server keeps ``concurrency`` nodes training through Flower's Message API
-(``grid.push_messages`` / ``grid.pull_messages``, no round barrier). Each train message is
-built as the synchronous round builds it (the method's download through
-:class:`.downlink.Downlink`: a delta from the version the node holds; the same config entries),
-with ``server-round`` = the version it will help produce. Each reply, as it arrives, is matched
-to the task it answers (else dropped apart as stray), then — an error reply recorded as a
-failure — its staleness s = (global version now) − (version it trained on) is checked against
-``staleness-limit`` (over: dropped with its reason), and it is decoded and validated by the
-strategy's own :meth:`~.base.FedLoraStrategy.decode_reply` (hostile input: any failure drops it
-with its reason) into the buffer; the freed node gets new work at once. Every ``buffer-size``
-accepted replies step the global (version v → v+1):
-
-1. the strategy's bounding step (:meth:`~.base.FedLoraStrategy.bound_updates`: weight caps,
-   the norm bound over the buffer's norms, clip / reject) — the same step a round applies;
-2. each bounded update scaled by its staleness weight w(s) = 1/√(1+s) (``staleness-weight=
-   sqrt``) or 1;
-3. DP (``dp=central``): the privacy layer's server step on the buffer (clip to C, noise, /K);
-4. the method's :meth:`aggregate_updates` (global + Σ_i n_i/N · w(s_i)·Δ_i, N = Σ n_i of the
-   buffer: :func:`.base.averaged`); a non-finite result keeps the previous global.
-
-Each step is one record (:meth:`~.base.FedLoraStrategy.end_round`: evaluation, the records /
-TensorBoard machinery of the rounds) with its bytes (measured on the wire as a round's), the
-replies accepted, dropped and stale, and the staleness histogram.
-
-Order: ``async-order=arrival`` processes replies as ``pull_messages`` returns them (one pull's
-batch in canonical node order): the records then depend on timing. ``simulated`` gives each
-task a simulated duration (:func:`fedlora.straggler.task_cost`) and processes replies in the
-order of their simulated completion time, waiting for a reply that is due first even when
-others arrived earlier: the same seed gives the same records (timings aside).
+:class:`AsyncLoop` keeps ``concurrency`` nodes training through Flower's Message API
+(``grid.push_messages`` / ``grid.pull_messages``); a train message is built as a round builds
+it (a delta download from the version the node holds). Each reply is matched to its task (else
+stray), checked for staleness (over ``staleness-limit``: dropped with its reason) and decoded by
+the strategy's own :meth:`~.base.FedLoraStrategy.decode_reply` into the buffer; the freed node
+gets new work at once. Every ``buffer-size`` replies :meth:`AsyncLoop.step` bounds them
+(:meth:`~.base.FedLoraStrategy.bound_updates`), scales each by 1/√(1+s), applies central DP and
+the method's :meth:`aggregate_updates` (global + Σ n_i/N · w(s_i)·Δ_i), and the loop records
+the step (:meth:`~.base.FedLoraStrategy.end_round`). ``async-order=simulated`` processes replies
+in simulated completion order (same seed, same records); ``arrival`` as they come.
 """
 
 from __future__ import annotations
