@@ -456,3 +456,35 @@ def test_flower_simulation_runs_async_steps(tmp_path, sample_dir):
     assert all(r["clients"] == 1 and r["bytes_up"] > 0 for r in steps)
     assert meta["config"]["aggregation-mode"] == "async"
     assert "asynchronous (FedBuff)" in out
+
+
+def test_second_and_unsolicited_replies_are_stray(task_identity):
+    """A node that answers each train message twice, and a reply that answers no message this
+    server sent: each extra one is dropped apart (``bytes_up_dropped``, a reason) and never
+    buffered; the first reply to each message stands and every step happens."""
+    class Echo(AsyncGrid):
+        def pull_messages(self, message_ids):
+            out = list(super().pull_messages(message_ids))
+            extra = []
+            for r in out:
+                if r.metadata.src_node_id == 1:
+                    twin = Message(r.content, reply_to=self._asked[r.metadata.reply_to_message_id])
+                    twin.metadata.__dict__["_src_node_id"] = 1
+                    extra.append(twin)
+            return out + extra
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            ids = super().push_messages(messages)
+            self._asked = getattr(self, "_asked", {})
+            self._asked.update({m.metadata.message_id: m for m in messages})
+            return ids
+
+    s = make(buffer_size=1)
+    grid = Echo([1, 2])
+    loop, _ = run_loop(s, grid, steps=4)
+    recs = records(s, 4)
+    reasons = [d["reason"] for r in recs for d in r["dropped_reasons"]]
+    assert reasons and all("second reply" in x for x in reasons)
+    assert sum(r["bytes_up_dropped"] for r in recs) > 0
+    assert loop.version == 4 and all(r["clients"] == 1 for r in recs)

@@ -110,6 +110,8 @@ class AsyncLoop:
         self.simulated = cfg.async_order == "simulated"
         self.idle: deque[int] = deque()
         self.deferred: list[int] = []      # DP: nodes with a reply in the buffer wait for the step
+        self.backoff: list[int] = []       # nodes that failed or timed out: asked again after it
+        self.progress_at = time.time()     # last accepted reply
         self.arrived: dict[str, Message] = {}
         self.step_config: ConfigRecord | None = None
         self.train_config = ConfigRecord()
@@ -187,8 +189,11 @@ class AsyncLoop:
     def receive(self, msg: Message) -> None:
         """Keep a pulled reply until its turn (a second reply to one message: stray at once)."""
         mid = msg.metadata.reply_to_message_id or ""
-        if mid in self.arrived or mid not in self.in_flight:
-            self.on_reply(msg)
+        if mid in self.arrived:  # the first reply to a message stands
+            self._stray(self.stats(), msg.metadata.src_node_id, msg,
+                        "a second reply to one train message")
+        elif mid not in self.in_flight:
+            self.on_reply(msg)  # stray (it answers no task in flight)
         else:
             self.arrived[mid] = msg
 
@@ -241,6 +246,8 @@ class AsyncLoop:
                     st.failures.append({"node": node, "reason": str(msg.error.reason)[-800:]})
                     log.warning("async: node %s failed: %s", node, str(msg.error.reason)[-400:])
                     s.downlink.settle_node(node, False)
+                    self.backoff.append(node)
+                    free = False
                     return
                 st.received[node] = st.received.get(node, 0) + message_bytes(msg, hashed=False)
                 staleness = self.version - task.version
@@ -263,6 +270,7 @@ class AsyncLoop:
                 st.params_up[node] = st.params_up.get(node, 0) + int(up.metrics.get("params-up", 0))
                 self.buffer.append(Buffered(up, staleness, task))
                 st.extra["accepted"] += 1
+                self.progress_at = time.time()
                 if s.privacy.enabled:  # one reply per node per step: the sum's sensitivity is C
                     self.deferred.append(node)
                     free = False
@@ -293,7 +301,7 @@ class AsyncLoop:
                 st.failures.append({"node": t.node, "reason": f"no reply within round-timeout "
                                                               f"{timeout:g} s"})
                 self.strategy.downlink.settle_node(t.node, False)
-                self.idle.append(t.node)
+                self.backoff.append(t.node)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> None:
@@ -337,8 +345,8 @@ class AsyncLoop:
         self.version = v
         s.downlink.start_round()  # the target changed: no download encoded before is reused
         self.stepped.append((v, state_to_arrays(s._global)))  # recorded by the loop
-        self.idle.extend(self.deferred)
-        self.deferred = []
+        self.idle.extend(self.deferred + self.backoff)
+        self.deferred, self.backoff = [], []
         if v < self.num_steps:
             self._open_step()
 
@@ -379,8 +387,14 @@ class AsyncLoop:
                 break
             self.fill(grid, concurrency)
             if not self.in_flight:
-                stop = "no node is left to train"
-                break
+                if not self.backoff or time.time() - self.progress_at > timeout:
+                    stop = ("no node is left to train" if not self.backoff else
+                            f"no reply accepted for round-timeout {timeout:g} s")
+                    break
+                time.sleep(PULL_INTERVAL)  # every node failed since the last step: ask again
+                self.idle.extend(self.backoff)
+                self.backoff = []
+                continue
             pulled = list(grid.pull_messages(list(self.in_flight)))
             for msg in pulled:
                 self.receive(msg)
