@@ -98,6 +98,9 @@ class AsyncLoop:
                              f"upload={cfg.upload!r}")
         if s.secure is not None:
             raise ValueError("aggregation-mode='async' does not support secure-aggregation")
+        if cfg.resume:
+            raise ValueError("aggregation-mode='async' cannot resume: the buffer and the tasks "
+                             "in flight are not checkpointed (docs/async.md)")
         self.k = int(cfg.buffer_size)
         self.limit = int(cfg.staleness_limit)
         self.weight_kind = str(cfg.staleness_weight)
