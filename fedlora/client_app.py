@@ -13,7 +13,7 @@ from .compression import ErrorFeedback, Pipeline, codec_key, parse_spec
 from .config import RunConfig, node_tier
 from .node import NodeLimits, limits, set_threads
 from .privacy import privatize
-from .straggler import run_slowed, slowdown
+from .straggler import TimedTask, slowdown
 from .methods import get_method
 from .strategies import secure
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
@@ -95,15 +95,16 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     who = int(conf.get("codec-key-id", msg.metadata.dst_node_id))  # its partition-id, if granted
     codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", who))
     nc = context.node_config
+    # simulated heterogeneity (straggler-*): a straggler sleeps (slowdown − 1) × its training time
+    factor = slowdown(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
+    timed = TimedTask(task) if factor > 1.0 else None
     cr = ClientRound(
-        cfg=cfg, task=task, config=conf, received=received,
+        cfg=cfg, task=timed or task, config=conf, received=received,
         partition_id=int(nc["partition-id"]), num_partitions=int(nc["num-partitions"]),
         data_dir=str(nc.get("data-dir", "")), state=context.state, codec_up=codec_up)
-    # simulated heterogeneity (straggler-*): a straggler sleeps (slowdown − 1) × its training time
-    factor = slowdown(cfg, cr.partition_id, cr.num_partitions)
-    res, slept = run_slowed(factor, lambda: method.client_train(cr))
-    if factor > 1.0:
-        res.metrics["straggler-sleep-s"] = slept
+    res = method.client_train(cr)
+    if timed is not None:
+        res.metrics["straggler-sleep-s"] = timed.slow_down(factor)
     res = privatize(res, conf, codec_up=codec_up)  # dp: clip (+ local noise) before the codec
     if "secagg-routed" in conf:  # secure aggregation: masked k-bit integers, no codec
         return secure.client_train_reply(msg, context, res)

@@ -2,8 +2,9 @@
 
 ``straggler-fraction`` f and ``straggler-slowdown`` S (run config, sync and async alike): the
 first round(f·n) partition-ids of a permutation of 0..n−1 drawn from ``seed`` are stragglers; a
-straggler's ClientApp measures its local training time t and then sleeps (S − 1)·t, so its reply
-takes S times as long as it would have, whatever the machine's speed. The same partitions are
+straggler's ClientApp measures its local training time t (the task's ``train`` calls:
+:class:`TimedTask`) and then sleeps (S − 1)·t, so its training takes S times as long, whatever
+the machine's speed. The same partitions are
 stragglers in every run with the same seed and number of partitions, on the server (the async
 loop's simulated completion order, :func:`task_cost`) and on the nodes. No torch, no Flower.
 """
@@ -11,12 +12,9 @@ loop's simulated completion order, :func:`task_cost`) and on the nodes. No torch
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from typing import Callable
 
 import numpy as np
-
-T = TypeVar("T")
-
 
 def stragglers(seed: int, fraction: float, num_partitions: int) -> frozenset[int]:
     """The straggler partition-ids of a run: round(fraction·n) of them, chosen by ``seed``."""
@@ -42,13 +40,27 @@ def task_cost(cfg, partition_id: int, num_partitions: int) -> float:
     return slowdown(cfg, partition_id, num_partitions)
 
 
-def run_slowed(factor: float, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep
-               ) -> tuple[T, float]:
-    """``fn()``, then a sleep of (factor − 1) × its measured time; returns (its result, the
-    seconds slept)."""
-    t0 = time.perf_counter()
-    out = fn()
-    extra = max(float(factor) - 1.0, 0.0) * (time.perf_counter() - t0)
-    if extra > 0:
-        sleep(extra)
-    return out, extra
+class TimedTask:
+    """A task whose ``train`` calls are timed (everything else passes through): what a
+    straggler's local training took, without model building, data loading or imports."""
+
+    def __init__(self, task) -> None:
+        self._task = task
+        self.train_s = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self._task, name)
+
+    def train(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._task.train(*args, **kwargs)
+        finally:
+            self.train_s += time.perf_counter() - t0
+
+    def slow_down(self, factor: float, sleep: Callable[[float], None] = time.sleep) -> float:
+        """Sleep (factor − 1) × the training time measured so far; returns the seconds slept."""
+        extra = max(float(factor) - 1.0, 0.0) * self.train_s
+        if extra > 0:
+            sleep(extra)
+        return extra

@@ -336,14 +336,25 @@ def test_stragglers_are_a_seeded_fraction_of_the_partitions():
     assert straggler.slowdown(RunConfig(), 0, 4) == 1.0
 
 
-def test_run_slowed_sleeps_the_measured_time_times_factor_minus_one():
-    """The straggler sleeps (S − 1) × the measured training time (S = 1: no sleep)."""
+def test_a_straggler_sleeps_its_measured_training_time_times_factor_minus_one():
+    """:class:`TimedTask` times only the task's ``train`` (not model building or data loading,
+    which pass through) and the straggler sleeps (S − 1) × that time; S = 1: no sleep."""
+    import time as _time
+
+    class Task:
+        other = 5
+
+        def train(self, x):
+            _time.sleep(0.02)
+            return x + 1
+
+    t = straggler.TimedTask(Task())
+    assert t.train(1) == 2 and t.other == 5 and t.train_s >= 0.02
     slept = []
-    out, extra = straggler.run_slowed(4.0, lambda: sum(range(200000)), slept.append)
-    assert out == sum(range(200000)) and len(slept) == 1 and slept[0] == extra > 0
+    extra = t.slow_down(4.0, slept.append)
+    assert slept == [extra] and extra == pytest.approx(3 * t.train_s)
     slept.clear()
-    straggler.run_slowed(1.0, lambda: 1, slept.append)
-    assert slept == []
+    assert t.slow_down(1.0, slept.append) == 0.0 and slept == []
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -374,6 +385,7 @@ def test_server_app_runs_async_with_the_real_client_app(tmp_path, sample_dir, ta
     assert all(r["clients"] == 2 and sum(r["staleness_hist"].values()) == 2 for r in steps)
     assert all(r["bytes_up"] > 0 for r in steps) and steps[0]["bytes_down"] > 0
     assert summary["final_accuracy"] is not None
+    assert any("straggler-sleep-s" in r["train_metrics"] for r in steps)  # 1 of 3 is slowed
     assert not (tmp_path / "a" / "checkpoints").exists() or not any(
         (tmp_path / "a" / "checkpoints").iterdir())
 
