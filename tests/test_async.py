@@ -500,3 +500,24 @@ def test_second_and_unsolicited_replies_are_stray(task_identity):
     assert reasons and all("second reply" in x for x in reasons)
     assert sum(r["bytes_up_dropped"] for r in recs) > 0
     assert loop.version == 4 and all(r["clients"] == 1 for r in recs)
+
+
+def test_a_silent_node_times_out_as_a_failure_and_the_others_go_on(task_identity):
+    """Node 2 never answers: after ``round-timeout`` its task is a failure with that reason
+    (its download record forgotten), it is asked again after the next step, and node 1's
+    replies keep stepping the global."""
+    import time as _time
+
+    class Slow(AsyncGrid):
+        def pull_messages(self, message_ids):
+            _time.sleep(0.01)
+            return super().pull_messages(message_ids)
+
+    s = make(buffer_size=1)
+    grid = Slow([1, 2], delay={2: 10**6})
+    loop = AsyncLoop(s)
+    loop.run(grid, state_to_arrays(INIT), 30, timeout=0.05)
+    fails = [f for v in range(1, 31) for f in s.stats[v].failures]
+    assert fails and all(f["node"] == 2 and "round-timeout" in f["reason"] for f in fails)
+    assert grid.pushed.count(2) >= 2 and loop.version == 30
+    assert all(s.stats[v].aggregated == [1] for v in range(1, 31))
