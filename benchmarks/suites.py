@@ -512,7 +512,8 @@ def _vision_async(smoke: bool = False) -> dict:
     training, steps the global every 5 replies (the same number of updates per step as per
     round, the same number of steps as rounds) with 1/√(1+s) weights and drops replies more than
     10 versions stale; it processes replies as they arrive (real timing: the records' ``wall_s``
-    is the time axis). ``sync … with round-timeout`` is not defined yet: its timeout must be set
+    is the time axis). Ray is told there are as many CPUs as nodes (``ray-cpus``): every node
+    trains at once, sharing the cores. ``sync … with round-timeout`` is not defined yet: its timeout must be set
     from a measured honest round time. ``smoke``: the CI-sized data (4 nodes, 3 rounds), to check
     that every configuration runs. Not run yet beyond the smoke suite."""
     if smoke:
@@ -531,7 +532,10 @@ def _vision_async(smoke: bool = False) -> dict:
         runs[f"sync-s{pct}"] = {**base, **delta, **slow}
         runs[f"async-s{pct}"] = {**base, **delta, **slow, "aggregation-mode": "async",
                                  "buffer-size": k, "concurrency": 0, "staleness-limit": 10}
-    return {"nodes": nodes, "runs": runs, "target": 0.2 if smoke else 0.85, "seeds": seeds}
+    # Ray gets one logical CPU a node: every node trains at once (sharing the cores), so a
+    # sleeping straggler does not hold one of the cores' only slots
+    return {"nodes": nodes, "runs": runs, "target": 0.2 if smoke else 0.85, "seeds": seeds,
+            "ray-cpus": nodes}
 
 
 SUITES["vision-async"] = _vision_async
