@@ -147,6 +147,7 @@ def test_step_is_the_staleness_weighted_mean_computed_by_hand(task_identity):
     assert loop.version == 4
     rec = s.round_record(4)
     assert rec["staleness_hist"] == {"0": 1, "1": 1, "3": 1} and rec["clients"] == 3
+    assert rec["staleness_mean"] == pytest.approx(4 / 3) and rec["staleness_max"] == 3
     assert staleness_weight("constant", 7) == 1.0
 
 

@@ -316,6 +316,8 @@ class AsyncLoop:
         for b in batch:
             hist[str(b.staleness)] = hist.get(str(b.staleness), 0) + 1
         st.extra["staleness_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+        st.extra["staleness_mean"] = float(np.mean([b.staleness for b in batch])) if batch else 0.0
+        st.extra["staleness_max"] = max((b.staleness for b in batch), default=0)
         st.extra["in_flight"] = len(self.in_flight)
         if self.simulated:
             st.extra["simulated_time"] = self.clock
