@@ -136,6 +136,7 @@ def summarize(out: Path, spec: dict) -> list[dict]:
                         if all(s[-1].get("dp_epsilon") is not None for s in seeds) else None),
             "curves": [[(r["cum_mb"], r["accuracy"]) for r in e] for e in evals],
             "_evals": evals,
+            **_perplexity(evals),
         })
     fedavg = next((r for r in rows if r["method"] == "fedavg" and r["name"] == "fedavg"),
                   next((r for r in rows if r["method"] == "fedavg"), None))
@@ -169,6 +170,26 @@ def summarize(out: Path, spec: dict) -> list[dict]:
     return rows
 
 
+def _perplexity(evals: list[list[dict]]) -> dict:
+    """causal-lm runs: final held-out perplexity mean ± std over seeds and its curves
+    ((cumulative MB, perplexity) per evaluated round); None where a seed lacks it."""
+    if not evals or not all(e and e[-1].get("perplexity") is not None for e in evals):
+        return {"ppl_mean": None, "ppl_std": None, "ppls": None, "ppl_curves": None}
+    finals = [float(e[-1]["perplexity"]) for e in evals]
+    return {"ppl_mean": float(np.mean(finals)), "ppl_std": float(np.std(finals)),
+            "ppls": finals,
+            "ppl_curves": [[(r["cum_mb"], r["perplexity"]) for r in e
+                            if r.get("perplexity") is not None] for e in evals]}
+
+
+def _ppl(r: dict) -> str:
+    if r["ppl_mean"] is None:
+        return "–"
+    if r["seeds_done"] < 2:
+        return f"{r['ppl_mean']:.2f} (one seed)"
+    return f"{r['ppl_mean']:.2f} ± {r['ppl_std']:.2f}"
+
+
 def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
@@ -195,7 +216,7 @@ def _json_rows(rows: list[dict]) -> list[dict]:
             "mb_down", "mb_up", "mb_control", "wall_s", "epsilon", "ratio_vs_fedavg",
             "delta_vs_fedavg",
             "mb_to_fedavg_minus_1pt", "baseline", "ratio", "delta", "mb_to_base_minus_1pt",
-            "seeds_reaching", "within_1pt", "pareto")
+            "seeds_reaching", "within_1pt", "pareto", "ppl_mean", "ppl_std", "ppls")
     return [{k: r[k] for k in keep} for r in rows]
 
 
@@ -219,6 +240,7 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
     # a rounds × local-epochs column where configurations differ in it; ε where any has DP
     sched = len({schedule(r) for r in rows}) > 1
     dp = any(r["epsilon"] is not None for r in rows)
+    ppl = any(r["ppl_mean"] is not None for r in rows)  # causal-lm: held-out perplexity
 
     who = "its baseline" if grouped else "FedAvg"
     short = "base" if grouped else "fedavg"
@@ -234,12 +256,12 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
              "| config | method | codecs (down / up) | rank "
              + ("| rounds × epochs " if sched else "")
              + ("| ε " if dp else "")
-             + "| seeds | final acc | MB total | MB down "
+             + "| seeds | final acc " + ("| final ppl " if ppl else "") + "| MB total | MB down "
              f"| MB up | MB to {'base' if grouped else 'FedAvg'}−1pt "
              + ("| baseline " if grouped else "")
              + f"| ratio vs {short} | Δacc vs {short} | front |",
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if grouped else "")
-             + ("---|" if sched else "") + ("---|" if dp else "")
+             + ("---|" if sched else "") + ("---|" if dp else "") + ("---|" if ppl else "")
              + "---|---|---|"]
     order = (sorted(rows, key=lambda r: (str(r["baseline"]), -r["mb"])) if grouped
              else sorted(rows, key=lambda r: r["mb"], reverse=True))
@@ -254,7 +276,8 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
             + (f"| {schedule(r)} " if sched else "")
             + (f"| {_eps(r['epsilon'])} " if dp else "")
             + f"| {r['seeds_done']}/{r['seeds_wanted']} "
-            f"| {_acc(r)} | {r['mb']:.2f} | {r['mb_down']:.2f} "
+            f"| {_acc(r)} " + (f"| {_ppl(r)} " if ppl else "")
+            + f"| {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} "
             + (f"| {r['baseline'] or '–'} " if grouped else "")
             + f"| {_f(r['ratio'], '.1f')}x "
@@ -299,6 +322,8 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
                "configurations": _json_rows(rows), "centralized": central}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(suite, out, rows)
+    if ppl:
+        _plot(suite, out, [r for r in rows if r["ppl_mean"] is not None], perplexity=True)
     return rows
 
 
@@ -320,7 +345,11 @@ def series_style(i: int) -> tuple[str, str]:
     return f"C{i % 10}", MARKERS[(i // 10 + i) % len(MARKERS)]
 
 
-def _plot(suite: str, out: Path, rows: list[dict]) -> None:
+def _plot(suite: str, out: Path, rows: list[dict], perplexity: bool = False) -> None:
+    """accuracy_vs_mb.png, or with ``perplexity`` perplexity_vs_mb.png (log y; no Pareto front
+    or baseline line: the front is ranked by accuracy)."""
+    curves, mean, std = (("ppl_curves", "ppl_mean", "ppl_std") if perplexity
+                         else ("curves", "final_mean", "final_std"))
     try:
         import matplotlib
     except ImportError:
@@ -331,13 +360,13 @@ def _plot(suite: str, out: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(10, 6))
     for i, r in enumerate(sorted(rows, key=lambda r: r["name"])):
         colour, marker = series_style(i)
-        curve = mean_curve(r["curves"])
+        curve = mean_curve(r[curves])
         seeds = (f"mean of {r['seeds_done']} seeds" if r["seeds_done"] > 1 else
                  f"ONE seed: {r['run_config'].get('seed', '?')}")
         if curve:
             ax.plot(*zip(*curve), marker=marker, color=colour, markersize=4, linewidth=1,
                     alpha=0.75, label=f"{r['name']} ({seeds})")
-        ax.errorbar([r["mb"]], [r["final_mean"]], yerr=[r["final_std"]], fmt=marker,
+        ax.errorbar([r["mb"]], [r[mean]], yerr=[r[std]], fmt=marker,
                     color=colour, markersize=11 if r["pareto"] else 6,
                     markeredgecolor="k" if r["pareto"] else colour, capsize=2)
     groups: dict = {}
@@ -345,6 +374,8 @@ def _plot(suite: str, out: Path, rows: list[dict]) -> None:
         groups.setdefault(r["baseline"], []).append(r)
     by_name = {r["name"]: r for r in rows}
     for g, (base, members) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        if perplexity:
+            break
         style = ("--", ":", "-.")[g % 3]
         front = sorted((r["mb"], r["final_mean"]) for r in members if r["pareto"])
         if len(front) > 1:
@@ -356,14 +387,17 @@ def _plot(suite: str, out: Path, rows: list[dict]) -> None:
                        label=f"{base} final − 1 point ({line:.4f})")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative MB on the wire (down + up + control, all clients)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("held-out perplexity" if perplexity else "test accuracy")
+    if perplexity:
+        ax.set_yscale("log")
     ax.set_title(f"{suite}: curves = mean over seeds per evaluated round; final points "
                  "± population std (ddof=0); large black-edged = Pareto front", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_mb.png", dpi=120, bbox_inches="tight")
+    name = "perplexity_vs_mb.png" if perplexity else "accuracy_vs_mb.png"
+    fig.savefig(out / name, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

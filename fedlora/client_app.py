@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -19,6 +20,7 @@ from .strategies import secure
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
                               arrays_to_state, state_to_arrays)
 from .strategies.downlink import Copy, client_apply, digest
+from .strategies.protocol import PARTITION_ID, TIER, DownInstruction, TrainInstruction
 from .tasks import make_task
 from .wire import by_digest, decode_record, encode_record, payload_bytes
 
@@ -56,14 +58,14 @@ def _error_feedback(context: Context, upload, pipe: Pipeline, digest: bool):
     return record
 
 
-def _apply_download(context: Context, decoded, conf: dict, init=None):
+def _apply_download(context: Context, decoded, down: DownInstruction, init=None):
     """Full or delta download (see :mod:`fedlora.strategies.downlink`); in delta mode the node
     keeps the resulting copy and its digest in its Context state."""
     stored = context.state.array_records.get(DOWN_KEY)
     meta = context.state.config_records.get(DOWN_META_KEY)
     held = (Copy(arrays_to_state(stored), str(meta["digest"]))
             if stored is not None and meta is not None and "digest" in meta else None)
-    state, keep = client_apply(decoded, conf, held, init)
+    state, keep = client_apply(decoded, down, held, init)
     if keep is not None:
         context.state[DOWN_KEY] = state_to_arrays(keep.state)
         context.state[DOWN_META_KEY] = ConfigRecord({"digest": keep.digest})
@@ -80,42 +82,42 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    conf = dict(msg.content.config_records[CONFIG_KEY])
-    method = get_method(str(conf["method"]))
+    ins = TrainInstruction.from_config(msg.content.config_records[CONFIG_KEY])  # parsed once
+    method = get_method(ins.method)
     task = make_task(cfg)
-    check_fingerprint(str(conf.get("base-fingerprint", "")), task.fingerprint())
+    check_fingerprint(ins.base_fingerprint or "", task.fingerprint())
     adapter = method.Strategy.adapter
-    rnd = int(conf["server-round"])  # codec keys (drive, eden): derived as the server does
+    rnd = ins.server_round  # codec keys (drive, eden): derived as the server does
     decoded = decode_record(msg.content.array_records[ADAPTER_KEY],
                             expected=_expected_shapes(task, adapter),
                             key=codec_key(cfg.seed, rnd, "down"))
-    received = _apply_download(context, decoded, conf,
+    received = _apply_download(context, decoded, ins.down,
                                functools.partial(_initial_copy, task, adapter))
-    codec_up = parse_spec(str(conf["codec-up"]))  # the chain the server asked for, parsed once
-    who = int(conf.get("codec-key-id", msg.metadata.dst_node_id))  # its partition-id, if granted
-    codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", who))
+    codec_up = parse_spec(ins.codec_up)  # the chain the server asked for, parsed once
+    who = ins.codec_key_id if ins.codec_key_id is not None else msg.metadata.dst_node_id
+    codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", who))  # its partition-id, if granted
     nc = context.node_config
     # simulated heterogeneity (straggler-*): a straggler sleeps (slowdown − 1) × its training time
     factor = slowdown(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
     timed = TimedTask(task) if factor > 1.0 else None
     cr = ClientRound(
-        cfg=cfg, task=timed or task, config=conf, received=received,
+        cfg=cfg, task=timed or task, ins=ins, received=received,
         partition_id=int(nc["partition-id"]), num_partitions=int(nc["num-partitions"]),
         data_dir=str(nc.get("data-dir", "")), state=context.state, codec_up=codec_up)
     res = method.client_train(cr)
     if timed is not None:
         res.metrics["straggler-sleep-s"] = timed.slow_down(factor)
-    res = privatize(res, conf, codec_up=codec_up)  # dp: clip (+ local noise) before the codec
-    if "secagg-routed" in conf:  # secure aggregation: masked k-bit integers, no codec
-        return secure.client_train_reply(msg, context, res)
+    res = privatize(res, ins, codec_up)  # dp: clip (+ local noise) before the codec
+    if ins.secagg is not None:  # secure aggregation: masked k-bit integers, no codec
+        return secure.client_train_reply(msg, context, res, ins.secagg)
     digest = by_digest(cfg.payload_table)
     if cfg.error_feedback:
         record = _error_feedback(context, res.upload, codec_up, digest)
     else:
         record = encode_record(res.upload, codec_up, digest)
-    metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
-                            "payload-up": payload_bytes(record)})
-    return Message(RecordDict({ADAPTER_KEY: record, METRICS_KEY: metrics}), reply_to=msg)
+    reply = dataclasses.replace(res.reply, payload_up=payload_bytes(record))
+    return Message(RecordDict({ADAPTER_KEY: record, METRICS_KEY: reply.to_record()}),
+                   reply_to=msg)
 
 
 @app.query()
@@ -124,7 +126,7 @@ def query(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_run_config(context.run_config)
     nc = context.node_config
     return Message(RecordDict({METRICS_KEY: MetricRecord({
-        "tier": node_tier(cfg, nc), "partition-id": int(nc.get("partition-id", -1))})}),
+        TIER: node_tier(cfg, nc), PARTITION_ID: int(nc.get("partition-id", -1))})}),
         reply_to=msg)
 
 

@@ -37,13 +37,15 @@ VISION: dict[str, Any] = {
 
 #: FlowerTune LLM's general-NLP challenge as fedlora runs it (docs/causal-lm.md): a local
 #: causal-LM folder and alpaca-layout data (e.g. alpaca-gpt4) that the user gives, 20 clients,
-#: 10 % a round, LoRA r=32 alpha=64 on every projection, 200 rounds of 10 local steps of 16
+#: 10 % a round, LoRA r=32 alpha=64 on q_proj and v_proj (peft's default for Llama / Mistral /
+#: Qwen2, which FlowerTune's template gets), 200 rounds of 10 local steps of 16
 #: examples at max-length 512, cosine lr from 5e-5, a 4-bit (NF4) base, bf16 autocast and
 #: gradient checkpointing on a CUDA GPU. ``--nodes 20 --gpus-per-node 0.2`` puts five virtual
 #: clients on one GPU.
 FLOWERTUNE_NLP: dict[str, Any] = {
     "task": "causal-lm", "model": "", "data-dir": "", "dataset": "flowertune-general-nlp",
     "data-format": "alpaca", "method": "fl-lora", "lora-rank": 32, "lora-alpha": 64.0,
+    "lora-targets": "q_proj,v_proj",
     "lr": 5e-5, "lr-schedule": "cosine", "weight-decay": 0.0, "num-server-rounds": 200,
     "fraction-train": 0.1, "min-train-nodes": 2, "min-available-nodes": 20, "partitioner": "iid",
     "local-epochs": 1, "batch-size": 16, "max-examples-per-client": 160, "max-length": 512,

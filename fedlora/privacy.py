@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import check_at_least, settings_view
+from .strategies.protocol import DPInstruction, TrainReply
 
 log = logging.getLogger("flwr.fedlora")
 
@@ -34,8 +35,6 @@ MODES = ("off", "central", "local")
 MECHANISMS = ("gaussian", "laplace")
 #: a noise multiplier the calibration will not go past: the model would be noise
 MAX_NOISE_MULTIPLIER = 1e3
-#: metric a node adds under ``dp=central``: 1.0 when its update was clipped
-CLIPPED_METRIC = "dp-clipped"
 #: relative slack of the budget check (the accountant's float rounding, not privacy)
 BUDGET_RTOL = 1e-9
 
@@ -354,42 +353,36 @@ def sent_values(upload: Mapping[str, np.ndarray], pipe: Any) -> int:
     return int(density * n) if density < 1.0 else n
 
 
-def privatize(res: Any, conf: Mapping[str, Any], rng: np.random.Generator | None = None,
-              codec_up: Any = None) -> Any:
-    """A node's DP step on its :class:`~fedlora.strategies.base.ClientResult` before encoding;
-    ``conf`` is the round's train config. ``dp`` off: ``res`` unchanged. Central: the upload
-    clipped to ``dp-clip`` (L2), metric :data:`CLIPPED_METRIC`. Local: clipped (L2 for Gaussian,
-    L1 for Laplace), noise of scale z·2C added to every coordinate of every uploaded tensor
-    (``rng``: default a fresh OS-entropy generator), ``num-examples`` 1 and only ``params-up``
-    sent as metric. The upload must be the update (``upload`` = ``delta``). ``codec_up``: the
-    upload chain the node already parsed (else parsed from ``conf``)."""
-    mode = str(conf.get("dp", "off"))
-    if mode == "off":
+def privatize(res: Any, ins: Any, codec_up: Any = None,
+              rng: np.random.Generator | None = None) -> Any:
+    """A node's DP step on its :class:`~fedlora.strategies.client.ClientResult` before encoding;
+    ``ins`` is the round's :class:`~fedlora.strategies.protocol.TrainInstruction` (its ``dp``
+    None: ``res`` unchanged). Central: the upload clipped to the clip (L2), ``dp_clipped``
+    reported. Local: clipped (L2 for Gaussian, L1 for Laplace), noise of scale z·2C added to
+    every coordinate of every uploaded tensor (``rng``: default a fresh OS-entropy generator),
+    ``num-examples`` 1 and only ``params_up`` reported (``codec_up``: the upload chain the node
+    parsed). The upload must be the update (``upload`` = ``delta``)."""
+    dp = ins.dp
+    if dp is None:
         return res
-    if mode not in MODES:
-        raise ValueError(f"train config 'dp' must be one of {MODES}, got {mode!r}")
-    if str(conf.get("upload", "weights")) != "delta":
+    if dp.mode not in MODES:
+        raise ValueError(f"train config 'dp' must be one of {MODES}, got {dp.mode!r}")
+    if not ins.uploads_delta:
         raise ValueError("differential privacy clips the update: the server must ask for "
                          "upload='delta'")
-    bound = float(conf["dp-clip"])
-    mechanism = str(conf.get("dp-mechanism", "gaussian"))
-    z = float(conf.get("dp-noise-multiplier", 0.0))
+    bound, mechanism, z = dp.clip, dp.mechanism, dp.noise_multiplier
     check_at_least("dp-clip", bound, strict=True)
     if not (math.isfinite(z) and z >= 0) or mechanism not in MECHANISMS:
         raise ValueError(f"bad DP train config: noise multiplier {z!r}, mechanism {mechanism!r}")
     order = 1 if mechanism == "laplace" else 2
     clipped, _, was_clipped = clip(res.upload, bound, order)
-    if mode == "central":
-        return dataclasses.replace(res, upload=clipped,
-                                   metrics={**res.metrics, CLIPPED_METRIC: float(was_clipped)})
+    if dp.mode == "central":
+        return dataclasses.replace(res, upload=clipped, reply=dataclasses.replace(
+            res.reply, dp_clipped=float(was_clipped)))
     rng = rng if rng is not None else np.random.default_rng()
     noisy = add_noise(clipped, local_noise_scale(bound, z), rng, mechanism)
-    if codec_up is None:
-        from .compression import parse_spec
-
-        codec_up = parse_spec(str(conf.get("codec-up", "fp32")))
-    return dataclasses.replace(res, upload=noisy, num_examples=1,
-                               metrics={"params-up": float(sent_values(noisy, codec_up))})
+    return dataclasses.replace(res, upload=noisy, reply=TrainReply(
+        1, params_up=float(sent_values(noisy, codec_up))))
 
 
 # ============================================================================ server half
@@ -480,13 +473,15 @@ class ServerPrivacy:
         return update_noise_multiplier(z, self.count_stddev(sampled))
 
     # ------------------------------------------------------------------ before a round
-    def round_config(self, server_round: int, config: Any, sampled: int, available: int) -> Any:
-        """Charge the round to the accountant and return the train config with the round's DP
-        entries; None (send nothing) once the round would exceed ``dp-target-epsilon``. On the
-        first round, calibrate z for the target over the planned rounds at this sample rate
-        (PrivacyBudgetError when it cannot be met: the run refuses to start)."""
+    def round_config(self, server_round: int, sampled: int, available: int
+                     ) -> tuple[bool, DPInstruction | None]:
+        """Charge the round to the accountant: whether to send it, and the round's DP
+        instruction to the nodes (None when DP is off); ``(False, None)`` once the round would
+        exceed ``dp-target-epsilon``. On the first round, calibrate z for the target over the
+        planned rounds at this sample rate (PrivacyBudgetError when it cannot be met: the run
+        refuses to start)."""
         if not self.enabled or sampled <= 0:
-            return config
+            return True, None
         if self.stopped:
             return self._stop(server_round, 0.0, 0, self.stopped)
         s = self.settings
@@ -515,20 +510,17 @@ class ServerPrivacy:
                               f"dp-target-epsilon {s.target_epsilon:g}")
         self.accountant.charge(q, z)
         self.rounds[server_round] = RoundDP(q, sampled, self.clip_norm, eps)
-        from flwr.app import ConfigRecord
+        return True, DPInstruction(s.mode, s.mechanism, float(self.clip_norm), z)
 
-        return ConfigRecord({**{k: config[k] for k in config.keys()}, "dp": s.mode,
-                             "dp-mechanism": s.mechanism, "dp-clip": float(self.clip_norm),
-                             "dp-noise-multiplier": z})
-
-    def _stop(self, server_round: int, q: float, sampled: int, reason: str) -> None:
+    def _stop(self, server_round: int, q: float, sampled: int, reason: str
+              ) -> tuple[bool, None]:
         """Send no more rounds (this one included); the reason goes to the records."""
         if not self.stopped:
             log.warning("dp: %s; no more rounds are sent", reason)
         self.stopped = self.stopped or reason
         self.rounds[server_round] = RoundDP(q, sampled, self.clip_norm, self.epsilon,
                                             stopped=self.stopped)
-        return None
+        return False, None
 
     @property
     def epsilon(self) -> float:
@@ -553,7 +545,7 @@ class ServerPrivacy:
         for u in updates:
             clipped, _, again = clip(u.tensors, bound)
             rd.server_clipped += int(again)
-            flags.append(bool(u.metrics.get(CLIPPED_METRIC, 0.0) > 0.5) or again)
+            flags.append(bool((u.reply.dp_clipped or 0.0) > 0.5) or again)
             for k in total:
                 total[k] += clipped[k]
         rd.clipped = sum(flags)
@@ -567,7 +559,7 @@ class ServerPrivacy:
             self.clip_norm = adaptive_clip(self.clip_norm, b, self.settings.target_quantile,
                                            self.settings.clip_lr)
         return [dataclasses.replace(updates[0], node_id=-1, tensors=mean, num_examples=1,
-                                    metrics={}, config={}, weight=1)]
+                                    metrics={}, config={}, weight=1, reply=None)]
 
     # ------------------------------------------------------------------ records
     def record(self, server_round: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from . import checkpoint, provenance, validate
@@ -23,6 +23,7 @@ from .config import RunConfig
 from .results import Recorder
 from .methods import get_method
 from .strategies.base import ADAPTER_KEY, arrays_to_state, state_to_arrays
+from .strategies.protocol import base_config
 from .wire import STYPE, by_digest, encode_record, message_bytes
 from .tasks import make_task
 
@@ -131,13 +132,12 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         from .strategies.buffered import run_async
 
         result = run_async(strategy, grid, state_to_arrays(current), cfg.num_server_rounds,
-                           cfg.round_timeout, ConfigRecord({"base-fingerprint": fp}), evaluate_fn)
+                           cfg.round_timeout, base_config(fp), evaluate_fn)
     else:
         result = strategy.start(
             grid=grid, initial_arrays=state_to_arrays(current),
             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-            train_config=ConfigRecord({"base-fingerprint": fp}), evaluate_fn=evaluate_fn,
-            first_round=first_round)
+            train_config=base_config(fp), evaluate_fn=evaluate_fn, first_round=first_round)
     final = arrays_to_state(result.arrays)
     load_state(model, final)
     if method.Strategy.adapter:

@@ -38,6 +38,7 @@ from fedlora.compression import decode_payload, parse_spec  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
 from fedlora.methods import flasc, flocora, lora_a2  # noqa: E402
 from fedlora.strategies.base import ClientRound, ClientUpdate, weighted_mean  # noqa: E402
+from fedlora.strategies.protocol import TrainInstruction  # noqa: E402
 from fedlora.tasks import make_task  # noqa: E402
 from fedlora.tasks.data import load_images  # noqa: E402
 from fedlora.tasks.vision import to_tensor  # noqa: E402
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
         if epochs is not None:
             t.cfg = c.replace(local_epochs=epochs)
         try:
-            cr = ClientRound(cfg=t.cfg, task=t, config=config, received=received,
+            cr = ClientRound(cfg=t.cfg, task=t, ins=TrainInstruction.from_config(
+                                 {"method": "", "codec-up": "fp32", **config}), received=received,
                              partition_id=pid, num_partitions=a.clients)
             return method.client_train(cr)
         finally:

@@ -20,6 +20,12 @@ its eval loss differed in the 8th digit, round 5 accuracy 0.5646 vs 0.5671, all 
 arrays different; with 4ca2195 (``twice``, 2 busy loops) all 5 rounds identical (accuracy,
 loss, payload bytes; message bytes within 2 B) and all 58 checkpoint arrays bit-identical.
 
+Measured 2026-12-07 (issue 33: the typed round protocol, one weighted mean, one bounding step),
+``dump`` of c7c55b3 and of the change, then ``compare``: every non-byte field identical and 0
+bytes changed per message for all eight methods; the same with ``download="delta"
+codec-down="affine:8"`` (the seven methods that take delta downloads) and with
+``upload="delta" codec-up="eden:2"`` (the four weight-averaging methods: ``codec-key-id`` sent).
+
 Measured 2026-12-07 (issue 34), ``dump . on.json`` against ``dump . off.json
 norm-bound-history=0`` then ``compare off.json on.json --ignore norm_bound``: two replies a
 round, so the trusted bound applies in every round and binds in none: every other non-byte

@@ -24,6 +24,7 @@ from fedlora import client_app, straggler, validate
 from fedlora.config import RunConfig
 from fedlora.methods import get_method
 from fedlora.strategies.base import ADAPTER_KEY, METRICS_KEY, state_to_arrays
+from fedlora.strategies.protocol import DownInstruction
 from fedlora.strategies.buffered import AsyncLoop, Buffered, StaleReply, Task, staleness_weight
 from fedlora.strategies.replies import ClientUpdate
 from fedlora.validate import ConfigError
@@ -92,7 +93,8 @@ class AsyncGrid(FakeGrid):
         conf = dict(msg.content["config"])
         self.trained.append((node, int(conf["server-round"])))
         decoded = decode_record(msg.content[ADAPTER_KEY], expected=SHAPES)
-        received = client_app._apply_download(self.ctx[node], decoded, conf)
+        received = client_app._apply_download(self.ctx[node], decoded,
+                                              DownInstruction.from_config(conf))
         update = OrderedDict((k, (0.1 * (TARGET[k] - v)).astype(np.float32))
                              for k, v in received.items()
                              if not (conf["method"] == "ffa-lora" and ".lora_A." in k))

@@ -586,7 +586,7 @@ def test_evidence_suite_configs_pass_on_prepared_inputs(root, tmp_path, monkeypa
 def test_flowertune_preset_needs_a_model_folder_and_data(root, alpaca_dir, tmp_path):
     """The FlowerTune general-NLP preset is refused in one line without a model folder and data;
     given them (and quantize off: this machine has no GPU) it passes the launcher's check with
-    FlowerTune's r=32, alpha=64, 20 clients at 10 %."""
+    FlowerTune's r=32, alpha=64 on q_proj/v_proj, 20 clients at 10 %."""
     import argparse
 
     from fedlora import launch
@@ -605,6 +605,7 @@ def test_flowertune_preset_needs_a_model_folder_and_data(root, alpaca_dir, tmp_p
                                 'quantize="none"', 'device="cpu"', f'run-dir="{tmp_path}"'),
                            light=True)
     assert (ok["lora-rank"], ok["lora-alpha"], ok["fraction-train"]) == (32, 64.0, 0.1)
+    assert ok["lora-targets"] == "q_proj,v_proj"  # peft's default, what the template adapts
     assert FLOWERTUNE_NLP["min-available-nodes"] == 20 and ok["lr-schedule"] == "cosine"
     with pytest.raises(ValueError, match="quantize='4bit' needs a CUDA GPU"):
         launch.prepare(args(f'model="{model_dir(root)}"', f'data-dir="{alpaca_dir}"',

@@ -20,6 +20,7 @@ from fedlora.compression import decode_payload, parse_spec
 from fedlora.config import RunConfig
 from fedlora.methods import get_method
 from fedlora.strategies.base import ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, state_to_arrays
+from fedlora.strategies.protocol import DownInstruction
 from fedlora.strategies.downlink import (Copy, Downlink, StaleDownload, apply_delta,
                                          client_apply, digest)
 from fedlora.wire import decode_record, encode_record
@@ -40,7 +41,7 @@ def toy(seed, scale=1.0):
 
 def node_side(dl, held):
     """What the ClientApp does with one download; returns (state, copy)."""
-    conf = {"down-mode": dl.mode, "down-base": dl.base, "down-digest": dl.result.digest}
+    conf = DownInstruction(dl.mode, dl.base, dl.result.digest)
     decoded = decode_payload(dl.payload, expected=SHAPES)
     return client_apply(decoded, conf, held)
 
@@ -125,7 +126,7 @@ def test_stale_copy_detected_and_served_in_full_next_round():
 def test_tampered_delta_result_is_refused_by_digest():
     link = Downlink("delta")
     dl = link.prepare(1, 2, toy(7), parse_spec("affine:8"))
-    conf = {"down-mode": "full", "down-base": "", "down-digest": "0" * 32}
+    conf = DownInstruction("full", "", "0" * 32)
     with pytest.raises(StaleDownload, match="digest"):
         client_apply(decode_payload(dl.payload, expected=SHAPES), conf, None)
 
@@ -144,8 +145,9 @@ def test_full_mode_shares_one_encode_and_sends_no_digest():
     x = toy(9)
     a = link.prepare(1, 1, x, parse_spec("affine:8"))
     b = link.prepare(1, 2, x, parse_spec("affine:8"))
-    assert a is b and link.message_config(a) == {"down-mode": "full"}
-    state, keep = client_apply(decode_payload(a.payload, expected=SHAPES), {"down-mode": "full"},
+    assert a is b and link.message_config(a) == DownInstruction()
+    assert DownInstruction().entries() == {"down-mode": "full"}
+    state, keep = client_apply(decode_payload(a.payload, expected=SHAPES), DownInstruction(),
                                None)
     assert keep is None and set(state) == set(SHAPES)
 
@@ -179,11 +181,11 @@ def test_strategy_commits_on_reply_and_forgets_on_failure(task_identity):
     assert modes == {11: "delta", 12: "full"}
     # the node that replied, applying the delta to what it got in round 1, lands on the record
     first = decode_record(msgs[0].content[ADAPTER_KEY], expected=SHAPES)
-    conf1 = dict(msgs[0].content[CONFIG_KEY])
+    conf1 = DownInstruction.from_config(msgs[0].content[CONFIG_KEY])
     _, held = client_apply(first, conf1, None)
     m2 = next(m for m in msgs2 if m.metadata.dst_node_id == 11)
     state, _ = client_apply(decode_record(m2.content[ADAPTER_KEY], expected=SHAPES),
-                            dict(m2.content[CONFIG_KEY]), held)
+                            DownInstruction.from_config(m2.content[CONFIG_KEY]), held)
     assert digest(state) == str(m2.content[CONFIG_KEY]["down-digest"])
     d2 = next(m for m in msgs2 if m.metadata.dst_node_id == 12)
     assert st.stats[2].payload_down[11] < 1.1 * st.stats[2].payload_down[12]
@@ -278,7 +280,7 @@ def test_a_codec_for_updates_is_refused_wherever_it_would_carry_weights(kw, why)
 
 # ------------------------------------------------------------------ download-init (issue 31)
 def _node_side_init(dl, held, init_copy, link):
-    conf = {**link.message_config(dl)}
+    conf = link.message_config(dl)
     decoded = decode_payload(dl.payload, expected=SHAPES)
     return client_apply(decoded, conf, held, lambda: init_copy)
 
@@ -295,7 +297,7 @@ def test_download_init_sends_a_delta_from_the_initial_state_not_a_full_download(
     full = plain.prepare(1, 7, target, pipe)
     dl = link.prepare(1, 7, target, pipe)
     assert full.mode == "full" and dl.mode == "delta"
-    assert dl.base == link.init.digest and link.message_config(dl)["down-from-init"] is True
+    assert dl.base == link.init.digest and link.message_config(dl).from_init is True
     assert len(dl.payload) * 4 < len(full.payload)
     state, keep = _node_side_init(dl, None, Copy(link.init.state, link.init.digest), link)
     assert keep.digest == dl.result.digest

@@ -15,6 +15,7 @@ from fedlora.methods import get_method
 from fedlora.strategies.base import (ADAPTER_KEY, METRICS_KEY, ClientRound, ClientUpdate,
                                      state_to_arrays)
 from fedlora.methods.lora_a2 import rank_scores, select_ranks
+from fedlora.strategies.protocol import TrainInstruction
 from fedlora.tasks import make_task
 from fedlora.wire import encode_record
 
@@ -105,8 +106,8 @@ def tiny_task(sample_dir):
     return cfg, make_task(cfg)
 
 
-def _client_round(cfg, task, rnd, received, **config):
-    return ClientRound(cfg=cfg, task=task, config={"server-round": rnd, **config},
+def _client_round(cfg, task, rnd, received, **fields):
+    return ClientRound(cfg=cfg, task=task, ins=TrainInstruction(server_round=rnd, **fields),
                        received=received, partition_id=0, num_partitions=2)
 
 
@@ -146,7 +147,7 @@ def test_unselected_entries_bit_identical_after_local_training(tiny_task, rnd):
             assert not np.any(changed & ~sent), k            # only selected slices moved
             moved += int(changed.sum())
     n_modules = sum(1 for k in start if ".lora_A." in k)
-    assert moved == int(res.metrics["ranks-selected"]) == n_modules * cfg.rank_budget
+    assert moved == int(res.reply.ranks_selected) == n_modules * cfg.rank_budget
     assert set(res.upload) == {k for k in start if other not in k}
 
 

@@ -8,6 +8,7 @@ seeded here (``ServerPrivacy.for_strategy(..., seed=)``) so the statistics are r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 
@@ -25,6 +26,8 @@ from fedlora.privacy import (PrivacyBudgetError, ServerPrivacy, adaptive_clip, c
 from fedlora.methods import get_method
 from fedlora.strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientResult,
                                      arrays_to_state, state_to_arrays)
+from fedlora.strategies.protocol import DP_CLIPPED, DPInstruction, TrainInstruction, TrainReply
+from fedlora.compression import parse_spec
 from fedlora.wire import decode_record, encode_record
 
 from conftest import FakeGrid, InProcessGrid
@@ -70,13 +73,13 @@ def configure(st, rnd, state, nodes, grid=None):
 def node_reply(msg, delta, n=10, rng=None):
     """What the ClientApp sends for a trained update ``delta`` (restricted to what the method
     uploads): DP step, then the codec the server asked for."""
-    conf = dict(msg.content[CONFIG_KEY])
-    res = ClientResult(OrderedDict(delta), n, {"train-loss": 0.5,
-                                               "params-up": float(sum(v.size for v in delta.values()))})
-    res = privatize(res, conf, rng)
-    record = encode_record(res.upload, conf["codec-up"])
-    return Message(RecordDict({ADAPTER_KEY: record, METRICS_KEY: MetricRecord(
-        {**res.metrics, "num-examples": int(res.num_examples)})}), reply_to=msg)
+    ins = TrainInstruction.from_config(msg.content[CONFIG_KEY])
+    res = ClientResult(OrderedDict(delta), TrainReply(
+        n, {"train-loss": 0.5}, params_up=float(sum(v.size for v in delta.values()))))
+    res = privatize(res, ins, parse_spec(ins.codec_up), rng)
+    record = encode_record(res.upload, ins.codec_up)
+    return Message(RecordDict({ADAPTER_KEY: record, METRICS_KEY: res.reply.to_record()}),
+                   reply_to=msg)
 
 
 def uploaded(st, rnd, seed, scale=1.0):
@@ -123,17 +126,17 @@ def test_clipping_bounds_every_update_norm_exactly(order):
 def test_client_step_clips_what_it_uploads_and_marks_it():
     """Central DP on the node: the upload (exactly the tensors sent) has norm <= C and says
     whether it was clipped; the other metrics stay; without dp the result is untouched."""
-    big = ClientResult(toy(1, 10.0), 7, {"train-loss": 0.3})
-    conf = {"dp": "central", "dp-clip": 2.0, "upload": "delta", "dp-noise-multiplier": 1.0}
+    big = ClientResult(toy(1, 10.0), TrainReply(7, {"train-loss": 0.3}))
+    conf = TrainInstruction(upload="delta", dp=DPInstruction("central", "gaussian", 2.0, 1.0))
     out = privatize(big, conf)
     assert l2(out.upload) == pytest.approx(2.0, rel=1e-6) and l2(out.upload) <= 2.0
-    assert out.metrics == {"train-loss": 0.3, privacy.CLIPPED_METRIC: 1.0}
+    assert out.metrics == {"train-loss": 0.3} and out.reply.dp_clipped == 1.0
     assert out.num_examples == 7 and list(out.upload) == list(big.upload)
-    small = privatize(ClientResult(toy(1, 1e-3), 7, {}), conf)
-    assert small.metrics[privacy.CLIPPED_METRIC] == 0.0
-    assert privatize(big, {"dp": "off"}) is big
+    small = privatize(ClientResult(toy(1, 1e-3), TrainReply(7)), conf)
+    assert small.reply.dp_clipped == 0.0
+    assert privatize(big, TrainInstruction()) is big
     with pytest.raises(ValueError, match="upload='delta'"):
-        privatize(big, {**conf, "upload": "weights"})
+        privatize(big, dataclasses.replace(conf, upload="weights"))
 
 
 # ------------------------------------------------------------------------- 2. noise
@@ -182,14 +185,15 @@ def test_local_noise_has_the_stated_scale(mechanism):
     Laplace scale b = z·2C (std √2·b); it sends num-examples 1 and no loss."""
     z, c = 0.8, 0.25
     upd = toy(3, 1e-3)  # norm well under C: not clipped, so upload − update is the noise
-    conf = {"dp": "local", "dp-clip": c, "dp-noise-multiplier": z, "dp-mechanism": mechanism,
-            "upload": "delta", "codec-up": "fp32"}
+    conf = TrainInstruction(upload="delta", dp=DPInstruction("local", mechanism, c, z))
+    fp32 = parse_spec("fp32")
     big = OrderedDict((k, np.zeros((200, 200), np.float32)) for k in ("a", "b"))
     for tensors in (upd, big):
-        res = privatize(ClientResult(tensors, 55, {"train-loss": 0.1}), conf,
+        res = privatize(ClientResult(tensors, TrainReply(55, {"train-loss": 0.1})), conf, fp32,
                         np.random.default_rng(11))
-        assert res.num_examples == 1 and set(res.metrics) == {"params-up"}
-    res = privatize(ClientResult(big, 55, {}), conf, np.random.default_rng(11))
+        assert res.num_examples == 1 and res.metrics == {}
+        assert set(res.reply.scalars()) == {"params-up", "num-examples"}
+    res = privatize(ClientResult(big, TrainReply(55)), conf, fp32, np.random.default_rng(11))
     noise = np.concatenate([res.upload[k].ravel().astype(np.float64) for k in big])
     scale = z * 2 * c
     want = scale if mechanism == "gaussian" else math.sqrt(2) * scale
@@ -516,7 +520,7 @@ def test_node_that_skips_clipping_or_lies_is_bounded(task_identity):
     bad = OrderedDict((k, np.full(s, 1e30, np.float32)) for k, s in st.upload_shapes(1).items())
     replies.append(Message(RecordDict({
         ADAPTER_KEY: encode_record(bad, msgs[2].content[CONFIG_KEY]["codec-up"]),
-        METRICS_KEY: MetricRecord({"num-examples": 10, privacy.CLIPPED_METRIC: 1e9})}),
+        METRICS_KEY: MetricRecord({"num-examples": 10, DP_CLIPPED: 1e9})}),
         reply_to=msgs[2]))
     arrays, _ = st.aggregate_train(1, replies)
     rec = st.round_record(1)
@@ -561,6 +565,6 @@ def test_real_server_and_client_apps_record_epsilon(tmp_path, sample_dir, task_i
         if local:
             assert r["train_metrics"]["num-examples"] == 2  # nodes report 1 example each
         else:
-            assert privacy.CLIPPED_METRIC in r["train_metrics"] and r["dp_denominator"] == 2
+            assert DP_CLIPPED in r["train_metrics"] and r["dp_denominator"] == 2
     if not local:
         assert recs[-1]["dp_epsilon"] <= 6.0

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..adapters import load_state, num_params, state_to_numpy, travelling_state
 from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, averaged
-from ..strategies.protocol import Uploads
+from ..strategies.protocol import TrainReply, Uploads
 
 SCALE = 1.0
 CALLS = {"aggregate": 0, "client": 0}
@@ -69,8 +69,8 @@ def client_train(cr: ClientRound) -> ClientResult:
     data = cr.data()
     metrics = cr.task.train(model, data, seed=cr.seed, lr=cr.lr)
     upload = cr.upload_of(state_to_numpy(travelling_state(model)))
-    metrics["params-up"] = float(num_params(upload))
-    return ClientResult(upload, len(data[1]), metrics)
+    return ClientResult(upload, TrainReply(len(data[1]), metrics,
+                                           params_up=float(num_params(upload))))
 
 
 Strategy = ToyMean

@@ -214,3 +214,33 @@ def test_runs_with_clients_holding_no_examples_are_marked(suite):
     assert rows["small"]["seeds_with_empty_clients"] == 0
     md = (suite / "summary.md").read_text()
     assert "| bad § |" in md and "| small |" in md and "ZERO examples" in md
+
+
+def test_causal_lm_runs_get_a_perplexity_column_and_plot(suite):
+    """Runs whose evaluations carry a held-out perplexity (task=causal-lm) get a "final ppl"
+    column (mean ± population std of the last evaluation's perplexity over seeds), the values in
+    summary.json and a perplexity_vs_mb.png; suites without perplexity get none of these."""
+    write_report("s", suite, SPEC)
+    assert "final ppl" not in (suite / "summary.md").read_text()
+    assert not (suite / "perplexity_vs_mb.png").exists()
+    for seed, ppl in ((1, 30.0), (2, 34.0)):
+        path = suite / "runs" / "small" / f"seed-{seed}" / "rounds.jsonl"
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        for r in recs:
+            if "accuracy" in r:
+                r["perplexity"] = ppl + 100.0 * (r["round"] < 4)
+        path.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    rows = {r["name"]: r for r in write_report("s", suite, SPEC)}
+    assert rows["small"]["ppl_mean"] == pytest.approx(32.0)
+    assert rows["small"]["ppl_std"] == pytest.approx(2.0)
+    assert rows["fedavg"]["ppl_mean"] is None
+    table = (suite / "summary.md").read_text()
+    assert "| final ppl |" in table and "| 32.00 ± 2.00 |" in table
+    lines = table.splitlines()
+    col = [c.strip() for c in next(x for x in lines if x.startswith("| config")).split("|")]
+    cells = [c.strip() for c in next(x for x in lines if x.startswith("| fedavg |")).split("|")]
+    assert cells[col.index("final ppl")] == "–"
+    summary = json.loads((suite / "summary.json").read_text())
+    assert next(c for c in summary["configurations"] if c["name"] == "small")["ppls"] == [30.0, 34.0]
+    pytest.importorskip("matplotlib")
+    assert (suite / "perplexity_vs_mb.png").exists()

@@ -104,8 +104,9 @@ def test_flasc_streams_its_plain_mean_bit_identically(task_identity, density, mo
                 for i, (m, n) in enumerate(zip(msgs, (10, 5, 40, 10, 12)))]
 
     calls = []
-    real = stream.kernels.flat_add_and_sumsq
-    monkeypatch.setattr(stream.kernels, "flat_add_and_sumsq",
+    from fedlora.strategies import kernels
+    real = kernels.flat_add_and_sumsq
+    monkeypatch.setattr(kernels, "flat_add_and_sumsq",
                         lambda *a: calls.append(1) or real(*a))
     (a, ra, _), (b, rb, _) = both("flasc", replies, density_up=density, server_opt="adamw")
     assert len(calls) == (5 if density < 1 else 0)

@@ -20,6 +20,7 @@ from fedlora.compression import ErrorFeedback
 from fedlora.compression import rotate
 from fedlora.strategies.base import ADAPTER_KEY, CONFIG_KEY, arrays_to_state
 from fedlora.strategies.downlink import client_apply, digest
+from fedlora.strategies.protocol import DownInstruction
 from fedlora.wire import decode_record, encode_record
 
 from test_hostile import SHAPES, configure, make, reply, toy
@@ -264,7 +265,8 @@ def test_strategy_both_directions_with_server_error_feedback(task_identity, stre
     for m in msgs:  # round 1: full downloads (weights: affine:8)
         _, held[m.metadata.dst_node_id] = client_apply(
             decode_record(m.content[ADAPTER_KEY], expected=SHAPES,
-                          key=codec_key(11, 1, "down")), dict(m.content[CONFIG_KEY]), None)
+                          key=codec_key(11, 1, "down")),
+            DownInstruction.from_config(m.content[CONFIG_KEY]), None)
     replies, decoded = [], []
     for i, m in enumerate(msgs):
         node = m.metadata.dst_node_id
@@ -290,7 +292,7 @@ def test_strategy_both_directions_with_server_error_feedback(task_identity, stre
         assert conf["down-mode"] == "delta" and conf["codec-down"] == "drive:mse"
         got = decode_record(m.content[ADAPTER_KEY], expected=SHAPES,
                             key=codec_key(11, 2, "down"))
-        state, copy = client_apply(got, conf, held[node])
+        state, copy = client_apply(got, DownInstruction.from_config(conf), held[node])
         assert copy.digest == conf["down-digest"] == digest(s.downlink.pending[node][1].state)
         with pytest.raises(CodecError, match="codec key tag"):
             decode_record(m.content[ADAPTER_KEY], expected=SHAPES, key=codec_key(11, 1, "down"))

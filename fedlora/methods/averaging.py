@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..adapters import load_state, num_params, state_to_numpy, travelling_state
 from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, averaged
-from ..strategies.protocol import Uploads
+from ..strategies.protocol import TrainReply, Uploads
 
 
 class WeightAveraging(FedLoraStrategy):
@@ -30,5 +30,5 @@ def train_weights(cr: ClientRound, adapter: bool = True) -> ClientResult:
     data = cr.data()
     metrics = cr.task.train(model, data, seed=cr.seed, lr=cr.lr)
     upload = cr.upload_of(state_to_numpy(travelling_state(model)))
-    metrics["params-up"] = float(num_params(upload))
-    return ClientResult(upload, len(data[1]), metrics)
+    return ClientResult(upload, TrainReply(len(data[1]), metrics,
+                                           params_up=float(num_params(upload))))

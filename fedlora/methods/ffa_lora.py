@@ -9,6 +9,7 @@ from collections import OrderedDict
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
 from .averaging import WeightAveraging
 from ..strategies.base import ClientResult, ClientRound, averaged, weighted_mean
+from ..strategies.protocol import TrainReply
 
 
 def sent_keys(names) -> list[str]:
@@ -36,8 +37,8 @@ def client_train(cr: ClientRound) -> ClientResult:
     metrics = cr.task.train(model, data, seed=cr.seed, lr=cr.lr)
     state = state_to_numpy(travelling_state(model))
     upload = cr.upload_of(state, sent_keys(state))
-    metrics["params-up"] = float(sum(v.size for v in upload.values()))
-    return ClientResult(upload, len(data[1]), metrics)
+    return ClientResult(upload, TrainReply(len(data[1]), metrics,
+                                           params_up=float(sum(v.size for v in upload.values()))))
 
 
 Strategy = FFALoRA

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from ..adapters import load_state, state_to_numpy, trainable_params, travelling_state
-from ..compression import Pipeline, parse_spec, topk_mask
+from ..compression import Pipeline, topk_mask
 from ..compression.sparsify import TopK
 from ..config import tier_value
 from ..strategies import guard
-from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, RejectRound
-from ..strategies.protocol import Uploads
+from ..strategies.base import (ClientResult, ClientRound, FedLoraStrategy, RejectRound,
+                              weighted_mean)
+from ..strategies.protocol import TrainReply, Uploads
 
 FREEZE_MODES = ("none", "client", "server")
 SERVER_OPTS = ("adamw", "sgd", "avg")
@@ -85,7 +86,7 @@ class FLASC(FedLoraStrategy):
         return with_topk(d, super().upload_pipeline(server_round, node_id))
 
     def node_config(self, server_round, node_id):
-        return {"flasc-freeze": self.cfg.flasc_freeze}
+        return {"flasc_freeze": self.cfg.flasc_freeze}
 
     # ------------------------------------------------------------------ server step
     def configure_train(self, server_round, arrays, config, grid):
@@ -124,8 +125,7 @@ class FLASC(FedLoraStrategy):
         if n == 1 and all(updates[0].tensors[k].dtype == np.float64 for k in self._params):
             grads = OrderedDict((k, updates[0].tensors[k]) for k in self._params)  # (0 + x) / 1
         else:
-            grads = OrderedDict((k, sum(u.tensors[k].astype(np.float64) for u in updates) / n)
-                                for k in self._params)
+            grads = weighted_mean(updates, list(self._params), equal=True)  # Σ x / n, float64
         norm = guard.update_norm(grads)
         if not math.isfinite(norm):
             self.rollback(server_round)
@@ -222,7 +222,7 @@ def client_train(cr: ClientRound) -> ClientResult:
     load_state(model, cr.received)
     start = OrderedDict((k, np.asarray(v, np.float32)) for k, v in cr.received.items())
     hooks = {}
-    if str(cr.config.get("flasc-freeze", "none")) != "none":
+    if (cr.ins.flasc_freeze or "none") != "none":
         params = trainable_params(model)
         masks = {k: torch.from_numpy(start[k] != 0) for k in params}
 
@@ -239,11 +239,9 @@ def client_train(cr: ClientRound) -> ClientResult:
     trained = state_to_numpy(travelling_state(model))
     delta = OrderedDict((k, trained[k] - start[k]) for k in start)
     n = sum(v.size for v in delta.values())
-    codec_up = cr.codec_up or parse_spec(str(cr.config.get("codec-up", "fp32")))
-    sparsifier = codec_up.sparsifier
-    density = getattr(sparsifier, "density", 1.0)
-    metrics["params-up"] = float(int(density * n) if density < 1.0 else n)  # values sent
-    return ClientResult(delta, len(data[1]), metrics)
+    density = getattr(cr.codec_up.sparsifier, "density", 1.0)
+    return ClientResult(delta, TrainReply(len(data[1]), metrics, params_up=float(
+        int(density * n) if density < 1.0 else n)))  # values sent
 
 
 Strategy = FLASC

@@ -19,7 +19,7 @@ from ..config import tier_value
 from ..strategies import guard
 from . import flocora
 from ..compression.ranks import Ranks
-from ..strategies.base import FedLoraStrategy, MalformedReply
+from ..strategies.base import FedLoraStrategy, MalformedReply, weighted_mean
 
 log = logging.getLogger("flwr.fedlora")
 
@@ -75,7 +75,7 @@ class FlexLoRA(FedLoraStrategy):
         return super().upload_pipeline(server_round, node_id).with_sparsifier(Ranks())
 
     def node_config(self, server_round, node_id):
-        return {"rank-budget": self.client_rank(node_id)}
+        return {"rank_budget": self.client_rank(node_id)}
 
     def update_reference(self, server_round, node_id):
         """A node trains from the global truncated to its rank: its update is measured (and
@@ -99,10 +99,9 @@ class FlexLoRA(FedLoraStrategy):
     def aggregate_updates(self, server_round, state, updates):
         total = float(sum(u.weight for u in updates))
         out = OrderedDict((k, v.copy()) for k, v in state.items())
-        for k in state:
-            if not is_lora_key(k):
-                out[k] = sum((u.weight / total) * u.tensors[k].astype(np.float64)
-                             for u in updates).astype(np.float32)
+        dense = [k for k in state if not is_lora_key(k)]
+        if dense:
+            out.update(weighted_mean(updates, dense))
         for mod, (ka, kb) in lora_modules(list(state)).items():
             rank = state[ka].shape[0]
             delta_w = 0.0

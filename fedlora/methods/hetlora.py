@@ -14,6 +14,7 @@ zero-padding aggregation and rank self-pruning with decay γ = ``hetlora-gamma``
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import numpy as np
@@ -35,8 +36,8 @@ class HetLoRA(flexlora.FlexLoRA):
         return min(r, self.pruned.get(node_id, r))
 
     def node_config(self, server_round, node_id):
-        return {"rank-budget": self.client_rank(node_id),
-                "hetlora-gamma": self.cfg.hetlora_gamma}
+        return {"rank_budget": self.client_rank(node_id),
+                "hetlora_gamma": self.cfg.hetlora_gamma}
 
     def state_dict(self):
         """FlexLoRA's state + the pruned ranks, by node id and (for nodes whose partition-id is
@@ -67,18 +68,18 @@ class HetLoRA(flexlora.FlexLoRA):
     def validate_update(self, server_round, up):
         """A reported ``rank`` (already known finite) must be an integer in 1..global rank, and
         the reply carry no rank slice at or beyond the smaller of it and the node's rank."""
-        if "rank" in up.metrics:
-            r = up.metrics["rank"]
+        r = up.reply.rank
+        if r is not None:
             full = max(s[0] for k, s in self.shapes.items() if ".lora_A." in k)
             if r != int(r) or not 1 <= r <= full:
                 raise MalformedReply(f"rank {r!r} must be an integer in 1..{full}")
         rank = self.client_rank(up.node_id)  # no slice beyond its rank (or the one it pruned to)
-        self.check_rank_slices(up, min(rank, int(up.metrics.get("rank", rank))))
+        self.check_rank_slices(up, min(rank, int(r if r is not None else rank)))
 
     def aggregate_updates(self, server_round, state, updates):
         for u in updates:
-            if "rank" in u.metrics:
-                self.pruned[u.node_id] = min(self.client_rank(u.node_id), int(u.metrics["rank"]))
+            if u.reply.rank is not None:
+                self.pruned[u.node_id] = min(self.client_rank(u.node_id), int(u.reply.rank))
         return weighted_mean(updates)
 
 
@@ -92,8 +93,9 @@ def tail_norm(state, lo: int, hi: int) -> float:
 
 
 def client_train(cr: ClientRound) -> ClientResult:
-    rank = int(cr.config.get("rank-budget", cr.cfg.rank_budget))
-    gamma = float(cr.config.get("hetlora-gamma", cr.cfg.hetlora_gamma))
+    ins = cr.ins
+    rank = ins.rank_budget if ins.rank_budget is not None else int(cr.cfg.rank_budget)
+    gamma = ins.hetlora_gamma if ins.hetlora_gamma is not None else float(cr.cfg.hetlora_gamma)
     res = flocora.client_train(cr)
     new_rank = rank
     lo = min(int(np.floor(gamma * rank)), rank - 1)
@@ -107,8 +109,8 @@ def client_train(cr: ClientRound) -> ClientResult:
                     res.upload[k][lo:] = 0.0
                 elif ".lora_B." in k:
                     res.upload[k][:, lo:] = 0.0
-    res.metrics["rank"] = float(new_rank)
-    return ClientResult(OrderedDict(res.upload), res.num_examples, res.metrics)
+    return ClientResult(OrderedDict(res.upload),
+                        dataclasses.replace(res.reply, rank=float(new_rank)))
 
 
 Strategy = HetLoRA

@@ -24,7 +24,7 @@ from ..config import tier_value
 from ..compression.ranks import Ranks
 from ..strategies import guard
 from ..strategies.base import ClientResult, ClientRound, FedLoraStrategy, MalformedReply
-from ..strategies.protocol import Uploads
+from ..strategies.protocol import TrainReply, Uploads
 
 
 def trains_b(server_round: int) -> bool:
@@ -66,7 +66,7 @@ class LoRAA2(FedLoraStrategy):
         return {k: self.shapes[k] for k in factor_keys(self.shapes, server_round)}
 
     def node_config(self, server_round, node_id):
-        return {"rank-budget": self.budget(node_id)}
+        return {"rank_budget": self.budget(node_id)}
 
     def validate_update(self, server_round, up):
         """A reply carries at most the rank slices its node's budget allows: ``rank-budget``
@@ -140,7 +140,7 @@ def _groups(params, keys, cr: ClientRound) -> list[dict]:
 
 def client_train(cr: ClientRound) -> ClientResult:
     cfg, rnd = cr.cfg, cr.server_round
-    budget = int(cr.config.get("rank-budget", cfg.rank_budget))
+    budget = cr.ins.rank_budget if cr.ins.rank_budget is not None else cfg.rank_budget
     data = cr.data()
     start = OrderedDict((k, np.asarray(v, np.float32)) for k, v in cr.received.items())
 
@@ -192,10 +192,10 @@ def client_train(cr: ClientRound) -> ClientResult:
     for k in keys:
         d = trained[k] - start[k]
         upload[k] = np.where(masks[k].cpu().numpy(), d, 0.0).astype(np.float32) if k in masks else d
-    metrics["ranks-selected"] = float(sum(len(v) for v in chosen.values()))
-    metrics["params-up"] = float(sum(int(np.count_nonzero(masks[k].cpu().numpy())) if k in masks
-                                     else upload[k].size for k in upload))
-    return ClientResult(upload, len(data[1]), metrics)
+    return ClientResult(upload, TrainReply(
+        len(data[1]), metrics, ranks_selected=float(sum(len(v) for v in chosen.values())),
+        params_up=float(sum(int(np.count_nonzero(masks[k].cpu().numpy())) if k in masks
+                            else upload[k].size for k in upload))))
 
 
 Strategy = LoRAA2

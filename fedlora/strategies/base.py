@@ -37,8 +37,9 @@ from . import guard, stream
 from .client import ClientResult, ClientRound  # noqa: F401  (re-exported for the methods)
 from .downlink import Downlink
 from .ledger import RoundStats, empty_record
+from .mean import weighted_mean  # noqa: F401  (the one weighted mean; re-exported for methods)
 from .nodes import NodeDirectory
-from .protocol import Uploads
+from .protocol import TrainInstruction, Uploads, base_of
 from .secure import SecureRounds
 from .replies import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientUpdate,  # noqa: F401
                       MalformedReply, decode_reply, train_metrics)
@@ -232,7 +233,8 @@ class FedLoraStrategy(FedAvg):
         return download
 
     def node_config(self, server_round: int, node_id: int) -> dict[str, Any]:
-        """Extra per-node entries for the train ConfigRecord."""
+        """The method's own fields of ``node_id``'s :class:`.protocol.TrainInstruction`, by
+        field name (e.g. ``{"rank_budget": 2}``)."""
         return {}
 
     def upload_shapes(self, server_round: int) -> Mapping[str, tuple[int, ...]]:
@@ -274,10 +276,10 @@ class FedLoraStrategy(FedAvg):
                  f" (partitions {[self.partitions.get(n, -1) for n in node_ids]})"
                  if self.samples_partitions else "")
         # differential privacy: charge the round (this round's clip travels in the config)
-        config = self.privacy.round_config(server_round, config, len(node_ids), len(all_nodes))
-        if config is None:  # the round would exceed dp-target-epsilon: no more rounds
+        send, dp = self.privacy.round_config(server_round, len(node_ids), len(all_nodes))
+        if not send:  # the round would exceed dp-target-epsilon: no more rounds
             return []
-        secure: dict[Any, dict[str, Any]] = {}
+        secure: dict[Any, Any] = {}
         if self.secure is not None:  # SecAgg+ advertise and share stages (secure.py)
             secure = self.secure.setup(grid, server_round, node_ids, stats, len(all_nodes))
             node_ids = [n for n in node_ids if n in secure]
@@ -294,22 +296,16 @@ class FedLoraStrategy(FedAvg):
             dl = self.downlink.prepare(server_round, node_id, targets[variant], pipe, variant)
             record = payload_record(dl.payload)
             up = self.upload_pipeline(server_round, node_id)
-            # rotating codecs (drive, eden) key the upload by the node's partition-id: say which
-            key_id = {"codec-key-id": self.key_identity(node_id)} if up.needs_key else {}
-            cfg = ConfigRecord({
-                **{k: config[k] for k in config.keys()},
-                "server-round": server_round,
-                "method": self.name,
-                "codec-down": dl.spec,
-                "codec-up": up.spec,
-                **key_id,
-                "tier": self.tier_of(node_id),
-                "upload": "delta" if self.replies_are_deltas else "weights",
-                **self.downlink.message_config(dl),
-                **self.node_config(server_round, node_id),
-                **secure.get(node_id, {}),
-            })
-            msg = Message(content=RecordDict({ADAPTER_KEY: record, CONFIG_KEY: cfg}),
+            ins = TrainInstruction(
+                server_round=server_round, method=self.name, codec_down=dl.spec,
+                codec_up=up.spec, tier=self.tier_of(node_id),
+                upload="delta" if self.replies_are_deltas else "weights",
+                # rotating codecs (drive, eden) key the upload by the node's partition-id
+                codec_key_id=self.key_identity(node_id) if up.needs_key else None,
+                base_fingerprint=base_of(config), dp=dp,
+                down=self.downlink.message_config(dl), secagg=secure.get(node_id),
+                **self.node_config(server_round, node_id))
+            msg = Message(content=RecordDict({ADAPTER_KEY: record, CONFIG_KEY: ins.to_config()}),
                           message_type=MessageType.TRAIN, dst_node_id=node_id)
             stats.sent[node_id] = message_bytes(msg)
             if not msg.metadata.message_id:  # as Flower's push sets it (a grid may replace it)
@@ -433,17 +429,24 @@ class FedLoraStrategy(FedAvg):
                 measured.append((u, ref, n))
             except Exception as err:
                 stats.drop(u.node_id, err)
-        bound = self.round_norm_bound(server_round, [n for _, _, n in measured])
-        stats.norm_bound = bound
+        scales = self.bound_round(server_round, [(u.node_id, n) for u, _, n in measured], stats)
         kept = []
-        for u, ref, n in measured:
-            scale = guard.apply_bound(g, stats, u.node_id, n, bound)
+        for (u, ref, n), scale in zip(measured, scales):
             if scale is None:
                 continue
             if scale < 1.0:
                 u.tensors = guard.clip_update(u.tensors, scale, ref)
             kept.append(u)
         return kept
+
+    def bound_round(self, server_round: int, norms: "list[tuple[Any, float]]",
+                    stats: "RoundStats") -> "list[float | None]":
+        """The one bounding step of a round, for both aggregation paths: the round's bound from
+        its valid replies' ``(node, norm)`` (:meth:`round_norm_bound`, kept in
+        ``stats.norm_bound``), then each reply against it (:func:`.guard.apply_bound`): 1.0,
+        its clip factor, or None (rejected, dropped into ``stats``), in the replies' order."""
+        bound = stats.norm_bound = self.round_norm_bound(server_round, [n for _, n in norms])
+        return [guard.apply_bound(self.robustness, stats, node, n, bound) for node, n in norms]
 
     def round_norm_bound(self, server_round: int, norms: list[float]) -> float | None:
         """The round's bound on an update's norm, from its valid replies' ``norms``:
@@ -498,7 +501,7 @@ class FedLoraStrategy(FedAvg):
             try:
                 up = self.decode_reply(server_round, msg)
                 stats.payload_up[node] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
-                stats.params_up[node] = int(up.metrics.get("params-up", 0))
+                stats.params_up[node] = int(up.reply.params_up or 0)
                 updates.append(up)
             except Exception as err:  # node input never takes the ServerApp down
                 stats.drop(node, err)
@@ -763,18 +766,3 @@ def averaged(strategy: FedLoraStrategy, state: "OrderedDict[str, np.ndarray]",
 def _tiered(per_tier: list[Pipeline], tier: int, default: Pipeline) -> Pipeline:
     """Entry ``tier`` of a per-tier list (the last one for higher tiers), else ``default``."""
     return per_tier[min(max(tier, 0), len(per_tier) - 1)] if per_tier else default
-
-
-def weighted_mean(updates: list[ClientUpdate]) -> "OrderedDict[str, np.ndarray]":
-    """Σ_k n_k x_k / Σ_k n_k over each tensor, in float64 then cast to float32 (one update:
-    its tensors, which is what that sum gives, without the float64 copies)."""
-    if len(updates) == 1:
-        return OrderedDict((k, np.array(v, dtype=np.float32)) for k, v in updates[0].tensors.items())
-    total = float(sum(u.weight for u in updates))
-    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
-    for k in updates[0].tensors:
-        acc = np.zeros(updates[0].tensors[k].shape, dtype=np.float64)
-        for u in updates:
-            acc += (u.weight / total) * u.tensors[k].astype(np.float64)
-        out[k] = acc.astype(np.float32)
-    return out

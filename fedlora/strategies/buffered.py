@@ -34,7 +34,7 @@ from ..wire import message_bytes, payload_bytes, payload_record
 from .base import ADAPTER_KEY, CONFIG_KEY, FedLoraStrategy, RejectRound, arrays_to_state, \
     state_to_arrays
 from .ledger import RoundStats
-from .protocol import Uploads
+from .protocol import DPInstruction, TrainInstruction, Uploads, base_of
 from .replies import ClientUpdate, train_metrics
 
 log = logging.getLogger("flwr.fedlora")
@@ -116,7 +116,8 @@ class AsyncLoop:
         self.backoff: list[int] = []       # nodes that failed or timed out: asked again after it
         self.progress_at = time.time()     # last accepted reply
         self.arrived: dict[str, Message] = {}
-        self.step_config: ConfigRecord | None = None
+        self.step_open = True                  # False: DP's budget refuses the next step
+        self.step_dp: DPInstruction | None = None
         self.train_config = ConfigRecord()
         self.num_nodes = 0
         self.num_steps = 1 << 62
@@ -143,22 +144,20 @@ class AsyncLoop:
         it holds, built as :meth:`.FedLoraStrategy.configure_train` builds a round's."""
         s, st = self.strategy, self.stats()
         step = self.version + 1
-        config = self.step_config if self.step_config is not None else self.train_config
         target = s.download_state(step, s._global)
         variant = s.download_variant(step, node)
         if variant is not None:
             target = s.apply_variant(target, variant)
         dl = s.downlink.prepare(step, node, target, s.download_pipeline(step, node), variant)
         up = s.upload_pipeline(step, node)
-        key_id = {"codec-key-id": s.key_identity(node)} if up.needs_key else {}
-        cfg = ConfigRecord({
-            **{k: config[k] for k in config.keys()},
-            "server-round": step, "method": s.name, "codec-down": dl.spec, "codec-up": up.spec,
-            **key_id, "tier": s.tier_of(node), "upload": "delta",
-            **s.downlink.message_config(dl), **s.node_config(step, node),
-        })
+        ins = TrainInstruction(
+            server_round=step, method=s.name, codec_down=dl.spec, codec_up=up.spec,
+            tier=s.tier_of(node), upload="delta",
+            codec_key_id=s.key_identity(node) if up.needs_key else None,
+            base_fingerprint=base_of(self.train_config), dp=self.step_dp,
+            down=s.downlink.message_config(dl), **s.node_config(step, node))
         msg = Message(content=RecordDict({ADAPTER_KEY: payload_record(dl.payload),
-                                          CONFIG_KEY: cfg}),
+                                          CONFIG_KEY: ins.to_config()}),
                       message_type=MessageType.TRAIN, dst_node_id=node)
         size = message_bytes(msg)
         if not msg.metadata.message_id:  # as Flower's push sets it (a grid may replace it)
@@ -270,7 +269,7 @@ class AsyncLoop:
                 s.downlink.settle_node(node, True)
                 st.payload_up[node] = st.payload_up.get(node, 0) + payload_bytes(
                     msg.content.array_records[ADAPTER_KEY])
-                st.params_up[node] = st.params_up.get(node, 0) + int(up.metrics.get("params-up", 0))
+                st.params_up[node] = st.params_up.get(node, 0) + int(up.reply.params_up or 0)
                 self.buffer.append(Buffered(up, staleness, task))
                 st.extra["accepted"] += 1
                 self.progress_at = time.time()
@@ -387,7 +386,7 @@ class AsyncLoop:
         stop = ""
         self._open_step()
         while self.version < self.num_steps:
-            if self.step_config is None:
+            if not self.step_open:
                 stop = s.privacy.stopped or "the privacy budget is spent"
                 break
             self.fill(grid, concurrency)
@@ -426,8 +425,7 @@ class AsyncLoop:
         stops the run at ``dp-target-epsilon`` (None)."""
         v = self.version + 1
         self.stats()
-        self.step_config = self.strategy.privacy.round_config(v, self.train_config, self.k,
-                                                              self.k)
+        self.step_open, self.step_dp = self.strategy.privacy.round_config(v, self.k, self.k)
 
 
 def run_async(strategy: FedLoraStrategy, grid: Grid, initial_arrays: ArrayRecord,

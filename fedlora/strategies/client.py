@@ -1,5 +1,7 @@
 """The client half every method shares: what a method's ``client_train`` gets for one train
-message (:class:`ClientRound`) and what it returns (:class:`ClientResult`)."""
+message (:class:`ClientRound`: the parsed :class:`.protocol.TrainInstruction` and the parsed
+upload chain) and what it returns (:class:`ClientResult`: the upload and its
+:class:`.protocol.TrainReply`)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from ..compression import Pipeline
+from ..compression import Pipeline, parse_spec
 from ..config import RunConfig
+from .protocol import TrainInstruction, TrainReply
 
 if TYPE_CHECKING:
     from ..tasks.task import Task
@@ -22,22 +25,27 @@ class ClientRound:
 
     cfg: RunConfig
     task: "Task"
-    config: dict[str, Any]           # the message's train config
+    ins: TrainInstruction            # the message's train instruction (parsed once)
     received: "OrderedDict[str, np.ndarray]"  # decoded download
     partition_id: int
     num_partitions: int
     data_dir: str = ""
     state: Any = None                # Flower context.state (RecordDict), persistent per node
-    codec_up: Pipeline | None = None  # the upload chain the server asked for (parsed once)
+    codec_up: Pipeline | None = None  # the upload chain the server asked for (parsed once:
+    #                                   the ClientApp's, keyed; else ``ins.codec_up`` parsed here)
+
+    def __post_init__(self) -> None:
+        if self.codec_up is None:
+            self.codec_up = parse_spec(self.ins.codec_up)
 
     @property
     def server_round(self) -> int:
-        return int(self.config.get("server-round", 0))
+        return self.ins.server_round
 
     @property
     def uploads_delta(self) -> bool:
         """The server asked for the update (trained − received) instead of the weights."""
-        return str(self.config.get("upload", "weights")) == "delta"
+        return self.ins.uploads_delta
 
     def upload_of(self, trained: Mapping[str, np.ndarray], keys=None
                   ) -> "OrderedDict[str, np.ndarray]":
@@ -64,6 +72,16 @@ class ClientRound:
 
 @dataclass
 class ClientResult:
+    """A method's answer: the tensors to upload and what the reply reports of them."""
+
     upload: "OrderedDict[str, np.ndarray]"
-    num_examples: int
-    metrics: dict[str, float]
+    reply: TrainReply
+
+    @property
+    def num_examples(self) -> int:
+        return self.reply.num_examples
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The task's training metrics (the protocol's own are fields of ``reply``)."""
+        return self.reply.metrics

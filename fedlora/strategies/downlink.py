@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..compression import Pipeline, parse_spec
+from .protocol import DownInstruction
 
 MODES = ("full", "delta")
 
@@ -200,14 +201,13 @@ class Downlink:
             return None
         return OrderedDict((k, np.asarray(target[k], np.float32) - held.state[k]) for k in target)
 
-    def message_config(self, dl: Download) -> dict:
-        """Train-config entries that tell the node how to apply ``dl``."""
+    def message_config(self, dl: Download) -> DownInstruction:
+        """What tells the node how to apply ``dl`` (the train instruction's ``down``)."""
         if not self.delta:
-            return {"down-mode": "full"}
-        out = {"down-mode": dl.mode, "down-base": dl.base, "down-digest": dl.result.digest}
-        if self.init is not None and dl.mode == "delta" and dl.base == self.init.digest:
-            out["down-from-init"] = True
-        return out
+            return DownInstruction()
+        return DownInstruction(dl.mode, dl.base, dl.result.digest,
+                               self.init is not None and dl.mode == "delta"
+                               and dl.base == self.init.digest)
 
 
 # ============================================================================ client half
@@ -217,22 +217,23 @@ class StaleDownload(ValueError):
     """The node does not hold the copy a delta download applies to."""
 
 
-def client_apply(decoded: Mapping[str, np.ndarray], config: Mapping, held: Copy | None,
+def client_apply(decoded: Mapping[str, np.ndarray], down: DownInstruction, held: Copy | None,
                  init: "Callable[[], Copy] | None" = None
                  ) -> tuple["OrderedDict[str, np.ndarray]", Copy | None]:
     """The node's side: the model it trains from, and the copy to keep (None in ``full`` mode).
 
-    ``decoded`` is the decoded payload; ``config`` the train config; ``held`` the node's stored
-    copy (from its Context state) or None; ``init`` builds the node's initial adapter state
-    (the base of a ``down-from-init`` delta). A delta whose base is not the held copy raises
-    :class:`StaleDownload`; a result whose digest is not the server's raises it too."""
-    mode = str(config.get("down-mode", "full"))
-    if mode == "delta" and config.get("down-from-init") and init is not None:
-        held = init() if held is None or held.digest != str(config.get("down-base", "")) else held
-    if mode == "full" and "down-digest" not in config:
+    ``decoded`` is the decoded payload; ``down`` the train instruction's download part;
+    ``held`` the node's stored copy (from its Context state) or None; ``init`` builds the
+    node's initial adapter state (the base of a ``from_init`` delta). A delta whose base is
+    not the held copy raises :class:`StaleDownload`; a result whose digest is not the server's
+    raises it too."""
+    mode = down.mode
+    if mode == "delta" and down.from_init and init is not None:
+        held = init() if held is None or held.digest != (down.base or "") else held
+    if mode == "full" and down.digest is None:
         return OrderedDict((k, np.asarray(v, np.float32)) for k, v in decoded.items()), None
     if mode == "delta":
-        base = str(config.get("down-base", ""))
+        base = down.base or ""
         if held is None:
             raise StaleDownload("delta download, but this node holds no copy of the global "
                                 "model (state lost?); the server will send it in full")
@@ -245,7 +246,7 @@ def client_apply(decoded: Mapping[str, np.ndarray], config: Mapping, held: Copy 
     else:
         raise ValueError(f"unknown down-mode {mode!r}")
     copy = Copy(state, digest(state))
-    want = str(config.get("down-digest", ""))
+    want = down.digest or ""
     if copy.digest != want:
         raise StaleDownload(f"applied download has digest {copy.digest[:12]}…, the server "
                             f"recorded {want[:12]}…")

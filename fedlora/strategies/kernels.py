@@ -6,9 +6,9 @@ One definition of the sum of squares serves both aggregation paths (decode-all t
 round's norms — and with them its norm bound and every clip decision — do not depend on the
 path. The order of the float64 additions is fixed here (eight interleaved partial sums over the
 flat tensor, combined pairwise, then tensor after tensor), not left to numpy's or BLAS's
-blocking. The add is ``acc[i] += w * float64(x[i])``: the same IEEE operations, in the same
-order per element, as :func:`fedlora.strategies.base.weighted_mean` (no fast-math, so LLVM
-never contracts the multiply and add into an FMA), so both paths stay bit-identical.
+blocking. The add is ``acc[i] += w * float64(x[i])`` (no fast-math, so LLVM never contracts
+the multiply and add into an FMA): every add of :class:`fedlora.strategies.mean.WeightedSum`,
+the one weighted mean of both aggregation paths, goes through it.
 
 The kernel releases the GIL; compiled code is cached on disk (``compression/_jit.py``).
 """

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from ..wire import message_bytes
 from .ledger import RoundStats
+from .protocol import PARTITION_ID, TIER
 from .replies import CONFIG_KEY, METRICS_KEY
 
 log = logging.getLogger("flwr.fedlora")
@@ -134,10 +135,10 @@ class NodeDirectory:
                      claims: list[tuple[int, int]]) -> None:
         self.tiers[node] = 0
         try:
-            self.tiers[node] = node_int(answer.get("tier", 0), "tier")
+            self.tiers[node] = node_int(answer.get(TIER, 0), "tier")
         except ValueError as err:
             self.exclude(stats, node, f"{err}; tier 0 used", sampling=False)
-        part = answer.get("partition-id", -1)
+        part = answer.get(PARTITION_ID, -1)
         if part == -1 and not isinstance(part, bool):
             self.partitions[node] = -1
         else:

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Message, MetricRecord
+from flwr.app import Message
 
 from ..compression import Pipeline
 from ..wire import record_payload
+from .protocol import (NUM_EXAMPLES, MalformedReply, TrainReply,  # noqa: F401  (re-exported)
+                       positive_examples, reply_metrics)
 
 ADAPTER_KEY = "adapter"
 CONFIG_KEY = "config"
@@ -29,7 +31,9 @@ METRICS_KEY = "metrics"
 @dataclass
 class ClientUpdate:
     """One decoded reply: ``num_examples`` as the node reported it, ``weight`` its aggregation
-    weight (the reported count until :func:`.guard.cap_reply_weights` caps it)."""
+    weight (the reported count until :func:`.guard.cap_reply_weights` caps it), ``metrics``
+    every scalar metric it reported and ``reply`` the same, typed (:class:`.protocol.
+    TrainReply`: read ``up.reply.params_up``, ``up.reply.rank`` ...)."""
 
     node_id: int
     tensors: "OrderedDict[str, np.ndarray]"
@@ -37,65 +41,33 @@ class ClientUpdate:
     metrics: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
     weight: int | None = None
+    reply: TrainReply | None = None
 
     def __post_init__(self) -> None:
         if self.weight is None:
             self.weight = int(self.num_examples)
+        if self.reply is None:
+            self.reply = TrainReply.from_scalars(self.num_examples, self.metrics)
 
-
-class MalformedReply(ValueError):
-    """A reply whose content is not a valid upload for this round."""
-
-
-MAX_EXAMPLES = 1 << 53    # larger counts are not exact integers in a float64 MetricRecord value
-MAX_METRICS = 64          # metrics one reply may carry (honest replies: a handful)
-MAX_METRIC_NAME = 128
-def positive_examples(metrics: MetricRecord) -> int:
-    """``num-examples``: a positive integer (an int, or an integral float) below 2**53."""
-    n = metrics.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-        raise MalformedReply(f"num-examples must be a positive number, got {n!r}")
-    if n != int(n) or n >= MAX_EXAMPLES:
-        raise MalformedReply(f"num-examples must be an integer below 2**53, got {n!r}")
-    return int(n)
-
-
-def reply_metrics(metrics: MetricRecord) -> dict[str, float]:
-    """The reply's scalar metrics as floats; a non-finite value (scalar or in a list), too many
-    metrics or an overlong name raise MalformedReply. List values are checked, not kept."""
-    if len(metrics) > MAX_METRICS:
-        raise MalformedReply(f"{len(metrics)} metrics in reply (at most {MAX_METRICS})")
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        if len(k) > MAX_METRIC_NAME:
-            raise MalformedReply(f"metric name of {len(k)} characters (at most "
-                                 f"{MAX_METRIC_NAME})")
-        values = v if isinstance(v, list) else [v]
-        for x in values:
-            if isinstance(x, bool) or not isinstance(x, (int, float)):
-                raise MalformedReply(f"metric {k[:40]!r} is not a number: {type(x).__name__}")
-            try:
-                finite = math.isfinite(x)
-            except OverflowError:
-                finite = False
-            if not finite:
-                raise MalformedReply(f"metric {k[:40]!r} is not finite ({x!r})")
-        if not isinstance(v, list):
-            out[k] = float(v)
-    return out
+    @classmethod
+    def of(cls, node_id: int, reply: TrainReply, config: dict[str, Any] | None = None
+           ) -> "ClientUpdate":
+        """A reply's metadata, its tensors not decoded yet."""
+        return cls(node_id, OrderedDict(), reply.num_examples, reply.scalars(), config or {},
+                   reply=reply)
 
 
 def train_metrics(updates: "list[ClientUpdate]") -> dict[str, float]:
     """Weighted mean (the aggregation weights) of each reply metric; a mean that overflows is
     left out; ``num-examples`` = the total weight."""
     total = float(sum(u.weight for u in updates))
-    keys = sorted({k for u in updates for k in u.metrics if k != "num-examples"})
+    keys = sorted({k for u in updates for k in u.metrics if k != NUM_EXAMPLES})
     out: dict[str, float] = {}
     for k in keys:
         v = float(sum((u.weight / total) * u.metrics.get(k, 0.0) for u in updates))
         if math.isfinite(v):
             out[k] = v
-    out["num-examples"] = int(total)
+    out[NUM_EXAMPLES] = int(total)
     return out
 
 
@@ -117,11 +89,9 @@ def read_reply(msg: Message) -> ClientUpdate:
         raise MalformedReply(f"no ArrayRecord {ADAPTER_KEY!r} in reply")
     if METRICS_KEY not in content.metric_records:
         raise MalformedReply(f"no MetricRecord {METRICS_KEY!r} in reply")
-    metrics = content.metric_records[METRICS_KEY]
-    n = positive_examples(metrics)
-    values = reply_metrics(metrics)
+    reply = TrainReply.from_record(content.metric_records[METRICS_KEY])
     cfg = dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content.config_records else {}
-    return ClientUpdate(msg.metadata.src_node_id, OrderedDict(), n, values, cfg)
+    return ClientUpdate.of(msg.metadata.src_node_id, reply, cfg)
 
 
 def decode_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
@@ -139,8 +109,9 @@ def decode_tensors(msg: Message, up: ClientUpdate, want: Pipeline,
 
 def _check_params_up(up: ClientUpdate, shapes: Mapping[str, tuple[int, ...]]) -> None:
     most = sum(math.prod(s) for s in shapes.values())
-    if not 0 <= up.metrics.get("params-up", 0.0) <= most:
-        raise MalformedReply(f"params-up {up.metrics['params-up']!r} is outside [0, {most}]")
+    sent = up.reply.params_up
+    if sent is not None and not 0 <= sent <= most:
+        raise MalformedReply(f"params-up {sent!r} is outside [0, {most}]")
 
 
 #: value coders whose sections are finite by construction (``fp32`` checks, ``affine``'s

@@ -15,6 +15,7 @@ approximation): docs/secure-aggregation.md ("Distributed differential privacy").
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -33,7 +34,8 @@ from ..secagg import (Params, RecoveryError, SecAggError, ServerSession, auto_de
                       auto_threshold, coordinate_set, ring)
 from ..wire import message_bytes
 from .ledger import RoundStats
-from .replies import CONFIG_KEY, METRICS_KEY, ClientUpdate, positive_examples, reply_metrics
+from .protocol import SERVER_ROUND, SecAggInstruction, TrainReply
+from .replies import CONFIG_KEY, METRICS_KEY, ClientUpdate
 
 log = logging.getLogger("flwr.fedlora")
 
@@ -88,7 +90,7 @@ class SecureRounds:
         nodes = {n: i for n, i in self.index.items() if i in blobs}
         msgs = []
         for node, i in nodes.items():
-            conf = {"stage": stage, "server-round": server_round, "index": i, key: blobs[i]}
+            conf = {"stage": stage, SERVER_ROUND: server_round, "index": i, key: blobs[i]}
             msgs.append(Message(RecordDict({CONFIG_KEY: ConfigRecord(conf)}),
                                 message_type=f"{MessageType.QUERY}.{ACTION}", dst_node_id=node))
         sent = sum(message_bytes(msg) for msg in msgs)
@@ -165,10 +167,9 @@ class SecureRounds:
         rec.update({"secagg_n": p.n, "secagg_degree": p.degree, "secagg_threshold": p.threshold,
                     "secagg_ring_bits": p.ring_bits, "secagg_coordinates": p.dim,
                     "secagg_shared": len(srv.shares)})
-        return {by_index[i]: {"secagg-routed": blob, "secagg-index": i,
-                              "secagg-total": self.total,
-                              "secagg-density": float(self.cfg.secagg_density),
-                              "secagg-coords-seed": _seed(self.cfg.seed, server_round, "coords")}
+        return {by_index[i]: SecAggInstruction(blob, i, self.total,
+                                               float(self.cfg.secagg_density),
+                                               _seed(self.cfg.seed, server_round, "coords"))
                 for i, blob in srv.routed().items()}
 
     # ------------------------------------------------------------------ masked input → sum
@@ -187,15 +188,13 @@ class SecureRounds:
                 if i is None:
                     raise SecAggError("not a node of this round's session")
                 content = msg.content
-                metrics = content.metric_records[METRICS_KEY]
-                n_ex = positive_examples(metrics)
-                values = reply_metrics(metrics)
+                reply = TrainReply.from_record(content.metric_records[METRICS_KEY])
                 data = content.config_records[SECAGG_KEY]["masked"]
                 if not isinstance(data, bytes):
                     raise SecAggError("masked input is not bytes")
                 srv.receive_masked(i, data)
                 stats.payload_up[node] = len(data)
-                ups[i] = ClientUpdate(node, OrderedDict(), n_ex, values)
+                ups[i] = ClientUpdate.of(node, reply)
             except Exception as err:
                 self._drop(stats, server_round, node, "masked input", err)
         rec = self.records.setdefault(server_round, {})
@@ -249,13 +248,13 @@ def flatten(upload: Mapping[str, np.ndarray]) -> np.ndarray:
                            for k in sorted(upload)]) if upload else np.zeros(0)
 
 
-def client_masked_input(session: Any, conf: Mapping[str, Any], upload: Mapping[str, np.ndarray]
-                        ) -> bytes:
+def client_masked_input(session: Any, conf: SecAggInstruction,
+                        upload: Mapping[str, np.ndarray]) -> bytes:
     """The node's step in its train reply: clip the update to C (L2), take the round's
     coordinates, quantize by stochastic rounding, add the noise share, mask, pack."""
     p = session.params
     x = flatten(upload)
-    total = int(conf["secagg-total"])
+    total = conf.total
     if x.size != total:
         raise SecAggError(f"the update has {x.size} coordinates, the server expects {total}")
     norm = float(np.linalg.norm(x))
@@ -263,11 +262,11 @@ def client_masked_input(session: Any, conf: Mapping[str, Any], upload: Mapping[s
         raise SecAggError("the update is not finite")
     if norm > p.clip:
         x = x * (p.clip / norm)
-    coords = coordinate_set(total, float(conf["secagg-density"]), int(conf["secagg-coords-seed"]))
+    coords = coordinate_set(total, conf.density, conf.coords_seed)
     if coords.size != p.dim:
         raise SecAggError(f"coordinate set of {coords.size}, the session says {p.dim}")
     q = ring.quantize(x[coords], p.bits, p.clip, np.random.default_rng())
-    return session.masked_input(conf["secagg-routed"], q)
+    return session.masked_input(conf.routed, q)
 
 
 def _load(context: Any) -> Any:
@@ -304,18 +303,15 @@ def client_query(msg: Message, context: Any) -> Message:
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"reply": reply})}), reply_to=msg)
 
 
-def client_train_reply(msg: Message, context: Any, res: Any) -> Message:
+def client_train_reply(msg: Message, context: Any, res: Any, conf: SecAggInstruction
+                       ) -> Message:
     """The train reply under secure aggregation: the masked, k-bit packed update and the
     metrics (no adapter payload)."""
-    from flwr.app import MetricRecord
-
-    conf = msg.content.config_records[CONFIG_KEY]
     sess = _load(context)
-    if sess.index != int(conf["secagg-index"]):
+    if sess.index != conf.index:
         raise SecAggError("train message for another secure-aggregation index")
     blob = client_masked_input(sess, conf, res.upload)
     context.state[SECAGG_KEY] = ConfigRecord(sess.to_record())
-    metrics = MetricRecord({**res.metrics, "num-examples": int(res.num_examples),
-                            "payload-up": len(blob)})
+    metrics = dataclasses.replace(res.reply, payload_up=len(blob)).to_record()
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"masked": blob}),
                                METRICS_KEY: metrics}), reply_to=msg)

@@ -26,7 +26,8 @@ import numpy as np
 from flwr.app import Message
 
 from ..wire import payload_bytes
-from . import guard, kernels
+from . import guard
+from .mean import WeightedSum
 from .replies import (ADAPTER_KEY, ClientUpdate, MalformedReply, decode_tensors, read_reply,
                       section_tensors, sections_apply, sparse_apply, sparse_tensors)
 
@@ -90,11 +91,11 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
     if not metas:
         return [], None
     guard.cap_reply_weights([u for _, u in metas], g, stats)
-    equal = strategy.stream_weights == "equal"   # FLASC: Σ x_i, divided by the count at the end
-    total = 1.0 if equal else float(sum(u.weight for _, u in metas))
     want = {}                                 # node → pipeline, shapes: asked once per node
     shapes = strategy.upload_shapes(server_round)
-    acc: "OrderedDict[str, np.ndarray] | None" = None
+    # the one weighted mean (mean.py); FLASC: Σ x_i, divided by the count at the end
+    acc = WeightedSum(shapes, sum(u.weight for _, u in metas),
+                      equal=strategy.stream_weights == "equal")
     kept: list[tuple[Message, ClientUpdate, Any, float]] = []
 
     def pipeline(up: ClientUpdate):
@@ -109,26 +110,19 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         tensors, up.tensors = up.tensors, OrderedDict()
         return tensors
 
-    def add(tensors, w: float) -> None:
-        """acc += w · tensors (float64 products, as weighted_mean; a negative w takes a
-        contribution back exactly: acc + (−w)·x is acc − w·x in IEEE arithmetic)."""
-        kernels.add_and_sumsq(acc, tensors, w)
-
     broken = False                            # an add raised: the sum is formed again
 
     def keep(msg: Message, up: ClientUpdate, ref, n: float) -> None:
         stats.payload_up[up.node_id] = payload_bytes(msg.content.array_records[ADAPTER_KEY])
-        stats.params_up[up.node_id] = int(up.metrics.get("params-up", 0))
+        stats.params_up[up.node_id] = int(up.reply.params_up or 0)
         kept.append((msg, up, ref, n))
 
     # 2a. dense affine / fp32 replies sharing one reference: every check first, then decoded
     # straight into the sum tile by tile (kernels.sections_add_and_sumsq: the same bits)
     sectioned, metas = _sectioned(strategy, server_round, metas, want, shapes, stats)
     if sectioned:
-        acc = kernels.zeros_sum(shapes)
-        weights = [1.0 if equal else up.weight / total for _, up, *_ in sectioned]
-        sums = kernels.sections_add_and_sumsq(acc, [flat for *_, flat, _ in sectioned],
-                                              weights, sectioned[0][-1])
+        sums = acc.add_sections([flat for *_, flat, _ in sectioned],
+                                [up.weight for _, up, *_ in sectioned], sectioned[0][-1])
         for (msg, up, *_, ref), ss in zip(sectioned, sums):
             n = math.sqrt(ss)
             if not math.isfinite(n):  # finite float32 values cannot get here
@@ -150,14 +144,9 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
         except Exception as err:
             stats.drop(up.node_id, err)
             continue
-        if acc is None:
-            acc = kernels.zeros_sum(shapes)
         try:
-            w = 1.0 if equal else up.weight / total
-            n = math.sqrt(kernels.add_and_sumsq(acc, tensors, w, ref) if not sparse else
-                          kernels.sparse_add_and_sumsq(acc, tensors, w)
-                          if isinstance(tensors, dict) else
-                          kernels.flat_add_and_sumsq(acc, tensors, w))
+            n = math.sqrt(acc.add_sparse(tensors, up.weight) if sparse
+                          else acc.add(tensors, up.weight, ref))
             if not math.isfinite(n):  # finite float32 values cannot get here
                 raise MalformedReply(f"update norm {n} is not finite")
         except Exception as err:  # whatever the sum may hold of it: formed again without it
@@ -166,39 +155,31 @@ def stream_mean(strategy: "FedLoraStrategy", server_round: int, replies: list[Me
             continue
         keep(msg, up, ref, n)
         del tensors
-    bound = strategy.round_norm_bound(server_round, [n for *_, n in kept])
-    stats.norm_bound = bound
+    # the one bounding step (FedLoraStrategy.bound_round): the bound, then each reply's scale
+    scales = strategy.bound_round(server_round, [(up.node_id, n) for _, up, _, n in kept], stats)
+    bound = stats.norm_bound
     worst = max((n for *_, n in kept), default=0.0)
     resum = broken or (bound is not None and worst > RESUM_RATIO * bound)
     if resum:  # correcting a huge addend would cancel the honest digits: sum again, scales known
-        for v in acc.values():
-            v.fill(0.0)
+        acc.clear()
     survivors: list[ClientUpdate] = []
-    for msg, up, ref, n in kept:              # 3. the replies over the bound (or all: resum)
-        scale = guard.apply_bound(g, stats, up.node_id, n, bound)  # the one bounding step
+    for (msg, up, ref, n), scale in zip(kept, scales):  # 3. those over the bound (or all)
         if scale is None or scale < 1.0 or resum:
             tensors = decode(msg, up)         # decoded and checked before: cannot fail now
-            w = 1.0 if equal else up.weight / total
             if scale is None:                 # rejected: taken out of the running sum
                 if not resum:
-                    add(tensors, -w)
+                    acc.add(tensors, up.weight, sign=-1.0)
                 continue
             if scale < 1.0:
                 clipped = guard.clip_update(tensors, scale, ref)
-                add(clipped if resum else OrderedDict(
-                    (k, clipped[k].astype(np.float64) - tensors[k]) for k in tensors), w)
+                acc.add(clipped if resum else OrderedDict(
+                    (k, clipped[k].astype(np.float64) - tensors[k]) for k in tensors), up.weight)
             else:
-                add(tensors, w)
+                acc.add(tensors, up.weight)
         survivors.append(up)
-    if not survivors or acc is None:
+    if not survivors:
         return survivors, None
-    kept_total = float(sum(u.weight for u in survivors))
-    if equal:  # float64, as FLASC's own Σ x_i / n (the same sum, in the same order)
-        for v in acc.values():
-            v /= len(survivors)
-        return survivors, ClientUpdate(-1, acc, int(kept_total), {})
-    if kept_total != total:                   # 4. replies dropped after their weight was set
-        for v in acc.values():
-            v *= total / kept_total
-    mean = OrderedDict((k, v.astype(np.float32)) for k, v in acc.items())
-    return survivors, ClientUpdate(-1, mean, int(kept_total), {})
+    # 4. the mean over the survivors (rescaled when replies were dropped after W was set;
+    # FLASC: float64 Σ x_i / n, as its own step forms it)
+    mean = acc.mean([u.weight for u in survivors])
+    return survivors, ClientUpdate(-1, mean, int(sum(u.weight for u in survivors)), {})
