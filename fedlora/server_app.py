@@ -124,15 +124,15 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
 
     # the strategy writes each round's record after evaluate_fn (FedLoraStrategy.end_round)
     strategy.keep_records(recorder, meta["analytic_bytes_per_message_up"],
-                          save if ckpt.enabled and cfg.aggregation_mode == "sync" else None)
+                          save if ckpt.enabled else None)
 
     # one loop for fresh and resumed runs (FedLoraStrategy.start): a resumed run goes on from
     # the round after its checkpoint with the real round numbers
-    if cfg.aggregation_mode == "async":  # FedBuff: the second loop (docs/async.md), no resume
+    if cfg.aggregation_mode == "async":  # FedBuff: the second loop (docs/async.md)
         from .strategies.buffered import run_async
 
         result = run_async(strategy, grid, state_to_arrays(current), cfg.num_server_rounds,
-                           cfg.round_timeout, base_config(fp), evaluate_fn)
+                           cfg.round_timeout, base_config(fp), evaluate_fn, first_round)
     else:
         result = strategy.start(
             grid=grid, initial_arrays=state_to_arrays(current),

@@ -363,8 +363,7 @@ def _check_privacy(cfg: RunConfig) -> None:
 def _check_async(cfg: RunConfig) -> None:
     """``aggregation-mode=async`` (fedlora/strategies/buffered.py): the FedBuff step adds a
     weighted mean of updates, so only the weight-averaging methods with ``upload=delta``; no
-    secure aggregation (its masks need a fixed cohort per round) and no resume (the buffer and
-    the in-flight tasks are not checkpointed)."""
+    secure aggregation (its masks need a fixed cohort per round)."""
     if cfg.aggregation_mode != "async":
         return
     if cfg.method not in DELTA_UPLOAD:
@@ -377,9 +376,6 @@ def _check_async(cfg: RunConfig) -> None:
     if cfg.secure_aggregation:
         raise ConfigError("aggregation-mode='async' does not support secure-aggregation (its "
                           "masks need one fixed cohort per round)")
-    if cfg.resume:
-        raise ConfigError("aggregation-mode='async' cannot resume: the buffer and the tasks in "
-                          "flight are not checkpointed (docs/async.md)")
 
 
 def _check_secure(cfg: RunConfig) -> None:

@@ -98,9 +98,6 @@ class AsyncLoop:
                              f"upload={cfg.upload!r}")
         if s.secure is not None:
             raise ValueError("aggregation-mode='async' does not support secure-aggregation")
-        if cfg.resume:
-            raise ValueError("aggregation-mode='async' cannot resume: the buffer and the tasks "
-                             "in flight are not checkpointed (docs/async.md)")
         self.k = int(cfg.buffer_size)
         self.limit = int(cfg.staleness_limit)
         self.weight_kind = str(cfg.staleness_weight)
@@ -121,8 +118,9 @@ class AsyncLoop:
         self.train_config = ConfigRecord()
         self.num_nodes = 0
         self.num_steps = 1 << 62
-        #: steps taken and not yet recorded: (version, its global)
-        self.stepped: list[tuple[int, ArrayRecord]] = []
+        self.evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None
+        self.result: Result | None = None
+        s.async_state = self.state_dict  # checkpoints (fedlora.checkpoint.server_state) call it
 
     # ------------------------------------------------------------------ bookkeeping
     def stats(self) -> RoundStats:
@@ -348,33 +346,44 @@ class AsyncLoop:
             s._global = OrderedDict((k, np.asarray(t, np.float32)) for k, t in new_state.items())
         self.version = v
         s.downlink.start_round()  # the target changed: no download encoded before is reused
-        self.stepped.append((v, state_to_arrays(s._global)))  # recorded by the loop
         self.idle.extend(self.deferred + self.backoff)
         self.deferred, self.backoff = [], []
+        # the step's record, evaluation and checkpoint, here: the buffer is empty, the version
+        # and every ledger are those of this step (what a resume continues from)
+        s.end_round(v, state_to_arrays(s._global), self.evaluate_fn, self.result)
+        if self.result is not None and st.train_metrics:
+            self.result.train_metrics_clientapp[v] = MetricRecord(st.train_metrics)
         if v < self.num_steps:
             self._open_step()
 
     # ------------------------------------------------------------------ the loop
     def run(self, grid: Grid, initial_arrays: ArrayRecord, num_steps: int, timeout: float,
             train_config: ConfigRecord | None = None,
-            evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None
-            ) -> Result:
-        """Run ``num_steps`` steps of the global (the run's ``num-server-rounds``); each one
-        ends with :meth:`.FedLoraStrategy.end_round` (evaluation, record). Returns Flower's
+            evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None,
+            first_step: int = 1) -> Result:
+        """Run steps ``first_step..num_steps`` of the global (the run's ``num-server-rounds``;
+        ``first_step`` > 1: a resumed run, :meth:`resume`); each one ends with
+        :meth:`.FedLoraStrategy.end_round` (evaluation, checkpoint, record). Returns Flower's
         Result (``arrays``: the final global)."""
         s, cfg = self.strategy, self.strategy.cfg
         s.robustness  # noqa: B018  (validates)
         self.train_config = ConfigRecord() if train_config is None else train_config
         self.num_steps = int(num_steps)
-        result, t0 = Result(), time.time()
+        self.evaluate_fn, self.result = evaluate_fn, Result()
+        result, t0 = self.result, time.time()
         s._global = arrays_to_state(initial_arrays)
-        s.end_round(0, initial_arrays, evaluate_fn, result)
+        if first_step <= 1:
+            s.end_round(0, initial_arrays, evaluate_fn, result)
+        else:
+            self.version = int(first_step) - 1
         _, all_nodes = sample_nodes(grid, s.min_available_nodes, s.min_available_nodes)
         all_nodes = sorted(all_nodes)
         self.num_nodes = len(all_nodes)
         s.learn_tiers(grid, all_nodes, self.stats())
         order = s.sample_by_partition(1, all_nodes, len(all_nodes)) if s.samples_partitions \
             else sorted(all_nodes, key=s.nodes.order_key)
+        if first_step > 1:
+            order = self.resume(order)
         self.idle.extend(order)
         concurrency = min(int(cfg.concurrency) or len(all_nodes), len(all_nodes))
         if s.privacy.enabled and self.k > len(all_nodes):
@@ -404,11 +413,6 @@ class AsyncLoop:
                 self.receive(msg)
             self.process(grid, concurrency)
             self.expire(timeout)
-            while self.stepped:
-                v, arrays = self.stepped.pop(0)
-                s.end_round(v, arrays, evaluate_fn, result)
-                if s.stats[v].train_metrics:
-                    result.train_metrics_clientapp[v] = MetricRecord(s.stats[v].train_metrics)
             if not pulled:
                 time.sleep(PULL_INTERVAL)
         if stop:
@@ -420,6 +424,39 @@ class AsyncLoop:
         log.info("Strategy execution finished in %.2fs", time.time() - t0)
         return result
 
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's own state for a checkpoint, taken at a step (the buffer is empty then):
+        the simulated clock, the dispatch counter, the idle order and the nodes with a task in
+        flight (their work is lost when the ServerApp stops)."""
+        busy = [t.node for t in sorted(self.in_flight.values(), key=lambda t: t.seq)]
+        return {"version": self.version, "clock": self.clock, "seq": self.seq,
+                "idle": [int(n) for n in [*self.idle, *self.deferred, *self.backoff]],
+                "in_flight": [int(n) for n in busy]}
+
+    def resume(self, order: list[int]) -> list[int]:
+        """Continue from a checkpoint (``strategy.async_restored``, set by
+        :func:`fedlora.checkpoint.restore`): the clock and counters as they were; the nodes that
+        had a task in flight lose their download record (they may or may not have applied that
+        download: a full download next) and are asked first, then the idle ones in their order,
+        then nodes the checkpoint did not know (new node ids after a simulation restart)."""
+        saved = getattr(self.strategy, "async_restored", None) or {}
+        if saved.get("version", self.version) != self.version:
+            raise ValueError(f"async checkpoint of version {saved.get('version')}, resuming "
+                             f"after {self.version}")
+        self.clock = float(saved.get("clock", 0.0))
+        self.seq = int(saved.get("seq", 0))
+        dl = self.strategy.downlink
+        for n in saved.get("in_flight", []):
+            dl.pending.pop(int(n), None)
+            dl.held.pop(int(n), None)
+        known = set(order)
+        first = [int(n) for n in [*saved.get("in_flight", []), *saved.get("idle", [])]
+                 if int(n) in known]
+        first = list(dict.fromkeys(first))
+        log.info("async: resuming after version %d (%d tasks in flight were lost)",
+                 self.version, len(saved.get("in_flight", [])))
+        return first + [n for n in order if n not in set(first)]
+
     def _open_step(self) -> None:
         """The next step's train config: DP charges it (q = 1: no sampling amplification) or
         stops the run at ``dp-target-epsilon`` (None)."""
@@ -430,8 +467,9 @@ class AsyncLoop:
 
 def run_async(strategy: FedLoraStrategy, grid: Grid, initial_arrays: ArrayRecord,
               num_rounds: int, timeout: float, train_config: ConfigRecord | None = None,
-              evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None
-              ) -> Result:
-    """The ServerApp's entry: :class:`AsyncLoop` over ``strategy`` for ``num_rounds`` steps."""
+              evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None,
+              first_round: int = 1) -> Result:
+    """The ServerApp's entry: :class:`AsyncLoop` over ``strategy`` for steps
+    ``first_round..num_rounds``."""
     return AsyncLoop(strategy).run(grid, initial_arrays, num_rounds, timeout, train_config,
-                                   evaluate_fn)
+                                   evaluate_fn, first_round)
