@@ -8,9 +8,10 @@ stray), checked for staleness (over ``staleness-limit``: dropped with its reason
 the strategy's own :meth:`~.base.FedLoraStrategy.decode_reply` into the buffer; the freed node
 gets new work at once. Every ``buffer-size`` replies :meth:`AsyncLoop.step` bounds them
 (:meth:`~.base.FedLoraStrategy.bound_updates`), scales each by 1/√(1+s), applies central DP and
-the method's :meth:`aggregate_updates` (global + Σ n_i/N · w(s_i)·Δ_i), and the loop records
-the step (:meth:`~.base.FedLoraStrategy.end_round`). ``async-order=simulated`` processes replies
-in simulated completion order (same seed, same records); ``arrival`` as they come.
+the method's :meth:`aggregate_updates` (global + Σ n_i/N · w(s_i)·Δ_i), then records it
+(:meth:`~.base.FedLoraStrategy.end_round`: evaluation, checkpoint with :meth:`AsyncLoop.
+state_dict`, record). ``async-order=simulated`` processes replies in simulated completion order
+(same seed, same records); ``arrival`` as they come.
 """
 
 from __future__ import annotations
