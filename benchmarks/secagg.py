@@ -21,8 +21,9 @@ Two measurements, both written to ``--out`` (``secagg.json`` and ``secagg.txt``)
   an in-process grid (every message built, measured with ``wire.message_bytes`` as in a
   deployment, but not sent over a network), a tiny vision model (ResNet-8 width 8, LoRA r = 4,
   32 examples a node, the committed Fashion-MNIST sample), one round of flocora (after one
-  unreported warm-up round: imports and caches) with
-  ``upload=delta``, plain ``fp32`` vs ``secure-aggregation`` at ``--bits``: the round record's
+  unreported warm-up round: imports and caches) of each of ``--apps-methods`` (flocora with
+  ``upload=delta``, weighted; lora-a2 at rank-budget 1 of rank 16, also with
+  ``secagg-rank-union``), plain ``fp32`` vs ``secure-aggregation`` at ``--bits``: the round record's
   bytes per node both ways (Flower messages, secure-aggregation stages included) and the
   round's wall time (``round_s``: training included; median of ``--repeats`` runs of each,
   alternated).
@@ -132,12 +133,27 @@ class _Grid:
         return out
 
 
-def apps_rows(n: int, bits: int, repeats: int) -> list[dict]:
+#: the apps part's methods: flocora (rank 4, weighted secure mean) and lora-a2 (rank-budget 1
+#: of rank 16, LoRA-A2's low-budget regime: plain uploads carry the selected rank slices only,
+#: secure ones the whole trained factor, or with secagg-rank-union the union of the selections)
+APPS_METHODS = {"flocora": {"method": "flocora"},
+                "lora-a2": {"method": "lora-a2", "upload": "weights", "lora-rank": 16,
+                            "rank-budget": 1}}
+
+
+def apps_rows(n: int, bits: int, repeats: int, methods: tuple[str, ...] = ("flocora",)
+              ) -> list[dict]:
     from fedlora.config import RunConfig
     from fedlora.results import read_rounds
     from fedlora.server_app import run
 
-    runs = {"plain fp32": {}, "secure": {"secure-aggregation": True, "secagg-bits": bits}}
+    runs = {}
+    for m in methods:
+        runs[f"{m} plain fp32"] = APPS_METHODS[m]
+        runs[f"{m} secure"] = {**APPS_METHODS[m], "secure-aggregation": True,
+                               "secagg-bits": bits}
+        if m == "lora-a2":
+            runs[f"{m} secure rank-union"] = {**runs[f"{m} secure"], "secagg-rank-union": True}
     order = [("warm-up", {})] + [kv for _ in range(repeats) for kv in runs.items()]
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,6 +164,7 @@ def apps_rows(n: int, bits: int, repeats: int) -> list[dict]:
                   "min-available-nodes": n, "dataset": "npz", "partitioner": "iid",
                   "client-threads": 1, "device": "cpu", "method": "flocora",
                   "upload": "delta", "update-norm-bound": 4.0, "norm-bound-factor": 0.0,
+                  "max-weight-ratio": 0.0,
                   "data-dir": str(ROOT / "tests" / "data" / "fashion-mnist-sample"),
                   "run-dir": tmp, "run-name": f"run{k}", **extra}
             with _identity():
@@ -161,7 +178,13 @@ def apps_rows(n: int, bits: int, repeats: int) -> list[dict]:
                 "secagg_down_bytes": r.get("secagg_bytes_down", 0) / n,
                 "secagg_up_bytes": r.get("secagg_bytes_up", 0) / n,
                 "payload_up_bytes": r["payload_up"] / n,
-                "coordinates": r.get("secagg_coordinates"), "round_s_all": []})
+                # masked coordinates, the weight included (rank union: the values session's)
+                "coordinates": (r["secagg_values_coordinates"] + (1 if r["secagg_weight_cap"]
+                                                                  else 0)
+                                if "secagg_values_coordinates" in r
+                                else r.get("secagg_coordinates")),
+                "union_slices": r.get("secagg_union_slices"), "slices": r.get("secagg_slices"),
+                "weight_cap": r.get("secagg_weight_cap"), "round_s_all": []})
             row["round_s_all"].append(r["round_s"])
     for row in rows.values():
         row["round_s"] = float(np.median(row["round_s_all"]))
@@ -178,6 +201,10 @@ def _identity():
     return contextlib.nullcontext()
 
 
+def _slices(r: dict) -> str:
+    return "" if r.get("slices") is None else f"{r['union_slices']} / {r['slices']}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", default="10,100,1000")
@@ -186,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drop", type=float, default=0.05)
     ap.add_argument("--apps-nodes", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3, help="apps: plain/secure runs alternated")
+    ap.add_argument("--apps-methods", default="flocora,lora-a2",
+                    help=f"apps: methods of {sorted(APPS_METHODS)}")
     ap.add_argument("--out", default=str(ROOT / "results" / "secagg"))
     a = ap.parse_args(argv)
     aff_spec = f"affine:{min(a.bits, 8)}"  # fedlora's affine codec goes to 8 bits
@@ -196,7 +225,8 @@ def main(argv=None) -> int:
             row = protocol_row(n, a.dim, a.bits, drop)
             proto.append(row)
             print(json.dumps(row), flush=True)
-    apps = apps_rows(a.apps_nodes, a.bits, a.repeats) if a.apps_nodes else []
+    methods = tuple(x for x in a.apps_methods.split(",") if x)
+    apps = apps_rows(a.apps_nodes, a.bits, a.repeats, methods) if a.apps_nodes else []
     for r in apps:
         print(json.dumps(r), flush=True)
     out = Path(a.out)
@@ -218,14 +248,18 @@ def main(argv=None) -> int:
                      f"{r['unmask_bytes']:.0f} | {r['total_bytes']:.0f} | "
                      f"{r['total_bytes'] / fp32:.3f} | {r['node_s']:.3f} | {r['server_s']:.2f} |")
     if apps:
-        lines += ["", f"real apps, in-process grid, {a.apps_nodes} nodes, one flocora round "
+        lines += ["", f"real apps, in-process grid, {a.apps_nodes} nodes, one round "
                   f"(bytes per node, Flower messages; round s: median of {a.repeats} alternated "
-                  "runs, training included)",
-                  "| run | coordinates | train msg down B | train reply up B | secagg stages "
-                  "down B | secagg stages up B | upload payload B | round s |",
-                  "|" + "---|" * 8]
+                  "runs, training included; coordinates: masked, the weight included when W > 0)",
+                  "| run | coordinates | W | rank slices (union / all) | train msg down B | "
+                  "train reply up B | secagg stages down B | secagg stages up B | upload payload "
+                  "B | round s |",
+                  "|" + "---|" * 10]
         for r in apps:
-            lines.append(f"| {r['run']} | {r['coordinates'] or ''} | {r['train_down_bytes']:.0f} | "
+            lines.append(f"| {r['run']} | {r['coordinates'] or ''} | "
+                         f"{'' if r['weight_cap'] is None else r['weight_cap']} | "
+                         f"{_slices(r)} | "
+                         f"{r['train_down_bytes']:.0f} | "
                          f"{r['train_up_bytes']:.0f} | {r['secagg_down_bytes']:.0f} | "
                          f"{r['secagg_up_bytes']:.0f} | {r['payload_up_bytes']:.0f} | "
                          f"{r['round_s']:.2f} ({', '.join(f'{x:.2f}' for x in r['round_s_all'])}) |")

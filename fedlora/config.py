@@ -190,8 +190,9 @@ class RunConfig:
     # --- secure aggregation (docs/secure-aggregation.md) ---
     secure_aggregation: bool = _f(False, "SecAgg+: the server learns only the sum of the nodes' "
                                   "quantized updates (fedavg, flocora, fl-lora, ffa-lora with "
-                                  "`upload=delta`, lora-a2; a fixed `update-norm-bound`, which "
-                                  "nodes clip to; the mean is unweighted).")
+                                  "`upload=delta`, lora-a2, flasc; nodes clip to a fixed "
+                                  "`update-norm-bound`; weights capped at "
+                                  "`max-examples-per-client`).")
     secagg_bits: int = _f(16, "Secure aggregation: quantization bits of a coordinate (scale "
                           "(2^(bits−1)−1)/`update-norm-bound`); on the wire bits + ⌈log2 n⌉ + 1.")
     secagg_neighbours: int = _f(0, "Secure aggregation: neighbours of each node (even); 0 = "
@@ -204,6 +205,9 @@ class RunConfig:
     secagg_noise: float = _f(0.0, "Secure aggregation: distributed DP noise multiplier z; each "
                              "node adds Skellam noise so the sum carries std z·C (C = "
                              "`update-norm-bound`), accounted at `dp-delta`; 0 = off.")
+    secagg_rank_union: bool = _f(False, "Secure aggregation, lora-a2: mask only the union of the "
+                                 "nodes' selected rank slices, learned from a first secure sum "
+                                 "of 0/1 slice indicators (two more exchanges a round).")
     # --- FLASC ---
     density_down: float = _f(1.0, "FLASC: fraction of the global trainable weights sent down "
                              "(top-k by magnitude).")

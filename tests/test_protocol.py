@@ -28,7 +28,7 @@ FULL = TrainInstruction(
     dp=DPInstruction("central", "laplace", 0.5, 1.25),
     down=DownInstruction("delta", "01" * 16, "23" * 16, True), rank_budget=4,
     hetlora_gamma=0.9, flasc_freeze="client",
-    secagg=SecAggInstruction(b"\x00routed\xff", 1, 1234, 0.5, 99))
+    secagg=SecAggInstruction(b"\x00routed\xff", 1, 1234, 0.5, 99, union=True))
 
 
 def test_every_instruction_field_round_trips_through_a_config_record():
@@ -55,7 +55,7 @@ def test_instruction_keys_types_and_order_are_the_wire_format():
                        "dp-noise-multiplier", "server-round", "method", "codec-down",
                        "codec-up", "codec-key-id", "tier", "upload", "down-mode", "down-base",
                        "down-digest", "down-from-init", "rank-budget", "hetlora-gamma",
-                       "flasc-freeze", "secagg-routed", "secagg-index", "secagg-total",
+                       "flasc-freeze", "secagg-routed", "secagg-index", "secagg-union", "secagg-total",
                        "secagg-density", "secagg-coords-seed"]
     assert set(e) == set(protocol.TRAIN_KEYS)
     assert [type(e[k]) for k in ("server-round", "tier", "codec-key-id", "dp-clip",

@@ -16,11 +16,11 @@ from fedlora.secagg import messages as m
 from fedlora.secagg.local import LocalRound
 
 
-def params(n=10, degree=None, t=None, bits=8, dim=500, seed=3, noise=0.0):
+def params(n=10, degree=None, t=None, bits=8, dim=500, seed=3, noise=0.0, cap=0):
     degree = n - 1 if degree is None else degree
     t = auto_threshold(degree, 0.5) if t is None else t
     return Params(bytes(range(16)), n, degree, t, bits, ring.ring_bits(bits, n), 1.0, dim, seed,
-                  noise)
+                  noise, cap)
 
 
 def updates(p, rng, extreme=False):
@@ -204,7 +204,8 @@ def test_decoders_fuzzed_never_raise_anything_else():
     srv, nodes = _through_shares(p)
     routed = srv.routed()
     y = nodes[1].masked_input(routed[1], np.zeros(p.dim, np.int64))
-    samples = [p.to_bytes(), routed[0], y, m.encode_unmask([0, 1], [2]),
+    samples = [p.to_bytes(), params(n=5, t=3, dim=33, cap=100).to_bytes(), routed[0], y,
+               m.encode_unmask([0, 1], [2]),
                m.encode_reveal([(1, 0, bytes(66))]), m.encode_keys(nodes[0].peers), bytes(96)]
 
     def variants():
@@ -324,3 +325,213 @@ def test_benchmark_script_writes_its_tables(tmp_path):
     assert [r["lost_after_sharing"] for r in rows] == [0, 1]
     assert all(r["masked_up_bytes"] == (256 * r["ring_bits"] + 7) // 8 for r in rows)
     assert "| 10 | 9 | 6 |" in (tmp_path / "secagg.txt").read_text()
+
+
+def _clipped(rng, n, dim, clip=1.0):
+    xs = []
+    for _ in range(n):
+        x = rng.normal(0.0, 1.0, dim) * rng.uniform(0.05, 1.0)
+        xs.append(x * min(1.0, clip / np.linalg.norm(x)))
+    return xs
+
+
+def test_weighted_secure_mean_is_the_plain_weighted_mean():
+    """Weighted round (W = 100, 12 bits): the unmasked sum is exactly Σ of the nodes' integer
+    vectors (scaled values and the weight coordinate: Σ w_i exact, a reported 250 capped to W
+    by the node itself), also with a node lost after sharing; de-scaled it is the plain
+    weighted mean Σ w_i x_i / Σ w_i of the clipped updates within the rounding bound
+    n·W/(s·Σw), while the unweighted mean is far outside that bound (so the test would catch a
+    lost weight)."""
+    from fedlora.secagg.mean import node_vector, survivors_mean
+
+    rng = np.random.default_rng(11)
+    n, dim, cap = 7, 300, 100
+    p = params(n=n, bits=12, dim=dim + 1, cap=cap)
+    xs = _clipped(rng, n, dim)
+    reported = [1, 3, 40, 250, 100, 7, 60]
+    w = [min(r, cap) for r in reported]
+    xs[3] = xs[3] * 0 + 1.0 / np.sqrt(dim)  # the heavy node pulls the weighted mean away
+    q = {i: node_vector(xs[i], reported[i], p, rng) for i in range(n)}
+    assert [int(v[-1]) for v in q.values()] == w
+    for lost in ({}, {5: "masked"}):
+        alive = [i for i in range(n) if i not in lost]
+        total = LocalRound(p).run(q, stop_before=lost)
+        np.testing.assert_array_equal(total, sum(q[i] for i in alive))
+        mean, wsum = survivors_mean(total, p, len(alive))
+        assert wsum == sum(w[i] for i in alive)
+        plain = sum(w[i] * xs[i] for i in alive) / wsum
+        bound = len(alive) * cap / (p.scale * wsum)
+        assert np.abs(mean - plain).max() <= bound
+        unweighted = sum(xs[i] for i in alive) / len(alive)
+        assert np.abs(unweighted - plain).max() > 10 * bound
+
+
+def test_weighted_round_at_the_cap_cannot_overflow():
+    """At the bound: W = L (the largest cap Params accepts) and every node at +L (then −L) on
+    every value coordinate with weight W: the sum n·L comes back exact in the usual
+    k = bits + ⌈log2 n⌉ + 1 ring, no extra bit. node_vector reaches ±L exactly for x = ±C·e_j
+    and weight ≥ W. Past the bound: W = L + 1 is refused, and so is a weight coordinate outside
+    [0, W] at the node and a weight sum outside (0, survivors·W] at the server."""
+    from fedlora.secagg.mean import node_vector, survivors_mean
+
+    bits, n = 8, 10
+    lv = ring.levels(bits)
+    p = params(n=n, bits=bits, dim=33, cap=lv)
+    assert p.ring_bits == bits + 4 + 1
+    for sign in (1, -1):
+        q = {i: np.concatenate([np.full(32, sign * lv, np.int64), [lv]]) for i in range(n)}
+        total = LocalRound(p).run(q)
+        assert total[:-1].tolist() == [sign * n * lv] * 32 and total[-1] == n * lv
+        mean, wsum = survivors_mean(total, p, n)
+        np.testing.assert_allclose(mean, sign * 1.0)  # C = 1: everyone at +C, weight W
+    e = np.zeros(32)
+    e[5] = -1.0
+    v = node_vector(e, 10**9, p, np.random.default_rng(0))
+    assert v[5] == -lv and v[-1] == lv and not np.delete(v, [5, 32]).any()
+    with pytest.raises(SecAggError, match="weight cap"):
+        params(n=n, bits=bits, dim=33, cap=lv + 1)
+    with pytest.raises(SecAggError, match="no distributed noise"):
+        params(n=n, bits=bits, dim=33, cap=lv, noise=1.0)
+    srv, nodes = _through_shares(params(n=5, t=3, bits=bits, dim=4, cap=50))
+    for bad in (51, -1):
+        with pytest.raises(SecAggError, match="weight coordinate"):
+            nodes[0].masked_input(srv.routed()[0], np.array([0, 0, 0, bad]))
+    for wsum in (0, -3, 5 * 50 + 1):
+        with pytest.raises(SecAggError, match="weight sum"):
+            survivors_mean(np.array([0, 0, 0, wsum]), srv.params, 5)
+
+
+def test_weighted_params_round_trip_and_fuzz():
+    """The weight cap travels in the round's parameters (to_bytes/from_bytes); a parameter blob
+    whose cap field is flipped past L or whose length is off is refused with SecAggError, never
+    another exception."""
+    p = params(n=5, t=3, bits=8, dim=9, cap=100)
+    assert Params.from_bytes(p.to_bytes()) == p
+    blob = bytearray(p.to_bytes())
+    blob[-4:] = (200).to_bytes(4, "big")
+    with pytest.raises(SecAggError, match="weight cap"):
+        Params.from_bytes(bytes(blob))
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        b = bytearray(p.to_bytes())
+        b[int(rng.integers(0, len(b)))] ^= int(rng.integers(1, 256))
+        for d in (bytes(b), bytes(b[:-1]), bytes(b) + b"\0"):
+            try:
+                Params.from_bytes(d)
+            except SecAggError:
+                pass
+
+
+def test_announced_coordinate_fields_checked_and_fuzzed():
+    """The node's half of a weighted round (the train instruction's secure-aggregation part,
+    parsed by ``SecAggInstruction.from_config``, then ``client_masked_input``): the fields the
+    train config announces — ``secagg-total``, ``secagg-density``, ``secagg-coords-seed`` — are
+    checked: each wrong type or range is a ValueError (SecAggError is one) naming the field, and
+    random values of random types give only ValueError or a valid masked input; an honest
+    announcement (density 0.5: half the coordinates + the weight) gives a masked input that the
+    server unmasks to the node's capped weight."""
+    from fedlora.strategies.protocol import SecAggInstruction
+    from fedlora.strategies.secure import announced_coordinates, client_masked_input
+
+    total = 40
+    dim = coordinate_set(total, 0.5, 7).size + 1
+    p = params(n=3, bits=10, dim=dim, cap=10)
+    srv, nodes = _through_shares(p)
+    routed = srv.routed()
+    upload = {"b": np.full((4, 5), 0.01), "a": np.full((20,), -0.02)}
+    good = {"secagg-total": total, "secagg-density": 0.5, "secagg-coords-seed": 7}
+
+    def fresh(i):
+        return ClientSession.from_record({**nodes[i].to_record(), "stage": "shared"})
+
+    def mask(sess, i, conf, weight=1):
+        ins = SecAggInstruction.from_config({**conf, "secagg-routed": routed[i],
+                                             "secagg-index": i})
+        announced_coordinates(ins)
+        return client_masked_input(sess, ins, upload, weight)
+
+    for i in range(3):
+        srv.receive_masked(i, mask(nodes[i], i, good, 25))
+    for i, req in srv.unmask_requests().items():
+        srv.receive_unmask(i, nodes[i].unmask(req))
+    assert srv.result()[-1] == 3 * 10  # each node capped its 25 examples at W = 10
+    bad = [("secagg-density", v) for v in (0, -0.1, 1.5, float("nan"), "0.5", True, None)] + \
+          [("secagg-coords-seed", v) for v in (-1, 2 ** 63, 1.5, "7", True, None)] + \
+          [("secagg-total", v) for v in (None, "40", True, 41, 39)]
+    for key, v in bad:
+        with pytest.raises(ValueError, match=key if v not in (41, 39) else "coordinates"):
+            mask(fresh(0), 0, {**good, key: v})
+    rng = np.random.default_rng(13)
+    pool = [0, 1, -1, 7, 40, 2 ** 64, 0.5, 1.0, 1e-9, float("inf"), "x", b"\x00", None, [1]]
+    for _ in range(200):
+        conf = {k: pool[int(rng.integers(0, len(pool)))] if rng.random() < 0.5 else v
+                for k, v in good.items()}
+        try:
+            mask(fresh(1), 1, conf)
+        except ValueError:
+            pass
+
+
+def test_rank_union_messages_strict_and_fuzzed():
+    """Rank union (lora-a2, secagg-rank-union), the node's half: its train reply masks one 0/1
+    indicator per rank slice (the carried ones: here slices 2 and 4 of 8) and keeps its clipped
+    update; the values request (announced bitmap + routed shares) gives a masked input on the
+    announced slices' coordinates plus the non-LoRA tensor and the weight. A bitmap of the wrong
+    length, with padding bits set, announcing a set the session's size does not match, a
+    truncated or random request, or no kept update: SecAggError, never another exception."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from fedlora.strategies.protocol import SecAggInstruction
+    from fedlora.strategies.secure import (client_indicator_input, client_values,
+                                           slice_indicators, slice_table, union_coordinates)
+
+    up = {"m.lora_B.weight": np.zeros((5, 4)), "n.lora_B.weight": np.zeros((3, 4)),
+          "head.bias": np.full(3, 0.1)}
+    up["m.lora_B.weight"][:, 2] = 0.2
+    up["n.lora_B.weight"][:, 0] = -0.1
+    shapes = {k: v.shape for k, v in up.items()}
+    assert slice_table(shapes)[2] == ("m.lora_B.weight", 2) and len(slice_table(shapes)) == 8
+    assert slice_indicators(up).tolist() == [0, 0, 1, 0, 1, 0, 0, 0]
+    ctx = SimpleNamespace(state=RecordDict())
+    srv_a, nodes_a = _through_shares(params(n=3, bits=10, dim=8))
+    ins = SecAggInstruction(srv_a.routed()[0], 0, 35, 1.0, 0, union=True)
+    y = client_indicator_input(nodes_a[0], ins, up, 7, ctx)
+    assert len(y) == ring.packed_len(8, srv_a.params.ring_bits)
+    chosen = np.zeros(8, bool)
+    chosen[[2, 4]] = True
+    coords = union_coordinates(shapes, chosen)
+    assert coords.size == 3 + 5 + 3
+    p_b = params(n=3, bits=10, dim=coords.size + 1, cap=10)
+    srv_b, nodes_b = _through_shares(p_b)
+    routed = srv_b.routed()[0]
+
+    def fresh():
+        return ClientSession.from_record({**nodes_b[0].to_record(), "stage": "shared"})
+
+    good = m.encode_values(m.encode_bitmap(chosen), routed)
+    assert len(client_values(fresh(), good, ctx)) == ring.packed_len(p_b.dim, p_b.ring_bits)
+    other = chosen.copy()
+    other[5] = True
+    bad = [m.encode_values(m.encode_bitmap(other), routed),        # another union: wrong size
+           m.encode_values(b"\x14\x01", routed),                     # 2 bytes for 8 bits
+           m.encode_values(m.encode_bitmap(chosen), routed[:-1]),  # truncated shares
+           good[:3], b""]
+    for d in bad:
+        with pytest.raises(SecAggError):
+            client_values(fresh(), d, ctx)
+    with pytest.raises(SecAggError, match="padding"):
+        m.decode_bitmap(b"\x00\x02", 9)
+    with pytest.raises(SecAggError, match="kept update"):
+        client_values(fresh(), good, SimpleNamespace(state=RecordDict()))
+    rng = np.random.default_rng(14)
+    for _ in range(200):
+        b = bytearray(good)
+        b[int(rng.integers(0, len(b)))] ^= int(rng.integers(1, 256))
+        for d in (bytes(b), bytes(b[:int(rng.integers(0, len(b)))]),
+                  bytes(rng.integers(0, 256, int(rng.integers(0, 60)), dtype=np.uint8))):
+            try:
+                client_values(fresh(), d, ctx)
+            except SecAggError:
+                pass

@@ -58,6 +58,69 @@ def test_secure_round_matches_the_plain_round(tmp_path, sample_dir, task_identit
     assert r["payload_up"] == 3 * ((r["secagg_coordinates"] * k + 7) // 8)
 
 
+def test_weighted_secure_round_matches_the_plain_weighted_round(tmp_path, sample_dir,
+                                                               task_identity):
+    """Unequal partitions (Dirichlet α = 0.3, up to 400 examples a node, no ratio cap): the plain
+    flocora round takes the num-examples-weighted mean, and so does the secure one (weights
+    capped at W = max-examples-per-client, the weight sum unmasked as one extra coordinate):
+    both globals agree within the weighted rounding bound n·W/(s·Σw) plus float32 rounding,
+    while the same secure round with equal-weights is the unweighted mean and lands far outside
+    that bound (so the test sees a lost weight)."""
+    extra = {"method": "flocora", "partitioner": "dirichlet", "dirichlet-alpha": 0.3,
+             "max-examples-per-client": 400, "max-weight-ratio": 0.0}
+    plain, _ = _run(tmp_path, sample_dir, "plain", **extra)
+    secure, recs = _run(tmp_path, sample_dir, "secure", **extra, **{
+        "secure-aggregation": True, "secagg-bits": 22})
+    r = recs[0]
+    wsum = r["secagg_weight_sum"]
+    assert r["secagg_weight_cap"] == 400 and r["secagg_survivors"] == 3
+    assert 3 <= wsum < 3 * 400, wsum  # unequal: some node under the cap
+    bound = 3 * 400 * 4.0 / ((2 ** 21 - 1) * wsum) + 1e-6
+    worst = max(float(np.abs(plain[k] - secure[k]).max()) for k in plain)
+    assert worst <= bound, (worst, bound)
+    equal, recs = _run(tmp_path, sample_dir, "equal", **extra, **{
+        "secure-aggregation": True, "secagg-bits": 22, "equal-weights": True})
+    assert recs[0]["secagg_weight_cap"] == 0 and recs[0]["secagg_weight_sum"] == 3
+    assert max(float(np.abs(plain[k] - equal[k]).max()) for k in plain) > 10 * bound
+
+
+def test_lora_a2_rank_union_round_matches_the_plain_round(tmp_path, sample_dir, task_identity):
+    """lora-a2 with secagg-rank-union (rank 4, budget 1, 3 nodes): the first secure sum counts
+    the selected slices, only their union is masked in the second session, and the global equals
+    the plain round's up to 2 grid steps; the union is at most 3 of the 4 slices of each module,
+    so the values upload is smaller than the dense one (the same round without the union)."""
+    extra = {"method": "lora-a2", "upload": "weights", "rank-budget": 1, "lora-rank": 4}
+    plain, _ = _run(tmp_path, sample_dir, "plain", **extra)
+    sec = {"secure-aggregation": True, "secagg-bits": 22}
+    union, recs = _run(tmp_path, sample_dir, "union", **extra, **sec, **{
+        "secagg-rank-union": True})
+    _, dense = _run(tmp_path, sample_dir, "dense", **extra, **sec)
+    r = recs[0]
+    assert r["rejected"] == "" and r["secagg_survivors"] == 3, r
+    modules = r["secagg_slices"] // 4
+    assert 1 <= r["secagg_union_slices"] <= 3 * modules
+    assert r["secagg_values_coordinates"] < dense[0]["secagg_coordinates"] - 1
+    worst = max(float(np.abs(plain[k] - union[k]).max()) for k in plain)
+    assert worst <= 2 * 4.0 / (2 ** 21 - 1), worst
+    assert r["payload_up"] < dense[0]["payload_up"]
+
+
+def test_flasc_secure_round_is_the_plain_unweighted_round(tmp_path, sample_dir, task_identity):
+    """FLASC at density-up 1 (its upload dense; a sparse round would be secagg-density's shared
+    set): the secure round is unweighted as FLASC's pseudo-gradient is (no weight coordinate),
+    and with server-opt=avg its global equals the plain run's up to the 22-bit grid."""
+    extra = {"method": "flasc", "server-opt": "avg", "partitioner": "dirichlet",
+             "max-examples-per-client": 400}
+    plain, _ = _run(tmp_path, sample_dir, "plain", **extra)
+    secure, recs = _run(tmp_path, sample_dir, "secure", **extra, **{
+        "secure-aggregation": True, "secagg-bits": 22})
+    r = recs[0]
+    assert r["secagg_weight_cap"] == 0 and r["secagg_weight_sum"] == 3
+    worst = max(float(np.abs(plain[k] - secure[k]).max()) for k in plain)
+    assert worst <= 2 * 4.0 / (2 ** 21 - 1), worst
+    assert max(float(np.abs(plain[k]).max()) for k in plain) > 0
+
+
 def test_distributed_noise_is_accounted(tmp_path, sample_dir, task_identity):
     """secagg-noise > 0 with secagg-density 0.5: every round record carries dp_epsilon from the
     accountant (Gaussian RDP at multiplier z·√(survivors/n), q = 1), the ring is widened for the
@@ -80,7 +143,10 @@ def test_distributed_noise_is_accounted(tmp_path, sample_dir, task_identity):
 
 
 @pytest.mark.parametrize("bad,why", [
-    ({"method": "flasc"}, "sum of the"),
+    ({"method": "flasc", "density-up": 0.1}, "density-up=1"),
+    ({"method": "flexlora", "upload": "weights"}, "sum of the"),
+    ({"max-examples-per-client": 40000}, "max-examples-per-client"),
+    ({"secagg-rank-union": True}, "secagg-rank-union"),
     ({"method": "hetlora", "upload": "weights"}, "sum of the"),
     ({"upload": "weights"}, "upload='delta'"),
     ({"update-norm-bound": 0.0}, "update-norm-bound"),
@@ -199,3 +265,41 @@ def test_distributed_dp_accountant_survives_a_checkpoint():
     again = get_method("flocora").Strategy(cfg, shapes)
     again.load_state_dict(st.state_dict())
     assert again.secure.accountant.epsilon() == st.secure.accountant.epsilon() > 0
+
+
+class ValuesLossGrid(LossyGrid):
+    """The in-process grid where ``lose_values`` nodes' answers to the rank union's values
+    stage never arrive (lost after sharing in the second session)."""
+
+    def __init__(self, rc, node_ids, lose_values=()):
+        super().__init__(rc, node_ids)
+        self.lose_values = set(lose_values)
+
+    def send_and_receive(self, messages, timeout=None):
+        msgs = list(messages)
+        out = []
+        for m, reply in zip(msgs, super().send_and_receive(msgs, timeout)):
+            if m.metadata.message_type.endswith(".secagg") and m.metadata.dst_node_id in \
+                    self.lose_values and m.content.config_records["config"]["stage"] == "values":
+                continue
+            out.append(reply)
+        return out
+
+
+def test_rank_union_node_lost_in_the_values_session_is_recovered(tmp_path, sample_dir,
+                                                                   task_identity):
+    """lora-a2 with secagg-rank-union on 5 nodes: a node whose values answer is lost (after
+    it sent its indicators and shared its second-session keys) is recovered by the second
+    session's unmask: the round is applied with the 4 others."""
+    from fedlora.results import read_rounds
+    from fedlora.server_app import run
+
+    nodes = (101, 102, 103, 104, 105)
+    rc = {**BASE, "method": "lora-a2", "upload": "weights", "rank-budget": 1,
+          "min-train-nodes": 5, "min-available-nodes": 5, "secure-aggregation": True,
+          "secagg-rank-union": True, "data-dir": sample_dir, "run-dir": str(tmp_path),
+          "run-name": "lost"}
+    run(ValuesLossGrid(rc, nodes, lose_values={102}), RunConfig.from_run_config(rc))
+    r = [x for x in read_rounds(tmp_path / "lost") if x["round"] == 1][0]
+    assert r["rejected"] == "" and r["clients"] == 4 and r["secagg_survivors"] == 4, r
+    assert r["secagg_dropped_after_sharing"] == 1 and r["secagg_recovered"]

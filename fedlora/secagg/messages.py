@@ -106,3 +106,42 @@ def decode_reveal(data: bytes, n: int) -> list[tuple[int, int, bytes]]:
             raise SecAggError(f"revealed shares: unknown kind {v[0]}")
         out.append((i, v[0], v[1:]))
     return out
+
+
+def encode_bitmap(bits) -> bytes:
+    """A 0/1 vector → ``ceil(len/8)`` bytes, LSB first, padding bits zero."""
+    import numpy as np
+
+    return np.packbits(np.asarray(bits, dtype=bool), bitorder="little").tobytes()
+
+
+def decode_bitmap(data: bytes, count: int, what: str = "announced slices"):
+    """Inverse of :func:`encode_bitmap` (bool array of ``count``); refuses a wrong length or
+    set padding bits."""
+    import numpy as np
+
+    if not isinstance(data, (bytes, bytearray)) or len(data) != (count + 7) // 8:
+        raise SecAggError(f"{what}: {(count + 7) // 8} bytes expected for {count} bits")
+    bits = np.unpackbits(np.frombuffer(bytes(data), np.uint8), bitorder="little")
+    if bits[count:].any():
+        raise SecAggError(f"{what}: padding bits set")
+    return bits[:count].astype(bool)
+
+
+def encode_values(bitmap: bytes, routed: bytes) -> bytes:
+    """The values request of a rank-union round: the announced slice bitmap, then the routed
+    shares of the values session."""
+    return len(bitmap).to_bytes(4, "big") + bitmap + routed
+
+
+def decode_values(data: bytes, count: int, n: int):
+    """(bool array of ``count`` announced slices, routed-shares bytes checked as
+    :func:`decode_cts`)."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 4:
+        raise SecAggError("values request: too short")
+    size = int.from_bytes(data[:4], "big")
+    if size != (count + 7) // 8 or len(data) < 4 + size:
+        raise SecAggError("values request: wrong bitmap length")
+    bitmap, routed = bytes(data[4:4 + size]), bytes(data[4 + size:])
+    decode_cts(routed, n, "routed shares")
+    return decode_bitmap(bitmap, count), routed

@@ -26,7 +26,7 @@ import numpy as np
 from . import crypto, messages as m, ring, shamir
 from .errors import RecoveryError, SecAggError
 
-_PARAMS = struct.Struct(">16sIIIBBdQQd")
+_PARAMS = struct.Struct(">16sIIIBBdQQdI")
 MAX_NODES = 1 << 20
 MAX_DIM = 1 << 31
 
@@ -45,6 +45,8 @@ class Params:
     dim: int            # coordinates masked (the round's coordinate set)
     graph_seed: int
     noise_var: float = 0.0  # distributed DP: variance of each node's integer noise (Skellam)
+    weight_cap: int = 0     # W > 0: weighted mean; the last of the dim coordinates is the node's
+    #                         weight in [0, W] (W <= L, so it sums like any other coordinate)
 
     def __post_init__(self) -> None:
         self.check()
@@ -73,10 +75,19 @@ class Params:
             raise bad(f"noise variance {self.noise_var} must be finite and >= 0")
         if not 0 <= self.graph_seed < 1 << 64:
             raise bad("graph seed outside [0, 2^64)")
+        if not 0 <= self.weight_cap <= ring.levels(self.bits):
+            raise bad(f"weight cap {self.weight_cap} outside [0, L = {ring.levels(self.bits)}]: "
+                      "the weight travels as one coordinate in [-L, L]")
+        if self.weight_cap and self.dim < 2:
+            raise bad("a weighted round needs >= 2 coordinates (values + the weight)")
+        if self.weight_cap and self.noise_var > 0:
+            raise bad("a weighted round carries no distributed noise (the weight sum would be "
+                      "noised)")
 
     def to_bytes(self) -> bytes:
         return _PARAMS.pack(self.session, self.n, self.degree, self.threshold, self.bits,
-                            self.ring_bits, self.clip, self.dim, self.graph_seed, self.noise_var)
+                            self.ring_bits, self.clip, self.dim, self.graph_seed, self.noise_var,
+                            self.weight_cap)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Params":
@@ -234,6 +245,9 @@ class ClientSession:
         lv = ring.levels(p.bits)
         if q.shape != (p.dim,) or q.dtype.kind != "i" or (q.size and np.abs(q).max() > lv):
             raise SecAggError(f"update must be {p.dim} integers in [-{lv}, {lv}]")
+        if p.weight_cap and not 0 <= int(q[-1]) <= p.weight_cap:
+            raise SecAggError(f"the weight coordinate {int(q[-1])} is outside [0, "
+                              f"{p.weight_cap}]")
         cts = m.decode_cts(routed, p.n, "routed shares")
         if not set(cts) <= set(self.peers):
             raise SecAggError(f"routed shares from nodes whose keys were not sent "

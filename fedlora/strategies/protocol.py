@@ -30,6 +30,7 @@ DOWN_MODE, DOWN_BASE, DOWN_DIGEST, DOWN_FROM_INIT = ("down-mode", "down-base", "
 RANK_BUDGET, HETLORA_GAMMA, FLASC_FREEZE = "rank-budget", "hetlora-gamma", "flasc-freeze"
 SECAGG_ROUTED, SECAGG_INDEX, SECAGG_TOTAL = "secagg-routed", "secagg-index", "secagg-total"
 SECAGG_DENSITY, SECAGG_COORDS_SEED = "secagg-density", "secagg-coords-seed"
+SECAGG_UNION = "secagg-union"
 # ------------------------------------------------------------------ the reply's metric keys
 NUM_EXAMPLES, PAYLOAD_UP, PARAMS_UP = "num-examples", "payload-up", "params-up"
 RANK, RANKS_SELECTED, DP_CLIPPED = "rank", "ranks-selected", "dp-clipped"
@@ -40,7 +41,8 @@ PARTITION_ID = "partition-id"   # (and TIER)
 TRAIN_KEYS = (BASE_FINGERPRINT, DP, DP_MECHANISM, DP_CLIP, DP_NOISE, SERVER_ROUND, METHOD,
               CODEC_DOWN, CODEC_UP, CODEC_KEY_ID, TIER, UPLOAD, DOWN_MODE, DOWN_BASE,
               DOWN_DIGEST, DOWN_FROM_INIT, RANK_BUDGET, HETLORA_GAMMA, FLASC_FREEZE,
-              SECAGG_ROUTED, SECAGG_INDEX, SECAGG_TOTAL, SECAGG_DENSITY, SECAGG_COORDS_SEED)
+              SECAGG_ROUTED, SECAGG_INDEX, SECAGG_UNION, SECAGG_TOTAL, SECAGG_DENSITY,
+              SECAGG_COORDS_SEED)
 REPLY_KEYS = (NUM_EXAMPLES, PAYLOAD_UP, PARAMS_UP, RANK, RANKS_SELECTED, DP_CLIPPED)
 
 
@@ -115,25 +117,44 @@ class DPInstruction:
 @dataclass(frozen=True)
 class SecAggInstruction:
     """Secure aggregation's part of a train message (:mod:`.secure`): the routed key shares,
-    the node's index in the session, the update's size and the round's coordinate draw."""
+    the node's index in the session, the update's size, the round's coordinate draw and
+    whether this is a rank-union round's indicator stage. Parsed strictly: the node checks
+    every field the server announces (ValueError naming the field)."""
 
     routed: bytes
     index: int
     total: int
     density: float
     coords_seed: int
+    union: bool = False
 
     def entries(self) -> dict[str, Any]:
-        return {SECAGG_ROUTED: self.routed, SECAGG_INDEX: int(self.index),
-                SECAGG_TOTAL: int(self.total), SECAGG_DENSITY: float(self.density),
-                SECAGG_COORDS_SEED: int(self.coords_seed)}
+        out: dict[str, Any] = {SECAGG_ROUTED: self.routed, SECAGG_INDEX: int(self.index)}
+        if self.union:
+            out[SECAGG_UNION] = True
+        out.update({SECAGG_TOTAL: int(self.total), SECAGG_DENSITY: float(self.density),
+                    SECAGG_COORDS_SEED: int(self.coords_seed)})
+        return out
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any]) -> "SecAggInstruction | None":
         if SECAGG_ROUTED not in conf:
             return None
-        return cls(conf[SECAGG_ROUTED], int(conf[SECAGG_INDEX]), int(conf[SECAGG_TOTAL]),
-                   float(conf[SECAGG_DENSITY]), int(conf[SECAGG_COORDS_SEED]))
+        routed, index, total, d, seed = (conf.get(k) for k in (
+            SECAGG_ROUTED, SECAGG_INDEX, SECAGG_TOTAL, SECAGG_DENSITY, SECAGG_COORDS_SEED))
+        if not isinstance(routed, bytes):
+            raise ValueError(f"{SECAGG_ROUTED} is not bytes")
+        for key, v in ((SECAGG_INDEX, index), (SECAGG_TOTAL, total)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} {v!r} is not a non-negative integer")
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < float(d) <= 1:
+            raise ValueError(f"{SECAGG_DENSITY} {d!r} is not a number in (0, 1]")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+            raise ValueError(f"{SECAGG_COORDS_SEED} {seed!r} is not an integer in [0, 2^63)")
+        union = conf.get(SECAGG_UNION, False)
+        if not isinstance(union, bool):
+            raise ValueError(f"{SECAGG_UNION} {union!r} is not a bool")
+        return cls(routed, index, total, float(d), seed, union)
 
 
 @dataclass(frozen=True)
