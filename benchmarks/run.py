@@ -215,7 +215,8 @@ def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool 
                                      "run-name": run_dir.name},
                                     nodes=spec["nodes"], work_dir=out / ".flwr" / name,
                                     timeout=4 * 3600, cpus_per_node=cpus_per_node,
-                                    gpus_per_node=gpus_per_node)
+                                    gpus_per_node=gpus_per_node,
+                                    ray_cpus=int(spec.get("ray-cpus", 0)))
         finally:
             stop.set()
             watcher.join()

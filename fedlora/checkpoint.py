@@ -295,6 +295,9 @@ def server_state(strategy: Any, global_state: Mapping[str, np.ndarray]) -> dict[
     privacy = getattr(strategy, "privacy", None)
     if privacy is not None and hasattr(privacy, "state_dict"):
         out["privacy"] = privacy.state_dict()
+    loop = getattr(strategy, "async_state", None)  # aggregation-mode=async: the loop's own state
+    if loop is not None:
+        out["async"] = loop()
     return out
 
 
@@ -309,6 +312,8 @@ def restore(strategy: Any, state: Mapping[str, Any]) -> "OrderedDict[str, np.nda
                                 "accountant to load it into")
         privacy.load_state_dict(state["privacy"])
     set_rng_state(state["rng"])
+    if "async" in state:  # read by the async loop when it starts (strategies/buffered.py)
+        strategy.async_restored = state["async"]
     return OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in state["global"].items())
 
 

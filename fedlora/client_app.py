@@ -14,6 +14,7 @@ from .compression import ErrorFeedback, Pipeline, codec_key, parse_spec
 from .config import RunConfig, node_tier
 from .node import NodeLimits, limits, set_threads
 from .privacy import privatize
+from .straggler import TimedTask, slowdown
 from .methods import get_method
 from .strategies import secure
 from .strategies.base import (ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ClientRound,
@@ -96,11 +97,16 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     who = ins.codec_key_id if ins.codec_key_id is not None else msg.metadata.dst_node_id
     codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", who))  # its partition-id, if granted
     nc = context.node_config
+    # simulated heterogeneity (straggler-*): a straggler sleeps (slowdown − 1) × its training time
+    factor = slowdown(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
+    timed = TimedTask(task) if factor > 1.0 else None
     cr = ClientRound(
-        cfg=cfg, task=task, ins=ins, received=received,
+        cfg=cfg, task=timed or task, ins=ins, received=received,
         partition_id=int(nc["partition-id"]), num_partitions=int(nc["num-partitions"]),
         data_dir=str(nc.get("data-dir", "")), state=context.state, codec_up=codec_up)
     res = method.client_train(cr)
+    if timed is not None:
+        res.metrics["straggler-sleep-s"] = timed.slow_down(factor)
     res = privatize(res, ins, codec_up)  # dp: clip (+ local noise) before the codec
     if ins.secagg is not None:  # secure aggregation: masked k-bit integers, no codec
         return secure.client_train_reply(msg, context, res, ins.secagg)

@@ -229,6 +229,26 @@ class RunConfig:
     lr_b_ratio: float = _f(5.0, "LoRA-A2: B's learning rate = this × `lr`.")
     score_epochs: int = _f(1, "LoRA-A2: epochs of the rank-scoring pass.")
     hetlora_gamma: float = _f(0.99, "HetLoRA: rank self-pruning decay γ.")
+    # --- asynchronous buffered aggregation (docs/async.md) ---
+    aggregation_mode: str = _f("sync", "`sync`: rounds (every sampled node's reply, then one "
+                               "step); `async`: FedBuff — `concurrency` nodes train at once and "
+                               "every `buffer-size` replies step the global (fedavg, flocora, "
+                               "fl-lora, ffa-lora with `upload=delta`; docs/async.md).")
+    buffer_size: int = _f(4, "async: accepted replies per step of the global model (K); "
+                          "`num-server-rounds` counts these steps.")
+    concurrency: int = _f(0, "async: nodes kept training at once; 0 = every connected node.")
+    staleness_limit: int = _f(4, "async: a reply trained on a global more than this many steps "
+                              "old is dropped with its reason.")
+    staleness_weight: str = _f("sqrt", "async: each update's scale in the step: `sqrt` "
+                               "(1/√(1+s), FedBuff) or `constant` (1).")
+    async_order: str = _f("arrival", "async: process replies as they arrive (`arrival`), or in "
+                          "the order of their simulated completion time (`simulated`: each task "
+                          "costs 1, a straggler's `straggler-slowdown`; same seed, same records).")
+    straggler_fraction: float = _f(0.0, "Simulated heterogeneity: this fraction of the "
+                                   "partitions (chosen by `seed`) are stragglers (sync and "
+                                   "async).")
+    straggler_slowdown: float = _f(1.0, "A straggler's local training takes this many times its "
+                                   "measured time (it sleeps the difference).")
     # --- per-client tiers (comma lists; empty = off) ---
     tier_map: str = _f("", "Simulation: tier of each `partition-id` (comma list, cycled); deployed "
                        "nodes set `--node-config tier=N` (docs/methods.md, tiers).")

@@ -482,9 +482,13 @@ def flower_cli(flwr_home: Path, timeout: float = 120) -> Callable[[list[str]],
 
 def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path | None = None,
                    cpus_per_node: float = 1, timeout: float = 1800, stream: bool = False,
-                   gpus_per_node: float = 0) -> tuple[RunResult, Path]:
+                   gpus_per_node: float = 0, ray_cpus: int = 0) -> tuple[RunResult, Path]:
     """One simulated run end to end; returns (judged result, run directory). The config is
     checked first (:func:`fedlora.validate.check`: ConfigError before anything is created).
+
+    ``ray_cpus`` > 0: the logical CPUs Ray is started with (Flower's ``init-args-num-cpus``), so
+    more ClientApps than cores can run at once — e.g. simulated stragglers that sleep
+    (docs/async.md) then do not hold the cores' only slots.
 
     ``gpus_per_node``: Ray GPU share per simulated node (e.g. 0.1 = ten ClientApps per GPU), so
     Ray schedules ClientApps by GPU memory as well as CPUs; with 0 Ray reserves no GPU for them
@@ -504,7 +508,8 @@ def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path
         started = time.time()
         res = flwr_run(PROJECT, conn, flwr_home, rc,
                        {"num-supernodes": nodes, "client-resources-num-cpus": cpus_per_node,
-                        "client-resources-num-gpus": gpus_per_node},
+                        "client-resources-num-gpus": gpus_per_node,
+                        **({"init-args-num-cpus": int(ray_cpus)} if ray_cpus > 0 else {})},
                        timeout=timeout, stream=stream)
         judged = judge(res, flower_cli(flwr_home), conn, run_dir, started)
     return judged, run_dir

@@ -128,10 +128,16 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
 
     # one loop for fresh and resumed runs (FedLoraStrategy.start): a resumed run goes on from
     # the round after its checkpoint with the real round numbers
-    result = strategy.start(
-        grid=grid, initial_arrays=state_to_arrays(current), num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout, train_config=base_config(fp),
-        evaluate_fn=evaluate_fn, first_round=first_round)
+    if cfg.aggregation_mode == "async":  # FedBuff: the second loop (docs/async.md)
+        from .strategies.buffered import run_async
+
+        result = run_async(strategy, grid, state_to_arrays(current), cfg.num_server_rounds,
+                           cfg.round_timeout, base_config(fp), evaluate_fn, first_round)
+    else:
+        result = strategy.start(
+            grid=grid, initial_arrays=state_to_arrays(current),
+            num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+            train_config=base_config(fp), evaluate_fn=evaluate_fn, first_round=first_round)
     final = arrays_to_state(result.arrays)
     load_state(model, final)
     if method.Strategy.adapter:

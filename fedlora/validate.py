@@ -70,6 +70,9 @@ CHOICES = {
     "aggregation": ("mean", "median", "trimmed-mean"),
     "server-opt": ("adamw", "sgd", "avg"),
     "flasc-freeze": ("none", "client", "server"),
+    "aggregation-mode": ("sync", "async"),
+    "staleness-weight": ("sqrt", "constant"),
+    "async-order": ("arrival", "simulated"),
 }
 
 # key: (low, high, low inclusive, high inclusive); None = unbounded
@@ -121,6 +124,11 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "secagg-noise": (0, None, True, False),
     "generate-prompts": (0, None, True, False),
     "generate-max-new-tokens": (1, None, True, False),
+    "buffer-size": (1, None, True, False),
+    "concurrency": (0, None, True, False),
+    "staleness-limit": (0, None, True, False),
+    "straggler-fraction": (0, 1, True, True),
+    "straggler-slowdown": (1, None, True, False),
 }
 
 CODEC_KEYS = ("codec-up", "codec-down", "codec-down-full", "tier-codec-up", "tier-codec-down")
@@ -157,6 +165,7 @@ def check(run_config: Mapping[str, Any], cwd: str | Path | None = None,
     _check_combinations(cfg, pipes)
     _check_privacy(cfg)
     _check_secure(cfg)
+    _check_async(cfg)
     check_run_name(cfg.run_name)
     for key in ("run-dir", "data-dir", "resume"):
         value = str(out.get(key, getattr(cfg, key.replace("-", "_"))))
@@ -349,6 +358,24 @@ def _check_privacy(cfg: RunConfig) -> None:
         ServerPrivacy.for_strategy(traits)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _check_async(cfg: RunConfig) -> None:
+    """``aggregation-mode=async`` (fedlora/strategies/buffered.py): the FedBuff step adds a
+    weighted mean of updates, so only the weight-averaging methods with ``upload=delta``; no
+    secure aggregation (its masks need a fixed cohort per round)."""
+    if cfg.aggregation_mode != "async":
+        return
+    if cfg.method not in DELTA_UPLOAD:
+        raise ConfigError(f"aggregation-mode='async' needs a method whose server step is a "
+                          f"weighted mean of updates ({', '.join(DELTA_UPLOAD)} with "
+                          f"upload='delta'), not {cfg.method}")
+    if cfg.upload != "delta":
+        raise ConfigError(f"aggregation-mode='async' adds stale updates to the current global: "
+                          f"set upload='delta' ({cfg.method} uploads weights otherwise)")
+    if cfg.secure_aggregation:
+        raise ConfigError("aggregation-mode='async' does not support secure-aggregation (its "
+                          "masks need one fixed cohort per round)")
 
 
 def _check_secure(cfg: RunConfig) -> None:

@@ -117,19 +117,32 @@ class Downlink:
         """Commit the copies sent in ``server_round`` to the nodes whose replies arrived and
         decoded; forget the records of the others (their next download is full)."""
         ok = set(ok_nodes)
-        for node, (rnd, copy) in list(self.pending.items()):
-            if rnd != server_round:
-                continue
-            del self.pending[node]
-            if node in self.from_init:
-                self.from_init.discard(node)
-                if node not in ok:  # it may hold another initial state: serve it in full
-                    self.init_refused.add(node)
-            if node in ok:
-                self.held[node] = copy
-                self.held.move_to_end(node)
-            else:
-                self.held.pop(node, None)
+        for node, (rnd, _) in list(self.pending.items()):
+            if rnd == server_round:
+                self._commit(node, node in ok)
+        self._evict()
+
+    def settle_node(self, node: int, ok: bool) -> None:
+        """:meth:`settle` for one node, whatever round its copy was sent in (the async loop:
+        each reply settles its own node's download as it arrives): commit the copy sent to
+        ``node`` if ``ok``, else forget its record (its next download is full)."""
+        if node in self.pending:
+            self._commit(node, ok)
+            self._evict()
+
+    def _commit(self, node: int, ok: bool) -> None:
+        _, copy = self.pending.pop(node)
+        if node in self.from_init:
+            self.from_init.discard(node)
+            if not ok:  # it may hold another initial state: serve it in full
+                self.init_refused.add(node)
+        if ok:
+            self.held[node] = copy
+            self.held.move_to_end(node)
+        else:
+            self.held.pop(node, None)
+
+    def _evict(self) -> None:
         while len(self.held) > self.max_nodes:
             self.held.popitem(last=False)
 

@@ -37,6 +37,8 @@ class RoundStats:
     rejected: str = ""                                           # why the round kept the global
     clients: int | None = None                                   # replies aggregated
     aggregated: list[Any] = field(default_factory=list)          # ... their node ids
+    extra: dict[str, Any] = field(default_factory=dict)          # loop-specific entries
+    #                                    (the async loop's version, staleness histogram ...)
 
     def drop(self, node: Any, err: Exception) -> None:
         """A reply left out of this round: recorded with its node id and reason, and logged."""
@@ -75,6 +77,7 @@ class RoundStats:
             "rejected": s.rejected,
             "train_metrics": s.train_metrics,
             "round_s": round(time.time() - s.t_start, 3),
+            **s.extra,
         }
 
     def replied(self) -> set:
