@@ -1,19 +1,15 @@
 """The weighted secure mean: what a node puts into its masked vector and how the server turns the
 unmasked sum back into a mean (no Flower, no crypto: plain integer arithmetic).
 
-Weighted (``Params.weight_cap`` W > 0): node i with weight w_i (its ``num-examples``, capped by
-the node itself to [0, W]) clips its update x_i to ‖x_i‖₂ ≤ C, quantizes (w_i / W)·x_i on the
-scale s = L / C (stochastic rounding; every coordinate of (w_i/W)·x_i is in [−C, C], so the
-integer is in [−L, L]) and appends w_i as one more coordinate. W ≤ L, so that coordinate is in
-[−L, L] too: every coordinate of every node is in [−L, L] and the ring's k = bits + ⌈log2 n⌉ + 1
-bits hold any sum of n of them (|Σ| ≤ nL < 2^(k−1)) — no overflow, by construction. The server
-unmasks Σ q_i (≈ s/W · Σ w_i x_i) and Σ w_i (exact) and returns Σ q_i · W / (s · Σ w_i).
-Unweighted (W = 0): q_i = Q(x_i), no weight coordinate, mean = Σ q_i / (s · survivors).
-
-Rounding: each node's integer is off by < 1 per coordinate, so the weighted mean is within
-n·W / (s·Σw) of the plain weighted mean of the clipped updates (unweighted: n/(s·n) = 1/s); with
-weights near W that is ≈ 1/s = C/L per coordinate, and it grows as W / mean(w) when W is far
-above the nodes' real weights (pick W, i.e. ``max-examples-per-client``, close to them).
+Weighted (``Params.weight_cap`` W > 0): node i with weight w_i (its ``num-examples``, capped to
+[0, W]) clips x_i to ‖x_i‖₂ ≤ C, quantizes (w_i / W)·x_i on the scale s = L / C (stochastic
+rounding: the integer is in [−L, L]) and appends w_i as one more coordinate (W ≤ L, so in
+[−L, L] too). The ring's k = bits + ⌈log2 n⌉ + 1 bits hold any sum of n such coordinates
+(|Σ| ≤ nL < 2^(k−1)): no overflow, by construction. The server unmasks Σ q_i and Σ w_i (exact)
+and returns Σ q_i · W / (s · Σ w_i). Unweighted (W = 0): no weight coordinate, mean =
+Σ q_i / (s · survivors). Error: within n·W / (s·Σw) of the plain weighted mean of the clipped
+updates (≈ C/L per coordinate with weights near W; it grows as W / mean(w): pick W, i.e.
+``max-examples-per-client``, close to the nodes' real weights). docs/secure-aggregation.md.
 """
 
 from __future__ import annotations
