@@ -168,7 +168,7 @@ def check_runs(runs: list[tuple[str, str, dict]], out: Path, light: bool = False
 
 
 def run_suite(suite: str, out: Path, only: list[str] | None = None, force: bool = False,
-              cpus_per_node: float = 1, gpus_per_node: float = 0,
+              cpus_per_node: int = 1, gpus_per_node: float = 0,
               seeds: list[int] | None = None, light: bool = False) -> list[tuple[str, str]]:
     """Run the suite; returns the runs that failed as (run, one-line reason). ConfigError
     before anything starts when a configuration is refused."""
@@ -248,7 +248,9 @@ def main(argv=None, light: bool = False) -> int:
     ap.add_argument("--seeds", nargs="*", type=int,
                     help="run only these of the suite's seeds (the report still counts all)")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--cpus-per-node", type=float, default=1, help="Ray CPUs per simulated node")
+    ap.add_argument("--cpus-per-node", type=int, default=1,
+                    help="Ray CPUs per simulated node (an integer: Flower's "
+                         "client-resources-num-cpus)")
     ap.add_argument("--gpus-per-node", type=float, default=0,
                     help="Ray GPU share per simulated node, e.g. 0.1 for the paper-* presets on "
                          "one GPU (clients train on it with the default device=auto)")

@@ -481,7 +481,7 @@ def flower_cli(flwr_home: Path, timeout: float = 120) -> Callable[[list[str]],
 
 
 def run_simulation(run_config: Mapping[str, Any], nodes: int = 2, work_dir: Path | None = None,
-                   cpus_per_node: float = 1, timeout: float = 1800, stream: bool = False,
+                   cpus_per_node: int = 1, timeout: float = 1800, stream: bool = False,
                    gpus_per_node: float = 0, ray_cpus: int = 0) -> tuple[RunResult, Path]:
     """One simulated run end to end; returns (judged result, run directory). The config is
     checked first (:func:`fedlora.validate.check`: ConfigError before anything is created).
@@ -1329,7 +1329,9 @@ def main(argv: list[str] | None = None, light: bool = False) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sim = sub.add_parser("sim", help="run a simulation on a SuperLink started (and stopped) here")
     sim.add_argument("--nodes", type=int, default=2)
-    sim.add_argument("--cpus-per-node", type=float, default=1)
+    sim.add_argument("--cpus-per-node", type=int, default=1,
+                     help="Ray CPUs per simulated node: an integer >= 1 (Flower 1.41's "
+                          "client-resources-num-cpus)")
     sim.add_argument("--gpus-per-node", type=float, default=0,
                      help="Ray GPU share per simulated node, e.g. 0.1 (default 0: none reserved)")
     sim.add_argument("--work-dir", default=str(PROJECT / "runs" / ".flwr"))
@@ -1496,8 +1498,11 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
 
     if args.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
-    if args.cmd == "sim" and not (args.cpus_per_node > 0 and args.gpus_per_node >= 0):
-        raise ValueError("--cpus-per-node must be > 0 and --gpus-per-node >= 0")
+    if args.cmd == "sim" and not (isinstance(args.cpus_per_node, int) and args.cpus_per_node >= 1
+                                  and args.gpus_per_node >= 0):
+        raise ValueError("--cpus-per-node must be an integer >= 1 (Flower 1.41's "
+                         "client-resources-num-cpus) and --gpus-per-node >= 0, got "
+                         f"{args.cpus_per_node!r} and {args.gpus_per_node!r}")
     rc = _parse_kv(args.overrides)
     if getattr(args, "preset", None) and not getattr(args, "resume", None):
         from .presets import PRESETS, missing_keys

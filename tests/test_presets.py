@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from fedlora import launch
 from fedlora.presets import MAIN, PRESETS, compare_main
 
@@ -43,3 +45,18 @@ def test_compare_main_reads_the_committed_references(tmp_path):
     (refs / "runs" / "full-ft-fp32" / "summary.json").unlink()
     assert "full fine-tuning (FedAvg, fp32): not committed" in compare_main(tmp_path / "mine",
                                                                             refs)
+
+
+def test_a_fractional_cpus_per_node_is_refused_in_one_line(tmp_path):
+    """Flower 1.41's client-resources-num-cpus is an integer >= 1: the launcher refuses 0.5 (a
+    Namespace as a caller builds it) and 0 in one line naming the flag, before any process
+    starts, and its parser refuses a non-integer with exit status 2."""
+    bad = _args(tmp_path, f'run-dir="{tmp_path}"')
+    for v in (0.5, 0):
+        bad.cpus_per_node = v
+        with pytest.raises(ValueError, match=r"^--cpus-per-node must be an integer >= 1") as e:
+            launch.prepare(bad, light=True)
+        assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        launch.main(["sim", "--cpus-per-node", "0.5"])
+    assert e.value.code == 2
