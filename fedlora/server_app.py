@@ -170,8 +170,8 @@ def fedavg_message_bytes(task, digest: bool = False) -> int:
 def fedavg_comparison(records: list[dict], fedavg_msg: int) -> dict:
     """What FedAvg would have moved for the same rounds and clients (one full-model message
     each way per client, the same control messages), and the ratio to what this run moved."""
-    msgs = sum(len(r.get("bytes_down_per_node", {})) + len(r.get("bytes_up_per_node", {}))
-               for r in records)
+    msgs = sum(r.get("messages_down", len(r.get("bytes_down_per_node", {})))  # async: counted
+               + r.get("messages_up", len(r.get("bytes_up_per_node", {}))) for r in records)
     ours = sum(int(r.get(k, 0)) for r in records for k in ("bytes_down", "bytes_up",
                                                            "control_bytes"))
     control = sum(int(r.get("control_bytes", 0)) for r in records)

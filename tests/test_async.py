@@ -387,11 +387,28 @@ def test_server_app_runs_async_with_the_real_client_app(tmp_path, sample_dir, ta
     assert [r["version"] for r in steps] == [1, 2, 3]
     assert all(r["clients"] == 2 and sum(r["staleness_hist"].values()) == 2 for r in steps)
     assert all(r["bytes_up"] > 0 for r in steps) and steps[0]["bytes_down"] > 0
+    assert all(r["messages_up"] == 2 for r in steps)  # every reply taken, none stale here
+    assert sum(r["messages_down"] for r in steps) >= sum(len(r["bytes_down_per_node"])
+                                                         for r in steps)
     assert summary["final_accuracy"] is not None
     assert any("straggler-sleep-s" in r["train_metrics"] for r in steps)  # 1 of 3 is slowed
     from fedlora import checkpoint
 
     assert checkpoint.latest(tmp_path / "a").state()["async"]["version"] == 3
+
+
+def test_fedavg_comparison_counts_every_message_of_a_node_served_twice_in_a_step():
+    """An async step may send one node two train messages (and take two replies): FedAvg's
+    equivalent counts messages (``messages_down``/``messages_up``), not nodes; a sync record,
+    which has no such counts, is counted by its per-node entries as before."""
+    from fedlora.server_app import fedavg_comparison
+
+    step = {"messages_down": 3, "messages_up": 3, "bytes_down_per_node": {"1": 20, "2": 10},
+            "bytes_up_per_node": {"1": 8, "2": 4}, "bytes_down": 30, "bytes_up": 12,
+            "control_bytes": 0}
+    sync = {k: v for k, v in step.items() if not k.startswith("messages")}
+    assert fedavg_comparison([step], 1_000_000)["fedavg_equivalent_mb"] == 6.0
+    assert fedavg_comparison([sync], 1_000_000)["fedavg_equivalent_mb"] == 4.0
 
 
 class InProcessAsyncGrid(AsyncGrid):

@@ -130,7 +130,8 @@ class AsyncLoop:
         st = self.strategy.stats.get(v)
         if st is None:
             st = self.strategy.stats[v] = RoundStats(v)
-            st.extra = {"version": v, "accepted": 0, "stale_dropped": 0, "staleness_hist": {}}
+            st.extra = {"version": v, "accepted": 0, "stale_dropped": 0, "staleness_hist": {},
+                        "messages_down": 0, "messages_up": 0}  # a node may be served twice
         return st
 
     def cost(self, node: int) -> float:
@@ -169,6 +170,7 @@ class AsyncLoop:
             log.warning("async: the train message to node %s could not be pushed", node)
             return
         st.sent[node] = st.sent.get(node, 0) + size
+        st.extra["messages_down"] += 1
         st.payload_down[node] = st.payload_down.get(node, 0) + len(dl.payload)
         st.asked[node] = msg.metadata
         if dl.mode == "full" and s.downlink.delta:
@@ -251,6 +253,7 @@ class AsyncLoop:
                     free = False
                     return
                 st.received[node] = st.received.get(node, 0) + message_bytes(msg, hashed=False)
+                st.extra["messages_up"] += 1
                 staleness = self.version - task.version
                 if staleness > self.limit:
                     s.downlink.settle_node(node, True)  # it answered: it holds what it was sent
