@@ -33,6 +33,15 @@ def mb_to_target(rounds: list[dict], target: float) -> float | None:
     return None
 
 
+def time_to_target(rounds: list[dict], target: float) -> float | None:
+    """The ``simulated_time`` (docs/async.md: a normal node's task = 1) of the same first
+    evaluated round as :func:`mb_to_target` (round 0, the initial model, is at time 0)."""
+    for r in rounds:
+        if r.get("accuracy") is not None and r["accuracy"] >= target:
+            return float(r.get("simulated_time", 0.0))
+    return None
+
+
 def _seed_dirs(out: Path, name: str, spec: dict) -> list[Path]:
     if spec.get("seeds"):
         return [out / "runs" / name / f"seed-{s}" for s in spec["seeds"]]
@@ -156,6 +165,13 @@ def summarize(out: Path, spec: dict) -> list[dict]:
         hit = [m for m in reached if m is not None]
         r["mb_to_base_minus_1pt"] = float(np.mean(hit)) if hit else None
         r["seeds_reaching"] = len(hit)
+        # runs with a simulated clock (straggler-*, async-order=simulated): time to the target
+        timed = any("simulated_time" in x for e in r["_evals"] for x in e)
+        times = [time_to_target(e, target) for e in r["_evals"]] \
+            if timed and target is not None else []
+        t_hit = [t for t in times if t is not None]
+        r["time_to_base_minus_1pt"] = float(np.mean(t_hit)) if t_hit else None
+        r["seeds_reaching_time"] = len(t_hit) if timed else None
         r["within_1pt"] = r["delta"] is not None and r["delta"] >= -TOLERANCE - EPS
         vs_fedavg = fedavg is not None and not baselines
         r["ratio_vs_fedavg"] = r["ratio"] if vs_fedavg else None
@@ -209,6 +225,13 @@ def _acc(r: dict) -> str:
     return f"{r['final_mean']:.4f} ± {r['final_std']:.4f}"
 
 
+def _time_reach(r: dict) -> str:
+    """Mean simulated time to the target over the seeds that reached it (how many did)."""
+    if r["time_to_base_minus_1pt"] is None:
+        return "–"
+    return f"{r['time_to_base_minus_1pt']:.1f} ({r['seeds_reaching_time']}/{r['seeds_done']})"
+
+
 def _json_rows(rows: list[dict]) -> list[dict]:
     keep = ("name", "method", "codecs", "rank", "run_config", "seeds_done", "seeds_wanted",
             "seeds_with_empty_clients",
@@ -217,7 +240,10 @@ def _json_rows(rows: list[dict]) -> list[dict]:
             "delta_vs_fedavg",
             "mb_to_fedavg_minus_1pt", "baseline", "ratio", "delta", "mb_to_base_minus_1pt",
             "seeds_reaching", "within_1pt", "pareto", "ppl_mean", "ppl_std", "ppls")
-    return [{k: r[k] for k in keep} for r in rows]
+    timed = ("time_to_base_minus_1pt", "seeds_reaching_time")  # only where a run has the clock
+    return [{**{k: r[k] for k in keep},
+             **({k: r[k] for k in timed} if r["seeds_reaching_time"] is not None else {})}
+            for r in rows]
 
 
 def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
@@ -241,6 +267,7 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
     sched = len({schedule(r) for r in rows}) > 1
     dp = any(r["epsilon"] is not None for r in rows)
     ppl = any(r["ppl_mean"] is not None for r in rows)  # causal-lm: held-out perplexity
+    timed = any(r["seeds_reaching_time"] is not None for r in rows)  # a simulated clock
 
     who = "its baseline" if grouped else "FedAvg"
     short = "base" if grouped else "fedavg"
@@ -258,10 +285,12 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
              + ("| ε " if dp else "")
              + "| seeds | final acc " + ("| final ppl " if ppl else "") + "| MB total | MB down "
              f"| MB up | MB to {'base' if grouped else 'FedAvg'}−1pt "
+             + (f"| sim. time to {'base' if grouped else 'FedAvg'}−1pt " if timed else "")
              + ("| baseline " if grouped else "")
              + f"| ratio vs {short} | Δacc vs {short} | front |",
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if grouped else "")
              + ("---|" if sched else "") + ("---|" if dp else "") + ("---|" if ppl else "")
+             + ("---|" if timed else "")
              + "---|---|---|"]
     order = (sorted(rows, key=lambda r: (str(r["baseline"]), -r["mb"])) if grouped
              else sorted(rows, key=lambda r: r["mb"], reverse=True))
@@ -279,10 +308,16 @@ def write_report(suite: str, out: Path, spec: dict) -> list[dict]:
             f"| {_acc(r)} " + (f"| {_ppl(r)} " if ppl else "")
             + f"| {r['mb']:.2f} | {r['mb_down']:.2f} "
             f"| {r['mb_up']:.2f} | {reach} "
+            + (f"| {_time_reach(r)} " if timed else "")
             + (f"| {r['baseline'] or '–'} " if grouped else "")
             + f"| {_f(r['ratio'], '.1f')}x "
             f"| {_f(None if r['delta'] is None else 100 * r['delta'], '+.2f')} "
             f"| {'★' if r['pareto'] else ''} |")
+    if timed:
+        lines += ["", "Sim. time: the records' `simulated_time` (docs/async.md: a normal node's "
+                  "task costs 1, a straggler's `straggler-slowdown`) at the first evaluated round "
+                  "at or above the target, mean over the seeds that reached it (how many did); "
+                  "wall time is in the records (`wall_s`)."]
     if any("fedlora/v1" in r["wire"] for r in rows):
         lines += ["", "† measured (in some seeds) with wire v1, which also put the codec spec "
                   "in each message's Array stype: 5 bytes more per fp32 message, 25 per "

@@ -98,7 +98,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     codec_up = codec_up.keyed(codec_key(cfg.seed, rnd, "up", who))  # its partition-id, if granted
     nc = context.node_config
     # simulated heterogeneity (straggler-*): a straggler sleeps (slowdown − 1) × its training time
-    factor = slowdown(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
+    # (straggler-sleep=false: no sleep, the server's simulated clock is the only time)
+    factor = slowdown(cfg, int(nc["partition-id"]), int(nc["num-partitions"])) \
+        if cfg.straggler_sleep else 1.0
     timed = TimedTask(task) if factor > 1.0 else None
     cr = ClientRound(
         cfg=cfg, task=timed or task, ins=ins, received=received,

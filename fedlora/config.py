@@ -249,6 +249,12 @@ class RunConfig:
                                    "async).")
     straggler_slowdown: float = _f(1.0, "A straggler's local training takes this many times its "
                                    "measured time (it sleeps the difference).")
+    straggler_sleep: bool = _f(True, "`false`: stragglers do not sleep; time is the simulated "
+                               "clock only (`simulated_time` in the records: a normal node's "
+                               "task = 1; async needs `async-order=simulated`; docs/async.md).")
+    simulated_round_timeout: float = _f(0.0, "sync: a node whose simulated task cost (1, a "
+                                        "straggler's `straggler-slowdown`) exceeds this is timed "
+                                        "out: its reply dropped (`simulated timeout`); 0 = off.")
     # --- per-client tiers (comma lists; empty = off) ---
     tier_map: str = _f("", "Simulation: tier of each `partition-id` (comma list, cycled); deployed "
                        "nodes set `--node-config tier=N` (docs/methods.md, tiers).")

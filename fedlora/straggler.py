@@ -4,7 +4,8 @@
 first round(f·n) partition-ids of a permutation of 0..n−1 drawn from ``seed`` are stragglers; a
 straggler's ClientApp measures its local training time t (the task's ``train`` calls:
 :class:`TimedTask`) and then sleeps (S − 1)·t, so its training takes S times as long, whatever
-the machine's speed. The same partitions are
+the machine's speed (``straggler-sleep=false``: no sleep; time is only the simulated clock,
+:func:`sync_round` per round, the async loop's per task). The same partitions are
 stragglers in every run with the same seed and number of partitions, on the server (the async
 loop's simulated completion order, :func:`task_cost`) and on the nodes. No torch, no Flower.
 """
@@ -38,6 +39,23 @@ def slowdown(cfg, partition_id: int, num_partitions: int) -> float:
 def task_cost(cfg, partition_id: int, num_partitions: int) -> float:
     """A task's simulated duration (``async-order=simulated``): 1, or a straggler's slowdown."""
     return slowdown(cfg, partition_id, num_partitions)
+
+
+def records_time(cfg) -> bool:
+    """Whether a synchronous run keeps the simulated clock (``simulated_time`` in its records):
+    with stragglers, or when the run asks for simulated time only (``straggler-sleep=false``)."""
+    return float(cfg.straggler_fraction) > 0 or not bool(cfg.straggler_sleep)
+
+
+def sync_round(cfg, partition_ids: list[int], num_partitions: int) -> tuple[float, set[int]]:
+    """A synchronous round's simulated duration and the indices (into ``partition_ids``, the
+    round's train nodes) of the tasks it does not wait for: the round lasts as long as its
+    slowest task (:func:`task_cost`, the async loop's unit: a normal node's task = 1), or
+    ``simulated-round-timeout`` when a task costs more than that (those tasks time out)."""
+    costs = [task_cost(cfg, p, num_partitions) for p in partition_ids]
+    limit = float(cfg.simulated_round_timeout)
+    late = {i for i, c in enumerate(costs) if limit > 0 and c > limit}
+    return (limit if late else max(costs, default=0.0)), late
 
 
 class TimedTask:

@@ -129,6 +129,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "staleness-limit": (0, None, True, False),
     "straggler-fraction": (0, 1, True, True),
     "straggler-slowdown": (1, None, True, False),
+    "simulated-round-timeout": (0, None, True, False),
 }
 
 CODEC_KEYS = ("codec-up", "codec-down", "codec-down-full", "tier-codec-up", "tier-codec-down")
@@ -363,9 +364,18 @@ def _check_privacy(cfg: RunConfig) -> None:
 def _check_async(cfg: RunConfig) -> None:
     """``aggregation-mode=async`` (fedlora/strategies/buffered.py): the FedBuff step adds a
     weighted mean of updates, so only the weight-averaging methods with ``upload=delta``; no
-    secure aggregation (its masks need a fixed cohort per round)."""
+    secure aggregation (its masks need a fixed cohort per round). Without real time
+    (``straggler-sleep=false``) only ``async-order=simulated`` has a meaningful order, and the
+    simulated round timeout is the sync loop's."""
     if cfg.aggregation_mode != "async":
         return
+    if not cfg.straggler_sleep and cfg.async_order != "simulated":
+        raise ConfigError("straggler-sleep=false with aggregation-mode='async' needs "
+                          "async-order='simulated' (without real time the arrival order means "
+                          "nothing)")
+    if cfg.simulated_round_timeout > 0:
+        raise ConfigError("simulated-round-timeout is for aggregation-mode='sync' (async "
+                          "steps on the first buffer-size replies; round-timeout bounds a task)")
     if cfg.method not in DELTA_UPLOAD:
         raise ConfigError(f"aggregation-mode='async' needs a method whose server step is a "
                           f"weighted mean of updates ({', '.join(DELTA_UPLOAD)} with "

@@ -244,3 +244,36 @@ def test_causal_lm_runs_get_a_perplexity_column_and_plot(suite):
     assert next(c for c in summary["configurations"] if c["name"] == "small")["ppls"] == [30.0, 34.0]
     pytest.importorskip("matplotlib")
     assert (suite / "perplexity_vs_mb.png").exists()
+
+
+def test_simulated_time_to_the_target_where_runs_keep_the_simulated_clock(suite):
+    """Runs whose records carry ``simulated_time`` (straggler-*, docs/async.md) get the simulated
+    time of the same first evaluated round at/above FedAvg − 1 point as the MB column, mean over
+    the seeds that reached it (how many did), in the table and summary.json; suites without it
+    have no such column or keys."""
+    write_report("s", suite, SPEC)
+    assert "sim. time" not in (suite / "summary.md").read_text()
+    assert "time_to_base_minus_1pt" not in json.loads(
+        (suite / "summary.json").read_text())["configurations"][0]
+    for name in ("fedavg", "small", "bad"):
+        for seed in (1, 2):
+            path = suite / f"runs/{name}/seed-{seed}/rounds.jsonl"
+            recs = [json.loads(x) for x in path.read_text().splitlines()]
+            for rec in recs[1:]:  # round r at simulated time 3·r (round 0: no field, time 0)
+                rec["simulated_time"] = 3.0 * rec["round"] + (seed - 1)
+            path.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    rows = {r["name"]: r for r in write_report("s", suite, SPEC)}
+    # target 0.90: fedavg reaches it at round 4 in both seeds (times 12 and 13)
+    assert rows["fedavg"]["time_to_base_minus_1pt"] == pytest.approx(12.5)
+    assert rows["fedavg"]["seeds_reaching_time"] == 2
+    # small: seed 2 only, at round 2 (time 6 + 1): the round whose MB the MB column shows
+    assert rows["small"]["time_to_base_minus_1pt"] == pytest.approx(7.0)
+    assert rows["small"]["seeds_reaching_time"] == rows["small"]["seeds_reaching"] == 1
+    assert rows["bad"]["time_to_base_minus_1pt"] is None
+    table = (suite / "summary.md").read_text()
+    assert "| sim. time to FedAvg−1pt |" in table and "| 7.0 (1/2) |" in table
+    assert "| 12.5 (2/2) |" in table
+    summary = {c["name"]: c for c in json.loads((suite / "summary.json").read_text())
+               ["configurations"]}
+    assert summary["small"]["time_to_base_minus_1pt"] == pytest.approx(7.0)
+    assert summary["bad"]["seeds_reaching_time"] == 0

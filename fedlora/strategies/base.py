@@ -30,6 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from ..adapters import flocora_analytic_bits
 from ..compression import Pipeline, codec_key, parse_spec
 from ..config import RunConfig, split_list
+from .. import straggler
 from ..privacy import ServerPrivacy
 from ..wire import (by_digest, decode_record, encode_record, message_bytes, payload_bytes,
                     payload_record)
@@ -114,6 +115,9 @@ class FedLoraStrategy(FedAvg):
         self.privacy = ServerPrivacy.for_strategy(self)
         #: secure aggregation (``secure-aggregation``; None when off): see :mod:`.secure`
         self.secure = SecureRounds(self) if cfg.secure_aggregation else None
+        #: the simulated clock of sync rounds (straggler.records_time) and the train nodes of
+        #: the round being run that simulated-round-timeout cuts off (docs/async.md)
+        self.sim_clock, self.sim_late = 0.0, set()
         self.keep_records(None)  # the ServerApp gives the recorder (round records: end_round)
 
     def _check_update_only_codecs(self) -> None:
@@ -315,6 +319,12 @@ class FedLoraStrategy(FedAvg):
             if dl.mode == "full" and self.downlink.delta:
                 stats.full_downloads.append(node_id)
             messages.append(msg)
+        if straggler.records_time(self.cfg):  # the simulated clock (docs/async.md)
+            cost, late = straggler.sync_round(
+                self.cfg, [self.partitions.get(n, -1) for n in node_ids], len(all_nodes))
+            self.sim_clock += cost
+            stats.extra["simulated_time"] = self.sim_clock
+            self.sim_late = {node_ids[i] for i in late}
         return messages
 
     def settle_downloads(self, server_round: int) -> None:
@@ -589,6 +599,11 @@ class FedLoraStrategy(FedAvg):
                     self._stray(stats, server_round, node, msg, why)
                     continue
                 seen.add(node)
+                if node in self.sim_late:  # simulated-round-timeout
+                    stats.failures.append({"node": node, "reason": "simulated timeout: task cost "
+                                           f"> simulated-round-timeout "
+                                           f"{self.cfg.simulated_round_timeout:g}"})
+                    continue
                 if msg.has_error():
                     reason = msg.error.reason
                     # the exception itself is at the end of a traceback: keep the tail
@@ -662,6 +677,7 @@ class FedLoraStrategy(FedAvg):
             **self.nodes.state_dict(),
             "norm_history": list(self.norm_history),
             **({"secure": self.secure.state_dict()} if self.secure is not None else {}),
+            **({"sim_clock": self.sim_clock} if straggler.records_time(self.cfg) else {}),
             "downlink": {
                 "held": [(n, c.state, c.digest) for n, c in dl.held.items()],  # LRU order
                 "pending": [(n, rnd, c.state, c.digest) for n, (rnd, c) in dl.pending.items()],
@@ -686,6 +702,8 @@ class FedLoraStrategy(FedAvg):
             raise ValueError(f"checkpoint of method {state.get('method')!r}, not {self.name!r}")
         self.nodes.load_state_dict(state)
         self.norm_history = [float(x) for x in state.get("norm_history", [])]
+        if "sim_clock" in state:
+            self.sim_clock = float(state["sim_clock"])
         if self.secure is not None:
             self.secure.load_state_dict(state.get("secure", {}))
         dl, saved = self.downlink, state["downlink"]
