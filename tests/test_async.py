@@ -637,3 +637,132 @@ def test_async_run_resumes_after_a_crash(tmp_path, sample_dir, task_identity):
     assert all(r["failures"] == 0 and r["dropped"] == 0 and r["clients"] == 2 for r in resumed)
     assert sorted(int(n) for n in resumed[0]["bytes_down_per_node"]) != [] and \
         resumed[0]["full_downloads"] == len(lost)
+
+
+# ------------------------------------------------------------------------------ simulated time
+
+
+class SyncGrid(AsyncGrid):
+    """:class:`AsyncGrid`'s nodes behind the synchronous ``send_and_receive`` (queries answered
+    by :class:`FakeGrid`, train messages by :meth:`AsyncGrid.answer`)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        rest = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
+        return [self.answer(m) for m in train] + FakeGrid.send_and_receive(self, rest)
+
+
+def _sync_run(rounds=6, **kw):
+    s = make(aggregation_mode="sync", fraction_train=0.5, min_train_nodes=2,
+             straggler_fraction=0.25, straggler_slowdown=10.0, straggler_sleep=False, seed=5,
+             **kw)
+    grid = SyncGrid([11, 12, 13, 14])
+    s.start(grid, state_to_arrays(INIT), rounds, timeout=60.0)
+    slow = straggler.stragglers(5, 0.25, 4)
+    asked = [{grid.partition_of[n] for n in s.stats[r].asked} for r in range(1, rounds + 1)]
+    return s, grid, slow, asked
+
+
+def test_sync_rounds_keep_the_simulated_clock_of_their_slowest_task(task_identity):
+    """Sync with stragglers: each round's ``simulated_time`` is the cumulative sum of the
+    round's slowest task cost, computed here by hand from the round's sampled partitions and
+    the seeded straggler set (10 if a straggler was sampled, else 1: the async unit)."""
+    s, _, slow, asked = _sync_run()
+    assert len(slow) == 1
+    by_hand = np.cumsum([10.0 if parts & slow else 1.0 for parts in asked])
+    assert {10.0, 1.0} <= {10.0 if p & slow else 1.0 for p in asked}  # both kinds of round
+    got = [s.round_record(r)["simulated_time"] for r in range(1, 7)]
+    assert got == pytest.approx(list(by_hand))
+    assert "sim_clock" in s.state_dict()
+    # no stragglers and straggler-sleep on (the default): no clock, records unchanged
+    plain = make(aggregation_mode="sync", fraction_train=0.5, min_train_nodes=2)
+    plain.start(SyncGrid([11, 12, 13, 14]), state_to_arrays(INIT), 2, timeout=60.0)
+    assert "simulated_time" not in plain.round_record(1)
+    assert "sim_clock" not in plain.state_dict()
+
+
+def test_a_simulated_round_timeout_drops_the_slower_tasks(task_identity):
+    """``simulated-round-timeout`` 5 < the straggler's cost 10: a round that sampled the
+    straggler lasts 5, and its reply is a failure "simulated timeout" (not aggregated, no bytes
+    received; its download still counted as sent); the other rounds last 1."""
+    s, _, slow, asked = _sync_run(simulated_round_timeout=5.0)
+    by_hand = np.cumsum([5.0 if parts & slow else 1.0 for parts in asked])
+    assert [s.round_record(r)["simulated_time"] for r in range(1, 7)] == pytest.approx(
+        list(by_hand))
+    for r, parts in enumerate(asked, start=1):
+        st = s.stats[r]
+        late = [n for n in st.asked if s.partitions[n] in slow]
+        assert [f["node"] for f in st.failures] == late
+        assert all(f["reason"].startswith("simulated timeout") for f in st.failures)
+        assert st.clients == len(st.asked) - len(late)
+        assert all(n in st.sent and n not in st.received for n in late)
+
+
+def test_async_simulated_time_is_in_the_same_unit(task_identity):
+    """``async-order=simulated``, two nodes, one a straggler (cost 3), buffer 1: a normal
+    node's task costs 1, so the steps are taken at times 1, 2, 3 and 3 (the straggler's first
+    reply and the normal node's third are both due at 3) — the sync loop's unit."""
+    s = make(buffer_size=1, async_order="simulated", straggler_fraction=0.5,
+             straggler_slowdown=3.0, straggler_sleep=False, staleness_limit=10, seed=7)
+    run_loop(s, AsyncGrid([1, 2]), steps=4)
+    assert [s.round_record(v)["simulated_time"] for v in range(1, 5)] == [1.0, 2.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"straggler-sleep": False}, "needs async-order='simulated'"),
+    ({"straggler-sleep": False, "async-order": "arrival"}, "needs async-order='simulated'"),
+    ({"async-order": "simulated", "simulated-round-timeout": 2.0}, "is for aggregation-mode"),
+])
+def test_validate_refuses_async_without_real_or_simulated_order(extra, needle):
+    """Without real time (no sleeps) the arrival order means nothing: refused in one line
+    unless ``async-order=simulated``; the simulated round timeout is the sync loop's."""
+    rc = {"aggregation-mode": "async", "method": "fedavg", "upload": "delta", **extra}
+    with pytest.raises(ConfigError, match=needle):
+        validate.check(rc, light=True)
+    validate.check({**rc, "async-order": "simulated", "simulated-round-timeout": 0.0},
+                   light=True)
+    validate.check({"straggler-sleep": False, "simulated-round-timeout": 2.0}, light=True)
+
+
+class InProcessSyncGrid(InProcessAsyncGrid):
+    """The real ClientApp behind ``send_and_receive`` (train messages too)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        rest = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
+        return [self.answer(m) for m in train] + super().send_and_receive(rest)
+
+
+def test_without_straggler_sleep_the_real_client_app_does_not_sleep(tmp_path, sample_dir,
+                                                                     task_identity,
+                                                                     monkeypatch):
+    """Every node a straggler 1000x slower, ``straggler-sleep=false``: the real ClientApp never
+    calls the sleep (patched to fail the reply if it did), its train metrics have no
+    ``straggler-sleep-s``, and the ServerApp's sync records carry the simulated clock
+    (1000 per round: every task is a straggler's). With sleeps on, the same patch is hit."""
+    from fedlora.results import read_rounds
+    from fedlora.server_app import run
+
+    slept = []
+    monkeypatch.setattr(straggler.TimedTask, "slow_down",
+                        lambda self, factor, sleep=None: slept.append(factor) or 0.0)
+    rc = {"num-server-rounds": 2, "feature-maps": 8, "lora-rank": 4, "local-epochs": 1,
+          "max-examples-per-client": 16, "batch-size": 16, "eval-max-examples": 32,
+          "min-available-nodes": 3, "min-train-nodes": 3, "fraction-train": 1.0,
+          "dataset": "npz", "partitioner": "iid", "client-threads": 1, "device": "cpu",
+          "data-dir": sample_dir, "run-dir": str(tmp_path), "run-name": "a",
+          "method": "fedavg", "straggler-fraction": 1.0, "straggler-slowdown": 1000.0,
+          "straggler-sleep": False}
+    checked = validate.check(rc, light=True)
+    run(InProcessSyncGrid(checked), RunConfig.from_run_config(checked))
+    steps = [r for r in read_rounds(tmp_path / "a") if r["round"] >= 1]
+    assert slept == []
+    assert all(r["failures"] == 0 and r["clients"] == 3 for r in steps)
+    assert not any("straggler-sleep-s" in r["train_metrics"] for r in steps)
+    assert [r["simulated_time"] for r in steps] == [1000.0, 2000.0]
+    checked = validate.check({**rc, "straggler-sleep": True, "run-name": "b",
+                              "num-server-rounds": 1}, light=True)
+    run(InProcessSyncGrid(checked), RunConfig.from_run_config(checked))
+    assert slept == [1000.0] * 3
