@@ -535,11 +535,16 @@ def _vision_async(smoke: bool = False) -> dict:
     is of the loops, not of codecs). Sync samples 5 of 10 nodes a round; async keeps all 10
     training, steps the global every 5 replies (the same number of updates per step as per
     round, the same number of steps as rounds) with 1/√(1+s) weights and drops replies more than
-    10 versions stale; it processes replies as they arrive (real timing: the records' ``wall_s``
-    is the time axis). Ray is told there are as many CPUs as nodes (``ray-cpus``): every node
-    trains at once, sharing the cores. ``sync … with round-timeout`` is not defined yet: its timeout must be set
-    from a measured honest round time. ``smoke``: the CI-sized data (4 nodes, 3 rounds), to check
-    that every configuration runs. Not run yet beyond the smoke suite."""
+    10 versions stale. Time is SIMULATED (``straggler-sleep=false``: nobody sleeps, so the suite
+    runs at normal speed and is deterministic): a normal node's task costs 1 and a straggler's
+    10; a sync round lasts its slowest task, async processes replies in simulated completion
+    order (``async-order=simulated``); the records' ``simulated_time`` is the time axis (their
+    ``wall_s`` is real but not comparable). ``sync-s{pct}-timeout``: sync rounds with
+    ``simulated-round-timeout`` 2 (twice a normal task): a round never waits for a straggler,
+    whose reply is dropped as a failure ("simulated timeout"; its download still counted);
+    not defined for 0% stragglers, where it is ``sync-s0``. Ray is told there are as many CPUs
+    as nodes (``ray-cpus``): every node trains at once, sharing the cores. ``smoke``: the
+    CI-sized data (4 nodes, 3 rounds), to check that every configuration runs."""
     if smoke:
         base = {"dataset": "npz", "data-dir": SAMPLE, "feature-maps": 8, "lora-rank": 4,
                 "num-server-rounds": 3, "max-examples-per-client": 64, "partitioner": "iid",
@@ -549,15 +554,18 @@ def _vision_async(smoke: bool = False) -> dict:
     else:
         base = {k: v for k, v in _vision_conv()["runs"]["fedavg"].items() if k != "method"}
         nodes, k, seeds = 10, 5, [1, 2, 3]
-    delta = {"method": "fedavg", "upload": "delta", "download": "delta"}
+    delta = {"method": "fedavg", "upload": "delta", "download": "delta",
+             "straggler-sleep": False}
     runs = {}
     for pct in (0, 20, 50):
         slow = {"straggler-fraction": pct / 100, "straggler-slowdown": 10.0}
         runs[f"sync-s{pct}"] = {**base, **delta, **slow}
+        if pct:
+            runs[f"sync-s{pct}-timeout"] = {**base, **delta, **slow,
+                                            "simulated-round-timeout": 2.0}
         runs[f"async-s{pct}"] = {**base, **delta, **slow, "aggregation-mode": "async",
-                                 "buffer-size": k, "concurrency": 0, "staleness-limit": 10}
-    # Ray gets one logical CPU a node: every node trains at once (sharing the cores), so a
-    # sleeping straggler does not hold one of the cores' only slots
+                                 "async-order": "simulated", "buffer-size": k,
+                                 "concurrency": 0, "staleness-limit": 10}
     return {"nodes": nodes, "runs": runs, "target": 0.2 if smoke else 0.85, "seeds": seeds,
             "ray-cpus": nodes}
 
