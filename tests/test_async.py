@@ -667,14 +667,19 @@ def _sync_run(rounds=6, **kw):
 def test_sync_rounds_keep_the_simulated_clock_of_their_slowest_task(task_identity):
     """Sync with stragglers: each round's ``simulated_time`` is the cumulative sum of the
     round's slowest task cost, computed here by hand from the round's sampled partitions and
-    the seeded straggler set (10 if a straggler was sampled, else 1: the async unit)."""
+    the seeded straggler set (10 if a straggler was sampled, else 1: the async unit); the
+    clock is checkpointed (``state_dict``) and restored on resume."""
     s, _, slow, asked = _sync_run()
     assert len(slow) == 1
     by_hand = np.cumsum([10.0 if parts & slow else 1.0 for parts in asked])
     assert {10.0, 1.0} <= {10.0 if p & slow else 1.0 for p in asked}  # both kinds of round
     got = [s.round_record(r)["simulated_time"] for r in range(1, 7)]
     assert got == pytest.approx(list(by_hand))
-    assert "sim_clock" in s.state_dict()
+    resumed = make(aggregation_mode="sync", fraction_train=0.5, min_train_nodes=2,
+                   straggler_fraction=0.25, straggler_slowdown=10.0, straggler_sleep=False,
+                   seed=5)
+    resumed.load_state_dict(s.state_dict())  # a resumed run goes on from the clock
+    assert resumed.sim_clock == pytest.approx(by_hand[-1])
     # no stragglers and straggler-sleep on (the default): no clock, records unchanged
     plain = make(aggregation_mode="sync", fraction_train=0.5, min_train_nodes=2)
     plain.start(SyncGrid([11, 12, 13, 14]), state_to_arrays(INIT), 2, timeout=60.0)
