@@ -27,10 +27,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from .. import straggler
 from ..adapters import flocora_analytic_bits
 from ..compression import Pipeline, codec_key, parse_spec
 from ..config import RunConfig, split_list
-from .. import straggler
 from ..privacy import ServerPrivacy
 from ..wire import (by_digest, decode_record, encode_record, message_bytes, payload_bytes,
                     payload_record)
