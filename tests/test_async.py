@@ -123,6 +123,14 @@ def records(strategy, steps):
 # ------------------------------------------------------------------------------ the step
 
 
+def tiny_vision(sample_dir, **over) -> dict:
+    """The in-process runs' shared run config: the tiny vision model on the sample data, one
+    thread, CPU; ``over`` sets each test's own keys."""
+    return {"feature-maps": 8, "lora-rank": 4, "local-epochs": 1, "max-examples-per-client": 32,
+            "batch-size": 16, "eval-max-examples": 64, "dataset": "npz", "partitioner": "iid",
+            "client-threads": 1, "device": "cpu", "data-dir": sample_dir, **over}
+
+
 def test_step_is_the_staleness_weighted_mean_computed_by_hand(task_identity):
     """One step over a buffer of three updates with staleness 0, 1 and 3: the new global is
     g + Σ n_i/N · Δ_i/√(1+s_i) with N = Σ n_i (FedBuff's scaled, examples-weighted step),
@@ -371,14 +379,12 @@ def test_server_app_runs_async_with_the_real_client_app(tmp_path, sample_dir, ta
     from fedlora.results import read_rounds
     from fedlora.server_app import run
 
-    rc = {"num-server-rounds": 3, "feature-maps": 8, "lora-rank": 4, "local-epochs": 1,
-          "max-examples-per-client": 32, "batch-size": 16, "eval-max-examples": 64,
-          "min-available-nodes": 3, "dataset": "npz", "partitioner": "iid",
-          "client-threads": 1, "device": "cpu", "data-dir": sample_dir,
-          "run-dir": str(tmp_path), "run-name": "a", "method": "flocora", "upload": "delta",
-          "aggregation-mode": "async", "buffer-size": 2, "download": "delta",
-          "codec-up": "affine:4", "codec-down": "affine:8", "error-feedback": True,
-          "straggler-fraction": 0.34, "straggler-slowdown": 2.0, "async-order": "simulated"}
+    rc = tiny_vision(sample_dir, **{
+        "num-server-rounds": 3, "min-available-nodes": 3, "run-dir": str(tmp_path),
+        "run-name": "a", "method": "flocora", "upload": "delta", "aggregation-mode": "async",
+        "buffer-size": 2, "download": "delta", "codec-up": "affine:4", "codec-down": "affine:8",
+        "error-feedback": True, "straggler-fraction": 0.34, "straggler-slowdown": 2.0,
+        "async-order": "simulated"})
     checked = validate.check(rc, light=True)
     grid = InProcessAsyncGrid(checked)
     summary = run(grid, RunConfig.from_run_config(checked))
@@ -476,13 +482,11 @@ def test_flower_simulation_runs_async_steps(tmp_path, sample_dir):
     exits 0 and leaves no process behind."""
     from conftest import simulate
 
-    rc = {"num-server-rounds": 4, "feature-maps": 8, "lora-rank": 4, "local-epochs": 1,
-          "max-examples-per-client": 32, "batch-size": 16, "eval-max-examples": 64,
-          "min-available-nodes": 2, "dataset": "npz", "partitioner": "iid",
-          "client-threads": 1, "device": "cpu", "data-dir": sample_dir, "method": "fl-lora",
-          "upload": "delta", "download": "delta", "codec-up": "affine:4",
-          "aggregation-mode": "async", "buffer-size": 1, "staleness-limit": 8,
-          "straggler-fraction": 0.5, "straggler-slowdown": 10.0, "eval-every": 2}
+    rc = tiny_vision(sample_dir, **{
+        "num-server-rounds": 4, "min-available-nodes": 2, "method": "fl-lora",
+        "upload": "delta", "download": "delta", "codec-up": "affine:4",
+        "aggregation-mode": "async", "buffer-size": 1, "staleness-limit": 8,
+        "straggler-fraction": 0.5, "straggler-slowdown": 10.0, "eval-every": 2})
     recs, meta, run_dir, out = simulate(tmp_path, rc)
     steps = [r for r in recs if r["round"] >= 1]
     assert [r["version"] for r in steps] == [1, 2, 3, 4]
@@ -615,13 +619,11 @@ def test_async_run_resumes_after_a_crash(tmp_path, sample_dir, task_identity):
     from fedlora.results import read_rounds
     from fedlora.server_app import run
 
-    rc = {"num-server-rounds": 4, "feature-maps": 8, "lora-rank": 4, "local-epochs": 1,
-          "max-examples-per-client": 32, "batch-size": 16, "eval-max-examples": 64,
-          "min-available-nodes": 3, "dataset": "npz", "partitioner": "iid",
-          "client-threads": 1, "device": "cpu", "data-dir": sample_dir,
-          "run-dir": str(tmp_path), "run-name": "r", "method": "fedavg", "upload": "delta",
-          "aggregation-mode": "async", "buffer-size": 2, "download": "delta",
-          "codec-up": "affine:8", "async-order": "simulated"}
+    rc = tiny_vision(sample_dir, **{
+        "num-server-rounds": 4, "min-available-nodes": 3, "run-dir": str(tmp_path),
+        "run-name": "r", "method": "fedavg", "upload": "delta", "aggregation-mode": "async",
+        "buffer-size": 2, "download": "delta", "codec-up": "affine:8",
+        "async-order": "simulated"})
     checked = validate.check(rc, light=True)
     grid = CrashingAsyncGrid(checked, crash_at=3)
     with pytest.raises(Crash):
@@ -753,13 +755,11 @@ def test_without_straggler_sleep_the_real_client_app_does_not_sleep(tmp_path, sa
     slept = []
     monkeypatch.setattr(straggler.TimedTask, "slow_down",
                         lambda self, factor, sleep=None: slept.append(factor) or 0.0)
-    rc = {"num-server-rounds": 2, "feature-maps": 8, "lora-rank": 4, "local-epochs": 1,
-          "max-examples-per-client": 16, "batch-size": 16, "eval-max-examples": 32,
-          "min-available-nodes": 3, "min-train-nodes": 3, "fraction-train": 1.0,
-          "dataset": "npz", "partitioner": "iid", "client-threads": 1, "device": "cpu",
-          "data-dir": sample_dir, "run-dir": str(tmp_path), "run-name": "a",
-          "method": "fedavg", "straggler-fraction": 1.0, "straggler-slowdown": 1000.0,
-          "straggler-sleep": False}
+    rc = tiny_vision(sample_dir, **{
+        "num-server-rounds": 2, "max-examples-per-client": 16, "eval-max-examples": 32,
+        "min-available-nodes": 3, "min-train-nodes": 3, "fraction-train": 1.0,
+        "run-dir": str(tmp_path), "run-name": "a", "method": "fedavg",
+        "straggler-fraction": 1.0, "straggler-slowdown": 1000.0, "straggler-sleep": False})
     checked = validate.check(rc, light=True)
     run(InProcessSyncGrid(checked), RunConfig.from_run_config(checked))
     steps = [r for r in read_rounds(tmp_path / "a") if r["round"] >= 1]
