@@ -405,12 +405,10 @@ def _plot(suite: str, out: Path, rows: list[dict], perplexity: bool = False) -> 
                     color=colour, markersize=11 if r["pareto"] else 6,
                     markeredgecolor="k" if r["pareto"] else colour, capsize=2)
     groups: dict = {}
-    for r in rows:
+    for r in ([] if perplexity else rows):  # the fronts and base lines are accuracy's
         groups.setdefault(r["baseline"], []).append(r)
     by_name = {r["name"]: r for r in rows}
     for g, (base, members) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        if perplexity:
-            break
         style = ("--", ":", "-.")[g % 3]
         front = sorted((r["mb"], r["final_mean"]) for r in members if r["pareto"])
         if len(front) > 1:
