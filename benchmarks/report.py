@@ -98,6 +98,8 @@ def mixed_versions(rows: list[dict]) -> dict[str, list]:
 
 def _codec_text(rc: dict) -> str:
     up = rc.get("codec-up", "fp32") + (" +EF" if rc.get("error-feedback") else "")
+    if rc.get("secure-aggregation"):  # the upload is masked ring integers, not the codec's bytes
+        up = f"secagg {rc.get('secagg-bits', 16)}-bit"
     down = rc.get("codec-down", "fp32")
     if rc.get("download") == "delta":
         down = f"Δ {down}"

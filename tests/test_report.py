@@ -277,3 +277,12 @@ def test_simulated_time_to_the_target_where_runs_keep_the_simulated_clock(suite)
                ["configurations"]}
     assert summary["small"]["time_to_base_minus_1pt"] == pytest.approx(7.0)
     assert summary["bad"]["seeds_reaching_time"] == 0
+
+
+def test_a_secure_upload_is_labelled_by_its_ring_not_by_the_codec_it_replaces():
+    from benchmarks.report import _codec_text
+
+    plain = {"codec-up": "fp32", "upload": "delta"}
+    assert _codec_text(plain) == "fp32 / fp32"
+    assert _codec_text({**plain, "secure-aggregation": True, "secagg-bits": 12}) == \
+        "fp32 / secagg 12-bit"
