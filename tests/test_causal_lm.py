@@ -520,14 +520,32 @@ def test_other_families_run_a_compressed_round(root, alpaca_dir, task_identity, 
     assert recs[2]["payload_up"] < 0.2 * fp32       # ~1 bit a value both ways
 
 
-def test_local_dp_round(root, alpaca_dir, task_identity):
-    """Local DP (clip + noise at the node) on a causal LM: the round completes, ε recorded."""
-    name = "dp-local"
-    server_run(base_rc(root, alpaca_dir, **{"run-name": name, "dp": "local", "dp-clip": 0.5,
-                                            "upload": "delta", "dp-noise-multiplier": 0.1}),
-               node_ids=(1, 2))
+@pytest.mark.parametrize("dp", ["local", "central"])
+def test_dp_round(root, alpaca_dir, task_identity, dp):
+    """Local DP (clip + noise at the node) and central DP (nodes clip, the server noises the
+    sum) on a causal LM: the round completes with both replies, ε recorded."""
+    name = f"dp-{dp}"
+    rc = base_rc(root, alpaca_dir, **{"run-name": name, "dp": dp, "dp-clip": 0.5,
+                                      "upload": "delta", "dp-noise-multiplier": 0.1})
+    if dp == "central":  # a fixed clip: no norm bound from the other clients' norms
+        rc.update({"norm-bound-factor": 0, "update-norm-bound": 0})
+    check(rc, hub_offline=True)
+    server_run(rc, node_ids=(1, 2))
     rec = records(root / "runs" / name)[1]
-    assert rec["clients"] == 2 and any(k.startswith("dp_") for k in rec)
+    assert rec["clients"] == 2 and rec["dropped"] == 0 and any(k.startswith("dp_") for k in rec)
+
+
+def test_tiers_round(root, alpaca_dir, task_identity):
+    """Per-tier FLASC densities and upload codecs on a causal LM (tier-map over the two nodes):
+    the round completes and the low tier's upload is the smaller one."""
+    name = "tiers"
+    server_run(base_rc(root, alpaca_dir, method="flasc", **{
+        "run-name": name, "tier-map": "0,1", "tier-density": "0.25,1",
+        "tier-codec-up": "affine:4|zstd,fp32"}), node_ids=(1, 2))
+    rec = records(root / "runs" / name)[1]
+    assert rec["clients"] == 2 and rec["dropped"] == 0 and rec["failures"] == 0
+    up = rec["bytes_up_per_node"]
+    assert len(up) == 2 and min(up.values()) < 0.3 * max(up.values())
 
 
 def test_resume_and_peft_interop_and_generations(root, alpaca_dir, task_identity):
