@@ -507,17 +507,19 @@ def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, family,
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_other_families_run_a_compressed_round(root, alpaca_dir, task_identity, family):
     """GPT-2 (Conv1D) and GPT-NeoX through a round with 1-bit delta uploads, delta downloads and
-    error feedback at both ends."""
+    error feedback at both ends; with eval-every=2 the held-out perplexity is recorded before
+    round 1 and after round 2 only, and the summary's final_perplexity is the last one."""
     name = f"f-{family}"
-    server_run(base_rc(root, alpaca_dir, model=str(model_dir(root, family)),
-                       **{"run-name": name, "num-server-rounds": 2, "upload": "delta",
-                          "download": "delta", "codec-up": "sign:tensor|zstd",
-                          "codec-down": "sign:tensor|zstd", "codec-down-full": "affine:8|zstd",
-                          "error-feedback": True}), node_ids=(1, 2))
+    summary = server_run(base_rc(root, alpaca_dir, model=str(model_dir(root, family)), **{
+        "run-name": name, "num-server-rounds": 2, "eval-every": 2, "upload": "delta",
+        "download": "delta", "codec-up": "sign:tensor|zstd", "codec-down": "sign:tensor|zstd",
+        "codec-down-full": "affine:8|zstd", "error-feedback": True}), node_ids=(1, 2))
     recs = records(root / "runs" / name)
     assert [r["clients"] for r in recs[1:]] == [2, 2] and not any(r["dropped"] for r in recs)
     fp32 = 4 * recs[1]["params_up"]
     assert recs[2]["payload_up"] < 0.2 * fp32       # ~1 bit a value both ways
+    assert [r.get("perplexity") is not None for r in recs] == [True, False, True]
+    assert summary["final_perplexity"] == recs[2]["perplexity"]
 
 
 @pytest.mark.parametrize("dp", ["local", "central"])
