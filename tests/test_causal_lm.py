@@ -491,7 +491,7 @@ def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, family,
     """The real ServerApp and ClientApp (in process, 2 nodes): one round with every reply
     aggregated, a held-out loss and perplexity recorded before and after it, for each LoRA
     method on a Llama, a GPT-2 (Conv1D) and a GPT-NeoX model (FLoCoRA and full fine-tuning on
-    Llama)."""
+    Llama: its final model saved as a Hugging Face folder that loads and scores the same)."""
     name = f"m-{family}-{method}"
     server_run(base_rc(root, alpaca_dir, method=method, model=str(model_dir(root, family)),
                        **{"run-name": name}, **METHOD_KW.get(method, {})), node_ids=(1, 2))
@@ -502,6 +502,17 @@ def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, family,
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"])) and r["loss"] > 0
         assert 0.0 <= r["accuracy"] <= 1.0              # next-token accuracy
     assert recs[1]["loss"] != recs[0]["loss"]       # the global model changed
+    if method == "fedavg":  # full fine-tuning: <run>/model, loadable as it is (same final loss)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from fedlora.tasks.causal import CausalLMTask, evaluate
+
+        folder = root / "runs" / name / "model"
+        AutoTokenizer.from_pretrained(str(folder))
+        saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        task = CausalLMTask(RunConfig.from_run_config(base_rc(root, alpaca_dir)))
+        assert evaluate(saved, *task.test_data())["loss"] == pytest.approx(recs[1]["loss"],
+                                                                           rel=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
