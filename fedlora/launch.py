@@ -1494,6 +1494,7 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
     created: the whole config (:func:`fedlora.validate.check`, relative paths against this
     directory), the node counts, and ``--work-dir``/``run-name`` (a deployment's folder is
     ``<work-dir>/<run-name>``, which must stay inside ``--work-dir``)."""
+    from .config import RunConfig
     from .validate import check
 
     if args.nodes < 1:
@@ -1523,6 +1524,14 @@ def prepare(args: argparse.Namespace, light: bool = False) -> tuple[dict[str, An
     rc.setdefault("run-name", time.strftime("%Y%m%d-%H%M%S"))
     rc = check(rc, cwd=os.getcwd(), light=light, hub_offline=hub_offline())
     check_eval_data(rc)  # the ServerApp's test split, on this (the SuperLink's) host
+    cfg = RunConfig.from_run_config(dict(rc))
+    if args.cmd == "sim" and cfg.task == "causal-lm" and cfg.partitioner == "natural":
+        from .tasks import lm_data  # a simulation has one partition per node
+
+        try:
+            lm_data.check_natural(cfg.data_dir, cfg.partition_column, args.nodes)
+        except lm_data.DataError as err:
+            raise ValueError(str(err)) from None
     base = Path(args.work_dir).expanduser().resolve()
     if base.exists() and not base.is_dir():
         raise ValueError(f"--work-dir {str(base)!r} is not a folder")

@@ -142,6 +142,9 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     load_state(model, final)
     if method.Strategy.adapter:
         model.save_pretrained(str(run_dir / "adapter"))
+    elif cfg.task == "causal-lm":  # full fine-tuning: a model folder an external harness loads
+        model.save_pretrained(str(run_dir / "model"))
+        task.tokenizer.save_pretrained(str(run_dir / "model"))
     torch.save({"state_dict": model.state_dict(), "travelling": final, "meta": meta},
                run_dir / "checkpoint.pt")
     summary = recorder.finish({"run_dir": str(run_dir), "method": cfg.method,

@@ -416,6 +416,10 @@ def _check_task(cfg: RunConfig, out: dict[str, Any], base: Path) -> None:
         return
     if cfg.quantize != "none":
         raise ConfigError(f"quantize={cfg.quantize!r} is for task='causal-lm'")
+    for key in ("gradient-checkpointing", "packing", "generate-prompts"):  # else ignored
+        if getattr(cfg, key.replace("-", "_")):
+            raise ConfigError(f"run-config {key!r} is for task='causal-lm' (task is "
+                              f"{cfg.task!r})")
     if cfg.task == "vision":
         if cfg.model not in VISION_MODELS:
             raise ConfigError(f"run-config 'model' must be one of {list(VISION_MODELS)} for "
@@ -477,6 +481,9 @@ def _check_causal(cfg: RunConfig, out: dict[str, Any], base: Path) -> None:
         except lm_data.DataError as err:
             raise ConfigError(str(err)) from None
     if cfg.quantize != "none":
+        if cfg.method == "fedavg":  # fedlora/tasks/causal.py: build_model refuses it too
+            raise ConfigError(f"quantize={cfg.quantize!r}: a quantized base cannot be fully "
+                              "fine-tuned (method 'fedavg'); use a LoRA method")
         _check_quantize(cfg)
 
 

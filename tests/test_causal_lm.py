@@ -72,19 +72,26 @@ def tiny_encoder(kind: str):
 
 def tiny_decoder(kind: str):
     from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
+                              SmolLM3ForCausalLM)
 
     common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                  pad_token_id=0)
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common))
+    if kind == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common))
+    if kind == "smollm3":  # SmolLM 1 and 2 are LlamaForCausalLM; SmolLM3 has its own class
+        return SmolLM3ForCausalLM(SmolLM3Config(**common))
     if kind == "mistral":
         return MistralForCausalLM(MistralConfig(**common))
     return lm_tiny.model(kind, 50, 0)
 
 
 @pytest.mark.parametrize("kind,family", [
-    ("llama", "llama"), ("qwen2", "llama"), ("mistral", "llama"), ("gpt2", "gpt2"),
+    ("llama", "llama"), ("qwen2", "llama"), ("qwen3", "llama"), ("mistral", "llama"),
+    ("smollm3", "llama"), ("gpt2", "gpt2"),
     ("gpt_neox", "gpt_neox"), ("bert", "bert"), ("distilbert", "distilbert")])
 def test_automatic_targets_are_each_familys_projections(kind, family):
     """The rule (every Linear/Conv1D inside the repeated blocks) yields the usual per-family list,
@@ -230,8 +237,9 @@ def test_chat_fallback_without_template(tmp_path):
 
 
 def test_csv_and_parquet_read_like_jsonl(tmp_path):
-    """The same alpaca rows from JSONL, CSV and parquet (and a chat whose messages are JSON text
-    in a CSV cell) tokenize to the same ids and labels."""
+    """The same alpaca rows from JSONL, CSV, parquet and gzipped JSONL (and a chat whose
+    messages are JSON text in a CSV cell, or a list of structs in parquet) tokenize to the same
+    ids and labels."""
     import csv
 
     import pyarrow as pa
@@ -257,6 +265,18 @@ def test_csv_and_parquet_read_like_jsonl(tmp_path):
                             tok, 1024)
     b = lm_data.encode_rows(rows_of(tmp_path, chats, "c.jsonl"), np.arange(2), "auto", tok, 1024)
     assert a.fmt == "chat" and a.ids == b.ids and a.labels == b.labels
+    # a chat in parquet (messages: a list of structs) and alpaca rows in .jsonl.gz
+    import gzip
+
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "c.parquet")
+    c = lm_data.encode_rows(lm_data.read_rows(str(tmp_path / "c.parquet")), np.arange(2),
+                            "auto", tok, 1024)
+    assert c.fmt == "chat" and c.ids == b.ids and c.labels == b.labels
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    gz = lm_data.encode_rows(lm_data.read_rows(str(tmp_path / "a.jsonl.gz")), np.arange(6),
+                             "auto", tok, 512)
+    assert gz.ids == encs[0].ids and gz.labels == encs[0].labels
 
 
 def test_text_layout_and_packing(tmp_path):
@@ -317,6 +337,14 @@ BAD = [
      r"train\.parquet: not a parquet file"),
     ("csv-missing-column", lambda d: (d / "train.csv").write_text(
         "instruction,output\na,b\nc,\n"), r"train\.csv row 2: empty response"),
+    ("content-parts", lambda d: lm_tiny.write_jsonl(d / "train.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                      {"role": "assistant", "content": "yo"}]}]),
+     r"train\.jsonl:2: message 0's 'content' is a list, not text"),
+    ("object-cell", lambda d: lm_tiny.write_jsonl(d / "train.jsonl", [
+        {"instruction": "a", "output": {"answer": "b"}}]),
+     r"train\.jsonl:1: column 'output' holds a dict, not text"),
     ("test-split-bad", lambda d: (lm_tiny.write_jsonl(d / "train.jsonl", [{"text": "a b"}]),
                                   lm_tiny.write_jsonl(d / "test.jsonl", [{"txt": "a"}])),
      r"test\.jsonl:1: missing column 'text'"),
@@ -351,7 +379,8 @@ def test_all_truncated_responses_refused_before_training(root, alpaca_dir):
 
 def test_config_checks_of_the_causal_task(root, alpaca_dir, tmp_path):
     """Refused with one line: no model folder, a vision model, natural/dirichlet without a
-    column, a quantized base on a CPU (bitsandbytes runs on CUDA only)."""
+    column, a quantized base on a CPU (bitsandbytes runs on CUDA only) or fully fine-tuned,
+    a causal-LM-only key on another task (it would be ignored)."""
     ok = check(base_rc(root, alpaca_dir), hub_offline=True)
     assert ok["model"] == str(model_dir(root))
     cases = [({"model": str(tmp_path / "none")}, "is not a Hugging Face model folder"),
@@ -360,6 +389,9 @@ def test_config_checks_of_the_causal_task(root, alpaca_dir, tmp_path):
              ({"partitioner": "natural", "partition-column": "nope"},
               "missing partition column 'nope'"),
              ({"quantize": "4bit"}, "quantize='4bit' needs a CUDA GPU with bitsandbytes"),
+             ({"quantize": "8bit", "method": "fedavg"}, "cannot be fully fine-tuned"),
+             ({"task": "text", "dataset": "bbc-news", "model": "minilm", "data-dir": "",
+               "gradient-checkpointing": True}, "'gradient-checkpointing' is for task='causal"),
              ({"data-dir": ""}, "needs run-config 'data-dir'")]
     for kw, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -394,7 +426,7 @@ def test_eval_loss_is_hf_loss_on_labelled_tokens_and_training_lowers_it(root, al
 
 def test_gradient_checkpointing_same_gradients_and_bf16_autocast(root, alpaca_dir):
     """gradient-checkpointing recomputes activations: the LoRA gradients equal those without it;
-    autocast-bf16 gives a close loss."""
+    autocast-bf16 gives a close loss, in evaluation and in local training on the CPU."""
     from fedlora.tasks.causal import CausalLMTask, batch_of, evaluate, token_losses
 
     grads = []
@@ -416,6 +448,19 @@ def test_gradient_checkpointing_same_gradients_and_bf16_autocast(root, alpaca_di
     feats, y = task.test_data()
     fp32, bf16 = evaluate(model, feats, y), evaluate(model, feats, y, autocast=True)
     assert abs(fp32["loss"] - bf16["loss"]) < 0.1
+    # training under autocast-bf16 runs on the CPU too (torch's CPU autocast): the same first
+    # step's loss as fp32 to bf16 precision, and the LoRA factors move and stay finite
+    losses = []
+    for bf in (False, True):
+        task = CausalLMTask(RunConfig.from_run_config(base_rc(
+            root, alpaca_dir, **{"autocast-bf16": bf})))
+        model = task.new_model(adapter=True)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        losses.append(task.train(model, task.client_data(0, 2), seed=0)["train-loss"])
+        after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(torch.isfinite(after[n]).all() for n in after)
+        assert any(not torch.equal(before[n], after[n]) for n in after)
+    assert losses[0] != losses[1] and losses[1] == pytest.approx(losses[0], abs=0.1)
 
 
 # ------------------------------------------------------------------------------ full rounds
@@ -446,7 +491,7 @@ def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, family,
     """The real ServerApp and ClientApp (in process, 2 nodes): one round with every reply
     aggregated, a held-out loss and perplexity recorded before and after it, for each LoRA
     method on a Llama, a GPT-2 (Conv1D) and a GPT-NeoX model (FLoCoRA and full fine-tuning on
-    Llama)."""
+    Llama: its final model saved as a Hugging Face folder that loads and scores the same)."""
     name = f"m-{family}-{method}"
     server_run(base_rc(root, alpaca_dir, method=method, model=str(model_dir(root, family)),
                        **{"run-name": name}, **METHOD_KW.get(method, {})), node_ids=(1, 2))
@@ -457,32 +502,63 @@ def test_every_method_runs_a_real_round(root, alpaca_dir, task_identity, family,
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"])) and r["loss"] > 0
         assert 0.0 <= r["accuracy"] <= 1.0              # next-token accuracy
     assert recs[1]["loss"] != recs[0]["loss"]       # the global model changed
+    if method == "fedavg":  # full fine-tuning: <run>/model, loadable as it is (same final loss)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from fedlora.tasks.causal import CausalLMTask, evaluate
+
+        folder = root / "runs" / name / "model"
+        AutoTokenizer.from_pretrained(str(folder))
+        saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        task = CausalLMTask(RunConfig.from_run_config(base_rc(root, alpaca_dir)))
+        assert evaluate(saved, *task.test_data())["loss"] == pytest.approx(recs[1]["loss"],
+                                                                           rel=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_other_families_run_a_compressed_round(root, alpaca_dir, task_identity, family):
     """GPT-2 (Conv1D) and GPT-NeoX through a round with 1-bit delta uploads, delta downloads and
-    error feedback at both ends."""
+    error feedback at both ends; with eval-every=2 the held-out perplexity is recorded before
+    round 1 and after round 2 only, and the summary's final_perplexity is the last one."""
     name = f"f-{family}"
-    server_run(base_rc(root, alpaca_dir, model=str(model_dir(root, family)),
-                       **{"run-name": name, "num-server-rounds": 2, "upload": "delta",
-                          "download": "delta", "codec-up": "sign:tensor|zstd",
-                          "codec-down": "sign:tensor|zstd", "codec-down-full": "affine:8|zstd",
-                          "error-feedback": True}), node_ids=(1, 2))
+    summary = server_run(base_rc(root, alpaca_dir, model=str(model_dir(root, family)), **{
+        "run-name": name, "num-server-rounds": 2, "eval-every": 2, "upload": "delta",
+        "download": "delta", "codec-up": "sign:tensor|zstd", "codec-down": "sign:tensor|zstd",
+        "codec-down-full": "affine:8|zstd", "error-feedback": True}), node_ids=(1, 2))
     recs = records(root / "runs" / name)
     assert [r["clients"] for r in recs[1:]] == [2, 2] and not any(r["dropped"] for r in recs)
     fp32 = 4 * recs[1]["params_up"]
     assert recs[2]["payload_up"] < 0.2 * fp32       # ~1 bit a value both ways
+    assert [r.get("perplexity") is not None for r in recs] == [True, False, True]
+    assert summary["final_perplexity"] == recs[2]["perplexity"]
 
 
-def test_local_dp_round(root, alpaca_dir, task_identity):
-    """Local DP (clip + noise at the node) on a causal LM: the round completes, ε recorded."""
-    name = "dp-local"
-    server_run(base_rc(root, alpaca_dir, **{"run-name": name, "dp": "local", "dp-clip": 0.5,
-                                            "upload": "delta", "dp-noise-multiplier": 0.1}),
-               node_ids=(1, 2))
+@pytest.mark.parametrize("dp", ["local", "central"])
+def test_dp_round(root, alpaca_dir, task_identity, dp):
+    """Local DP (clip + noise at the node) and central DP (nodes clip, the server noises the
+    sum) on a causal LM: the round completes with both replies, ε recorded."""
+    name = f"dp-{dp}"
+    rc = base_rc(root, alpaca_dir, **{"run-name": name, "dp": dp, "dp-clip": 0.5,
+                                      "upload": "delta", "dp-noise-multiplier": 0.1})
+    if dp == "central":  # a fixed clip: no norm bound from the other clients' norms
+        rc.update({"norm-bound-factor": 0, "update-norm-bound": 0})
+    check(rc, hub_offline=True)
+    server_run(rc, node_ids=(1, 2))
     rec = records(root / "runs" / name)[1]
-    assert rec["clients"] == 2 and any(k.startswith("dp_") for k in rec)
+    assert rec["clients"] == 2 and rec["dropped"] == 0 and any(k.startswith("dp_") for k in rec)
+
+
+def test_tiers_round(root, alpaca_dir, task_identity):
+    """Per-tier FLASC densities and upload codecs on a causal LM (tier-map over the two nodes):
+    the round completes and the low tier's upload is the smaller one."""
+    name = "tiers"
+    server_run(base_rc(root, alpaca_dir, method="flasc", **{
+        "run-name": name, "tier-map": "0,1", "tier-density": "0.25,1",
+        "tier-codec-up": "affine:4|zstd,fp32"}), node_ids=(1, 2))
+    rec = records(root / "runs" / name)[1]
+    assert rec["clients"] == 2 and rec["dropped"] == 0 and rec["failures"] == 0
+    up = rec["bytes_up_per_node"]
+    assert len(up) == 2 and min(up.values()) < 0.3 * max(up.values())
 
 
 def test_resume_and_peft_interop_and_generations(root, alpaca_dir, task_identity):
@@ -527,6 +603,41 @@ def test_resume_and_peft_interop_and_generations(root, alpaca_dir, task_identity
         merged = peft_model.merge_and_unload()(**x).logits
     assert torch.allclose(want, got, atol=1e-5) and torch.allclose(want, merged, atol=1e-4)
     assert all(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.parametrize("family,method", [("gpt2", "fl-lora"), ("gpt_neox", "hetlora")])
+def test_saved_adapter_loads_in_peft_for_conv1d_and_heterogeneous_ranks(
+        root, alpaca_dir, task_identity, family, method):
+    """The external-harness hook (``<run>/adapter``) beyond Llama + FL-LoRA: GPT-2's transposed
+    Conv1D targets (peft's ``fan_in_fan_out``) and HetLoRA's per-tier ranks (the global adapter
+    at the full rank) load with ``PeftModel.from_pretrained`` pointing at the model folder
+    named in ``adapter_config.json``, and give fedlora's logits, merged too."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.tasks.causal import CausalLMTask
+
+    name = f"peft-{family}-{method}"
+    rc = base_rc(root, alpaca_dir, method=method, model=str(model_dir(root, family)),
+                 **{"run-name": name, "lr": 5e-2}, **METHOD_KW.get(method, {}))
+    server_run(rc, node_ids=(1, 2))
+    run = root / "runs" / name
+    acfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == str(model_dir(root, family))
+    assert acfg["r"] == 4 and acfg["fan_in_fan_out"] == (family == "gpt2")
+    task = CausalLMTask(RunConfig.from_run_config(rc))
+    ours = task.new_model(adapter=True)
+    ours.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False)["state_dict"])
+    base = AutoModelForCausalLM.from_pretrained(acfg["base_model_name_or_path"],
+                                                dtype=torch.float32)
+    x = task.test_data()[0]
+    with torch.no_grad():
+        plain = base(**x).logits
+        peft_model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+        want, got = ours.eval()(**x).logits, peft_model(**x).logits
+        merged = peft_model.merge_and_unload()(**x).logits
+    assert not torch.allclose(want, plain, atol=1e-3)  # the adapter changed the model
+    assert torch.allclose(want, got, atol=1e-5) and torch.allclose(want, merged, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -581,6 +692,35 @@ def test_evidence_suite_configs_pass_on_prepared_inputs(root, tmp_path, monkeypa
     assert spec["seeds"] == [1, 2, 3] and len(spec["runs"]) >= 5
     for name, rc in spec["runs"].items():
         check(rc, hub_offline=True)
+
+
+def test_natural_partition_with_too_few_users_refused_by_the_launcher(root, tmp_path):
+    """``partitioner='natural'`` gives each node of a simulation one value of the partition
+    column at least: with fewer distinct values in the training rows than ``--nodes`` the
+    launcher refuses in one line naming the file, before any Flower process (a node without a
+    user would otherwise fail in round 1, after the others trained)."""
+    import argparse
+
+    from fedlora import launch
+
+    d = tmp_path / "users"
+    lm_tiny.write_jsonl(d / "train.jsonl", lm_tiny.alpaca_rows(40))  # users u0..u4
+    lm_tiny.write_jsonl(d / "test.jsonl", lm_tiny.alpaca_rows(4))
+
+    def prepare(nodes):
+        return launch.prepare(argparse.Namespace(
+            cmd="sim", nodes=nodes, cpus_per_node=1, gpus_per_node=0,
+            work_dir=str(tmp_path / "w"), resume=None, preset=None, overrides=[
+                'task="causal-lm"', f'model="{model_dir(root)}"', f'data-dir="{d}"',
+                'partitioner="natural"', 'partition-column="user"', f'run-dir="{tmp_path}"',
+                "min-available-nodes=2", "min-train-nodes=2"]), light=True)
+
+    prepare(5)
+    with pytest.raises(ValueError, match=r"train\.jsonl: partitioner 'natural': 5 distinct "
+                                         r"value\(s\) of partition column 'user' in the "
+                                         r"training rows for 6 partitions") as err:
+        prepare(6)
+    assert "\n" not in str(err.value)
 
 
 def test_flowertune_preset_needs_a_model_folder_and_data(root, alpaca_dir, tmp_path):

@@ -153,6 +153,14 @@ def _text(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _not_text(v: Any) -> str:
+    """'' for a cell that reads as text (a string, a number, null), else what it is: a list or
+    an object would otherwise be rendered as its Python repr."""
+    if v is None or isinstance(v, (str, int, float)):
+        return ""
+    return "a list" if isinstance(v, (list, tuple)) else f"a {type(v).__name__}"
+
+
 def messages_of(rows: Rows, i: int) -> list[dict]:
     """Row ``i``'s chat, checked: a list of {role, content} with at least one non-empty
     assistant turn."""
@@ -172,6 +180,10 @@ def messages_of(rows: Rows, i: int) -> list[dict]:
         if m["role"] not in ROLES:
             raise DataError(f"{rows.where(i)}: message {j} has role {m['role']!r}, not one of "
                             f"{list(ROLES)}")
+        kind = _not_text(m["content"])
+        if kind:
+            raise DataError(f"{rows.where(i)}: message {j}'s 'content' is {kind}, not text "
+                            "(content parts, e.g. images, are not supported)")
         out.append({"role": str(m["role"]), "content": _text(m["content"])})
     answers = [m for m in out if m["role"] == "assistant"]
     if not answers:
@@ -193,6 +205,10 @@ def check_rows(rows: Rows, fmt: str, column: str = "") -> str:
                 what = "partition column" if col == column and col not in need else "column"
                 raise DataError(f"{rows.where(i)}: missing {what} {col!r} (layout {fmt!r} needs "
                                 f"{', '.join(need)}; the row has {sorted(row)})")
+        for col in need + (("input",) if fmt == "alpaca" else ()):
+            kind = _not_text(row.get(col)) if col != "messages" else ""
+            if kind:
+                raise DataError(f"{rows.where(i)}: column {col!r} holds {kind}, not text")
         if fmt == "alpaca":
             if not _text(row["output"]).strip():
                 raise DataError(f"{rows.where(i)}: empty response ('output')")
@@ -393,6 +409,19 @@ def natural_partition(groups: list[str], num_partitions: int, partition_id: int,
     order = np.random.default_rng(seed).permutation(len(users))
     mine = {users[j] for pos, j in enumerate(order) if pos % num_partitions == partition_id}
     return np.asarray([i for i, g in enumerate(groups) if g in mine], dtype=np.int64)
+
+
+def check_natural(data_dir: str, column: str, num_partitions: int) -> None:
+    """The launcher's check of ``partitioner='natural'`` (no tokenizer): the training rows hold
+    at least one distinct value of ``column`` per partition; DataError naming the file
+    otherwise (a node left without one would fail in its first round, after training began)."""
+    rows, idx = split_rows(data_dir, "train")
+    users = {_text(rows.rows[i].get(column)) for i in idx.tolist()}
+    if len(users) < num_partitions:
+        raise DataError(f"{rows.path}: partitioner 'natural': {len(users)} distinct value(s) of "
+                        f"partition column {column!r} in the training rows for "
+                        f"{num_partitions} partitions (each needs one at least): fewer nodes, "
+                        "or another partitioner")
 
 
 def category_labels(groups: list[str]) -> np.ndarray:
