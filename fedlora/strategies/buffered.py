@@ -42,6 +42,8 @@ log = logging.getLogger("flwr.fedlora")
 
 #: seconds between two pulls when nothing arrived
 PULL_INTERVAL = 0.05
+#: why a reply that answers no task in flight to its source node is stray
+NOT_IN_FLIGHT = "it answers no train message in flight to this node: stale, second or forged"
 
 
 class StaleReply(ValueError):
@@ -190,15 +192,25 @@ class AsyncLoop:
 
     # ------------------------------------------------------------------ uplink
     def receive(self, msg: Message) -> None:
-        """Keep a pulled reply until its turn (a second reply to one message: stray at once)."""
-        mid = msg.metadata.reply_to_message_id or ""
-        if mid in self.arrived:  # the first reply to a message stands
-            self._stray(self.stats(), msg.metadata.src_node_id, msg,
-                        "a second reply to one train message")
-        elif mid not in self.in_flight:
-            self.on_reply(msg)  # stray (it answers no task in flight)
-        else:
-            self.arrived[mid] = msg
+        """Keep a pulled reply until its turn. Stray at once: a reply that answers no task in
+        flight to its source node (stale, forged: another node's task) and a second reply to
+        one message. The source is checked before the reply is kept, so a forged reply to
+        another node's task cannot take the place of that node's own reply."""
+        node: Any = None
+        try:
+            node = msg.metadata.src_node_id
+            mid = msg.metadata.reply_to_message_id or ""
+            task = self.in_flight.get(mid)
+            if task is not None and node == SUPERLINK_NODE_ID and msg.has_error():
+                node = task.node  # the SuperLink's error reply for a lost node
+            if task is None or task.node != node:
+                self._stray(self.stats(), node, msg, NOT_IN_FLIGHT)
+            elif mid in self.arrived:  # the first reply to a message stands
+                self._stray(self.stats(), node, msg, "a second reply to one train message")
+            else:
+                self.arrived[mid] = msg
+        except Exception as err:  # pragma: no cover - defence in depth (metadata unreadable)
+            self._stray(self.stats(), node, msg, f"unreadable reply: {type(err).__name__}")
 
     def process(self, grid: Grid, concurrency: int) -> None:
         """Process the replies whose turn has come (see the module docstring: ``arrival``: all
@@ -239,8 +251,7 @@ class AsyncLoop:
             if task is not None and node == SUPERLINK_NODE_ID and msg.has_error():
                 node = task.node  # the SuperLink's error reply for a lost node
             if task is None or task.node != node:
-                self._stray(st, node, msg, "it answers no train message in flight to this "
-                                           "node: stale, second or forged")
+                self._stray(st, node, msg, NOT_IN_FLIGHT)
                 return
             del self.in_flight[task.message_id]
             free = True
@@ -267,6 +278,11 @@ class AsyncLoop:
                 except Exception as err:  # node input never takes the ServerApp down
                     s.downlink.settle_node(node, False)
                     st.drop(node, err)
+                    # asked again after the next step, as a failed node: a node that answers
+                    # garbage at once is not served in a tight loop, and a run whose every
+                    # node does so ends after round-timeout instead of spinning
+                    self.backoff.append(node)
+                    free = False
                     return
                 s.downlink.settle_node(node, True)
                 st.payload_up[node] = st.payload_up.get(node, 0) + payload_bytes(
