@@ -639,6 +639,15 @@ def test_async_run_resumes_after_a_crash(tmp_path, sample_dir, task_identity):
     assert all(r["failures"] == 0 and r["dropped"] == 0 and r["clients"] == 2 for r in resumed)
     assert sorted(int(n) for n in resumed[0]["bytes_down_per_node"]) != [] and \
         resumed[0]["full_downloads"] == len(lost)
+    # what is promised: per-node download copies checkpointed (every node that answered), and
+    # the simulated clock and dispatch counter go on from the checkpoint
+    state = saved.state()
+    held = {int(n) for n, _, _ in state["strategy"]["downlink"]["held"]}
+    assert set(grid.ctx) - set(lost) <= held
+    assert state["async"]["clock"] == recs[2]["simulated_time"] > 0
+    times = [r["simulated_time"] for r in recs[1:]]
+    assert times == sorted(times) and times[2] > state["async"]["clock"]
+    assert checkpoint.latest(tmp_path / "r").state()["async"]["seq"] > state["async"]["seq"]
 
 
 # ------------------------------------------------------------------------------ simulated time
@@ -983,3 +992,39 @@ def test_same_seed_same_records_with_the_real_client_app(tmp_path, sample_dir, t
              for n in ("a", "b")]
     assert final[0].keys() == final[1].keys()
     assert all(np.array_equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_with_dp_a_node_answers_at_most_once_between_two_steps(task_identity):
+    """``dp=local``: each step is charged as one release per node (q = 1), so no node may send
+    two updates between two steps. Node 3's first task is slow and its reply comes back stale
+    (``staleness-limit`` 0): it must wait for the step like a node whose reply was buffered.
+    Sent new work at once, it used to answer again before that step, a second release in one
+    step's charge. Checked on every processed reply: (node, version it arrived at) never
+    repeats, and every step is still taken."""
+    class Schedule(dict):
+        """node 3: its first reply 4 pulls late, the later ones at once; node 4: 2 pulls."""
+
+        def get(self, node, default=0):
+            if node == 3:
+                self[3] = dict.get(self, 3, 0) + 1
+                return 4 if self[3] == 1 else 0
+            return 2 if node == 4 else default
+
+    s = make(buffer_size=3, dp="local", dp_noise_multiplier=1.0, dp_clip=0.5,
+             staleness_limit=0, norm_bound_factor=0.0, update_norm_bound=0.0)
+    grid = AsyncGrid([1, 2, 3, 4])
+    grid.delay = Schedule()  # (an empty dict is falsy: not through the constructor)
+    loop = AsyncLoop(s)
+    seen = []
+    orig = loop.on_reply
+
+    def spy(msg):
+        seen.append((msg.metadata.src_node_id, loop.version))
+        orig(msg)
+
+    loop.on_reply = spy
+    loop.run(grid, state_to_arrays(INIT), 5, timeout=60.0)
+    assert loop.version == 5
+    stale = [d for v in range(1, 6) for d in s.stats[v].dropped if "StaleReply" in d["reason"]]
+    assert any(d["node"] == 3 for d in stale)
+    assert len(seen) == len(set(seen)), seen

@@ -272,6 +272,11 @@ class AsyncLoop:
                     st.drop(node, StaleReply(
                         f"trained on version {task.version}, the global is at {self.version}: "
                         f"staleness {staleness} > staleness-limit {self.limit}"))
+                    if s.privacy.enabled:  # it released an update: one per node per step
+                        # (this cannot stall the buffer: the K nodes of the last step were sent
+                        # the current version, so their next replies are not stale)
+                        self.deferred.append(node)
+                        free = False
                     return
                 try:
                     up = s.decode_reply(task.step, msg)
