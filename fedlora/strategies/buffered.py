@@ -442,12 +442,29 @@ class AsyncLoop:
                 time.sleep(PULL_INTERVAL)
         if stop:
             log.warning("async: stopped after %d of %d steps: %s", self.version, num_steps, stop)
+            self._record_unfinished(stop)
         if self.in_flight:
             log.info("async: %d tasks still in flight at the end are abandoned",
                      len(self.in_flight))
         result.arrays = state_to_arrays(s._global)
         log.info("Strategy execution finished in %.2fs", time.time() - t0)
         return result
+
+    def _record_unfinished(self, why: str) -> None:
+        """The loop stopped early: the step being filled, if anything was sent or received for
+        it, is written as a step that changed nothing (``rejected``: why it stopped; the
+        replies it had buffered dropped with that reason), so its bytes, failures and drop
+        reasons are in the records, and a resume goes on after it."""
+        s, v = self.strategy, self.version + 1
+        st = s.stats.get(v)
+        if st is None or not (st.sent or st.received or st.stray or st.failures or st.dropped):
+            return
+        for b in self.buffer:
+            st.drop(b.update.node_id, RuntimeError(f"the async loop stopped before its step: "
+                                                   f"{why}"))
+        self.buffer, self.num_steps = [], v
+        st.rejected = f"stopped: {why}"[:500]
+        self.step()
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state for a checkpoint, taken at a step (the buffer is empty then):
