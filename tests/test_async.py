@@ -499,23 +499,10 @@ def test_second_and_unsolicited_replies_are_stray(task_identity):
     """A node that answers each train message twice, and a reply that answers no message this
     server sent: each extra one is dropped apart (``bytes_up_dropped``, a reason) and never
     buffered; the first reply to each message stands and every step happens."""
-    class Echo(AsyncGrid):
+    class Echo(Recorded):
         def pull_messages(self, message_ids):
             out = list(super().pull_messages(message_ids))
-            extra = []
-            for r in out:
-                if r.metadata.src_node_id == 1:
-                    twin = Message(r.content, reply_to=self._asked[r.metadata.reply_to_message_id])
-                    twin.metadata.__dict__["_src_node_id"] = 1
-                    extra.append(twin)
-            return out + extra
-
-        def push_messages(self, messages):
-            messages = list(messages)
-            ids = super().push_messages(messages)
-            self._asked = getattr(self, "_asked", {})
-            self._asked.update({m.metadata.message_id: m for m in messages})
-            return ids
+            return out + self.copies(out, of=1, sent_by=1)
 
     s = make(buffer_size=1)
     grid = Echo([1, 2])
@@ -803,6 +790,17 @@ class Recorded(AsyncGrid):
         self.asked.update({m.metadata.message_id: m for m in messages})
         return ids
 
+    def copies(self, replies, of, sent_by):
+        """A copy of each of node ``of``'s ``replies``, answering the same train message, as
+        if node ``sent_by`` sent it (its source, as the SuperLink would set it)."""
+        out = []
+        for r in replies:
+            if r.metadata.src_node_id == of:
+                c = Message(r.content, reply_to=self.asked[r.metadata.reply_to_message_id])
+                c.metadata.__dict__["_src_node_id"] = sent_by
+                out.append(c)
+        return out
+
 
 def test_a_forged_reply_to_another_nodes_task_does_not_displace_its_real_reply(task_identity):
     """Node 2 copies node 1's reply and sends it as its own answer to node 1's train message,
@@ -813,13 +811,7 @@ def test_a_forged_reply_to_another_nodes_task_does_not_displace_its_real_reply(t
     class Forger(Recorded):
         def pull_messages(self, message_ids):
             out = list(super().pull_messages(message_ids))
-            forged = []
-            for r in out:
-                if r.metadata.src_node_id == 1:
-                    f = Message(r.content, reply_to=self.asked[r.metadata.reply_to_message_id])
-                    f.metadata.__dict__["_src_node_id"] = 2
-                    forged.append(f)
-            return forged + out
+            return self.copies(out, of=1, sent_by=2) + out
 
     s = make(buffer_size=2)
     grid = Forger([1, 2])
@@ -1050,7 +1042,8 @@ def test_keyed_and_sparse_codecs_both_ways_with_the_real_client_app(tmp_path, sa
 
     rc = tiny_vision(sample_dir, **{
         "num-server-rounds": 2, "min-available-nodes": 3, "run-dir": str(tmp_path),
-        "max-examples-per-client": 16, "run-name": "k", "method": "fl-lora", "upload": "delta", "download": "delta",
+        "max-examples-per-client": 16, "run-name": "k", "method": "fl-lora", "upload": "delta",
+        "download": "delta",
         "aggregation-mode": "async", "buffer-size": 2, "codec-up": "eden:0.5",
         "error-feedback": True, "codec-down": "topk:0.5|affine:8",
         "codec-down-full": "affine:8", "eval-every": 2})
