@@ -960,8 +960,9 @@ def test_with_concurrency_0_every_node_trains_and_staleness_grows_as_documented(
 
 def test_same_seed_same_records_with_the_real_client_app(tmp_path, sample_dir, task_identity):
     """Issue 37 item 3: the real ServerApp and ClientApp in process, stragglers simulated
-    (``straggler-sleep=false``, ``async-order=simulated``), run twice with the same config and
-    seed but replies arriving differently (one node 2 pulls late, pulls shuffled): the records
+    (``straggler-sleep=false``), sync rounds (2 of 3 nodes sampled, replies reversed in one run)
+    and async (``async-order=simulated``), each run twice with the same config and seed but
+    replies arriving differently (async: one node 2 pulls late, pulls shuffled): the records
     are identical field for field, wall times aside (and ``checkpoint_bytes``: the file holds
     the records, wall times included), and so is the final global model, bit for bit."""
     import torch
@@ -969,21 +970,32 @@ def test_same_seed_same_records_with_the_real_client_app(tmp_path, sample_dir, t
     from fedlora.results import read_rounds
     from fedlora.server_app import run
 
-    def one(name, delay, shuffle):
+    def one(name, delay, shuffle, mode="async"):
         rc = tiny_vision(sample_dir, **{
             "num-server-rounds": 3, "min-available-nodes": 3, "run-dir": str(tmp_path),
             "run-name": name, "method": "fl-lora", "upload": "delta", "download": "delta",
-            "aggregation-mode": "async", "buffer-size": 2, "codec-up": "affine:8",
+            "aggregation-mode": mode, "buffer-size": 2, "codec-up": "affine:8",
             "straggler-fraction": 0.34, "straggler-slowdown": 3.0, "straggler-sleep": False,
-            "async-order": "simulated", "staleness-limit": 10, "eval-every": 3, "seed": 4})
+            "staleness-limit": 10, "eval-every": 3, "seed": 4, "fraction-train": 0.67,
+            "min-train-nodes": 2, **({"async-order": "simulated"} if mode == "async" else {})})
         checked = validate.check(rc, light=True)
-        grid = InProcessAsyncGrid(checked)
+        grid = (InProcessAsyncGrid if mode == "async" else ReversedSyncGrid)(checked)
         grid.delay, grid.shuffle = delay, shuffle
         run(grid, RunConfig.from_run_config(checked))
         # checkpoint_bytes: the file embeds the records, wall times and all
         return [{k: v for k, v in r.items() if k not in TIMING | {"checkpoint_bytes"}}
                 for r in read_rounds(tmp_path / name)]
 
+    class ReversedSyncGrid(InProcessSyncGrid):
+        """Sync rounds whose replies come back in reverse order every other call."""
+
+        def send_and_receive(self, messages, timeout=None):
+            out = super().send_and_receive(messages, timeout)
+            self.calls = getattr(self, "calls", 0) + 1
+            return out[::-1] if self.shuffle is not None and self.calls % 2 else out
+
+    sa, sb = one("sa", {}, None, "sync"), one("sb", {}, np.random.default_rng(3), "sync")
+    assert len(sa) == 4 and sa == sb and sa[-1]["simulated_time"] > 0
     a = one("a", {}, None)
     b = one("b", {102: 2}, np.random.default_rng(3))
     assert len(a) == 4 and a == b
