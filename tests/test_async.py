@@ -1065,3 +1065,29 @@ def test_keyed_and_sparse_codecs_both_ways_with_the_real_client_app(tmp_path, sa
     assert [r["version"] for r in steps] == [1, 2]
     assert all(r["clients"] == 2 and r["failures"] == 0 and r["dropped"] == 0 for r in steps)
     assert sum(r["messages_down"] for r in steps) > sum(r["full_downloads"] for r in steps)
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_once_the_budget_is_spent_no_task_goes_out_without_dp(task_identity, mode):
+    """``dp-target-epsilon`` calibrated for 2 steps of a 6-step run: the third step would
+    overspend, so the loop stops after 2. Every train message it pushed carries the step's DP
+    instruction. It used to send the nodes freed by step 2 new tasks with none (with
+    ``dp=local``, unnoised updates left on the SuperLink) and to keep filling a step the
+    accountant had refused. No record is written past step 2."""
+    from fedlora.strategies.protocol import DPInstruction
+
+    class Watched(AsyncGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.dp = getattr(self, "dp", []) + [
+                DPInstruction.from_config(dict(m.content["config"])) for m in messages]
+            return super().push_messages(messages)
+
+    s = make(buffer_size=2, dp=mode, dp_target_epsilon=8.0, dp_clip=0.5, num_server_rounds=6,
+             norm_bound_factor=0.0, update_norm_bound=0.0)
+    s.privacy.rounds_planned = 2  # calibrated for 2 steps: the third would overspend
+    grid = Watched([1, 2, 3])
+    loop, _ = run_loop(s, grid, steps=6)
+    assert loop.version == 2 and s.privacy.stopped
+    assert grid.dp and all(d is not None and d.mode == mode for d in grid.dp)
+    assert not s.stats.get(3) or not s.stats[3].sent

@@ -182,6 +182,8 @@ class AsyncLoop:
                                    self.clock + self.cost(node), self.seq)
 
     def fill(self, grid: Grid, concurrency: int) -> None:
+        if not self.step_open:  # DP's budget refused the next step: no task without its DP
+            return
         busy = {t.node for t in self.in_flight.values()}
         while self.idle and len(self.in_flight) < concurrency:
             node = self.idle.popleft()
@@ -223,13 +225,13 @@ class AsyncLoop:
         if not self.simulated:
             got = [self.arrived.pop(m) for m in list(self.arrived)]
             for msg in s.canonical_order(got):
-                if self.version >= self.num_steps:
+                if self.version >= self.num_steps or not self.step_open:
                     return
                 self.on_reply(msg)
                 if self.version < self.num_steps:
                     self.fill(grid, concurrency)
             return
-        while self.in_flight and self.version < self.num_steps:
+        while self.in_flight and self.version < self.num_steps and self.step_open:
             first = min(self.in_flight.values(),
                         key=lambda t: (t.due, s.nodes.order_key(t.node), t.seq))
             msg = self.arrived.pop(first.message_id, None)
@@ -457,6 +459,8 @@ class AsyncLoop:
         reasons are in the records, and a resume goes on after it."""
         s, v = self.strategy, self.version + 1
         st = s.stats.get(v)
+        if not self.step_open:  # DP's budget: that step was refused, nothing was sent for it
+            return
         if st is None or not (st.sent or st.received or st.stray or st.failures or st.dropped):
             return
         for b in self.buffer:
