@@ -1091,3 +1091,23 @@ def test_once_the_budget_is_spent_no_task_goes_out_without_dp(task_identity, mod
     assert loop.version == 2 and s.privacy.stopped
     assert grid.dp and all(d is not None and d.mode == mode for d in grid.dp)
     assert not s.stats.get(3) or not s.stats[3].sent
+
+
+def test_a_node_whose_message_could_not_be_pushed_is_asked_again(task_identity):
+    """The grid refuses node 2's first train message (no message id): a failure with that
+    reason, and node 2 is asked again after the next step (it used to leave the rotation for
+    the rest of the run) and then takes part in the steps."""
+    class Refusing(AsyncGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages[0].metadata.dst_node_id == 2 and not getattr(self, "refused", False):
+                self.refused = True
+                return [""]
+            return super().push_messages(messages)
+
+    s = make(buffer_size=1)
+    grid = Refusing([1, 2])
+    loop, _ = run_loop(s, grid, steps=6)
+    fails = [f for v in range(1, 7) for f in s.stats[v].failures]
+    assert fails == [{"node": 2, "reason": "the train message could not be pushed"}]
+    assert any(2 in s.stats[v].aggregated for v in range(2, 7)) and loop.version == 6

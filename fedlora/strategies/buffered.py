@@ -169,6 +169,7 @@ class AsyncLoop:
         if not mid:
             st.failures.append({"node": node, "reason": "the train message could not be pushed"})
             s.downlink.settle_node(node, False)
+            self.backoff.append(node)  # asked again after the next step, not dropped for good
             log.warning("async: the train message to node %s could not be pushed", node)
             return
         st.sent[node] = st.sent.get(node, 0) + size
