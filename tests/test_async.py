@@ -1097,17 +1097,19 @@ def test_a_node_whose_message_could_not_be_pushed_is_asked_again(task_identity):
     """The grid refuses node 2's first train message (no message id): a failure with that
     reason, and node 2 is asked again after the next step (it used to leave the rotation for
     the rest of the run) and then takes part in the steps."""
+    refuse = {2}
+
     class Refusing(AsyncGrid):
         def push_messages(self, messages):
             messages = list(messages)
-            if messages[0].metadata.dst_node_id == 2 and not getattr(self, "refused", False):
-                self.refused = True
-                return [""]
+            dst = {m.metadata.dst_node_id for m in messages}
+            if dst & refuse:
+                refuse.difference_update(dst)
+                return [""] * len(messages)
             return super().push_messages(messages)
 
     s = make(buffer_size=1)
-    grid = Refusing([1, 2])
-    loop, _ = run_loop(s, grid, steps=6)
-    fails = [f for v in range(1, 7) for f in s.stats[v].failures]
-    assert fails == [{"node": 2, "reason": "the train message could not be pushed"}]
+    loop, _ = run_loop(s, Refusing([1, 2]), steps=6)
+    assert [f for v in range(1, 7) for f in s.stats[v].failures] == [
+        {"node": 2, "reason": "the train message could not be pushed"}]
     assert any(2 in s.stats[v].aggregated for v in range(2, 7)) and loop.version == 6
