@@ -156,7 +156,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
              "%.1fx more", summary["final_accuracy"] or float("nan"),
              summary["total_mb"], summary["total_mb_down"], summary["total_mb_up"],
              summary["total_mb_control"], summary["fedavg_equivalent_mb"],
-             summary["ratio_vs_fedavg"])
+             summary["ratio_vs_fedavg"] or float("nan"))  # None: nothing moved
     return summary
 
 

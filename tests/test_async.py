@@ -499,23 +499,10 @@ def test_second_and_unsolicited_replies_are_stray(task_identity):
     """A node that answers each train message twice, and a reply that answers no message this
     server sent: each extra one is dropped apart (``bytes_up_dropped``, a reason) and never
     buffered; the first reply to each message stands and every step happens."""
-    class Echo(AsyncGrid):
+    class Echo(Recorded):
         def pull_messages(self, message_ids):
             out = list(super().pull_messages(message_ids))
-            extra = []
-            for r in out:
-                if r.metadata.src_node_id == 1:
-                    twin = Message(r.content, reply_to=self._asked[r.metadata.reply_to_message_id])
-                    twin.metadata.__dict__["_src_node_id"] = 1
-                    extra.append(twin)
-            return out + extra
-
-        def push_messages(self, messages):
-            messages = list(messages)
-            ids = super().push_messages(messages)
-            self._asked = getattr(self, "_asked", {})
-            self._asked.update({m.metadata.message_id: m for m in messages})
-            return ids
+            return out + self.copies(out, of=1, sent_by=1)
 
     s = make(buffer_size=1)
     grid = Echo([1, 2])
@@ -639,6 +626,15 @@ def test_async_run_resumes_after_a_crash(tmp_path, sample_dir, task_identity):
     assert all(r["failures"] == 0 and r["dropped"] == 0 and r["clients"] == 2 for r in resumed)
     assert sorted(int(n) for n in resumed[0]["bytes_down_per_node"]) != [] and \
         resumed[0]["full_downloads"] == len(lost)
+    # what is promised: per-node download copies checkpointed (every node that answered), and
+    # the simulated clock and dispatch counter go on from the checkpoint
+    state = saved.state()
+    held = {int(n) for n, _, _ in state["strategy"]["downlink"]["held"]}
+    assert set(grid.ctx) - set(lost) <= held
+    assert state["async"]["clock"] == recs[2]["simulated_time"] > 0
+    times = [r["simulated_time"] for r in recs[1:]]
+    assert times == sorted(times) and times[2] > state["async"]["clock"]
+    assert checkpoint.latest(tmp_path / "r").state()["async"]["seq"] > state["async"]["seq"]
 
 
 # ------------------------------------------------------------------------------ simulated time
@@ -771,3 +767,349 @@ def test_without_straggler_sleep_the_real_client_app_does_not_sleep(tmp_path, sa
                               "num-server-rounds": 1}, light=True)
     run(InProcessSyncGrid(checked), RunConfig.from_run_config(checked))
     assert slept == [1000.0] * 3
+
+
+# ------------------------------------------------------------------------------ an attacker's look
+
+
+class Recorded(AsyncGrid):
+    """:class:`AsyncGrid` that keeps every train message it was pushed (``asked``: id →
+    message), so a test can forge replies to them, and fails a run that spins: more than
+    ``max_pushes`` train messages raise (a loop that never ends would otherwise hang the test)."""
+
+    def __init__(self, nodes, max_pushes=10_000, **kw):
+        super().__init__(nodes, **kw)
+        self.asked: dict[str, Message] = {}
+        self.max_pushes = max_pushes
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if len(self.pushed) + len(messages) > self.max_pushes:
+            raise AssertionError(f"the loop spins: over {self.max_pushes} train messages")
+        ids = super().push_messages(messages)
+        self.asked.update({m.metadata.message_id: m for m in messages})
+        return ids
+
+    def copies(self, replies, of, sent_by):
+        """A copy of each of node ``of``'s ``replies``, answering the same train message, as
+        if node ``sent_by`` sent it (its source, as the SuperLink would set it)."""
+        out = []
+        for r in replies:
+            if r.metadata.src_node_id == of:
+                c = Message(r.content, reply_to=self.asked[r.metadata.reply_to_message_id])
+                c.metadata.__dict__["_src_node_id"] = sent_by
+                out.append(c)
+        return out
+
+
+def test_a_forged_reply_to_another_nodes_task_does_not_displace_its_real_reply(task_identity):
+    """Node 2 copies node 1's reply and sends it as its own answer to node 1's train message,
+    in the same pull and ahead of it. The forgery is stray (it answers no task in flight to
+    node 2) and node 1's real reply is buffered and aggregated. Kept first, the forgery used to
+    make node 1's own reply 'a second reply' and leave node 1's task in flight until
+    round-timeout, so one message silenced a node for an hour."""
+    class Forger(Recorded):
+        def pull_messages(self, message_ids):
+            out = list(super().pull_messages(message_ids))
+            return self.copies(out, of=1, sent_by=2) + out
+
+    s = make(buffer_size=2)
+    grid = Forger([1, 2])
+    loop, _ = run_loop(s, grid, steps=4)
+    assert loop.version == 4
+    for v in range(1, 5):
+        st = s.stats[v]
+        assert sorted(st.aggregated) == [1, 2] and st.failures == [], v
+        assert all(d["node"] == 2 and "no train message in flight to this node" in d["reason"]
+                   for d in st.stray), st.stray
+    assert sum(len(s.stats[v].stray) for v in range(1, 5)) >= 3
+    assert grid.pushed.count(1) >= 4  # node 1 kept being served
+
+
+def test_a_node_answering_garbage_at_once_waits_for_the_next_step(task_identity):
+    """Node 1 answers every task at once with garbage; nodes 2..4 answer honestly, 3 pulls
+    after their task (concurrency 3 of 4 nodes, buffer 2). Each garbage reply is dropped with
+    its reason and node 1 is asked again only after the next step (as a failed node), not
+    served in a tight loop. The honest nodes fill its slot: at every step, concurrency − 1 tasks
+    are in flight (only the node whose reply filled the buffer waits for the step)."""
+    from flwr.app import Array, ArrayRecord
+
+    def garbage(content):
+        content[ADAPTER_KEY] = ArrayRecord({"payload": Array(
+            dtype="uint8", shape=(9,), stype="fedlora/v2", data=b"\x07" * 9)})
+        return content
+
+    s = make(buffer_size=2, concurrency=3)
+    grid = Recorded([1, 2, 3, 4], delay={2: 3, 3: 3, 4: 3}, hostile={1: garbage})
+    loop, _ = run_loop(s, grid, steps=6)
+    assert loop.version == 6
+    recs = records(s, 6)
+    assert all(r["in_flight"] == 2 for r in recs), [r["in_flight"] for r in recs]
+    assert all(1 not in s.stats[v].aggregated and len(s.stats[v].aggregated) == 2
+               for v in range(1, 7))
+    drops = [d for r in recs for d in r["dropped_reasons"]]
+    assert drops and all(d["node"] == 1 for d in drops)
+    assert grid.pushed.count(1) <= 6 + 1, grid.pushed  # once at the start, then once a step
+
+
+def test_a_network_of_hostile_nodes_ends_the_run_after_round_timeout(task_identity):
+    """Every node answers at once with a payload that fails decoding: no step can be taken. The
+    loop asks the nodes again (a few times, not thousands) and stops after ``round-timeout``
+    with no accepted reply instead of spinning forever (it used to re-dispatch each dropped
+    node at once, so ``in_flight`` was never empty and the stop condition was never reached).
+    The step it was filling is recorded, every drop with its reason, and the global is
+    unchanged."""
+    import time as _time
+
+    from flwr.app import Array, ArrayRecord
+
+    def garbage(content):
+        content[ADAPTER_KEY] = ArrayRecord({"payload": Array(
+            dtype="uint8", shape=(9,), stype="fedlora/v2", data=b"\x07" * 9)})
+        return content
+
+    s = make(buffer_size=1)
+    grid = Recorded([1, 2], hostile={1: garbage, 2: garbage}, max_pushes=400)
+    t0 = _time.time()
+    loop = AsyncLoop(s)
+    loop.run(grid, state_to_arrays(INIT), 4, timeout=0.3)
+    assert _time.time() - t0 < 10
+    # the unfinished step is written as one that changed nothing, so its bytes and drop
+    # reasons are in the records (they used to be lost with the loop)
+    rec = s.round_record(1)
+    assert loop.version == 1 and rec["clients"] == 0 and rec["version"] == 1
+    assert rec["rejected"].startswith("stopped: no reply accepted for round-timeout")
+    assert rec["dropped_reasons"] and all(d["node"] in (1, 2) and d["reason"]
+                                          for d in rec["dropped_reasons"])
+    assert len(rec["dropped_reasons"]) == len(grid.pushed)  # every task answered and dropped
+    assert rec["bytes_down"] > 0 and rec["bytes_up"] + rec["bytes_up_dropped"] > 0
+    assert all(np.array_equal(s._global[k], INIT[k]) for k in SHAPES)
+
+
+def test_what_a_reply_claims_sets_neither_its_version_nor_its_weight(task_identity):
+    """A reply's version is the server's record of the task it answers, never what the node
+    says: node 2 claims (config and metrics) to have trained on version 10⁶, and the run is
+    identical, staleness and final global bit for bit, to one where it does not. Node 3 claims
+    10¹² examples: its weight is capped at max-weight-ratio × the buffer's lower median
+    (recorded in ``capped_weights``). Node 4 claims 0 examples and node 5 sends an 8 MB junk
+    payload: both are dropped with their reasons every time, and every step still aggregates
+    the three others."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    def future(content):
+        content["config"] = ConfigRecord({"server-round": 10**6, "version": 10**6})
+        m = dict(content[METRICS_KEY])
+        content[METRICS_KEY] = MetricRecord({**m, "server-round": 10**6})
+        return content
+
+    def billions(content):
+        content[METRICS_KEY] = MetricRecord({"num-examples": 10**12, "train-loss": 1.0})
+        return content
+
+    def nothing(content):
+        content[METRICS_KEY] = MetricRecord({"num-examples": 0, "train-loss": 1.0})
+        return content
+
+    def huge(content):
+        content[ADAPTER_KEY] = ArrayRecord({"payload": Array(
+            dtype="uint8", shape=(8 << 20,), stype="fedlora/v2",
+            data=np.random.default_rng(0).bytes(8 << 20))})
+        return content
+
+    def one(claim):
+        hostile = {3: billions, 4: nothing, 5: huge, **({2: future} if claim else {})}
+        s = make(buffer_size=3)
+        loop, _ = run_loop(s, Recorded([1, 2, 3, 4, 5], hostile=hostile), steps=4)
+        assert loop.version == 4
+        return s, [s.round_record(v)["staleness_hist"] for v in range(1, 5)]
+
+    s, hists = one(True)
+    honest, honest_hists = one(False)
+    assert hists == honest_hists
+    for k in SHAPES:
+        assert np.array_equal(s._global[k], honest._global[k])
+    for v in range(1, 5):
+        st = s.stats[v]
+        assert sorted(st.aggregated) == [1, 2, 3], v
+        # 3 × the lower median of (10, 11, 10¹²)
+        assert st.capped == [{"node": 3, "reported": 10**12, "used": 3 * 11}]
+    drops = [d for v in range(1, 5) for d in s.stats[v].dropped]
+    assert {d["node"] for d in drops} == {4, 5}
+    assert all("num-examples must be a positive number" in d["reason"] for d in drops
+               if d["node"] == 4)
+    assert all(d["reason"].startswith("CodecError") for d in drops if d["node"] == 5)
+    assert [d["node"] for d in drops].count(4) >= 2 and [d["node"] for d in drops].count(5) >= 2
+
+
+def test_with_concurrency_0_every_node_trains_and_staleness_grows_as_documented(task_identity):
+    """20 nodes, ``concurrency`` 0 (every node), buffer 5, simulated order, nobody slowed (the
+    ``text-async`` shape): all 20 get a task at the start, so the first step sends a download
+    to every node; the 20 first replies are all due at time 1 and fill four buffers, whose
+    replies are 0, 1, 2 and 3 versions stale; at every step 19 tasks are in flight (the node
+    whose reply filled the buffer is sent its next task after the step)."""
+    s = make(buffer_size=5, concurrency=0, async_order="simulated", staleness_limit=10)
+    nodes = list(range(101, 121))
+    loop, _ = run_loop(s, AsyncGrid(nodes), steps=4)
+    recs = records(s, 4)
+    assert set(int(n) for n in recs[0]["bytes_down_per_node"]) == set(nodes)
+    assert recs[0]["full_downloads"] == 20
+    assert [r["staleness_hist"] for r in recs] == [{"0": 5}, {"1": 5}, {"2": 5}, {"3": 5}]
+    assert [r["simulated_time"] for r in recs] == [1.0] * 4
+    assert all(r["in_flight"] == 19 and r["clients"] == 5 for r in recs)
+
+
+def test_same_seed_same_records_with_the_real_client_app(tmp_path, sample_dir, task_identity):
+    """Issue 37 item 3: the real ServerApp and ClientApp in process, stragglers simulated
+    (``straggler-sleep=false``), sync rounds (2 of 3 nodes sampled, replies reversed in one run)
+    and async (``async-order=simulated``), each run twice with the same config and seed but
+    replies arriving differently (async: one node 2 pulls late, pulls shuffled): the records
+    are identical field for field, wall times aside (and ``checkpoint_bytes``: the file holds
+    the records, wall times included), and so is the final global model, bit for bit."""
+    import torch
+
+    from fedlora.results import read_rounds
+    from fedlora.server_app import run
+
+    def one(name, delay, shuffle, mode="async"):
+        rc = tiny_vision(sample_dir, **{
+            "num-server-rounds": 3, "min-available-nodes": 3, "run-dir": str(tmp_path),
+            "run-name": name, "method": "fl-lora", "upload": "delta", "download": "delta",
+            "aggregation-mode": mode, "buffer-size": 2, "codec-up": "affine:8",
+            "straggler-fraction": 0.34, "straggler-slowdown": 3.0, "straggler-sleep": False,
+            "staleness-limit": 10, "eval-every": 3, "seed": 4, "fraction-train": 0.67,
+            "min-train-nodes": 2, **({"async-order": "simulated"} if mode == "async" else {})})
+        checked = validate.check(rc, light=True)
+        grid = (InProcessAsyncGrid if mode == "async" else ReversedSyncGrid)(checked)
+        grid.delay, grid.shuffle = delay, shuffle
+        run(grid, RunConfig.from_run_config(checked))
+        # checkpoint_bytes: the file embeds the records, wall times and all
+        return [{k: v for k, v in r.items() if k not in TIMING | {"checkpoint_bytes"}}
+                for r in read_rounds(tmp_path / name)]
+
+    class ReversedSyncGrid(InProcessSyncGrid):
+        """Sync rounds whose replies come back in reverse order every other call."""
+
+        def send_and_receive(self, messages, timeout=None):
+            out = super().send_and_receive(messages, timeout)
+            self.calls = getattr(self, "calls", 0) + 1
+            return out[::-1] if self.shuffle is not None and self.calls % 2 else out
+
+    sa, sb = one("sa", {}, None, "sync"), one("sb", {}, np.random.default_rng(3), "sync")
+    assert len(sa) == 4 and sa == sb and sa[-1]["simulated_time"] > 0
+    a = one("a", {}, None)
+    b = one("b", {102: 2}, np.random.default_rng(3))
+    assert len(a) == 4 and a == b
+    assert any(r.get("staleness_max", 0) > 0 for r in a)  # the straggler made some stale
+    final = [torch.load(tmp_path / n / "checkpoint.pt", weights_only=False)["travelling"]
+             for n in ("a", "b")]
+    assert final[0].keys() == final[1].keys()
+    assert all(np.array_equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_with_dp_a_node_answers_at_most_once_between_two_steps(task_identity):
+    """``dp=local``: each step is charged as one release per node (q = 1), so no node may send
+    two updates between two steps. Node 3's first task is slow and its reply comes back stale
+    (``staleness-limit`` 0): it must wait for the step like a node whose reply was buffered.
+    Sent new work at once, it used to answer again before that step, a second release in one
+    step's charge. Checked on every processed reply: (node, version it arrived at) never
+    repeats, and every step is still taken."""
+    class Schedule(dict):
+        """node 3: its first reply 4 pulls late, the later ones at once; node 4: 2 pulls."""
+
+        def get(self, node, default=0):
+            if node == 3:
+                self[3] = dict.get(self, 3, 0) + 1
+                return 4 if self[3] == 1 else 0
+            return 2 if node == 4 else default
+
+    s = make(buffer_size=3, dp="local", dp_noise_multiplier=1.0, dp_clip=0.5,
+             staleness_limit=0, norm_bound_factor=0.0, update_norm_bound=0.0)
+    grid = AsyncGrid([1, 2, 3, 4])
+    grid.delay = Schedule()  # (an empty dict is falsy: not through the constructor)
+    loop = AsyncLoop(s)
+    seen = []
+    orig = loop.on_reply
+
+    def spy(msg):
+        seen.append((msg.metadata.src_node_id, loop.version))
+        orig(msg)
+
+    loop.on_reply = spy
+    loop.run(grid, state_to_arrays(INIT), 5, timeout=60.0)
+    assert loop.version == 5
+    stale = [d for v in range(1, 6) for d in s.stats[v].dropped if "StaleReply" in d["reason"]]
+    assert any(d["node"] == 3 for d in stale)
+    assert len(seen) == len(set(seen)), seen
+
+
+def test_keyed_and_sparse_codecs_both_ways_with_the_real_client_app(tmp_path, sample_dir,
+                                                                    task_identity):
+    """Item 2's "all codecs": the real ClientApp with a keyed upload codec (``eden:0.5``: the
+    node needs the run's codec key, named in its train message) and error feedback, and a
+    sparse delta download (``topk:0.5|affine:8``, full downloads in ``affine:8``): every reply
+    decodes (no drop, no failure) and every step aggregates its buffer, with nodes that are
+    served again getting delta downloads."""
+    from fedlora.results import read_rounds
+    from fedlora.server_app import run
+
+    rc = tiny_vision(sample_dir, **{
+        "num-server-rounds": 2, "min-available-nodes": 3, "run-dir": str(tmp_path),
+        "max-examples-per-client": 16, "run-name": "k", "method": "fl-lora", "upload": "delta",
+        "download": "delta",
+        "aggregation-mode": "async", "buffer-size": 2, "codec-up": "eden:0.5",
+        "error-feedback": True, "codec-down": "topk:0.5|affine:8",
+        "codec-down-full": "affine:8", "eval-every": 2})
+    checked = validate.check(rc, light=True)
+    run(InProcessAsyncGrid(checked), RunConfig.from_run_config(checked))
+    steps = [r for r in read_rounds(tmp_path / "k") if r["round"] >= 1]
+    assert [r["version"] for r in steps] == [1, 2]
+    assert all(r["clients"] == 2 and r["failures"] == 0 and r["dropped"] == 0 for r in steps)
+    assert sum(r["messages_down"] for r in steps) > sum(r["full_downloads"] for r in steps)
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_once_the_budget_is_spent_no_task_goes_out_without_dp(task_identity, mode):
+    """``dp-target-epsilon`` calibrated for 2 steps of a 6-step run: the third step would
+    overspend, so the loop stops after 2. Every train message it pushed carries the step's DP
+    instruction. It used to send the nodes freed by step 2 new tasks with none (with
+    ``dp=local``, unnoised updates left on the SuperLink) and to keep filling a step the
+    accountant had refused. No record is written past step 2."""
+    from fedlora.strategies.protocol import DPInstruction
+
+    class Watched(AsyncGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.dp = getattr(self, "dp", []) + [
+                DPInstruction.from_config(dict(m.content["config"])) for m in messages]
+            return super().push_messages(messages)
+
+    s = make(buffer_size=2, dp=mode, dp_target_epsilon=8.0, dp_clip=0.5, num_server_rounds=6,
+             norm_bound_factor=0.0, update_norm_bound=0.0)
+    s.privacy.rounds_planned = 2  # calibrated for 2 steps: the third would overspend
+    grid = Watched([1, 2, 3])
+    loop, _ = run_loop(s, grid, steps=6)
+    assert loop.version == 2 and s.privacy.stopped
+    assert grid.dp and all(d is not None and d.mode == mode for d in grid.dp)
+    assert not s.stats.get(3) or not s.stats[3].sent
+
+
+def test_a_node_whose_message_could_not_be_pushed_is_asked_again(task_identity):
+    """The grid refuses node 2's first train message (no message id): a failure with that
+    reason, and node 2 is asked again after the next step (it used to leave the rotation for
+    the rest of the run) and then takes part in the steps."""
+    refuse = {2}
+
+    class Refusing(AsyncGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            dst = {m.metadata.dst_node_id for m in messages}
+            if dst & refuse:
+                refuse.difference_update(dst)
+                return [""] * len(messages)
+            return super().push_messages(messages)
+
+    s = make(buffer_size=1)
+    loop, _ = run_loop(s, Refusing([1, 2]), steps=6)
+    assert [f for v in range(1, 7) for f in s.stats[v].failures] == [
+        {"node": 2, "reason": "the train message could not be pushed"}]
+    assert any(2 in s.stats[v].aggregated for v in range(2, 7)) and loop.version == 6

@@ -286,3 +286,45 @@ def test_a_secure_upload_is_labelled_by_its_ring_not_by_the_codec_it_replaces():
     assert _codec_text(plain) == "fp32 / fp32"
     assert _codec_text({**plain, "secure-aggregation": True, "secagg-bits": 12}) == \
         "fp32 / secagg 12-bit"
+
+
+@pytest.mark.parametrize("name", ["vision-async", "text-async"])
+def test_async_suites_measure_time_and_bytes_to_sync_s0_minus_1pt(tmp_path, name):
+    """Issue 37 item 4's numbers from the suites' own specs (names, rounds, seeds) on synthetic
+    records: every configuration is measured against ``sync-s0``'s final accuracy − 1 point, and
+    the MB and simulated time are those of the first evaluated round at or above it. Without
+    the suites' ``baselines``, text-async (method fl-lora: no FedAvg row) had no target at all."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.suites import SUITES
+
+    spec = SUITES[name]()
+    assert spec["baselines"] == {k: "sync-s0" for k in spec["runs"]}
+    rounds = int(spec["runs"]["sync-s0"]["num-server-rounds"])
+    half = rounds // 2
+    out = tmp_path / "s"
+    # (accuracies by round, MB a round, simulated time a round)
+    fake = {"sync-s0": ({0: 0.1, half: 0.5, rounds: 0.70}, 10.0, 1.0),
+            "sync-s50": ({0: 0.1, half: 0.5, rounds: 0.70}, 10.0, 10.0),
+            "async-s50": ({0: 0.1, half: 0.695, rounds: 0.71}, 12.0, 1.0)}
+    for cfg, (accs, mb, dt) in fake.items():
+        for seed in spec["seeds"]:
+            d = out / "runs" / cfg / f"seed-{seed}"
+            _write(d, accs, mb, rounds=rounds)
+            recs = [json.loads(x) for x in (d / "rounds.jsonl").read_text().splitlines()]
+            for rec in recs[1:]:
+                rec["simulated_time"] = dt * rec["round"]
+            (d / "rounds.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    rows = {r["name"]: r for r in write_report(name, out, spec)}
+    assert set(rows) == set(fake)
+    assert all(r["baseline"] == "sync-s0" for r in rows.values())
+    assert rows["sync-s0"]["time_to_base_minus_1pt"] == pytest.approx(rounds)
+    assert rows["sync-s0"]["mb_to_base_minus_1pt"] == pytest.approx(10.0 * rounds)
+    assert rows["sync-s50"]["time_to_base_minus_1pt"] == pytest.approx(10.0 * rounds)
+    assert rows["async-s50"]["time_to_base_minus_1pt"] == pytest.approx(half)
+    assert rows["async-s50"]["mb_to_base_minus_1pt"] == pytest.approx(12.0 * half)
+    assert rows["async-s50"]["seeds_reaching_time"] == len(spec["seeds"])
+    table = (out / "summary.md").read_text()
+    assert "| sim. time to base−1pt |" in table and f"| {float(half):.1f} (3/3) |" in table

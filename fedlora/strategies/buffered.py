@@ -42,6 +42,8 @@ log = logging.getLogger("flwr.fedlora")
 
 #: seconds between two pulls when nothing arrived
 PULL_INTERVAL = 0.05
+#: why a reply that answers no task in flight to its source node is stray
+NOT_IN_FLIGHT = "it answers no train message in flight to this node: stale, second or forged"
 
 
 class StaleReply(ValueError):
@@ -167,6 +169,7 @@ class AsyncLoop:
         if not mid:
             st.failures.append({"node": node, "reason": "the train message could not be pushed"})
             s.downlink.settle_node(node, False)
+            self.backoff.append(node)  # asked again after the next step, not dropped for good
             log.warning("async: the train message to node %s could not be pushed", node)
             return
         st.sent[node] = st.sent.get(node, 0) + size
@@ -180,6 +183,8 @@ class AsyncLoop:
                                    self.clock + self.cost(node), self.seq)
 
     def fill(self, grid: Grid, concurrency: int) -> None:
+        if not self.step_open:  # DP's budget refused the next step: no task without its DP
+            return
         busy = {t.node for t in self.in_flight.values()}
         while self.idle and len(self.in_flight) < concurrency:
             node = self.idle.popleft()
@@ -190,15 +195,25 @@ class AsyncLoop:
 
     # ------------------------------------------------------------------ uplink
     def receive(self, msg: Message) -> None:
-        """Keep a pulled reply until its turn (a second reply to one message: stray at once)."""
-        mid = msg.metadata.reply_to_message_id or ""
-        if mid in self.arrived:  # the first reply to a message stands
-            self._stray(self.stats(), msg.metadata.src_node_id, msg,
-                        "a second reply to one train message")
-        elif mid not in self.in_flight:
-            self.on_reply(msg)  # stray (it answers no task in flight)
-        else:
-            self.arrived[mid] = msg
+        """Keep a pulled reply until its turn. Stray at once: a reply that answers no task in
+        flight to its source node (stale, forged: another node's task) and a second reply to
+        one message. The source is checked before the reply is kept, so a forged reply to
+        another node's task cannot take the place of that node's own reply."""
+        node: Any = None
+        try:
+            node = msg.metadata.src_node_id
+            mid = msg.metadata.reply_to_message_id or ""
+            task = self.in_flight.get(mid)
+            if task is not None and node == SUPERLINK_NODE_ID and msg.has_error():
+                node = task.node  # the SuperLink's error reply for a lost node
+            if task is None or task.node != node:
+                self._stray(self.stats(), node, msg, NOT_IN_FLIGHT)
+            elif mid in self.arrived:  # the first reply to a message stands
+                self._stray(self.stats(), node, msg, "a second reply to one train message")
+            else:
+                self.arrived[mid] = msg
+        except Exception as err:  # pragma: no cover - defence in depth (metadata unreadable)
+            self._stray(self.stats(), node, msg, f"unreadable reply: {type(err).__name__}")
 
     def process(self, grid: Grid, concurrency: int) -> None:
         """Process the replies whose turn has come (see the module docstring: ``arrival``: all
@@ -211,13 +226,13 @@ class AsyncLoop:
         if not self.simulated:
             got = [self.arrived.pop(m) for m in list(self.arrived)]
             for msg in s.canonical_order(got):
-                if self.version >= self.num_steps:
+                if self.version >= self.num_steps or not self.step_open:
                     return
                 self.on_reply(msg)
                 if self.version < self.num_steps:
                     self.fill(grid, concurrency)
             return
-        while self.in_flight and self.version < self.num_steps:
+        while self.in_flight and self.version < self.num_steps and self.step_open:
             first = min(self.in_flight.values(),
                         key=lambda t: (t.due, s.nodes.order_key(t.node), t.seq))
             msg = self.arrived.pop(first.message_id, None)
@@ -239,8 +254,7 @@ class AsyncLoop:
             if task is not None and node == SUPERLINK_NODE_ID and msg.has_error():
                 node = task.node  # the SuperLink's error reply for a lost node
             if task is None or task.node != node:
-                self._stray(st, node, msg, "it answers no train message in flight to this "
-                                           "node: stale, second or forged")
+                self._stray(st, node, msg, NOT_IN_FLIGHT)
                 return
             del self.in_flight[task.message_id]
             free = True
@@ -261,12 +275,22 @@ class AsyncLoop:
                     st.drop(node, StaleReply(
                         f"trained on version {task.version}, the global is at {self.version}: "
                         f"staleness {staleness} > staleness-limit {self.limit}"))
+                    if s.privacy.enabled:  # it released an update: one per node per step
+                        # (this cannot stall the buffer: the K nodes of the last step were sent
+                        # the current version, so their next replies are not stale)
+                        self.deferred.append(node)
+                        free = False
                     return
                 try:
                     up = s.decode_reply(task.step, msg)
                 except Exception as err:  # node input never takes the ServerApp down
                     s.downlink.settle_node(node, False)
                     st.drop(node, err)
+                    # asked again after the next step, as a failed node: a node that answers
+                    # garbage at once is not served in a tight loop, and a run whose every
+                    # node does so ends after round-timeout instead of spinning
+                    self.backoff.append(node)
+                    free = False
                     return
                 s.downlink.settle_node(node, True)
                 st.payload_up[node] = st.payload_up.get(node, 0) + payload_bytes(
@@ -421,12 +445,31 @@ class AsyncLoop:
                 time.sleep(PULL_INTERVAL)
         if stop:
             log.warning("async: stopped after %d of %d steps: %s", self.version, num_steps, stop)
+            self._record_unfinished(stop)
         if self.in_flight:
             log.info("async: %d tasks still in flight at the end are abandoned",
                      len(self.in_flight))
         result.arrays = state_to_arrays(s._global)
         log.info("Strategy execution finished in %.2fs", time.time() - t0)
         return result
+
+    def _record_unfinished(self, why: str) -> None:
+        """The loop stopped early: the step being filled, if anything was sent or received for
+        it, is written as a step that changed nothing (``rejected``: why it stopped; the
+        replies it had buffered dropped with that reason), so its bytes, failures and drop
+        reasons are in the records, and a resume goes on after it."""
+        s, v = self.strategy, self.version + 1
+        st = s.stats.get(v)
+        if not self.step_open:  # DP's budget: that step was refused, nothing was sent for it
+            return
+        if st is None or not (st.sent or st.received or st.stray or st.failures or st.dropped):
+            return
+        for b in self.buffer:
+            st.drop(b.update.node_id, RuntimeError(f"the async loop stopped before its step: "
+                                                   f"{why}"))
+        self.buffer, self.num_steps = [], v
+        st.rejected = f"stopped: {why}"[:500]
+        self.step()
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state for a checkpoint, taken at a step (the buffer is empty then):
