@@ -131,9 +131,11 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     if cfg.aggregation_mode == "async":  # FedBuff: the second loop (docs/async.md)
         from .strategies.buffered import run_async
 
-        result = run_async(strategy, grid, state_to_arrays(current), cfg.num_server_rounds,
-                           cfg.round_timeout, base_config(fp), evaluate_fn, first_round)
+        result, failed = run_async(strategy, grid, state_to_arrays(current),
+                                   cfg.num_server_rounds, cfg.round_timeout, base_config(fp),
+                                   evaluate_fn, first_round)
     else:
+        failed = ""
         result = strategy.start(
             grid=grid, initial_arrays=state_to_arrays(current),
             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
@@ -157,6 +159,8 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
              summary["total_mb"], summary["total_mb_down"], summary["total_mb_up"],
              summary["total_mb_control"], summary["fedavg_equivalent_mb"],
              summary["ratio_vs_fedavg"] or float("nan"))  # None: nothing moved
+    if failed:  # records, adapter and summary are written: the run still did not complete
+        raise RuntimeError(f"{failed} (records in {run_dir})")
     return summary
 
 

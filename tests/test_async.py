@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedlora import client_app, straggler, validate
 from fedlora.config import RunConfig
@@ -592,6 +592,42 @@ class CrashingAsyncGrid(InProcessAsyncGrid):
 
                 raise Crash(f"SuperLink gone at version {self.crash_at}")
         return super().push_messages(messages)
+
+
+class FailingAsyncGrid(InProcessAsyncGrid):
+    """Every node's ClientApp answers a train message with an error reply."""
+
+    def answer(self, msg):
+        reply = Message(Error(code=0, reason="the node broke"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        return reply
+
+
+def test_an_async_run_that_stops_early_fails_after_writing_its_records(tmp_path, sample_dir,
+                                                                       task_identity):
+    """No node ever answers with an update: the loop stops after ``round-timeout`` with 0 of 3
+    steps done, and the ServerApp raises (so ``flwr run`` reports the run failed and the
+    launcher exits 1) only after its records, summary and adapter are written; the error names
+    how many steps were done and why. A run that completes reports no failure (``run_async``'s
+    second value is empty)."""
+    from fedlora.results import read_rounds
+    from fedlora.server_app import run
+    from fedlora.strategies.buffered import run_async
+
+    rc = tiny_vision(sample_dir, **{
+        "num-server-rounds": 3, "min-available-nodes": 3, "run-dir": str(tmp_path),
+        "run-name": "f", "method": "flocora", "upload": "delta", "aggregation-mode": "async",
+        "buffer-size": 2, "download": "delta", "round-timeout": 0.5})
+    checked = validate.check(rc, light=True)
+    with pytest.raises(RuntimeError, match=r"async: stopped after 0 of 3 steps: no reply "
+                                           r"accepted for round-timeout 0\.5 s"):
+        run(FailingAsyncGrid(checked), RunConfig.from_run_config(checked))
+    recs = read_rounds(tmp_path / "f")
+    assert [r["round"] for r in recs] == [0, 1] and recs[1]["rejected"].startswith("stopped")
+    assert recs[1]["failures"] > 0 and (tmp_path / "f" / "summary.json").exists()
+    s = make(buffer_size=1)
+    result, failed = run_async(s, AsyncGrid([1, 2]), state_to_arrays(INIT), 2, 60.0)
+    assert failed == "" and result.arrays is not None
 
 
 def test_async_run_resumes_after_a_crash(tmp_path, sample_dir, task_identity):

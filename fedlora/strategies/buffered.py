@@ -392,8 +392,11 @@ class AsyncLoop:
         """Run steps ``first_step..num_steps`` of the global (the run's ``num-server-rounds``;
         ``first_step`` > 1: a resumed run, :meth:`resume`); each one ends with
         :meth:`.FedLoraStrategy.end_round` (evaluation, checkpoint, record). Returns Flower's
-        Result (``arrays``: the final global)."""
+        Result (``arrays``: the final global). ``failed``: why the loop stopped before
+        ``num_steps`` when it was not the privacy budget ("" otherwise; the ServerApp then
+        fails the run after writing its records)."""
         s, cfg = self.strategy, self.strategy.cfg
+        self.failed = ""
         s.robustness  # noqa: B018  (validates)
         self.train_config = ConfigRecord() if train_config is None else train_config
         self.num_steps = int(num_steps)
@@ -431,6 +434,8 @@ class AsyncLoop:
                 if not self.backoff or time.time() - self.progress_at > timeout:
                     stop = ("no node is left to train" if not self.backoff else
                             f"no reply accepted for round-timeout {timeout:g} s")
+                    self.failed = f"async: stopped after {self.version} of {num_steps} " \
+                                  f"steps: {stop}"
                     break
                 time.sleep(PULL_INTERVAL)  # every node failed since the last step: ask again
                 self.idle.extend(self.backoff)
@@ -515,8 +520,11 @@ class AsyncLoop:
 def run_async(strategy: FedLoraStrategy, grid: Grid, initial_arrays: ArrayRecord,
               num_rounds: int, timeout: float, train_config: ConfigRecord | None = None,
               evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None,
-              first_round: int = 1) -> Result:
+              first_round: int = 1) -> tuple[Result, str]:
     """The ServerApp's entry: :class:`AsyncLoop` over ``strategy`` for steps
-    ``first_round..num_rounds``."""
-    return AsyncLoop(strategy).run(grid, initial_arrays, num_rounds, timeout, train_config,
-                                   evaluate_fn, first_round)
+    ``first_round..num_rounds``; returns Flower's Result and why the loop stopped early ("" when
+    it did not, or when the privacy budget ended it, as it ends synchronous runs)."""
+    loop = AsyncLoop(strategy)
+    result = loop.run(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_fn,
+                      first_round)
+    return result, loop.failed
