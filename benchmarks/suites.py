@@ -385,14 +385,20 @@ def _text_frontier_probe() -> dict:
     ``fl-lora-r8-signt-up``: 1-bit updates up with client error feedback, fp32 delta downloads
     (the upload's cost); ``fl-lora-r8-signt-down``: fp32 updates up, 1-bit delta downloads with
     server error feedback (the download's cost); ``fl-lora-r8-signt-ef``: both (the suite's
-    configuration of that name; ``fl-lora-r4-signt-ef`` at round 12 is in results/text-frontier).
-    Five runs of 12 rounds: ~8 minutes each on 2 idle cores."""
+    configuration of that name; ``fl-lora-r4-signt-ef`` at round 12 is in results/text-frontier);
+    then 1-bit updates with rotated downloads at 1 and 2 bits. Seven runs of 12 rounds: ~10
+    minutes each on 2 idle cores."""
     spec = _text_frontier()
     runs = {name: {**spec["runs"][name], "num-server-rounds": 12}
             for name in ("fl-lora-r8", "fl-lora-r4", "fl-lora-r8-signt-ef")}
     both = runs["fl-lora-r8-signt-ef"]
     runs["fl-lora-r8-signt-up"] = {**both, "codec-down": "fp32"}
     runs["fl-lora-r8-signt-down"] = {**both, "codec-up": "fp32"}
+    # the downloads cost the points (results/text-frontier-probe): 1-bit updates up, and a
+    # download delta (several rounds of 5-node means: no longer Adam's sign-like steps) rotated
+    # to 1 bit (drive) or to 2 bits (eden:2), both least-squares scales and server EF
+    runs["fl-lora-r8-signt-up-drive-down"] = {**both, "codec-down": "drive:mse:tensor"}
+    runs["fl-lora-r8-signt-up-eden2-down"] = {**both, "codec-down": "eden:2:mse:tensor"}
     return {"nodes": spec["nodes"], "runs": runs, "target": 0.5, "seeds": [1],
             "baselines": {n: "fl-lora-r8" for n in runs}}
 
