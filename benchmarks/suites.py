@@ -386,7 +386,7 @@ def _text_frontier_probe() -> dict:
     (the upload's cost); ``fl-lora-r8-signt-down``: fp32 updates up, 1-bit delta downloads with
     server error feedback (the download's cost); ``fl-lora-r8-signt-ef``: both (the suite's
     configuration of that name; ``fl-lora-r4-signt-ef`` at round 12 is in results/text-frontier);
-    then 1-bit updates with rotated downloads at 1 and 2 bits. Seven runs of 12 rounds: ~10
+    then 1-bit updates with rotated downloads at 1 and 2 bits (2 bits at rank 4 too). Eight runs of 12 rounds: ~10
     minutes each on 2 idle cores."""
     spec = _text_frontier()
     runs = {name: {**spec["runs"][name], "num-server-rounds": 12}
@@ -399,6 +399,9 @@ def _text_frontier_probe() -> dict:
     # to 1 bit (drive) or to 2 bits (eden:2), both least-squares scales and server EF
     runs["fl-lora-r8-signt-up-drive-down"] = {**both, "codec-down": "drive:mse:tensor"}
     runs["fl-lora-r8-signt-up-eden2-down"] = {**both, "codec-down": "eden:2:mse:tensor"}
+    # the same at rank 4, the rank whose 1-bit uploads leave room for ~1.25-bit downloads at 50x
+    runs["fl-lora-r4-signt-up-eden2-down"] = {**runs["fl-lora-r8-signt-up-eden2-down"],
+                                              "lora-rank": 4, "rank-budget": 4}
     return {"nodes": spec["nodes"], "runs": runs, "target": 0.5, "seeds": [1],
             "baselines": {n: "fl-lora-r8" for n in runs}}
 
