@@ -386,8 +386,8 @@ def _text_frontier_probe() -> dict:
     (the upload's cost); ``fl-lora-r8-signt-down``: fp32 updates up, 1-bit delta downloads with
     server error feedback (the download's cost); ``fl-lora-r8-signt-ef``: both (the suite's
     configuration of that name; ``fl-lora-r4-signt-ef`` at round 12 is in results/text-frontier);
-    then 1-bit updates with rotated downloads at 1 and 2 bits (2 bits at rank 4 too). Eight runs of 12 rounds: ~10
-    minutes each on 2 idle cores."""
+    then 1-bit updates with rotated downloads at 1 and 2 bits (2 bits at rank 4 too). Eight
+    runs of 12 rounds: ~10 minutes each on 2 idle cores."""
     spec = _text_frontier()
     runs = {name: {**spec["runs"][name], "num-server-rounds": 12}
             for name in ("fl-lora-r8", "fl-lora-r4", "fl-lora-r8-signt-ef")}
