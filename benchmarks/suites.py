@@ -340,6 +340,12 @@ def _text_frontier() -> dict:
     runs = {
         "fl-lora-r8": lora("fl-lora", 8),
         "fl-lora-r4-signt-ef": lora("fl-lora", 4, **both("sign:tensor|zstd")),
+        # text-frontier-probe: 1-bit uploads cost nothing, the downloads cost the points; 2-bit
+        # rotated downloads buy most of them back (round 12: -1.69 at rank 8, -1.37 vs rank 4 fp32)
+        "fl-lora-r4-signt-up-eden2-down": lora("fl-lora", 4, **{
+            **both("sign:tensor|zstd"), "codec-down": "eden:2:mse:tensor"}),
+        "fl-lora-r8-signt-up-eden2-down": lora("fl-lora", 8, **{
+            **both("sign:tensor|zstd"), "codec-down": "eden:2:mse:tensor"}),
         # below one bit a value (issue 32): rotated codecs, least-squares scale, one scale a tensor
         "fl-lora-r8-eden0.5-mse-t-ef": lora("fl-lora", 8, **both("eden:0.5:mse:tensor")),
         "fl-lora-r4-eden0.5-mse-t-ef": lora("fl-lora", 4, **both("eden:0.5:mse:tensor")),
