@@ -123,6 +123,7 @@ class AsyncLoop:
         self.num_steps = 1 << 62
         self.evaluate_fn: "Callable[[int, ArrayRecord], MetricRecord | None] | None" = None
         self.result: Result | None = None
+        self.failed = ""                       # why run() stopped early ("" : it did not)
         s.async_state = self.state_dict  # checkpoints (fedlora.checkpoint.server_state) call it
 
     # ------------------------------------------------------------------ bookkeeping
@@ -201,11 +202,8 @@ class AsyncLoop:
         another node's task cannot take the place of that node's own reply."""
         node: Any = None
         try:
-            node = msg.metadata.src_node_id
+            node, task = self._task_of(msg)
             mid = msg.metadata.reply_to_message_id or ""
-            task = self.in_flight.get(mid)
-            if task is not None and node == SUPERLINK_NODE_ID and msg.has_error():
-                node = task.node  # the SuperLink's error reply for a lost node
             if task is None or task.node != node:
                 self._stray(self.stats(), node, msg, NOT_IN_FLIGHT)
             elif mid in self.arrived:  # the first reply to a message stands
@@ -214,6 +212,15 @@ class AsyncLoop:
                 self.arrived[mid] = msg
         except Exception as err:  # pragma: no cover - defence in depth (metadata unreadable)
             self._stray(self.stats(), node, msg, f"unreadable reply: {type(err).__name__}")
+
+    def _task_of(self, msg: Message) -> tuple[Any, Task | None]:
+        """A reply's source node and the task in flight it answers (None: none); the
+        SuperLink's error reply for a lost node counts as that node's."""
+        node = msg.metadata.src_node_id
+        task = self.in_flight.get(msg.metadata.reply_to_message_id or "")
+        if task is not None and node == SUPERLINK_NODE_ID and msg.has_error():
+            node = task.node
+        return node, task
 
     def process(self, grid: Grid, concurrency: int) -> None:
         """Process the replies whose turn has come (see the module docstring: ``arrival``: all
@@ -249,11 +256,8 @@ class AsyncLoop:
         s, st = self.strategy, self.stats()
         node: Any = None
         try:
-            node = msg.metadata.src_node_id
-            task = self.in_flight.get(msg.metadata.reply_to_message_id or "")
-            if task is not None and node == SUPERLINK_NODE_ID and msg.has_error():
-                node = task.node  # the SuperLink's error reply for a lost node
-            if task is None or task.node != node:
+            node, task = self._task_of(msg)
+            if task is None or task.node != node:  # its task expired since it was kept
                 self._stray(st, node, msg, NOT_IN_FLIGHT)
                 return
             del self.in_flight[task.message_id]
